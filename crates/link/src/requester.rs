@@ -1,0 +1,201 @@
+//! Requests with the guarantees rsocket_rust lacks: every request has a deadline, a closed
+//! connection fails pending requests at once instead of leaving them hanging, payloads are bounded
+//! before they are sent, and data streams are read in bounded windows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use rsocket_rust::prelude::{Payload, RSocket};
+
+use crate::conn::CloseSignal;
+use crate::router::route_metadata;
+use crate::Error;
+
+/// A cheap, cloneable handle for requests on one connection, in either direction.
+#[derive(Clone)]
+pub struct Requester {
+    pub(crate) socket: Arc<dyn RSocket>,
+    pub(crate) close: CloseSignal,
+    pub(crate) deadline: Duration,
+    pub(crate) max_payload: usize,
+}
+
+impl std::fmt::Debug for Requester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Requester")
+            .field("closed", &self.close.is_closed())
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bounds of one window of a request-stream.
+#[derive(Clone, Copy, Debug)]
+pub struct Window {
+    pub max_items: usize,
+    pub max_bytes: usize,
+}
+
+impl Requester {
+    fn payload(&self, route: &str, data: Bytes) -> Result<Payload, Error> {
+        if data.len() > self.max_payload {
+            return Err(Error::PayloadTooLarge {
+                route: route.to_owned(),
+                size: data.len(),
+                limit: self.max_payload,
+            });
+        }
+        Ok(Payload::builder()
+            .set_metadata(route_metadata(route))
+            .set_data(data)
+            .build())
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.close.is_closed()
+    }
+
+    /// Resolves when the connection is over.
+    pub async fn closed(&self) {
+        self.close.closed().await
+    }
+
+    /// End the connection (e.g. after a missed heartbeat); pending requests fail with `Closed`.
+    pub fn close(&self) {
+        self.close.close()
+    }
+
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    pub async fn request_response(&self, route: &str, data: Bytes) -> Result<Bytes, Error> {
+        self.request_response_within(route, data, self.deadline).await
+    }
+
+    pub async fn request_response_within(
+        &self,
+        route: &str,
+        data: Bytes,
+        deadline: Duration,
+    ) -> Result<Bytes, Error> {
+        let payload = self.payload(route, data)?;
+        if self.is_closed() {
+            return Err(Error::Closed {
+                route: route.to_owned(),
+            });
+        }
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(deadline, self.socket.request_response(payload)) => answer,
+            () = self.close.closed() => return Err(Error::Closed { route: route.to_owned() }),
+        };
+        match answer {
+            Err(_) => Err(Error::Deadline {
+                route: route.to_owned(),
+                deadline,
+            }),
+            Ok(Err(e)) => Err(remote(route, &e)),
+            Ok(Ok(Some(payload))) => Ok(payload.split().0.unwrap_or_default()),
+            Ok(Ok(None)) => Err(Error::EmptyAnswer {
+                route: route.to_owned(),
+            }),
+        }
+    }
+
+    pub async fn fire_and_forget(&self, route: &str, data: Bytes) -> Result<(), Error> {
+        let payload = self.payload(route, data)?;
+        if self.is_closed() {
+            return Err(Error::Closed {
+                route: route.to_owned(),
+            });
+        }
+        self.socket
+            .fire_and_forget(payload)
+            .await
+            .map_err(|e| remote(route, &e))
+    }
+
+    /// A long-lived stream (e.g. `car.desired`). It ends with `Err(Closed)` when the connection
+    /// does, so a consumer never waits on a dead connection. Items are small control messages;
+    /// bulk data goes through [`Requester::request_window`].
+    pub fn request_stream(
+        &self,
+        route: &str,
+        data: Bytes,
+    ) -> BoxStream<'static, Result<Bytes, Error>> {
+        let route = route.to_owned();
+        let payload = match self.payload(&route, data) {
+            Ok(payload) => payload,
+            Err(e) => return futures::stream::once(async move { Err(e) }).boxed(),
+        };
+        let mut inner = self.socket.request_stream(payload);
+        let close = self.close.clone();
+        async_stream::stream! {
+            loop {
+                tokio::select! {
+                    item = inner.next() => match item {
+                        Some(Ok(payload)) => yield Ok(payload.split().0.unwrap_or_default()),
+                        Some(Err(e)) => { yield Err(remote(&route, &e)); break; }
+                        None => break,
+                    },
+                    () = close.closed() => { yield Err(Error::Closed { route: route.clone() }); break; }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    /// One bounded window of a request-stream: at most `window.max_items` items and
+    /// `window.max_bytes` bytes, all within the deadline. rsocket_rust has no REQUEST_N, so the
+    /// responder must itself send no more than the window the request names; a responder that
+    /// sends more is cut off with `WindowOverflow`, so our memory stays bounded either way.
+    pub async fn request_window(
+        &self,
+        route: &str,
+        data: Bytes,
+        window: Window,
+    ) -> Result<Vec<Bytes>, Error> {
+        let mut stream = self.request_stream(route, data);
+        let collect = async {
+            let mut items = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(item) = stream.next().await {
+                let item = item?;
+                bytes += item.len();
+                if items.len() == window.max_items {
+                    return Err(Error::WindowOverflow {
+                        route: route.to_owned(),
+                        limit: window.max_items,
+                        what: "items",
+                    });
+                }
+                if bytes > window.max_bytes {
+                    return Err(Error::WindowOverflow {
+                        route: route.to_owned(),
+                        limit: window.max_bytes,
+                        what: "bytes",
+                    });
+                }
+                items.push(item);
+            }
+            Ok(items)
+        };
+        match tokio::time::timeout(self.deadline, collect).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Deadline {
+                route: route.to_owned(),
+                deadline: self.deadline,
+            }),
+        }
+    }
+}
+
+fn remote(route: &str, e: &anyhow::Error) -> Error {
+    Error::Remote {
+        route: route.to_owned(),
+        message: e.to_string(),
+    }
+}

@@ -1,0 +1,61 @@
+use super::*;
+
+#[test]
+fn car_ids_that_are_safe_in_paths_and_urls_are_accepted() {
+    for id in ["WVW1234567890", "car-1", "fleet.a_7"] {
+        assert_eq!(CarId::new(id).map(|c| c.to_string()).ok(), Some(id.to_owned()));
+    }
+}
+
+#[test]
+fn car_ids_that_could_escape_a_path_are_refused() {
+    for id in ["", "../etc", "a/b", ".hidden", "-flag", "späti", &"x".repeat(65)] {
+        assert!(
+            matches!(CarId::new(id), Err(Error::InvalidCarId { .. })),
+            "{id:?} must be refused"
+        );
+    }
+}
+
+#[test]
+fn a_car_id_in_json_is_validated_when_decoded() {
+    let err = decode::<SetupData>("setup", br#"{"car_id":"../x","agent_version":"1"}"#);
+    assert!(matches!(err, Err(Error::Malformed { what: "setup", .. })));
+}
+
+#[test]
+fn unknown_fields_are_refused_not_ignored() {
+    let err = decode::<Heartbeat>("heartbeat", br#"{"extra":1}"#);
+    assert!(matches!(err, Err(Error::Malformed { .. })));
+}
+
+#[test]
+fn reports_round_trip_through_json() {
+    let report = Report {
+        epoch: 3,
+        seq: 9,
+        at: 1_700_000_000,
+        body: ReportBody::State {
+            state: ReportedState {
+                phase: Phase::Applied,
+                desired_counter: Some(4),
+                release: Some("infotainment@1.2.0".into()),
+                last_error: None,
+            },
+        },
+    };
+    let bytes = encode(&report);
+    assert_eq!(decode::<Report>("report", &bytes).ok(), Some(report));
+    let text = String::from_utf8(bytes).unwrap_or_default();
+    assert!(text.contains(r#""type":"state""#), "{text}");
+    assert!(text.contains(r#""phase":"applied""#), "{text}");
+}
+
+#[test]
+fn attributes_follow_label_rules() {
+    assert!(validate_attribute("model", "tx-7").is_ok());
+    assert!(validate_attribute("region", "").is_ok());
+    assert!(validate_attribute("", "x").is_err());
+    assert!(validate_attribute("bad key", "x").is_err());
+    assert!(validate_attribute("k", "-x").is_err());
+}

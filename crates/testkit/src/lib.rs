@@ -1,0 +1,216 @@
+//! Dev-only helpers for tests at the lower tiers of DESIGN.md §10: a fault-injecting TCP proxy,
+//! a throw-away fleet PKI, and finding the workspace's binaries. Never a dependency of a product
+//! crate.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use cardeploy_pki::{FleetPki, Issued, write_file};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// What the proxy does to traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fault {
+    /// Forward everything.
+    Pass = 0,
+    /// Keep connections open but forward nothing, either way: a dead peer that never says so
+    /// (a car driving into a tunnel, a NAT that forgot the flow).
+    Blackhole = 1,
+    /// Reset every connection now and refuse new ones.
+    Reset = 2,
+}
+
+/// A TCP proxy in front of a server, with faults switchable at run time.
+#[derive(Debug)]
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    fault: Arc<AtomicU8>,
+    changed: watch::Sender<u8>,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fault = Arc::new(AtomicU8::new(Fault::Pass as u8));
+        let (changed, _) = watch::channel(0u8);
+        let proxy = Self {
+            addr,
+            fault: fault.clone(),
+            changed: changed.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if fault.load(Ordering::SeqCst) == Fault::Reset as u8 {
+                    // Dropping at once looks like a reset to the client.
+                    drop(client);
+                    continue;
+                }
+                let fault = fault.clone();
+                let changed = changed.subscribe();
+                tokio::spawn(async move {
+                    if let Ok(server) = TcpStream::connect(upstream).await {
+                        pipe(client, server, fault, changed).await;
+                    }
+                });
+            }
+        });
+        proxy
+    }
+
+    pub fn set(&self, fault: Fault) {
+        self.fault.store(fault as u8, Ordering::SeqCst);
+        self.changed.send_replace(fault as u8);
+    }
+}
+
+async fn pipe(client: TcpStream, server: TcpStream, fault: Arc<AtomicU8>, changed: watch::Receiver<u8>) {
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    let a = copy(cr, sw, fault.clone(), changed.clone());
+    let b = copy(sr, cw, fault, changed);
+    let _ = tokio::join!(a, b);
+}
+
+async fn copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    fault: Arc<AtomicU8>,
+    mut changed: watch::Receiver<u8>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            read = from.read(&mut buf) => {
+                let n = match read { Ok(0) | Err(_) => break, Ok(n) => n };
+                match fault.load(Ordering::SeqCst) {
+                    0 => if to.write_all(&buf[..n]).await.is_err() { break },
+                    1 => {} // swallowed
+                    _ => break,
+                }
+            }
+            _ = changed.changed() => {
+                if fault.load(Ordering::SeqCst) == Fault::Reset as u8 {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// A fleet PKI in a temp dir, with helpers to issue car certificates.
+#[derive(Debug)]
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    pub pki: FleetPki,
+}
+
+/// Paths of one car's credentials.
+#[derive(Clone, Debug)]
+pub struct CarFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub cert_pem: String,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let pki = FleetPki::generate("test fleet", &names).unwrap();
+        pki.write(dir.path()).unwrap();
+        Self { dir, pki }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.path().join("ca.pem")
+    }
+
+    pub fn twin_cert(&self) -> PathBuf {
+        self.path().join("twin.pem")
+    }
+
+    pub fn twin_key(&self) -> PathBuf {
+        self.path().join("twin.key")
+    }
+
+    /// Issue a certificate for `car_id` and write it next to the CA.
+    pub fn car(&self, car_id: &str) -> CarFiles {
+        let Issued { cert_pem, key_pem } = self.pki.ca.issue_car(car_id).unwrap();
+        let cert = self.path().join(format!("{car_id}.pem"));
+        let key = self.path().join(format!("{car_id}.key"));
+        write_file(&cert, &cert_pem, false).unwrap();
+        write_file(&key, &key_pem, true).unwrap();
+        CarFiles {
+            cert,
+            key,
+            cert_pem,
+        }
+    }
+
+    /// A certificate for `car_id` from another, unrelated CA.
+    pub fn foreign_car(&self, car_id: &str) -> CarFiles {
+        let other = FleetPki::generate("someone else", &["localhost".to_owned()]).unwrap();
+        let Issued { cert_pem, key_pem } = other.ca.issue_car(car_id).unwrap();
+        let cert = self.path().join(format!("foreign-{car_id}.pem"));
+        let key = self.path().join(format!("foreign-{car_id}.key"));
+        write_file(&cert, &cert_pem, false).unwrap();
+        write_file(&key, &key_pem, true).unwrap();
+        CarFiles {
+            cert,
+            key,
+            cert_pem,
+        }
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Path of a binary of this workspace, built by `cargo test` or `cargo build` into the same
+/// target directory as the running test.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/debug/deps/test-hash → target/debug/name
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build -p {name}` or `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// Poll `check` every 20 ms until it returns Some, or panic after `timeout` with `what`.
+pub async fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = tokio::time::Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
