@@ -1,1 +1,383 @@
+//! cardeploy-agent: the car-side daemon. Keeps one RSocket connection to the twin, takes each new
+//! desired state, persists it atomically before acting, reports what it did, and keeps going when
+//! the twin is away (reconnecting with exponential backoff and full jitter).
+//!
+//! [`run`] is the whole daemon; `main` only parses arguments and wires SIGTERM. Tests run the real
+//! binary against a real twin: `cargo test -p cardeploy-agent`.
 
+mod config;
+mod error;
+mod state;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cardeploy_link::tls::{TlsFiles, client_config};
+use cardeploy_link::{Backoff, ClientOptions, ClientSecurity, Limits, Refusal, Requester, Responder};
+use cardeploy_protocol::{
+    self as protocol, CarId, DesiredState, Heartbeat, Hello, HelloReply, Inspection, Phase, Report,
+    ReportBody, ReportedState, SetupData, route,
+};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+pub use config::Config;
+pub use error::Error;
+pub use state::{SCHEMA as STATE_SCHEMA, State, Store};
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What to do with a desired state that arrived. Pure: no I/O, tested on its own.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    Apply,
+    /// Not newer than what we already accepted (a repeat after reconnecting, or a replay).
+    AlreadySeen { have: u64, got: u64 },
+    /// Addressed to another car: never acted on.
+    OtherCar { ours: CarId, theirs: CarId },
+}
+
+pub fn decide(state: &State, car: &CarId, incoming: &DesiredState) -> Decision {
+    if &incoming.car_id != car {
+        return Decision::OtherCar {
+            ours: car.clone(),
+            theirs: incoming.car_id.clone(),
+        };
+    }
+    match &state.desired {
+        Some(have) if incoming.counter <= have.counter => Decision::AlreadySeen {
+            have: have.counter,
+            got: incoming.counter,
+        },
+        _ => Decision::Apply,
+    }
+}
+
+struct Agent {
+    config: Config,
+    store: Store,
+    state: Mutex<State>,
+    seq: AtomicU64,
+    started: Instant,
+    /// Events that happened while offline, sent after the next hello.
+    backlog: Mutex<Vec<(String, String)>>,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Agent {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn report(&self, link: &Requester, body: ReportBody) {
+        let report = Report {
+            epoch: self.state().epoch,
+            seq: self.seq.fetch_add(1, Ordering::SeqCst),
+            at: now_secs(),
+            body,
+        };
+        if let Err(e) = link
+            .fire_and_forget(route::CAR_REPORT, Bytes::from(protocol::encode(&report)))
+            .await
+        {
+            // The next hello carries the reported state anyway.
+            tracing::debug!("report not sent: {e}");
+        }
+    }
+
+    async fn event(&self, link: &Requester, kind: &str, message: String) {
+        self.report(
+            link,
+            ReportBody::Event {
+                kind: kind.to_owned(),
+                message,
+            },
+        )
+        .await;
+    }
+
+    /// Take a desired state: decide, persist, then report.
+    async fn consider(&self, link: &Requester, desired: DesiredState) {
+        let decision = decide(&self.state(), &self.config.car_id, &desired);
+        match decision {
+            Decision::Apply => {
+                let reported = ReportedState {
+                    phase: Phase::Applied,
+                    desired_counter: Some(desired.counter),
+                    release: Some(desired.release.clone()),
+                    last_error: None,
+                };
+                let mut next = self.state().clone();
+                next.desired = Some(desired.clone());
+                next.reported = reported;
+                // Persist before anything else happens: after a crash the agent knows what it
+                // accepted.
+                let saved = tokio::task::spawn_blocking({
+                    let next = next.clone();
+                    let store = self.store.clone();
+                    move || store.save(&next)
+                })
+                .await;
+                let failure = match saved {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(format!("state writer failed: {e}")),
+                };
+                if let Some(why) = failure {
+                    tracing::error!(counter = desired.counter, "could not persist desired state: {why}");
+                    let mut state = self.state();
+                    state.reported.phase = Phase::Failed;
+                    state.reported.last_error = Some(format!("could not persist desired #{}: {why}", desired.counter));
+                    let reported = state.reported.clone();
+                    drop(state);
+                    self.report(link, ReportBody::State { state: reported }).await;
+                    return;
+                }
+                tracing::info!(counter = desired.counter, release = %desired.release, "desired state applied");
+                let reported = next.reported.clone();
+                *self.state() = next;
+                self.report(link, ReportBody::State { state: reported }).await;
+            }
+            Decision::AlreadySeen { have, got } => {
+                tracing::debug!(have, got, "desired state already seen");
+            }
+            Decision::OtherCar { ours, theirs } => {
+                let message = format!("refused a desired state addressed to car {theirs} (this is {ours})");
+                tracing::warn!("{message}");
+                self.event(link, "refused", message).await;
+            }
+        }
+    }
+
+    fn options(self: &Arc<Self>, security: &ClientSecurity, heartbeat: Duration) -> ClientOptions {
+        ClientOptions {
+            addr: self.config.twin.clone(),
+            security: security.clone(),
+            heartbeat,
+            request_deadline: Duration::from_secs(self.config.request_deadline_secs),
+            connect_timeout: Duration::from_secs(10),
+            limits: Limits::default(),
+            setup_data: Bytes::from(protocol::encode(&SetupData {
+                car_id: self.config.car_id.clone(),
+                agent_version: AGENT_VERSION.to_owned(),
+            })),
+            responder: Some(Arc::new(Inspect(self.clone()))),
+        }
+    }
+
+    /// One connection, from connect to loss. Returns the heartbeat interval the twin asked for
+    /// once the hello succeeded.
+    async fn session(self: &Arc<Self>, options: ClientOptions, hello_ok: &mut bool) -> Result<Duration, Error> {
+        let link = cardeploy_link::connect(&options).await?;
+        let hello = Hello {
+            agent_version: AGENT_VERSION.to_owned(),
+            reported: self.state().reported.clone(),
+        };
+        let answer = link
+            .request_response(route::CAR_HELLO, Bytes::from(protocol::encode(&hello)))
+            .await?;
+        let reply: HelloReply = protocol::decode("car.hello answer", &answer)
+            .map_err(|source| Error::Protocol { what: "car.hello", source })?;
+        *hello_ok = true;
+        if reply.car_id != self.config.car_id {
+            tracing::warn!(configured = %self.config.car_id, certificate = %reply.car_id,
+                "the twin knows this car by another id: check car_id in the configuration");
+        }
+        let heartbeat = Duration::from_secs(reply.heartbeat_secs.clamp(1, 3600));
+        tracing::info!(twin = %self.config.twin, car = %reply.car_id, "connected to the twin");
+        let backlog = std::mem::take(&mut *self.backlog.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for (kind, message) in backlog {
+            self.event(&link, &kind, message).await;
+        }
+        if let Some(desired) = reply.desired {
+            self.consider(&link, desired).await;
+        }
+        let mut desired = link.request_stream(route::CAR_DESIRED, Bytes::from_static(b"{}"));
+        let heartbeats = async {
+            loop {
+                tokio::time::sleep(heartbeat).await;
+                let beat = Bytes::from(protocol::encode(&Heartbeat {}));
+                match link.request_response_within(route::CAR_HEARTBEAT, beat, heartbeat).await {
+                    Ok(_) => {}
+                    Err(cardeploy_link::Error::Closed { .. }) => return,
+                    // A late heartbeat alone is no reason to reconnect: the link drops a peer
+                    // that is silent for three intervals.
+                    Err(e) => tracing::warn!("heartbeat: {e}"),
+                }
+            }
+        };
+        tokio::pin!(heartbeats);
+        loop {
+            tokio::select! {
+                item = desired.next() => match item {
+                    Some(Ok(bytes)) => match protocol::decode::<DesiredState>("desired state", &bytes) {
+                        Ok(state) => self.consider(&link, state).await,
+                        Err(e) => {
+                            tracing::warn!("ignored a desired state: {e}");
+                            self.event(&link, "refused", format!("unreadable desired state: {e}")).await;
+                        }
+                    },
+                    Some(Err(e)) => {
+                        link.close();
+                        return Err(e.into());
+                    }
+                    None => {
+                        link.close();
+                        return Ok(heartbeat);
+                    }
+                },
+                () = &mut heartbeats => return Ok(heartbeat),
+            }
+        }
+    }
+}
+
+/// `twin.inspect`: the twin asks, the agent answers with its live view.
+struct Inspect(Arc<Agent>);
+
+#[async_trait]
+impl Responder for Inspect {
+    async fn request_response(&self, route: &str, _data: Bytes) -> Result<Bytes, Refusal> {
+        if route != route::TWIN_INSPECT {
+            return Err(Refusal::unknown_route(route, &[route::TWIN_INSPECT]));
+        }
+        let state = self.0.state().clone();
+        Ok(Bytes::from(protocol::encode(&Inspection {
+            agent_version: AGENT_VERSION.to_owned(),
+            reported: state.reported,
+            desired: state.desired,
+            uptime_secs: self.0.started.elapsed().as_secs(),
+        })))
+    }
+
+    async fn fire_and_forget(&self, route: &str, _data: Bytes) {
+        tracing::warn!(%route, "the twin sent a fire-and-forget request the agent does not serve");
+    }
+
+    fn request_stream(&self, route: &str, _data: Bytes) -> BoxStream<'static, Result<Bytes, Refusal>> {
+        let refusal = Refusal::unknown_route(route, &[route::TWIN_INSPECT]);
+        futures::stream::once(async move { Err(refusal) }).boxed()
+    }
+}
+
+/// Run the agent until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let store = Store::new(&config.state_dir)?;
+    let (mut state, warning) = store.load()?;
+    let mut backlog = Vec::new();
+    if let Some(warning) = warning {
+        tracing::error!("{warning}");
+        backlog.push(("state-corrupt".to_owned(), warning.to_string()));
+    }
+    state.epoch += 1;
+    store.save(&state)?;
+    tracing::info!(car = %config.car_id, epoch = state.epoch, phase = ?state.reported.phase, "agent started");
+
+    let security = if config.insecure_plaintext {
+        tracing::warn!("insecure_plaintext: no TLS; development only");
+        ClientSecurity::InsecurePlaintext
+    } else {
+        ClientSecurity::MutualTls(client_config(&TlsFiles {
+            ca: &config.ca,
+            cert: &config.cert,
+            key: &config.key,
+        })?)
+    };
+    let mut backoff = Backoff::new(
+        Duration::from_millis(config.reconnect_base_ms),
+        Duration::from_secs(config.reconnect_cap_secs),
+    );
+    let mut heartbeat = Duration::from_secs(config.heartbeat_secs);
+    let agent = Arc::new(Agent {
+        config,
+        store,
+        state: Mutex::new(state),
+        seq: AtomicU64::new(0),
+        started: Instant::now(),
+        backlog: Mutex::new(backlog),
+    });
+    tokio::pin!(shutdown);
+    loop {
+        let mut hello_ok = false;
+        let options = agent.options(&security, heartbeat);
+        tokio::select! {
+            () = &mut shutdown => break,
+            result = agent.session(options, &mut hello_ok) => match result {
+                Ok(hb) => {
+                    heartbeat = hb;
+                    tracing::warn!("connection to the twin lost");
+                }
+                Err(e) => tracing::warn!("{e}"),
+            },
+        }
+        if hello_ok {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        tracing::info!(?delay, "reconnecting");
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(car: &str, counter: u64) -> DesiredState {
+        DesiredState {
+            car_id: CarId::new(car).unwrap(),
+            counter,
+            release: "app@1.0.0".into(),
+            issued_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_newer_desired_state_is_applied() {
+        let car = CarId::new("VIN1").unwrap();
+        let mut state = State::default();
+        assert_eq!(decide(&state, &car, &desired("VIN1", 1)), Decision::Apply);
+        state.desired = Some(desired("VIN1", 3));
+        assert_eq!(decide(&state, &car, &desired("VIN1", 4)), Decision::Apply);
+    }
+
+    #[test]
+    fn a_repeated_or_older_desired_state_is_not_applied_again() {
+        let car = CarId::new("VIN1").unwrap();
+        let state = State {
+            desired: Some(desired("VIN1", 3)),
+            ..State::default()
+        };
+        assert_eq!(
+            decide(&state, &car, &desired("VIN1", 3)),
+            Decision::AlreadySeen { have: 3, got: 3 }
+        );
+        assert_eq!(
+            decide(&state, &car, &desired("VIN1", 1)),
+            Decision::AlreadySeen { have: 3, got: 1 }
+        );
+    }
+
+    #[test]
+    fn another_cars_desired_state_is_refused() {
+        let car = CarId::new("VIN1").unwrap();
+        assert!(matches!(
+            decide(&State::default(), &car, &desired("VIN2", 9)),
+            Decision::OtherCar { .. }
+        ));
+    }
+}

@@ -1,1 +1,253 @@
+//! cardeploy-twin: the digital twin. Cars connect over RSocket with mutual TLS (`crates/link`);
+//! operators use the REST API (axum); records live in SQLite (sqlx).
+//!
+//! [`start`] runs the real server on the configured (or port-0) addresses and hands back its
+//! addresses, so tests drive the same code as production. `cargo test -p cardeploy-twin`.
 
+mod api;
+mod cars;
+mod config;
+mod db;
+mod error;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cardeploy_link::tls::{PeerRegistry, TlsFiles, server_config};
+use cardeploy_link::{LinkServer, ServerOptions, ServerSecurity, ServerStats};
+use cardeploy_protocol::CarId;
+
+pub use api::{CarView, NewCar, SetDesired};
+pub use config::Config;
+pub use db::{CarRecord, EventRecord, ReportedRecord};
+pub use error::Error;
+
+use crate::cars::{CarAcceptor, Fleet};
+use crate::db::Db;
+
+/// The twin's shared state.
+pub struct Twin {
+    config: Config,
+    db: Db,
+    fleet: Fleet,
+    registry: PeerRegistry,
+    known: Mutex<HashSet<CarId>>,
+    operator_token: String,
+}
+
+impl Twin {
+    fn register(&self, car: &CarRecord) {
+        self.registry
+            .insert(car.fingerprint.clone(), car.id.to_string());
+        if let Ok(mut known) = self.known.lock() {
+            known.insert(car.id.clone());
+        }
+    }
+
+    fn is_registered(&self, car: &CarId) -> bool {
+        self.known.lock().map(|k| k.contains(car)).unwrap_or(false)
+    }
+}
+
+/// A started twin.
+pub struct Running {
+    pub cars_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub operator_token: String,
+    pub link_stats: Arc<ServerStats>,
+    twin: Arc<Twin>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), Error>>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("cars_addr", &self.cars_addr)
+            .field("api_addr", &self.api_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    /// Cars with an open connection right now.
+    pub fn connected_cars(&self) -> usize {
+        self.twin.fleet.connected_count()
+    }
+
+    /// Stop accepting, close every car connection, flush the database.
+    pub async fn stop(self) -> Result<(), Error> {
+        self.stop.send_replace(true);
+        for task in self.tasks {
+            match task.await {
+                Ok(result) => result?,
+                Err(e) => tracing::error!("twin task failed: {e}"),
+            }
+        }
+        self.twin.db.close().await;
+        Ok(())
+    }
+
+    /// Resolves if a server task ends on its own, which is always an error.
+    pub async fn failed(&mut self) -> Error {
+        let (result, _, _) = futures::future::select_all(self.tasks.iter_mut()).await;
+        match result {
+            Ok(Err(e)) => e,
+            Ok(Ok(())) => Error::Config {
+                path: self.twin.config.data_dir.clone(),
+                why: "a server task ended unexpectedly".into(),
+            },
+            Err(e) => Error::Config {
+                path: self.twin.config.data_dir.clone(),
+                why: format!("a server task panicked: {e}"),
+            },
+        }
+    }
+}
+
+fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The operator token: made once, kept in the data dir with mode 0600.
+fn operator_token(config: &Config) -> Result<String, Error> {
+    let path = config.token_path();
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&path)(e)),
+    }
+    let mut bytes = [0u8; 24];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| {
+        Error::Config {
+            path: path.clone(),
+            why: "no randomness for the operator token".into(),
+        }
+    })?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io(&path))?;
+    file.write_all(token.as_bytes()).map_err(io(&path))?;
+    file.sync_all().map_err(io(&path))?;
+    Ok(token)
+}
+
+/// Start the twin: open the database, listen for cars and operators.
+pub async fn start(config: Config) -> Result<Running, Error> {
+    std::fs::create_dir_all(&config.data_dir).map_err(io(&config.data_dir))?;
+    let db = Db::open(&config.db_path()).await?;
+    let twin = Arc::new(Twin {
+        operator_token: operator_token(&config)?,
+        db,
+        fleet: Fleet::default(),
+        registry: PeerRegistry::default(),
+        known: Mutex::new(HashSet::new()),
+        config,
+    });
+    for car in twin.db.cars().await? {
+        twin.register(&car);
+    }
+    for desired in twin.db.all_desired().await? {
+        let car = desired.car_id.clone();
+        twin.fleet.with_car(&car, |live| live.desired.send_replace(Some(desired)));
+    }
+
+    let config = &twin.config;
+    let security = if config.insecure_plaintext {
+        tracing::warn!("--insecure-plaintext: cars are NOT authenticated; development only");
+        ServerSecurity::InsecurePlaintext
+    } else {
+        let (ca, cert, key) = (config.ca_path(), config.cert_path(), config.key_path());
+        let tls = server_config(
+            &TlsFiles {
+                ca: &ca,
+                cert: &cert,
+                key: &key,
+            },
+            twin.registry.clone(),
+        )?;
+        ServerSecurity::MutualTls {
+            config: tls,
+            registry: twin.registry.clone(),
+        }
+    };
+    let link = LinkServer::bind(
+        config.cars_listen,
+        security,
+        ServerOptions {
+            heartbeat: Duration::from_secs(config.heartbeat_secs),
+            ..ServerOptions::default()
+        },
+    )
+    .await?;
+    let cars_addr = link.local_addr();
+    let link_stats = link.stats();
+    let api_listener = tokio::net::TcpListener::bind(config.api_listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: config.api_listen,
+            source,
+        })?;
+    let api_addr = api_listener.local_addr().map_err(|source| Error::Listen {
+        addr: config.api_listen,
+        source,
+    })?;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let acceptor = Arc::new(CarAcceptor { twin: twin.clone() });
+    let link_task = tokio::spawn({
+        let stopped = until_stopped(stopped.clone());
+        async move { link.serve(acceptor, stopped).await.map_err(Error::from) }
+    });
+    let api_task = tokio::spawn({
+        let stopped = until_stopped(stopped.clone());
+        let app = api::router(twin.clone());
+        async move {
+            axum::serve(api_listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+                .map_err(|source| Error::Listen {
+                    addr: api_addr,
+                    source,
+                })
+        }
+    });
+    tracing::info!(%cars_addr, %api_addr, "twin started");
+    Ok(Running {
+        cars_addr,
+        api_addr,
+        operator_token: twin.operator_token.clone(),
+        link_stats,
+        twin,
+        stop,
+        tasks: vec![link_task, api_task],
+    })
+}
+
+/// Run until `shutdown` resolves or a server task fails.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let mut running = start(config).await?;
+    tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutting down");
+            running.stop().await
+        }
+        e = running.failed() => Err(e),
+    }
+}

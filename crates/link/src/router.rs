@@ -131,8 +131,9 @@ impl RSocket for Router {
         match self.open(req) {
             Ok((route, data)) => {
                 let mut failed = false;
-                // rsocket_rust keeps going after an error item and sends COMPLETE after ERROR;
-                // stop at the first error so the peer sees exactly one terminal frame.
+                // rsocket_rust keeps polling after an error item, sending one ERROR per item;
+                // stop at the first. (It still sends a COMPLETE after the ERROR, which peers
+                // ignore for a stream that already ended.)
                 let stream = self
                     .responder
                     .request_stream(&route, data)

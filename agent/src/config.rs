@@ -1,0 +1,100 @@
+use std::path::{Path, PathBuf};
+
+use cardeploy_protocol::CarId;
+use serde::Deserialize;
+
+use crate::Error;
+
+/// `cardeploy-agent` configuration (TOML), e.g. as written by `cardeploy car add`:
+///
+/// ```toml
+/// car_id = "WVW0000000001"
+/// twin = "twin.example.com:7443"
+/// ca = "/etc/cardeploy/ca.pem"
+/// cert = "/etc/cardeploy/car.pem"
+/// key = "/etc/cardeploy/car.key"
+/// state_dir = "/var/lib/cardeploy"
+/// ```
+///
+/// Relative paths are relative to the configuration file's directory.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub car_id: CarId,
+    /// `host:port` of the twin's car endpoint; the host must be a name in the twin's certificate.
+    pub twin: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Persistent state (survives restarts and reboots).
+    pub state_dir: PathBuf,
+    /// Heartbeat interval until the twin says otherwise, seconds.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u64,
+    /// First reconnect delay ceiling, milliseconds; doubles per failure (full jitter).
+    #[serde(default = "default_reconnect_base")]
+    pub reconnect_base_ms: u64,
+    /// Largest reconnect delay ceiling, seconds.
+    #[serde(default = "default_reconnect_cap")]
+    pub reconnect_cap_secs: u64,
+    /// Deadline of each request to the twin, seconds.
+    #[serde(default = "default_deadline")]
+    pub request_deadline_secs: u64,
+    /// Development only: plain TCP, no certificates.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+}
+
+fn default_heartbeat() -> u64 {
+    10
+}
+fn default_reconnect_base() -> u64 {
+    500
+}
+fn default_reconnect_cap() -> u64 {
+    60
+}
+fn default_deadline() -> u64 {
+    15
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Self = toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_owned(),
+            why: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut config.ca, &mut config.cert, &mut config.key, &mut config.state_dir] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), Error> {
+        let bad = |why: String| Error::Config {
+            path: path.to_owned(),
+            why,
+        };
+        if !(1..=3600).contains(&self.heartbeat_secs) {
+            return Err(bad(format!("heartbeat_secs = {} is out of range 1..=3600", self.heartbeat_secs)));
+        }
+        if self.reconnect_base_ms == 0 || self.reconnect_cap_secs == 0 {
+            return Err(bad("reconnect_base_ms and reconnect_cap_secs must be above 0".into()));
+        }
+        if self.request_deadline_secs == 0 {
+            return Err(bad("request_deadline_secs must be above 0".into()));
+        }
+        if !self.twin.contains(':') {
+            return Err(bad(format!("twin = {:?}: expected host:port, e.g. twin.example.com:7443", self.twin)));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,35 @@
+use std::path::PathBuf;
+
+/// What can stop the agent or one of its steps.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuration {path}: {why}")]
+    Config { path: PathBuf, why: String },
+    #[error("state file {path} is corrupt ({source}); it was moved to {moved_to} and the agent starts from an empty state")]
+    CorruptState {
+        path: PathBuf,
+        moved_to: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("state file {path} has schema {found}; this agent understands up to {supported}: upgrade the agent or restore a matching state")]
+    StateSchema {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error(transparent)]
+    Link(#[from] cardeploy_link::Error),
+    #[error("twin answered {what} with something unreadable: {source}")]
+    Protocol {
+        what: &'static str,
+        #[source]
+        source: cardeploy_protocol::Error,
+    },
+}

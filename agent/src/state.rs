@@ -1,0 +1,191 @@
+//! The agent's persistent state, written atomically before every effect: temp file, fsync,
+//! rename, fsync of the directory. A crash at any moment leaves either the old or the new file,
+//! never a torn one.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use cardeploy_protocol::{DesiredState, ReportedState};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+pub const SCHEMA: u32 = 1;
+const FILE: &str = "state.json";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    pub schema: u32,
+    /// Grows with every agent start; with `seq` it orders this agent's reports.
+    pub epoch: u64,
+    /// The last desired state the agent accepted.
+    pub desired: Option<DesiredState>,
+    pub reported: ReportedState,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            schema: SCHEMA,
+            epoch: 0,
+            desired: None,
+            reported: ReportedState::idle(),
+        }
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn new(dir: &Path) -> Result<Self, Error> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        Ok(Self { dir: dir.to_owned() })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(FILE)
+    }
+
+    /// Load the state. A missing file is a first start. A corrupt file is moved aside (never
+    /// deleted: someone may want to look at it) and reported through the returned warning.
+    pub fn load(&self) -> Result<(State, Option<Error>), Error> {
+        let path = self.path();
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((State::default(), None)),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        // Read the schema first so that a newer agent's file gets a clear error, not "corrupt".
+        #[derive(Deserialize)]
+        struct Schema {
+            schema: u32,
+        }
+        if let Ok(Schema { schema }) = serde_json::from_slice::<Schema>(&bytes) {
+            if schema > SCHEMA {
+                return Err(Error::StateSchema {
+                    path,
+                    found: schema,
+                    supported: SCHEMA,
+                });
+            }
+        }
+        match serde_json::from_slice::<State>(&bytes) {
+            Ok(state) => Ok((state, None)),
+            Err(source) => {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let moved_to = self.dir.join(format!("{FILE}.corrupt-{stamp}"));
+                fs::rename(&path, &moved_to).map_err(io(&path))?;
+                Ok((
+                    State::default(),
+                    Some(Error::CorruptState {
+                        path,
+                        moved_to,
+                        source,
+                    }),
+                ))
+            }
+        }
+    }
+
+    pub fn save(&self, state: &State) -> Result<(), Error> {
+        let path = self.path();
+        let tmp = self.dir.join(format!(".{FILE}.tmp"));
+        let bytes = serde_json::to_vec_pretty(state).unwrap_or_default();
+        {
+            let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
+            file.write_all(&bytes).map_err(io(&tmp))?;
+            file.sync_all().map_err(io(&tmp))?;
+        }
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        // The rename is durable only once the directory entry is.
+        fs::File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io(&self.dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cardeploy_protocol::{CarId, Phase};
+
+    fn sample() -> State {
+        State {
+            schema: SCHEMA,
+            epoch: 4,
+            desired: Some(DesiredState {
+                car_id: CarId::new("VIN1").unwrap(),
+                counter: 2,
+                release: "app@1.0.0".into(),
+                issued_at: 1,
+            }),
+            reported: ReportedState {
+                phase: Phase::Applied,
+                desired_counter: Some(2),
+                release: Some("app@1.0.0".into()),
+                last_error: None,
+            },
+        }
+    }
+
+    #[test]
+    fn state_survives_a_save_and_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap().0, State::default());
+        store.save(&sample()).unwrap();
+        let (loaded, warning) = store.load().unwrap();
+        assert_eq!(loaded, sample());
+        assert!(warning.is_none());
+        assert!(!dir.path().join(".state.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_moved_aside_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path()).unwrap();
+        fs::write(store.path(), b"{\"schema\":1,\"epoch\":").unwrap();
+        let (state, warning) = store.load().unwrap();
+        assert_eq!(state, State::default());
+        let Some(Error::CorruptState { moved_to, .. }) = warning else {
+            panic!("expected CorruptState, got {warning:?}");
+        };
+        assert_eq!(fs::read(moved_to).unwrap(), b"{\"schema\":1,\"epoch\":");
+    }
+
+    #[test]
+    fn a_state_from_a_newer_agent_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path()).unwrap();
+        fs::write(store.path(), b"{\"schema\":99}").unwrap();
+        assert!(matches!(store.load(), Err(Error::StateSchema { found: 99, .. })));
+        assert!(store.path().exists(), "the newer file must be left alone");
+    }
+
+    #[test]
+    fn a_torn_temp_file_from_a_crash_does_not_affect_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path()).unwrap();
+        store.save(&sample()).unwrap();
+        // A crash between create and rename leaves a partial temp file behind.
+        fs::write(dir.path().join(".state.json.tmp"), b"{\"sch").unwrap();
+        assert_eq!(store.load().unwrap().0, sample());
+        store.save(&State::default()).unwrap();
+        assert_eq!(store.load().unwrap().0, State::default());
+    }
+}

@@ -1,0 +1,257 @@
+//! The real `cardeploy-agent` binary against a real twin: connect, take desired state, persist,
+//! survive restarts of either side, stop cleanly on SIGTERM.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cardeploy_testkit::TestPki;
+use cardeploy_twin::{Config, Running};
+use serde_json::{Value, json};
+
+struct Env {
+    pki: TestPki,
+    data: tempfile::TempDir,
+    car_dir: tempfile::TempDir,
+    cars_port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Env {
+    fn new() -> Self {
+        Self {
+            pki: TestPki::new(),
+            data: tempfile::tempdir().unwrap(),
+            car_dir: tempfile::tempdir().unwrap(),
+            cars_port: free_port(),
+        }
+    }
+
+    async fn twin(&self) -> Running {
+        let mut config = Config::new(self.data.path());
+        config.cars_listen = format!("127.0.0.1:{}", self.cars_port).parse().unwrap();
+        config.api_listen = "127.0.0.1:0".parse().unwrap();
+        config.ca = Some(self.pki.ca());
+        config.cert = Some(self.pki.twin_cert());
+        config.key = Some(self.pki.twin_key());
+        config.heartbeat_secs = 1;
+        cardeploy_twin::start(config).await.unwrap()
+    }
+
+    /// Issue and register the car, write its agent.toml.
+    async fn car(&self, twin: &Running, car: &str) -> PathBuf {
+        let files = self.pki.car(car);
+        let (status, body) = call(
+            twin,
+            "POST",
+            "/api/v1/cars",
+            Some(json!({"id": car, "certificate_pem": files.cert_pem})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        let config = self.car_dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "car_id = \"{car}\"\ntwin = \"localhost:{port}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
+                 state_dir = \"state\"\nheartbeat_secs = 1\nreconnect_base_ms = 100\nreconnect_cap_secs = 1\n",
+                port = self.cars_port,
+                ca = self.pki.ca().display(),
+                cert = files.cert.display(),
+                key = files.key.display(),
+            ),
+        )
+        .unwrap();
+        config
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.car_dir.path().join("state/state.json")
+    }
+}
+
+struct Agent(Child);
+
+impl Agent {
+    fn start(config: &Path) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_cardeploy-agent"))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+
+    /// SIGTERM, then wait; returns how long the agent took to exit and whether it succeeded.
+    fn terminate(mut self) -> (Duration, bool) {
+        let started = Instant::now();
+        let pid = i32::try_from(self.0.id()).unwrap();
+        // No libc binding in this workspace: kill(1) sends the signal.
+        let status = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+        assert!(status.success());
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return (started.elapsed(), status.success());
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "agent ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn call(twin: &Running, method: &'static str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let url = format!("http://{}{path}", twin.api_addr);
+    let auth = format!("Bearer {}", twin.operator_token);
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let response = match (method, body) {
+            ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
+            ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
+            ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b),
+            _ => unreachable!(),
+        };
+        let mut response = response.unwrap();
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    })
+    .await
+    .unwrap()
+}
+
+/// Poll the car's twin until `check` holds.
+async fn until(twin: &Running, car: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let (_, view) = call(twin, "GET", &format!("/api/v1/cars/{car}"), None).await;
+        if check(&view) {
+            return view;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "timed out waiting for {what}; last view: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_connects_applies_desired_state_and_persists_it() {
+    let env = Env::new();
+    let twin = env.twin().await;
+    let config = env.car(&twin, "VIN-E2E").await;
+    let agent = Agent::start(&config);
+    until(&twin, "VIN-E2E", "the agent to connect", |v| {
+        v["connected"] == true && v["reported"]["state"]["phase"] == "idle"
+    })
+    .await;
+
+    let (status, _) = call(&twin, "PUT", "/api/v1/cars/VIN-E2E/desired", Some(json!({"release": "hello@1.0.0"}))).await;
+    assert_eq!(status, 200);
+    until(&twin, "VIN-E2E", "the desired state to be applied", |v| {
+        v["reported"]["state"]["phase"] == "applied" && v["reported"]["state"]["release"] == "hello@1.0.0"
+    })
+    .await;
+    let state: Value = serde_json::from_slice(&std::fs::read(env.state_file()).unwrap()).unwrap();
+    assert_eq!(state["desired"]["release"], "hello@1.0.0");
+    assert_eq!(state["desired"]["counter"], 1);
+
+    // The twin can ask the car directly.
+    let (status, live) = call(&twin, "GET", "/api/v1/cars/VIN-E2E/inspect", None).await;
+    assert_eq!(status, 200, "{live}");
+    assert_eq!(live["desired"]["release"], "hello@1.0.0");
+
+    let (took, ok) = agent.terminate();
+    assert!(ok, "the agent exited with an error on SIGTERM");
+    assert!(took < Duration::from_secs(3), "SIGTERM took {took:?}");
+    until(&twin, "VIN-E2E", "the twin to see the car leave", |v| v["connected"] == false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_keeps_working_offline_and_comes_back_after_restarts_on_either_side() {
+    let env = Env::new();
+    let twin = env.twin().await;
+    let config = env.car(&twin, "VIN-RST").await;
+    let agent = Agent::start(&config);
+    until(&twin, "VIN-RST", "the agent to connect", |v| v["connected"] == true).await;
+    call(&twin, "PUT", "/api/v1/cars/VIN-RST/desired", Some(json!({"release": "a@1.0.0"}))).await;
+    until(&twin, "VIN-RST", "a@1.0.0", |v| v["reported"]["state"]["release"] == "a@1.0.0").await;
+
+    // The twin goes away; the agent stays up and keeps retrying.
+    twin.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut agent = agent;
+    assert!(agent.0.try_wait().unwrap().is_none(), "the agent died while the twin was away");
+
+    // While the car is offline the operator moves on; the car gets it when it is back.
+    let twin = env.twin().await;
+    call(&twin, "PUT", "/api/v1/cars/VIN-RST/desired", Some(json!({"release": "a@2.0.0"}))).await;
+    until(&twin, "VIN-RST", "the agent to reconnect and apply a@2.0.0", |v| {
+        v["connected"] == true && v["reported"]["state"]["release"] == "a@2.0.0"
+    })
+    .await;
+
+    // An agent restart keeps what it accepted and does not apply it twice.
+    let epoch_before: Value = serde_json::from_slice(&std::fs::read(env.state_file()).unwrap()).unwrap();
+    let (_, ok) = agent.terminate();
+    assert!(ok);
+    let agent = Agent::start(&config);
+    until(&twin, "VIN-RST", "the restarted agent", |v| v["connected"] == true).await;
+    let state: Value = serde_json::from_slice(&std::fs::read(env.state_file()).unwrap()).unwrap();
+    assert_eq!(state["desired"]["counter"], 2);
+    assert_eq!(state["epoch"], epoch_before["epoch"].as_u64().unwrap() + 1);
+    let (_, events) = call(&twin, "GET", "/api/v1/cars/VIN-RST/events?limit=100", None).await;
+    let applied_v2 = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "state" && e["message"].as_str().unwrap_or("").contains("a@2.0.0"))
+        .count();
+    assert_eq!(applied_v2, 1, "a@2.0.0 applied more than once: {events}");
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_configuration_is_a_clear_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "car_id = \"../x\"\ntwin = \"h:1\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nstate_dir = \"s\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cardeploy-agent"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("invalid car id"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    std::fs::write(&config, "car_id = \"ok\"\ntwin = \"localhost:1\"\nca = \"missing.pem\"\ncert = \"b\"\nkey = \"c\"\nstate_dir = \"s\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cardeploy-agent"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("missing.pem"), "{stderr}");
+}

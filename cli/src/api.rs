@@ -1,0 +1,100 @@
+//! A small blocking client of the twin's operator REST API.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// The twin's operator API.
+    #[arg(long, env = "CARDEPLOY_API", default_value = "http://127.0.0.1:7080", global = true)]
+    pub api: String,
+    /// Operator token (see <data>/operator.token on the twin).
+    #[arg(long, env = "CARDEPLOY_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Read the operator token from this file instead.
+    #[arg(long, env = "CARDEPLOY_TOKEN_FILE", global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+pub struct Api {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    pub fn new(args: &ApiArgs) -> anyhow::Result<Self> {
+        let token = match (&args.token, &args.token_file) {
+            (Some(token), _) => token.clone(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .with_context(|| format!("reading the operator token from {}", file.display()))?
+                .trim()
+                .to_owned(),
+            (None, None) => bail!(
+                "no operator token: pass --token-file <twin data>/operator.token (or set CARDEPLOY_TOKEN)"
+            ),
+        };
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .build()
+            .into();
+        Ok(Self {
+            base: args.api.trim_end_matches('/').to_owned(),
+            token,
+            agent,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn finish<T: DeserializeOwned>(&self, what: &str, response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> anyhow::Result<T> {
+        let mut response = response.with_context(|| format!("{what}: cannot reach the twin at {}", self.base))?;
+        let status = response.status();
+        if status.is_success() {
+            return response
+                .body_mut()
+                .read_json()
+                .with_context(|| format!("{what}: unreadable answer"));
+        }
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        let message = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or(body);
+        bail!("{what}: {status}: {message}")
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, what: &str, path: &str) -> anyhow::Result<T> {
+        let response = self
+            .agent
+            .get(self.url(path))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call();
+        self.finish(what, response)
+    }
+
+    pub fn post<T: DeserializeOwned>(&self, what: &str, path: &str, body: &impl Serialize) -> anyhow::Result<T> {
+        let response = self
+            .agent
+            .post(self.url(path))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .send_json(body);
+        self.finish(what, response)
+    }
+
+    pub fn put<T: DeserializeOwned>(&self, what: &str, path: &str, body: &impl Serialize) -> anyhow::Result<T> {
+        let response = self
+            .agent
+            .put(self.url(path))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .send_json(body);
+        self.finish(what, response)
+    }
+}

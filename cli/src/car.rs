@@ -1,0 +1,239 @@
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use cardeploy_pki::{FleetCa, write_file};
+use cardeploy_protocol::{CarId, validate_attribute};
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use crate::api::{Api, ApiArgs};
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Issue a car's certificate, write its agent configuration, register it with the twin.
+    ///
+    /// Writes OUT/ca.pem, OUT/car.pem, OUT/car.key (0600) and OUT/agent.toml: copy OUT to the
+    /// car's /etc/cardeploy, or run `cardeploy-agent --config OUT/agent.toml` for a test.
+    Add {
+        /// The car id, e.g. its VIN: 1-64 characters of A-Z a-z 0-9 . _ -
+        car_id: String,
+        /// An attribute for selectors, key=value (repeat the flag).
+        #[arg(long = "attr", value_name = "KEY=VALUE")]
+        attrs: Vec<String>,
+        /// The fleet PKI directory (from `cardeploy pki init`), holding ca.pem and ca.key.
+        #[arg(long, value_name = "DIR")]
+        pki: PathBuf,
+        /// Where to write the car's files [default: cars/<car-id>].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// The twin's car endpoint as the car will reach it, host:port; the host must be one of
+        /// the twin certificate's names.
+        #[arg(long, default_value = "localhost:7443")]
+        twin: String,
+        /// Heartbeat interval written into agent.toml, seconds.
+        #[arg(long, default_value_t = 10)]
+        heartbeat_secs: u64,
+        /// Only issue the files; register later.
+        #[arg(long)]
+        no_register: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List registered cars with their connection and reported state.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one car's twin: attributes, desired and reported state.
+    Show {
+        car_id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show a car's event log, oldest first.
+    Events {
+        car_id: String,
+        /// How many of the newest events.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Set what one car should run (until deployments exist); a connected car gets it at once.
+    SetDesired {
+        car_id: String,
+        /// A release reference, name@version.
+        #[arg(long)]
+        release: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Ask a connected car for its live state.
+    Inspect {
+        car_id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+fn parse_attrs(attrs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for attr in attrs {
+        let Some((key, value)) = attr.split_once('=') else {
+            bail!("--attr {attr:?}: expected key=value, e.g. --attr model=tx7");
+        };
+        validate_attribute(key, value)?;
+        if map.insert(key.to_owned(), value.to_owned()).is_some() {
+            bail!("--attr {key} given twice");
+        }
+    }
+    Ok(map)
+}
+
+fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_default()
+}
+
+fn field<'a>(value: &'a Value, path: &[&str]) -> &'a Value {
+    path.iter().fold(value, |v, key| v.get(key).unwrap_or(&Value::Null))
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Add {
+            car_id,
+            attrs,
+            pki,
+            out,
+            twin,
+            heartbeat_secs,
+            no_register,
+            api,
+        } => {
+            let car = CarId::new(car_id)?;
+            let attributes = parse_attrs(&attrs)?;
+            let out = out.unwrap_or_else(|| PathBuf::from("cars").join(car.as_str()));
+            if out.join("car.key").exists() {
+                bail!(
+                    "{} already holds a car key; refusing to overwrite it (remove it deliberately to re-issue)",
+                    out.display()
+                );
+            }
+            let ca = FleetCa::load(&pki.join("ca.pem"), &pki.join("ca.key"))
+                .with_context(|| format!("loading the fleet CA from {}", pki.display()))?;
+            let issued = ca.issue_car(car.as_str())?;
+            // Register first: a car the twin refuses gets no files that look usable.
+            if !no_register {
+                let api = Api::new(&api)?;
+                let _: Value = api.post(
+                    "registering the car",
+                    "/api/v1/cars",
+                    &json!({
+                        "id": car.as_str(),
+                        "attributes": attributes,
+                        "certificate_pem": issued.cert_pem,
+                    }),
+                )?;
+            }
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            write_file(&out.join("ca.pem"), ca.cert_pem(), false)?;
+            write_file(&out.join("car.pem"), &issued.cert_pem, false)?;
+            write_file(&out.join("car.key"), &issued.key_pem, true)?;
+            let config = format!(
+                "# cardeploy-agent configuration for car {car}, written by `cardeploy car add`.\n\
+                 # Relative paths are relative to this file.\n\
+                 car_id = \"{car}\"\n\
+                 twin = \"{twin}\"\n\
+                 ca = \"ca.pem\"\n\
+                 cert = \"car.pem\"\n\
+                 key = \"car.key\"\n\
+                 state_dir = \"state\"\n\
+                 heartbeat_secs = {heartbeat_secs}\n"
+            );
+            write_file(&out.join("agent.toml"), &config, false)?;
+            if no_register {
+                println!("car {car}: files written to {} (not registered)", out.display());
+            } else {
+                println!("car {car} registered; files written to {}", out.display());
+            }
+            println!("run it: cardeploy-agent --config {}", out.join("agent.toml").display());
+            Ok(())
+        }
+        Command::List { json, api } => {
+            let cars: Vec<Value> = Api::new(&api)?.get("listing cars", "/api/v1/cars")?;
+            if json {
+                println!("{}", pretty(&Value::Array(cars)));
+                return Ok(());
+            }
+            println!("{:<20} {:<9} {:<8} {:<28} {:<8} ATTRIBUTES", "CAR", "CONNECTED", "PHASE", "RELEASE", "DESIRED");
+            for car in &cars {
+                let attrs = field(car, &["attributes"])
+                    .as_object()
+                    .map(|m| m.iter().map(|(k, v)| format!("{k}={}", text(v))).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default();
+                println!(
+                    "{:<20} {:<9} {:<8} {:<28} {:<8} {}",
+                    text(field(car, &["id"])),
+                    if field(car, &["connected"]) == &Value::Bool(true) { "yes" } else { "no" },
+                    text(field(car, &["reported", "state", "phase"])),
+                    text(field(car, &["reported", "state", "release"])),
+                    text(field(car, &["desired", "counter"])),
+                    attrs
+                );
+            }
+            Ok(())
+        }
+        Command::Show { car_id, api } => {
+            let car = CarId::new(car_id)?;
+            let view: Value = Api::new(&api)?.get("reading the car", &format!("/api/v1/cars/{car}"))?;
+            println!("{}", pretty(&view));
+            Ok(())
+        }
+        Command::Events { car_id, limit, api } => {
+            let car = CarId::new(car_id)?;
+            let events: Vec<Value> =
+                Api::new(&api)?.get("reading events", &format!("/api/v1/cars/{car}/events?limit={limit}"))?;
+            for event in events {
+                println!(
+                    "{}  {:<12} {}",
+                    text(field(&event, &["at"])),
+                    text(field(&event, &["kind"])),
+                    text(field(&event, &["message"]))
+                );
+            }
+            Ok(())
+        }
+        Command::SetDesired { car_id, release, api } => {
+            let car = CarId::new(car_id)?;
+            let desired: Value = Api::new(&api)?.put(
+                "setting the desired state",
+                &format!("/api/v1/cars/{car}/desired"),
+                &json!({ "release": release }),
+            )?;
+            println!(
+                "car {car}: desired #{} = {}",
+                text(field(&desired, &["counter"])),
+                text(field(&desired, &["release"]))
+            );
+            Ok(())
+        }
+        Command::Inspect { car_id, api } => {
+            let car = CarId::new(car_id)?;
+            let live: Value = Api::new(&api)?.get("inspecting the car", &format!("/api/v1/cars/{car}/inspect"))?;
+            println!("{}", pretty(&live));
+            Ok(())
+        }
+    }
+}

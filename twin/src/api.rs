@@ -1,0 +1,251 @@
+//! The operator REST API (axum). JSON in and out; every error is `{"error": "..."}` with a
+//! status code that says whose fault it was. Requests need `Authorization: Bearer <token>`, the
+//! token the twin writes to `<data_dir>/operator.token` at first start.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use cardeploy_protocol::{
+    self as protocol, Attributes, CarId, DesiredState, Inspection, route, validate_attribute,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::Twin;
+use crate::cars::now;
+use crate::db::{CarRecord, EventRecord, ReportedRecord};
+
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<crate::Error> for ApiError {
+    fn from(e: crate::Error) -> Self {
+        tracing::error!("{e}");
+        Self(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message.into())
+}
+
+fn car_id(id: String) -> Result<CarId, ApiError> {
+    CarId::new(id).map_err(|e| bad_request(e.to_string()))
+}
+
+pub fn router(twin: Arc<Twin>) -> Router {
+    let api = Router::new()
+        .route("/api/v1/cars", get(list_cars).post(add_car))
+        .route("/api/v1/cars/{id}", get(get_car))
+        .route("/api/v1/cars/{id}/events", get(events))
+        .route("/api/v1/cars/{id}/desired", put(set_desired))
+        .route("/api/v1/cars/{id}/inspect", get(inspect))
+        .route_layer(middleware::from_fn_with_state(twin.clone(), authorize));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(api)
+        .with_state(twin)
+}
+
+async fn authorize(State(twin): State<Arc<Twin>>, request: Request, next: Next) -> Response {
+    let expected = format!("Bearer {}", twin.operator_token);
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let ok = given.is_some_and(|given| same_secret(given.as_bytes(), expected.as_bytes()));
+    if ok {
+        next.run(request).await
+    } else {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong operator token: send `Authorization: Bearer <token>` with the token from <data_dir>/operator.token".into(),
+        )
+        .into_response()
+    }
+}
+
+/// Compare without an early exit, so the time taken does not tell how much of a guess was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewCar {
+    pub id: String,
+    #[serde(default)]
+    pub attributes: Attributes,
+    /// The car's client certificate (PEM), issued by the fleet CA.
+    pub certificate_pem: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CarView {
+    pub id: CarId,
+    pub attributes: Attributes,
+    pub fingerprint: String,
+    pub connected: bool,
+    pub desired: Option<DesiredState>,
+    pub reported: Option<ReportedRecord>,
+}
+
+async fn add_car(State(twin): State<Arc<Twin>>, Json(new): Json<NewCar>) -> Result<(StatusCode, Json<CarView>), ApiError> {
+    let id = car_id(new.id)?;
+    for (key, value) in &new.attributes {
+        validate_attribute(key, value).map_err(|e| bad_request(e.to_string()))?;
+    }
+    let fingerprint = cardeploy_link::tls::fingerprint_pem(&new.certificate_pem)
+        .map_err(|e| bad_request(format!("certificate_pem: {e}")))?;
+    let record = CarRecord {
+        id: id.clone(),
+        attributes: new.attributes,
+        fingerprint,
+        created_at: now(),
+    };
+    if !twin.db.insert_car(&record).await? {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("car {id} or its certificate is already registered"),
+        ));
+    }
+    twin.register(&record);
+    tracing::info!(car = %id, "car registered");
+    Ok((StatusCode::CREATED, Json(view(&twin, record).await?)))
+}
+
+async fn view(twin: &Twin, car: CarRecord) -> Result<CarView, ApiError> {
+    let reported = twin.db.reported(&car.id).await?;
+    let desired = twin.db.desired(&car.id).await?;
+    Ok(CarView {
+        connected: twin.fleet.connected(&car.id).is_some(),
+        id: car.id,
+        attributes: car.attributes,
+        fingerprint: car.fingerprint,
+        desired,
+        reported,
+    })
+}
+
+async fn list_cars(State(twin): State<Arc<Twin>>) -> Result<Json<Vec<CarView>>, ApiError> {
+    let mut views = Vec::new();
+    for car in twin.db.cars().await? {
+        views.push(view(&twin, car).await?);
+    }
+    Ok(Json(views))
+}
+
+async fn find(twin: &Twin, id: &CarId) -> Result<CarRecord, ApiError> {
+    twin.db
+        .cars()
+        .await?
+        .into_iter()
+        .find(|car| &car.id == id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no car {id}; list cars with `cardeploy car list`")))
+}
+
+async fn get_car(State(twin): State<Arc<Twin>>, Path(id): Path<String>) -> Result<Json<CarView>, ApiError> {
+    let id = car_id(id)?;
+    let car = find(&twin, &id).await?;
+    Ok(Json(view(&twin, car).await?))
+}
+
+async fn events(
+    State(twin): State<Arc<Twin>>,
+    Path(id): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Result<Json<Vec<EventRecord>>, ApiError> {
+    let id = car_id(id)?;
+    find(&twin, &id).await?;
+    let limit = match query.get("limit") {
+        Some(l) => l.parse::<u32>().map_err(|_| bad_request("limit must be a number"))?.min(10_000),
+        None => 100,
+    };
+    Ok(Json(twin.db.events(&id, limit).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetDesired {
+    /// A release reference, `name@version`.
+    pub release: String,
+}
+
+/// `name@version`, each part non-empty, no spaces or control characters.
+fn valid_release(release: &str) -> bool {
+    let Some((name, version)) = release.split_once('@') else {
+        return false;
+    };
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
+    };
+    ok(name) && ok(version)
+}
+
+async fn set_desired(
+    State(twin): State<Arc<Twin>>,
+    Path(id): Path<String>,
+    Json(body): Json<SetDesired>,
+) -> Result<Json<DesiredState>, ApiError> {
+    let id = car_id(id)?;
+    find(&twin, &id).await?;
+    if !valid_release(&body.release) {
+        return Err(bad_request(format!(
+            "release {:?} is not a release reference: use name@version, e.g. infotainment@1.4.2",
+            body.release
+        )));
+    }
+    let now_secs = u64::try_from(now()).unwrap_or(0);
+    let desired = twin.db.set_desired(&id, &body.release, now_secs).await?;
+    twin.db
+        .event(&id, now(), "desired", &format!("desired #{} {}", desired.counter, desired.release))
+        .await?;
+    // Persisted first, then pushed: a push the car never gets is repeated at its next hello.
+    twin.fleet.with_car(&id, |live| live.desired.send_replace(Some(desired.clone())));
+    tracing::info!(car = %id, counter = desired.counter, release = %desired.release, "desired state set");
+    Ok(Json(desired))
+}
+
+async fn inspect(State(twin): State<Arc<Twin>>, Path(id): Path<String>) -> Result<Json<Inspection>, ApiError> {
+    let id = car_id(id)?;
+    find(&twin, &id).await?;
+    let requester = twin.fleet.connected(&id).ok_or_else(|| {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("car {id} is not connected"))
+    })?;
+    let answer = requester
+        .request_response(route::TWIN_INSPECT, Bytes::from_static(b"{}"))
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    let inspection = protocol::decode("twin.inspect answer", &answer)
+        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    Ok(Json(inspection))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_release;
+
+    #[test]
+    fn release_references_are_name_at_version() {
+        assert!(valid_release("infotainment@1.4.2"));
+        assert!(valid_release("hvac-ctl@2.0.0-rc.1+b7"));
+        assert!(!valid_release("infotainment"));
+        assert!(!valid_release("@1.0"));
+        assert!(!valid_release("a b@1"));
+        assert!(!valid_release("x@"));
+    }
+}

@@ -1,0 +1,255 @@
+//! The cars' side of the twin: who is connected, and the routes a car calls.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cardeploy_link::{Acceptor, Peer, Refusal, Requester, Responder, Session};
+use cardeploy_protocol::{
+    self as protocol, CarId, DesiredState, Heartbeat, Hello, HelloReply, Report, ReportBody,
+    SetupData, route,
+};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::watch;
+
+use crate::Twin;
+
+/// What the twin knows live about one car (the database has the rest).
+#[derive(Debug)]
+pub(crate) struct Live {
+    /// The newest desired state; every `car.desired` stream of this car follows it.
+    pub desired: watch::Sender<Option<DesiredState>>,
+    /// The open connection, if any.
+    pub session: Option<(u64, Requester)>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Fleet {
+    cars: Mutex<HashMap<CarId, Live>>,
+}
+
+impl Fleet {
+    pub fn with_car<T>(&self, car: &CarId, f: impl FnOnce(&mut Live) -> T) -> T {
+        let mut cars = self.cars.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let live = cars.entry(car.clone()).or_insert_with(|| Live {
+            desired: watch::Sender::new(None),
+            session: None,
+        });
+        f(live)
+    }
+
+    pub fn connected(&self, car: &CarId) -> Option<Requester> {
+        let cars = self.cars.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        cars.get(car)
+            .and_then(|live| live.session.as_ref())
+            .map(|(_, requester)| requester.clone())
+    }
+
+    pub fn connected_count(&self) -> usize {
+        let cars = self.cars.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        cars.values().filter(|live| live.session.is_some()).count()
+    }
+}
+
+pub(crate) fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+pub(crate) struct CarAcceptor {
+    pub twin: Arc<Twin>,
+}
+
+impl Acceptor for CarAcceptor {
+    fn accept(&self, session: Session) -> Result<Arc<dyn Responder>, Refusal> {
+        let setup: SetupData = protocol::decode("SETUP data", &session.setup_data)
+            .map_err(|e| Refusal::new(e.to_string()))?;
+        let car = match &session.peer {
+            Peer::Authenticated(id) => {
+                let car = CarId::new(id.clone()).map_err(|e| Refusal::new(e.to_string()))?;
+                if car != setup.car_id {
+                    // Not fatal: the certificate is the identity; the SETUP claim is a hint.
+                    tracing::warn!(%car, claimed = %setup.car_id,
+                        "car's SETUP names another car id; using the certificate's identity");
+                }
+                car
+            }
+            Peer::Unauthenticated => {
+                let known = self.twin.is_registered(&setup.car_id);
+                if !known {
+                    return Err(Refusal::new(format!(
+                        "car {} is not registered with this twin; register it with `cardeploy car add {}`",
+                        setup.car_id, setup.car_id
+                    )));
+                }
+                setup.car_id
+            }
+        };
+        let conn_id = session.conn_id;
+        let requester = session.requester;
+        let previous = self.twin.fleet.with_car(&car, |live| {
+            live.session.replace((conn_id, requester.clone()))
+        });
+        if let Some((_, old)) = previous {
+            // The car came back before its old connection timed out: the new one wins.
+            old.close();
+        }
+        tracing::info!(%car, remote = %session.remote, agent = %setup.agent_version, "car connected");
+        {
+            let twin = self.twin.clone();
+            let car = car.clone();
+            let requester = requester.clone();
+            tokio::spawn(async move {
+                requester.closed().await;
+                let still_ours = twin.fleet.with_car(&car, |live| {
+                    if live.session.as_ref().is_some_and(|(id, _)| *id == conn_id) {
+                        live.session = None;
+                        true
+                    } else {
+                        false
+                    }
+                });
+                if still_ours {
+                    tracing::info!(%car, "car disconnected");
+                    let now = now();
+                    if let Err(e) = twin.db.touch(&car, now).await {
+                        tracing::warn!(%car, "{e}");
+                    }
+                    if let Err(e) = twin.db.event(&car, now, "disconnected", "connection closed").await {
+                        tracing::warn!(%car, "{e}");
+                    }
+                }
+            });
+        }
+        Ok(Arc::new(CarResponder {
+            twin: self.twin.clone(),
+            car,
+            requester,
+        }))
+    }
+}
+
+struct CarResponder {
+    twin: Arc<Twin>,
+    car: CarId,
+    requester: Requester,
+}
+
+const ROUTES: &[&str] = &[route::CAR_HELLO, route::CAR_DESIRED, route::CAR_REPORT, route::CAR_HEARTBEAT];
+
+fn refuse(e: impl std::fmt::Display) -> Refusal {
+    Refusal::new(e.to_string())
+}
+
+#[async_trait]
+impl Responder for CarResponder {
+    async fn request_response(&self, route: &str, data: Bytes) -> Result<Bytes, Refusal> {
+        match route {
+            route::CAR_HELLO => {
+                let hello: Hello = protocol::decode("car.hello request", &data).map_err(refuse)?;
+                let now = now();
+                self.twin
+                    .db
+                    .hello(&self.car, &hello.reported, &hello.agent_version, now)
+                    .await
+                    .map_err(|e| internal(&self.car, e))?;
+                let message = format!("agent {} connected", hello.agent_version);
+                self.twin
+                    .db
+                    .event(&self.car, now, "connected", &message)
+                    .await
+                    .map_err(|e| internal(&self.car, e))?;
+                let desired = self.twin.fleet.with_car(&self.car, |live| live.desired.borrow().clone());
+                Ok(Bytes::from(protocol::encode(&HelloReply {
+                    car_id: self.car.clone(),
+                    desired,
+                    heartbeat_secs: self.twin.config.heartbeat_secs,
+                })))
+            }
+            route::CAR_HEARTBEAT => {
+                let _: Heartbeat = protocol::decode("car.heartbeat request", &data).map_err(refuse)?;
+                Ok(Bytes::from(protocol::encode(&Heartbeat {})))
+            }
+            other => Err(Refusal::unknown_route(other, ROUTES)),
+        }
+    }
+
+    async fn fire_and_forget(&self, route: &str, data: Bytes) {
+        if route != route::CAR_REPORT {
+            tracing::warn!(car = %self.car, %route, "fire-and-forget on an unknown route dropped");
+            return;
+        }
+        let report: Report = match protocol::decode("car.report", &data) {
+            Ok(report) => report,
+            Err(e) => {
+                tracing::warn!(car = %self.car, "dropped a report: {e}");
+                return;
+            }
+        };
+        if let Err(e) = self.store_report(report).await {
+            tracing::warn!(car = %self.car, "could not store a report: {e}");
+        }
+    }
+
+    fn request_stream(&self, route: &str, data: Bytes) -> BoxStream<'static, Result<Bytes, Refusal>> {
+        if route != route::CAR_DESIRED {
+            let refusal = Refusal::unknown_route(route, ROUTES);
+            return futures::stream::once(async move { Err(refusal) }).boxed();
+        }
+        if let Err(e) = protocol::decode::<Heartbeat>("car.desired request", &data) {
+            let refusal = refuse(e);
+            return futures::stream::once(async move { Err(refusal) }).boxed();
+        }
+        let mut desired = self.twin.fleet.with_car(&self.car, |live| live.desired.subscribe());
+        let requester = self.requester.clone();
+        async_stream::stream! {
+            loop {
+                let current = desired.borrow_and_update().clone();
+                if let Some(state) = current {
+                    yield Ok(Bytes::from(protocol::encode(&state)));
+                }
+                tokio::select! {
+                    changed = desired.changed() => if changed.is_err() { break },
+                    () = requester.closed() => break,
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+impl CarResponder {
+    async fn store_report(&self, report: Report) -> Result<(), crate::Error> {
+        let epoch = i64::try_from(report.epoch).unwrap_or(i64::MAX);
+        let seq = i64::try_from(report.seq).unwrap_or(i64::MAX);
+        let now = now();
+        match report.body {
+            ReportBody::State { state } => {
+                if self.twin.db.report_state(&self.car, &state, epoch, seq, now).await? {
+                    tracing::debug!(car = %self.car, ?state.phase, "reported state");
+                    let message = format!(
+                        "{:?}: release {} (desired #{})",
+                        state.phase,
+                        state.release.as_deref().unwrap_or("-"),
+                        state.desired_counter.map_or("-".into(), |c| c.to_string())
+                    );
+                    self.twin.db.event(&self.car, now, "state", &message).await?;
+                }
+            }
+            ReportBody::Event { kind, message } => {
+                if self.twin.db.mark_seq(&self.car, epoch, seq, now).await? {
+                    self.twin.db.event(&self.car, now, &kind, &message).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn internal(car: &CarId, e: crate::Error) -> Refusal {
+    tracing::error!(%car, "{e}");
+    Refusal::new("the twin could not store this; it will be retried on the next hello")
+}

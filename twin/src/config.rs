@@ -1,0 +1,106 @@
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// `cardeploy-twin` configuration (TOML). Every path and address can be overridden so that tests
+/// run the real server against temp dirs and port 0.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Database, operator token and (by default) the PKI live here.
+    pub data_dir: PathBuf,
+    /// Where cars connect (RSocket over mutual TLS).
+    #[serde(default = "default_cars_listen")]
+    pub cars_listen: SocketAddr,
+    /// The operator REST API.
+    #[serde(default = "default_api_listen")]
+    pub api_listen: SocketAddr,
+    /// Fleet CA certificate; default `<data_dir>/pki/ca.pem`.
+    pub ca: Option<PathBuf>,
+    /// The twin's certificate; default `<data_dir>/pki/twin.pem`.
+    pub cert: Option<PathBuf>,
+    /// The twin's key; default `<data_dir>/pki/twin.key`.
+    pub key: Option<PathBuf>,
+    /// Heartbeat interval cars are told to keep, seconds. A car silent for 3 is dropped.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u64,
+    /// Development only: plain TCP, cars name themselves. Never in production.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+}
+
+fn default_cars_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7443))
+}
+
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7080))
+}
+
+fn default_heartbeat() -> u64 {
+    10
+}
+
+impl Config {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            cars_listen: default_cars_listen(),
+            api_listen: default_api_listen(),
+            ca: None,
+            cert: None,
+            key: None,
+            heartbeat_secs: default_heartbeat(),
+            insecure_plaintext: false,
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_owned(),
+            why: e.to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), Error> {
+        if self.heartbeat_secs == 0 || self.heartbeat_secs > 3600 {
+            return Err(Error::Config {
+                path: path.to_owned(),
+                why: format!(
+                    "heartbeat_secs = {} is out of range; use 1..=3600",
+                    self.heartbeat_secs
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.ca.clone().unwrap_or_else(|| self.data_dir.join("pki/ca.pem"))
+    }
+
+    pub fn cert_path(&self) -> PathBuf {
+        self.cert.clone().unwrap_or_else(|| self.data_dir.join("pki/twin.pem"))
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.key.clone().unwrap_or_else(|| self.data_dir.join("pki/twin.key"))
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("twin.db")
+    }
+
+    pub fn token_path(&self) -> PathBuf {
+        self.data_dir.join("operator.token")
+    }
+}

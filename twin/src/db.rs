@@ -1,0 +1,327 @@
+//! The twin's records in SQLite (sqlx). Writes are single statements or short transactions; the
+//! database runs in WAL mode so readers (the API) never block writers (the cars).
+
+use std::path::Path;
+use std::str::FromStr;
+
+use cardeploy_protocol::{Attributes, CarId, DesiredState, ReportedState};
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::error::{Error, db};
+
+const SCHEMA: &str = r"
+CREATE TABLE IF NOT EXISTS cars (
+    id TEXT PRIMARY KEY,
+    attributes TEXT NOT NULL,
+    fingerprint TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS desired (
+    car_id TEXT PRIMARY KEY REFERENCES cars(id),
+    counter INTEGER NOT NULL,
+    document TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reported (
+    car_id TEXT PRIMARY KEY REFERENCES cars(id),
+    document TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    agent_version TEXT,
+    updated_at INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    car_id TEXT NOT NULL REFERENCES cars(id),
+    at INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_car ON events(car_id, id);
+";
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CarRecord {
+    pub id: CarId,
+    pub attributes: Attributes,
+    pub fingerprint: String,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ReportedRecord {
+    pub state: ReportedState,
+    pub epoch: i64,
+    pub seq: i64,
+    pub agent_version: Option<String>,
+    pub updated_at: i64,
+    pub last_seen: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EventRecord {
+    pub at: i64,
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: SqlitePool,
+}
+
+fn corrupt(car: &str, what: &'static str) -> impl FnOnce(serde_json::Error) -> Error {
+    let car = car.to_owned();
+    move |source| Error::Corrupt { car, what, source }
+}
+
+impl Db {
+    pub async fn open(path: &Path) -> Result<Self, Error> {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(db("open"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(db("open"))?;
+        sqlx::raw_sql(SCHEMA)
+            .execute(&pool)
+            .await
+            .map_err(db("create schema"))?;
+        Ok(Self { pool })
+    }
+
+    /// Returns false if a car with this id or certificate exists already.
+    pub async fn insert_car(&self, car: &CarRecord) -> Result<bool, Error> {
+        let attributes = serde_json::to_string(&car.attributes).unwrap_or_else(|_| "{}".into());
+        let result = sqlx::query(
+            "INSERT INTO cars (id, attributes, fingerprint, created_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(car.id.as_str())
+        .bind(attributes)
+        .bind(&car.fingerprint)
+        .bind(car.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db("insert car"))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    pub async fn cars(&self) -> Result<Vec<CarRecord>, Error> {
+        let rows = sqlx::query("SELECT id, attributes, fingerprint, created_at FROM cars ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("list cars"))?;
+        rows.into_iter()
+            .map(|row| {
+                let id: String = row.get(0);
+                let attributes: String = row.get(1);
+                Ok(CarRecord {
+                    attributes: serde_json::from_str(&attributes)
+                        .map_err(corrupt(&id, "attributes"))?,
+                    id: CarId::new(id.clone()).map_err(|_| Error::Corrupt {
+                        car: id.clone(),
+                        what: "car id",
+                        source: serde::de::Error::custom("invalid car id"),
+                    })?,
+                    fingerprint: row.get(2),
+                    created_at: row.get(3),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn desired(&self, car: &CarId) -> Result<Option<DesiredState>, Error> {
+        let row = sqlx::query("SELECT document FROM desired WHERE car_id = ?")
+            .bind(car.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("read desired state"))?;
+        row.map(|row| {
+            let doc: String = row.get(0);
+            serde_json::from_str(&doc).map_err(corrupt(car.as_str(), "desired state"))
+        })
+        .transpose()
+    }
+
+    pub async fn all_desired(&self) -> Result<Vec<DesiredState>, Error> {
+        let rows = sqlx::query("SELECT car_id, document FROM desired")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("read desired states"))?;
+        rows.into_iter()
+            .map(|row| {
+                let car: String = row.get(0);
+                let doc: String = row.get(1);
+                serde_json::from_str(&doc).map_err(corrupt(&car, "desired state"))
+            })
+            .collect()
+    }
+
+    /// Store a new desired state with the next counter for this car, atomically.
+    pub async fn set_desired(&self, car: &CarId, release: &str, now: u64) -> Result<DesiredState, Error> {
+        let mut tx = self.pool.begin().await.map_err(db("set desired state"))?;
+        let counter: Option<i64> = sqlx::query_scalar("SELECT counter FROM desired WHERE car_id = ?")
+            .bind(car.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db("set desired state"))?;
+        let desired = DesiredState {
+            car_id: car.clone(),
+            counter: counter.map_or(1, |c| c.unsigned_abs() + 1),
+            release: release.to_owned(),
+            issued_at: now,
+        };
+        let doc = serde_json::to_string(&desired).unwrap_or_default();
+        sqlx::query(
+            "INSERT INTO desired (car_id, counter, document) VALUES (?, ?, ?)
+             ON CONFLICT(car_id) DO UPDATE SET counter = excluded.counter, document = excluded.document",
+        )
+        .bind(car.as_str())
+        .bind(i64::try_from(desired.counter).unwrap_or(i64::MAX))
+        .bind(doc)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("set desired state"))?;
+        tx.commit().await.map_err(db("set desired state"))?;
+        Ok(desired)
+    }
+
+    pub async fn reported(&self, car: &CarId) -> Result<Option<ReportedRecord>, Error> {
+        let row = sqlx::query(
+            "SELECT document, epoch, seq, agent_version, updated_at, last_seen FROM reported WHERE car_id = ?",
+        )
+        .bind(car.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db("read reported state"))?;
+        row.map(|row| {
+            let doc: String = row.get(0);
+            Ok(ReportedRecord {
+                state: serde_json::from_str(&doc).map_err(corrupt(car.as_str(), "reported state"))?,
+                epoch: row.get(1),
+                seq: row.get(2),
+                agent_version: row.get(3),
+                updated_at: row.get(4),
+                last_seen: row.get(5),
+            })
+        })
+        .transpose()
+    }
+
+    /// Store reported state from `car.hello` (no sequence number: it is the newest by definition,
+    /// since reports travel in order on the connection that the hello opened).
+    pub async fn hello(&self, car: &CarId, state: &ReportedState, agent_version: &str, now: i64) -> Result<(), Error> {
+        let doc = serde_json::to_string(state).unwrap_or_default();
+        sqlx::query(
+            "INSERT INTO reported (car_id, document, epoch, seq, agent_version, updated_at, last_seen)
+             VALUES (?, ?, -1, -1, ?, ?, ?)
+             ON CONFLICT(car_id) DO UPDATE SET document = excluded.document,
+                agent_version = excluded.agent_version, updated_at = excluded.updated_at,
+                last_seen = excluded.last_seen",
+        )
+        .bind(car.as_str())
+        .bind(doc)
+        .bind(agent_version)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db("store hello"))?;
+        Ok(())
+    }
+
+    /// Store a reported state unless an equal or newer (epoch, seq) is stored: fire-and-forget
+    /// reports may be sent twice after a reconnect. Returns whether it was new.
+    pub async fn report_state(&self, car: &CarId, state: &ReportedState, epoch: i64, seq: i64, now: i64) -> Result<bool, Error> {
+        let doc = serde_json::to_string(state).unwrap_or_default();
+        let result = sqlx::query(
+            "INSERT INTO reported (car_id, document, epoch, seq, agent_version, updated_at, last_seen)
+             VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?5)
+             ON CONFLICT(car_id) DO UPDATE SET document = excluded.document, epoch = excluded.epoch,
+                seq = excluded.seq, updated_at = excluded.updated_at, last_seen = excluded.last_seen
+             WHERE (excluded.epoch, excluded.seq) > (reported.epoch, reported.seq)",
+        )
+        .bind(car.as_str())
+        .bind(doc)
+        .bind(epoch)
+        .bind(seq)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db("store report"))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Advance the (epoch, seq) mark for an event report; false if it is a duplicate.
+    pub async fn mark_seq(&self, car: &CarId, epoch: i64, seq: i64, now: i64) -> Result<bool, Error> {
+        let result = sqlx::query(
+            "UPDATE reported SET epoch = ?2, seq = ?3, last_seen = ?4
+             WHERE car_id = ?1 AND (?2, ?3) > (epoch, seq)",
+        )
+        .bind(car.as_str())
+        .bind(epoch)
+        .bind(seq)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db("store report"))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    pub async fn touch(&self, car: &CarId, now: i64) -> Result<(), Error> {
+        sqlx::query("UPDATE reported SET last_seen = ? WHERE car_id = ?")
+            .bind(now)
+            .bind(car.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(db("store last seen"))?;
+        Ok(())
+    }
+
+    pub async fn event(&self, car: &CarId, now: i64, kind: &str, message: &str) -> Result<(), Error> {
+        sqlx::query("INSERT INTO events (car_id, at, kind, message) VALUES (?, ?, ?, ?)")
+            .bind(car.as_str())
+            .bind(now)
+            .bind(kind)
+            .bind(message)
+            .execute(&self.pool)
+            .await
+            .map_err(db("store event"))?;
+        Ok(())
+    }
+
+    /// The newest `limit` events, oldest first.
+    pub async fn events(&self, car: &CarId, limit: u32) -> Result<Vec<EventRecord>, Error> {
+        let rows = sqlx::query(
+            "SELECT at, kind, message FROM (
+                SELECT id, at, kind, message FROM events WHERE car_id = ? ORDER BY id DESC LIMIT ?
+             ) ORDER BY id",
+        )
+        .bind(car.as_str())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("read events"))?;
+        Ok(rows
+            .into_iter()
+            .map(|row| EventRecord {
+                at: row.get(0),
+                kind: row.get(1),
+                message: row.get(2),
+            })
+            .collect())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

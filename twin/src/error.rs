@@ -1,0 +1,39 @@
+use std::path::PathBuf;
+
+/// What can stop the twin. Every variant names the file, car or operation involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuration {path}: {why}")]
+    Config { path: PathBuf, why: String },
+    #[error("database ({what}): {source}")]
+    Db {
+        what: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("stored data for car {car} is corrupt ({what}): {source}")]
+    Corrupt {
+        car: String,
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Link(#[from] cardeploy_link::Error),
+    #[error("could not listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub(crate) fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |source| Error::Db { what, source }
+}

@@ -1,0 +1,314 @@
+//! The twin as cars and operators see it: a real server on port 0, real TLS cars (the link's own
+//! client), the REST API over HTTP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use cardeploy_link::tls::{TlsFiles, client_config};
+use cardeploy_link::{Bytes, ClientOptions, ClientSecurity, Limits, Requester, connect};
+use cardeploy_protocol::{
+    self as protocol, CarId, DesiredState, Hello, HelloReply, Phase, Report, ReportBody,
+    ReportedState, SetupData, route,
+};
+use cardeploy_testkit::{CarFiles, TestPki};
+use cardeploy_twin::{Config, Running};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+struct Env {
+    pki: TestPki,
+    data: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        Self {
+            pki: TestPki::new(),
+            data: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn config(&self) -> Config {
+        let mut config = Config::new(self.data.path());
+        config.cars_listen = "127.0.0.1:0".parse().unwrap();
+        config.api_listen = "127.0.0.1:0".parse().unwrap();
+        config.ca = Some(self.pki.ca());
+        config.cert = Some(self.pki.twin_cert());
+        config.key = Some(self.pki.twin_key());
+        config.heartbeat_secs = 2;
+        config
+    }
+
+    async fn start(&self) -> Running {
+        cardeploy_twin::start(self.config()).await.unwrap()
+    }
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+async fn api_async(twin: &Running, method: &'static str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let addr = twin.api_addr;
+    let token = twin.operator_token.clone();
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let fake = FakeRunning { api_addr: addr, token };
+        fake.call(method, &path, body)
+    })
+    .await
+    .unwrap()
+}
+
+struct FakeRunning {
+    api_addr: std::net::SocketAddr,
+    token: String,
+}
+
+impl FakeRunning {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("http://{}{path}", self.api_addr);
+        let auth = format!("Bearer {}", self.token);
+        let agent = http();
+        let response = match (method, body) {
+            ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
+            ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
+            ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b),
+            _ => unreachable!(),
+        };
+        let mut response = response.unwrap();
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+}
+
+async fn register(env: &Env, twin: &Running, car: &str) -> CarFiles {
+    let files = env.pki.car(car);
+    let (status, body) = api_async(
+        twin,
+        "POST",
+        "/api/v1/cars",
+        Some(json!({"id": car, "attributes": {"model": "tx7"}, "certificate_pem": files.cert_pem})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    files
+}
+
+async fn car_link(env: &Env, twin: &Running, files: &CarFiles, claimed_id: &str) -> Requester {
+    let ca = env.pki.ca();
+    let config = client_config(&TlsFiles {
+        ca: &ca,
+        cert: &files.cert,
+        key: &files.key,
+    })
+    .unwrap();
+    connect(&ClientOptions {
+        addr: format!("localhost:{}", twin.cars_addr.port()),
+        security: ClientSecurity::MutualTls(config),
+        heartbeat: Duration::from_secs(2),
+        request_deadline: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(5),
+        limits: Limits::default(),
+        setup_data: Bytes::from(protocol::encode(&SetupData {
+            car_id: CarId::new(claimed_id).unwrap(),
+            agent_version: "test".into(),
+        })),
+        responder: None,
+    })
+    .await
+    .unwrap()
+}
+
+async fn hello(link: &Requester, phase: Phase) -> HelloReply {
+    let hello = Hello {
+        agent_version: "test".into(),
+        reported: ReportedState {
+            phase,
+            ..ReportedState::idle()
+        },
+    };
+    let answer = link
+        .request_response(route::CAR_HELLO, Bytes::from(protocol::encode(&hello)))
+        .await
+        .unwrap();
+    protocol::decode("hello reply", &answer).unwrap()
+}
+
+#[tokio::test]
+async fn a_desired_state_set_through_the_api_reaches_the_connected_car_at_once() {
+    let env = Env::new();
+    let twin = env.start().await;
+    let files = register(&env, &twin, "VIN-1").await;
+    let link = car_link(&env, &twin, &files, "VIN-1").await;
+    let reply = hello(&link, Phase::Idle).await;
+    assert_eq!(reply.car_id.as_str(), "VIN-1");
+    assert!(reply.desired.is_none());
+    let mut desired = link.request_stream(route::CAR_DESIRED, Bytes::from_static(b"{}"));
+    let (status, body) = api_async(
+        &twin,
+        "PUT",
+        "/api/v1/cars/VIN-1/desired",
+        Some(json!({"release": "infotainment@1.0.0"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let pushed = tokio::time::timeout(Duration::from_secs(5), desired.next())
+        .await
+        .expect("no push within 5 s")
+        .unwrap()
+        .unwrap();
+    let pushed: DesiredState = protocol::decode("desired", &pushed).unwrap();
+    assert_eq!((pushed.counter, pushed.release.as_str()), (1, "infotainment@1.0.0"));
+    assert_eq!(pushed.car_id.as_str(), "VIN-1");
+}
+
+#[tokio::test]
+async fn a_certificate_of_car_x_cannot_speak_as_car_y() {
+    let env = Env::new();
+    let twin = env.start().await;
+    let x = register(&env, &twin, "CAR-X").await;
+    register(&env, &twin, "CAR-Y").await;
+    // Car X's certificate, claiming to be Y in SETUP.
+    let link = car_link(&env, &twin, &x, "CAR-Y").await;
+    let reply = hello(&link, Phase::Failed).await;
+    assert_eq!(reply.car_id.as_str(), "CAR-X", "the twin must go by the certificate");
+    let (_, y) = api_async(&twin, "GET", "/api/v1/cars/CAR-Y", None).await;
+    assert_eq!(y["reported"], Value::Null, "car Y's twin was written by car X: {y}");
+    let (_, xv) = api_async(&twin, "GET", "/api/v1/cars/CAR-X", None).await;
+    assert_eq!(xv["reported"]["state"]["phase"], "failed");
+}
+
+#[tokio::test]
+async fn malformed_json_gets_an_error_naming_the_message_and_the_connection_stays_up() {
+    let env = Env::new();
+    let twin = env.start().await;
+    let files = register(&env, &twin, "VIN-2").await;
+    let link = car_link(&env, &twin, &files, "VIN-2").await;
+    let err = link
+        .request_response(route::CAR_HELLO, Bytes::from_static(b"{\"agent_version\": 7"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("malformed car.hello request"), "{err}");
+    let err = link
+        .request_response("car.teleport", Bytes::from_static(b"{}"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("unknown route"), "{err}");
+    assert!(err.to_string().contains("car.hello"), "{err}");
+    hello(&link, Phase::Idle).await;
+}
+
+#[tokio::test]
+async fn repeated_reports_are_stored_once_and_reported_state_survives_a_twin_restart() {
+    let env = Env::new();
+    let twin = env.start().await;
+    let files = register(&env, &twin, "VIN-3").await;
+    let link = car_link(&env, &twin, &files, "VIN-3").await;
+    hello(&link, Phase::Idle).await;
+    let state = ReportedState {
+        phase: Phase::Applied,
+        desired_counter: Some(1),
+        release: Some("app@2.0.0".into()),
+        last_error: None,
+    };
+    let report = Report {
+        epoch: 1,
+        seq: 0,
+        at: 0,
+        body: ReportBody::State { state: state.clone() },
+    };
+    for _ in 0..3 {
+        link.fire_and_forget(route::CAR_REPORT, Bytes::from(protocol::encode(&report)))
+            .await
+            .unwrap();
+    }
+    let stale = Report {
+        epoch: 0,
+        seq: 99,
+        at: 0,
+        body: ReportBody::State {
+            state: ReportedState::idle(),
+        },
+    };
+    link.fire_and_forget(route::CAR_REPORT, Bytes::from(protocol::encode(&stale)))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let events = loop {
+        let (_, events) = api_async(&twin, "GET", "/api/v1/cars/VIN-3/events", None).await;
+        let states = events.as_array().unwrap().iter().filter(|e| e["kind"] == "state").count();
+        if states >= 1 {
+            break states;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "the report never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, events_after) = api_async(&twin, "GET", "/api/v1/cars/VIN-3/events", None).await;
+    let states = events_after.as_array().unwrap().iter().filter(|e| e["kind"] == "state").count();
+    assert_eq!((events, states), (1, 1), "duplicates or a stale report were stored");
+
+    drop(link);
+    twin.stop().await.unwrap();
+    let twin = env.start().await;
+    let (_, view) = api_async(&twin, "GET", "/api/v1/cars/VIN-3", None).await;
+    assert_eq!(view["reported"]["state"]["release"], "app@2.0.0", "{view}");
+    assert_eq!(view["reported"]["state"]["phase"], "applied");
+    // The restarted twin still knows the car's certificate.
+    let link = car_link(&env, &twin, &files, "VIN-3").await;
+    hello(&link, Phase::Applied).await;
+}
+
+#[tokio::test]
+async fn the_operator_api_needs_the_token_and_says_what_is_wrong() {
+    let env = Env::new();
+    let twin = env.start().await;
+    let addr = twin.api_addr;
+    let status = tokio::task::spawn_blocking(move || {
+        http()
+            .get(&format!("http://{addr}/api/v1/cars"))
+            .call()
+            .unwrap()
+            .status()
+            .as_u16()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 401);
+    let files = register(&env, &twin, "VIN-4").await;
+    let (status, body) = api_async(
+        &twin,
+        "POST",
+        "/api/v1/cars",
+        Some(json!({"id": "VIN-4", "certificate_pem": files.cert_pem})),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = api_async(&twin, "PUT", "/api/v1/cars/VIN-4/desired", Some(json!({"release": "nope"}))).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("name@version"), "{body}");
+    let (status, _) = api_async(&twin, "GET", "/api/v1/cars/NOBODY", None).await;
+    assert_eq!(status, 404);
+    let (status, body) = api_async(&twin, "GET", "/api/v1/cars/..%2Fetc", None).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = api_async(
+        &twin,
+        "POST",
+        "/api/v1/cars",
+        Some(json!({"id": "VIN-5", "attributes": {"bad key": "x"}, "certificate_pem": "x"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = api_async(&twin, "GET", "/api/v1/cars/VIN-4/inspect", None).await;
+    assert_eq!(status, 503, "{body}");
+}
