@@ -69,7 +69,12 @@ impl Config {
             why: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut config.ca, &mut config.cert, &mut config.key, &mut config.state_dir] {
+        for p in [
+            &mut config.ca,
+            &mut config.cert,
+            &mut config.key,
+            &mut config.state_dir,
+        ] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -84,16 +89,24 @@ impl Config {
             why,
         };
         if !(1..=3600).contains(&self.heartbeat_secs) {
-            return Err(bad(format!("heartbeat_secs = {} is out of range 1..=3600", self.heartbeat_secs)));
+            return Err(bad(format!(
+                "heartbeat_secs = {} is out of range 1..=3600",
+                self.heartbeat_secs
+            )));
         }
         if self.reconnect_base_ms == 0 || self.reconnect_cap_secs == 0 {
-            return Err(bad("reconnect_base_ms and reconnect_cap_secs must be above 0".into()));
+            return Err(bad(
+                "reconnect_base_ms and reconnect_cap_secs must be above 0".into(),
+            ));
         }
         if self.request_deadline_secs == 0 {
             return Err(bad("request_deadline_secs must be above 0".into()));
         }
         if !self.twin.contains(':') {
-            return Err(bad(format!("twin = {:?}: expected host:port, e.g. twin.example.com:7443", self.twin)));
+            return Err(bad(format!(
+                "twin = {:?}: expected host:port, e.g. twin.example.com:7443",
+                self.twin
+            )));
         }
         Ok(())
     }

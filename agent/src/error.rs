@@ -11,14 +11,18 @@ pub enum Error {
     },
     #[error("configuration {path}: {why}")]
     Config { path: PathBuf, why: String },
-    #[error("state file {path} is corrupt ({source}); it was moved to {moved_to} and the agent starts from an empty state")]
+    #[error(
+        "state file {path} is corrupt ({source}); it was moved to {moved_to} and the agent starts from an empty state"
+    )]
     CorruptState {
         path: PathBuf,
         moved_to: PathBuf,
         #[source]
         source: serde_json::Error,
     },
-    #[error("state file {path} has schema {found}; this agent understands up to {supported}: upgrade the agent or restore a matching state")]
+    #[error(
+        "state file {path} has schema {found}; this agent understands up to {supported}: upgrade the agent or restore a matching state"
+    )]
     StateSchema {
         path: PathBuf,
         found: u32,

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use cardeploy_link::tls::{TlsFiles, client_config};
-use cardeploy_link::{Backoff, ClientOptions, ClientSecurity, Limits, Refusal, Requester, Responder};
+use cardeploy_link::{
+    Backoff, ClientOptions, ClientSecurity, Limits, Refusal, Requester, Responder,
+};
 use cardeploy_protocol::{
     self as protocol, CarId, DesiredState, Heartbeat, Hello, HelloReply, Inspection, Phase, Report,
     ReportBody, ReportedState, SetupData, route,
@@ -36,9 +38,15 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub enum Decision {
     Apply,
     /// Not newer than what we already accepted (a repeat after reconnecting, or a replay).
-    AlreadySeen { have: u64, got: u64 },
+    AlreadySeen {
+        have: u64,
+        got: u64,
+    },
     /// Addressed to another car: never acted on.
-    OtherCar { ours: CarId, theirs: CarId },
+    OtherCar {
+        ours: CarId,
+        theirs: CarId,
+    },
 }
 
 pub fn decide(state: &State, car: &CarId, incoming: &DesiredState) -> Decision {
@@ -75,7 +83,9 @@ fn now_secs() -> u64 {
 
 impl Agent {
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn report(&self, link: &Requester, body: ReportBody) {
@@ -133,25 +143,35 @@ impl Agent {
                     Err(e) => Some(format!("state writer failed: {e}")),
                 };
                 if let Some(why) = failure {
-                    tracing::error!(counter = desired.counter, "could not persist desired state: {why}");
-                    let mut state = self.state();
-                    state.reported.phase = Phase::Failed;
-                    state.reported.last_error = Some(format!("could not persist desired #{}: {why}", desired.counter));
-                    let reported = state.reported.clone();
-                    drop(state);
-                    self.report(link, ReportBody::State { state: reported }).await;
+                    tracing::error!(
+                        counter = desired.counter,
+                        "could not persist desired state: {why}"
+                    );
+                    let reported = {
+                        let mut state = self.state();
+                        state.reported.phase = Phase::Failed;
+                        state.reported.last_error = Some(format!(
+                            "could not persist desired #{}: {why}",
+                            desired.counter
+                        ));
+                        state.reported.clone()
+                    };
+                    self.report(link, ReportBody::State { state: reported })
+                        .await;
                     return;
                 }
                 tracing::info!(counter = desired.counter, release = %desired.release, "desired state applied");
                 let reported = next.reported.clone();
                 *self.state() = next;
-                self.report(link, ReportBody::State { state: reported }).await;
+                self.report(link, ReportBody::State { state: reported })
+                    .await;
             }
             Decision::AlreadySeen { have, got } => {
                 tracing::debug!(have, got, "desired state already seen");
             }
             Decision::OtherCar { ours, theirs } => {
-                let message = format!("refused a desired state addressed to car {theirs} (this is {ours})");
+                let message =
+                    format!("refused a desired state addressed to car {theirs} (this is {ours})");
                 tracing::warn!("{message}");
                 self.event(link, "refused", message).await;
             }
@@ -176,7 +196,11 @@ impl Agent {
 
     /// One connection, from connect to loss. Returns the heartbeat interval the twin asked for
     /// once the hello succeeded.
-    async fn session(self: &Arc<Self>, options: ClientOptions, hello_ok: &mut bool) -> Result<Duration, Error> {
+    async fn session(
+        self: &Arc<Self>,
+        options: ClientOptions,
+        hello_ok: &mut bool,
+    ) -> Result<Duration, Error> {
         let link = cardeploy_link::connect(&options).await?;
         let hello = Hello {
             agent_version: AGENT_VERSION.to_owned(),
@@ -185,8 +209,11 @@ impl Agent {
         let answer = link
             .request_response(route::CAR_HELLO, Bytes::from(protocol::encode(&hello)))
             .await?;
-        let reply: HelloReply = protocol::decode("car.hello answer", &answer)
-            .map_err(|source| Error::Protocol { what: "car.hello", source })?;
+        let reply: HelloReply =
+            protocol::decode("car.hello answer", &answer).map_err(|source| Error::Protocol {
+                what: "car.hello",
+                source,
+            })?;
         *hello_ok = true;
         if reply.car_id != self.config.car_id {
             tracing::warn!(configured = %self.config.car_id, certificate = %reply.car_id,
@@ -194,7 +221,12 @@ impl Agent {
         }
         let heartbeat = Duration::from_secs(reply.heartbeat_secs.clamp(1, 3600));
         tracing::info!(twin = %self.config.twin, car = %reply.car_id, "connected to the twin");
-        let backlog = std::mem::take(&mut *self.backlog.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let backlog = std::mem::take(
+            &mut *self
+                .backlog
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         for (kind, message) in backlog {
             self.event(&link, &kind, message).await;
         }
@@ -206,7 +238,10 @@ impl Agent {
             loop {
                 tokio::time::sleep(heartbeat).await;
                 let beat = Bytes::from(protocol::encode(&Heartbeat {}));
-                match link.request_response_within(route::CAR_HEARTBEAT, beat, heartbeat).await {
+                match link
+                    .request_response_within(route::CAR_HEARTBEAT, beat, heartbeat)
+                    .await
+                {
                     Ok(_) => {}
                     Err(cardeploy_link::Error::Closed { .. }) => return,
                     // A late heartbeat alone is no reason to reconnect: the link drops a peer
@@ -263,7 +298,11 @@ impl Responder for Inspect {
         tracing::warn!(%route, "the twin sent a fire-and-forget request the agent does not serve");
     }
 
-    fn request_stream(&self, route: &str, _data: Bytes) -> BoxStream<'static, Result<Bytes, Refusal>> {
+    fn request_stream(
+        &self,
+        route: &str,
+        _data: Bytes,
+    ) -> BoxStream<'static, Result<Bytes, Refusal>> {
         let refusal = Refusal::unknown_route(route, &[route::TWIN_INSPECT]);
         futures::stream::once(async move { Err(refusal) }).boxed()
     }

@@ -51,7 +51,9 @@ pub struct Store {
 impl Store {
     pub fn new(dir: &Path) -> Result<Self, Error> {
         fs::create_dir_all(dir).map_err(io(dir))?;
-        Ok(Self { dir: dir.to_owned() })
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
     }
 
     pub fn path(&self) -> PathBuf {
@@ -64,7 +66,9 @@ impl Store {
         let path = self.path();
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((State::default(), None)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((State::default(), None));
+            }
             Err(e) => return Err(io(&path)(e)),
         };
         // Read the schema first so that a newer agent's file gets a clear error, not "corrupt".
@@ -72,14 +76,14 @@ impl Store {
         struct Schema {
             schema: u32,
         }
-        if let Ok(Schema { schema }) = serde_json::from_slice::<Schema>(&bytes) {
-            if schema > SCHEMA {
-                return Err(Error::StateSchema {
-                    path,
-                    found: schema,
-                    supported: SCHEMA,
-                });
-            }
+        if let Ok(Schema { schema }) = serde_json::from_slice::<Schema>(&bytes)
+            && schema > SCHEMA
+        {
+            return Err(Error::StateSchema {
+                path,
+                found: schema,
+                supported: SCHEMA,
+            });
         }
         match serde_json::from_slice::<State>(&bytes) {
             Ok(state) => Ok((state, None)),
@@ -173,7 +177,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path()).unwrap();
         fs::write(store.path(), b"{\"schema\":99}").unwrap();
-        assert!(matches!(store.load(), Err(Error::StateSchema { found: 99, .. })));
+        assert!(matches!(
+            store.load(),
+            Err(Error::StateSchema { found: 99, .. })
+        ));
         assert!(store.path().exists(), "the newer file must be left alone");
     }
 

@@ -83,7 +83,11 @@ struct Agent(Child);
 
 impl Agent {
     fn start(config: &Path) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_cardeploy-agent"))
+        Self::start_with(Command::new(env!("CARGO_BIN_EXE_cardeploy-agent")), config)
+    }
+
+    fn start_with(mut command: Command, config: &Path) -> Self {
+        let child = command
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "info")
@@ -99,13 +103,20 @@ impl Agent {
         let started = Instant::now();
         let pid = i32::try_from(self.0.id()).unwrap();
         // No libc binding in this workspace: kill(1) sends the signal.
-        let status = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
         assert!(status.success());
         loop {
             if let Some(status) = self.0.try_wait().unwrap() {
                 return (started.elapsed(), status.success());
             }
-            assert!(started.elapsed() < Duration::from_secs(10), "agent ignored SIGTERM");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "agent ignored SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -118,7 +129,12 @@ impl Drop for Agent {
     }
 }
 
-async fn call(twin: &Running, method: &'static str, path: &str, body: Option<Value>) -> (u16, Value) {
+async fn call(
+    twin: &Running,
+    method: &'static str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let url = format!("http://{}{path}", twin.api_addr);
     let auth = format!("Bearer {}", twin.operator_token);
     tokio::task::spawn_blocking(move || {
@@ -135,7 +151,10 @@ async fn call(twin: &Running, method: &'static str, path: &str, body: Option<Val
         let mut response = response.unwrap();
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     })
     .await
     .unwrap()
@@ -149,7 +168,10 @@ async fn until(twin: &Running, car: &str, what: &str, check: impl Fn(&Value) -> 
         if check(&view) {
             return view;
         }
-        assert!(started.elapsed() < Duration::from_secs(15), "timed out waiting for {what}; last view: {view}");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "timed out waiting for {what}; last view: {view}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -165,10 +187,17 @@ async fn the_agent_connects_applies_desired_state_and_persists_it() {
     })
     .await;
 
-    let (status, _) = call(&twin, "PUT", "/api/v1/cars/VIN-E2E/desired", Some(json!({"release": "hello@1.0.0"}))).await;
+    let (status, _) = call(
+        &twin,
+        "PUT",
+        "/api/v1/cars/VIN-E2E/desired",
+        Some(json!({"release": "hello@1.0.0"})),
+    )
+    .await;
     assert_eq!(status, 200);
     until(&twin, "VIN-E2E", "the desired state to be applied", |v| {
-        v["reported"]["state"]["phase"] == "applied" && v["reported"]["state"]["release"] == "hello@1.0.0"
+        v["reported"]["state"]["phase"] == "applied"
+            && v["reported"]["state"]["release"] == "hello@1.0.0"
     })
     .await;
     let state: Value = serde_json::from_slice(&std::fs::read(env.state_file()).unwrap()).unwrap();
@@ -183,7 +212,10 @@ async fn the_agent_connects_applies_desired_state_and_persists_it() {
     let (took, ok) = agent.terminate();
     assert!(ok, "the agent exited with an error on SIGTERM");
     assert!(took < Duration::from_secs(3), "SIGTERM took {took:?}");
-    until(&twin, "VIN-E2E", "the twin to see the car leave", |v| v["connected"] == false).await;
+    until(&twin, "VIN-E2E", "the twin to see the car leave", |v| {
+        v["connected"] == false
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,30 +224,58 @@ async fn the_agent_keeps_working_offline_and_comes_back_after_restarts_on_either
     let twin = env.twin().await;
     let config = env.car(&twin, "VIN-RST").await;
     let agent = Agent::start(&config);
-    until(&twin, "VIN-RST", "the agent to connect", |v| v["connected"] == true).await;
-    call(&twin, "PUT", "/api/v1/cars/VIN-RST/desired", Some(json!({"release": "a@1.0.0"}))).await;
-    until(&twin, "VIN-RST", "a@1.0.0", |v| v["reported"]["state"]["release"] == "a@1.0.0").await;
+    until(&twin, "VIN-RST", "the agent to connect", |v| {
+        v["connected"] == true
+    })
+    .await;
+    call(
+        &twin,
+        "PUT",
+        "/api/v1/cars/VIN-RST/desired",
+        Some(json!({"release": "a@1.0.0"})),
+    )
+    .await;
+    until(&twin, "VIN-RST", "a@1.0.0", |v| {
+        v["reported"]["state"]["release"] == "a@1.0.0"
+    })
+    .await;
 
     // The twin goes away; the agent stays up and keeps retrying.
     twin.stop().await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut agent = agent;
-    assert!(agent.0.try_wait().unwrap().is_none(), "the agent died while the twin was away");
+    assert!(
+        agent.0.try_wait().unwrap().is_none(),
+        "the agent died while the twin was away"
+    );
 
     // While the car is offline the operator moves on; the car gets it when it is back.
     let twin = env.twin().await;
-    call(&twin, "PUT", "/api/v1/cars/VIN-RST/desired", Some(json!({"release": "a@2.0.0"}))).await;
-    until(&twin, "VIN-RST", "the agent to reconnect and apply a@2.0.0", |v| {
-        v["connected"] == true && v["reported"]["state"]["release"] == "a@2.0.0"
-    })
+    call(
+        &twin,
+        "PUT",
+        "/api/v1/cars/VIN-RST/desired",
+        Some(json!({"release": "a@2.0.0"})),
+    )
+    .await;
+    until(
+        &twin,
+        "VIN-RST",
+        "the agent to reconnect and apply a@2.0.0",
+        |v| v["connected"] == true && v["reported"]["state"]["release"] == "a@2.0.0",
+    )
     .await;
 
     // An agent restart keeps what it accepted and does not apply it twice.
-    let epoch_before: Value = serde_json::from_slice(&std::fs::read(env.state_file()).unwrap()).unwrap();
+    let epoch_before: Value =
+        serde_json::from_slice(&std::fs::read(env.state_file()).unwrap()).unwrap();
     let (_, ok) = agent.terminate();
     assert!(ok);
     let agent = Agent::start(&config);
-    until(&twin, "VIN-RST", "the restarted agent", |v| v["connected"] == true).await;
+    until(&twin, "VIN-RST", "the restarted agent", |v| {
+        v["connected"] == true
+    })
+    .await;
     let state: Value = serde_json::from_slice(&std::fs::read(env.state_file()).unwrap()).unwrap();
     assert_eq!(state["desired"]["counter"], 2);
     assert_eq!(state["epoch"], epoch_before["epoch"].as_u64().unwrap() + 1);
@@ -254,4 +314,48 @@ async fn a_bad_configuration_is_a_clear_error_not_a_panic() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("missing.pem"), "{stderr}");
+}
+
+/// The cross-built aarch64 agent (from `cargo xtask cross`) runs under qemu-user against a host
+/// twin: connect, report, take a desired state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aarch64_agent_connects_and_reports_under_qemu_user() {
+    let Some(binary) = std::env::var_os("CARDEPLOY_AARCH64_AGENT") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run this test: set CARDEPLOY_AARCH64_AGENT (cargo xtask test does)"
+        );
+        eprintln!(
+            "SKIPPED the_aarch64_agent_connects_and_reports_under_qemu_user: set CARDEPLOY_AARCH64_AGENT to the aarch64 agent (cargo xtask test does)"
+        );
+        return;
+    };
+    let env = Env::new();
+    let twin = env.twin().await;
+    let config = env.car(&twin, "VIN-ARM64").await;
+    // -L /: the guest's sysroot is the host's multiarch root (libc6:arm64); with
+    // -L /usr/aarch64-linux-gnu multi-threaded binaries hang (machine notes).
+    let mut qemu = Command::new("qemu-aarch64-static");
+    qemu.arg("-L").arg("/").arg(&binary);
+    let agent = Agent::start_with(qemu, &config);
+    until(&twin, "VIN-ARM64", "the aarch64 agent to connect", |v| {
+        v["connected"] == true && v["reported"]["state"]["phase"] == "idle"
+    })
+    .await;
+    call(
+        &twin,
+        "PUT",
+        "/api/v1/cars/VIN-ARM64/desired",
+        Some(json!({"release": "arm@1.0.0"})),
+    )
+    .await;
+    until(
+        &twin,
+        "VIN-ARM64",
+        "the aarch64 agent to apply arm@1.0.0",
+        |v| v["reported"]["state"]["release"] == "arm@1.0.0",
+    )
+    .await;
+    let (_, ok) = agent.terminate();
+    assert!(ok, "the aarch64 agent failed on SIGTERM");
 }

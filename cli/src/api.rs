@@ -10,7 +10,12 @@ use serde::de::DeserializeOwned;
 #[derive(Args, Debug, Clone)]
 pub struct ApiArgs {
     /// The twin's operator API.
-    #[arg(long, env = "CARDEPLOY_API", default_value = "http://127.0.0.1:7080", global = true)]
+    #[arg(
+        long,
+        env = "CARDEPLOY_API",
+        default_value = "http://127.0.0.1:7080",
+        global = true
+    )]
     pub api: String,
     /// Operator token (see <data>/operator.token on the twin).
     #[arg(long, env = "CARDEPLOY_TOKEN", global = true, hide_env_values = true)]
@@ -54,8 +59,13 @@ impl Api {
         format!("{}{path}", self.base)
     }
 
-    fn finish<T: DeserializeOwned>(&self, what: &str, response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> anyhow::Result<T> {
-        let mut response = response.with_context(|| format!("{what}: cannot reach the twin at {}", self.base))?;
+    fn finish<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> anyhow::Result<T> {
+        let mut response =
+            response.with_context(|| format!("{what}: cannot reach the twin at {}", self.base))?;
         let status = response.status();
         if status.is_success() {
             return response
@@ -80,7 +90,12 @@ impl Api {
         self.finish(what, response)
     }
 
-    pub fn post<T: DeserializeOwned>(&self, what: &str, path: &str, body: &impl Serialize) -> anyhow::Result<T> {
+    pub fn post<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        path: &str,
+        body: &impl Serialize,
+    ) -> anyhow::Result<T> {
         let response = self
             .agent
             .post(self.url(path))
@@ -89,7 +104,12 @@ impl Api {
         self.finish(what, response)
     }
 
-    pub fn put<T: DeserializeOwned>(&self, what: &str, path: &str, body: &impl Serialize) -> anyhow::Result<T> {
+    pub fn put<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        path: &str,
+        body: &impl Serialize,
+    ) -> anyhow::Result<T> {
         let response = self
             .agent
             .put(self.url(path))

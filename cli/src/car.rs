@@ -99,7 +99,8 @@ fn pretty(value: &Value) -> String {
 }
 
 fn field<'a>(value: &'a Value, path: &[&str]) -> &'a Value {
-    path.iter().fold(value, |v, key| v.get(key).unwrap_or(&Value::Null))
+    path.iter()
+        .fold(value, |v, key| v.get(key).unwrap_or(&Value::Null))
 }
 
 fn text(value: &Value) -> String {
@@ -164,11 +165,17 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             );
             write_file(&out.join("agent.toml"), &config, false)?;
             if no_register {
-                println!("car {car}: files written to {} (not registered)", out.display());
+                println!(
+                    "car {car}: files written to {} (not registered)",
+                    out.display()
+                );
             } else {
                 println!("car {car} registered; files written to {}", out.display());
             }
-            println!("run it: cardeploy-agent --config {}", out.join("agent.toml").display());
+            println!(
+                "run it: cardeploy-agent --config {}",
+                out.join("agent.toml").display()
+            );
             Ok(())
         }
         Command::List { json, api } => {
@@ -177,16 +184,28 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                 println!("{}", pretty(&Value::Array(cars)));
                 return Ok(());
             }
-            println!("{:<20} {:<9} {:<8} {:<28} {:<8} ATTRIBUTES", "CAR", "CONNECTED", "PHASE", "RELEASE", "DESIRED");
+            println!(
+                "{:<20} {:<9} {:<8} {:<28} {:<8} ATTRIBUTES",
+                "CAR", "CONNECTED", "PHASE", "RELEASE", "DESIRED"
+            );
             for car in &cars {
                 let attrs = field(car, &["attributes"])
                     .as_object()
-                    .map(|m| m.iter().map(|(k, v)| format!("{k}={}", text(v))).collect::<Vec<_>>().join(","))
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{k}={}", text(v)))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
                     .unwrap_or_default();
                 println!(
                     "{:<20} {:<9} {:<8} {:<28} {:<8} {}",
                     text(field(car, &["id"])),
-                    if field(car, &["connected"]) == &Value::Bool(true) { "yes" } else { "no" },
+                    if field(car, &["connected"]) == &Value::Bool(true) {
+                        "yes"
+                    } else {
+                        "no"
+                    },
                     text(field(car, &["reported", "state", "phase"])),
                     text(field(car, &["reported", "state", "release"])),
                     text(field(car, &["desired", "counter"])),
@@ -197,14 +216,17 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Show { car_id, api } => {
             let car = CarId::new(car_id)?;
-            let view: Value = Api::new(&api)?.get("reading the car", &format!("/api/v1/cars/{car}"))?;
+            let view: Value =
+                Api::new(&api)?.get("reading the car", &format!("/api/v1/cars/{car}"))?;
             println!("{}", pretty(&view));
             Ok(())
         }
         Command::Events { car_id, limit, api } => {
             let car = CarId::new(car_id)?;
-            let events: Vec<Value> =
-                Api::new(&api)?.get("reading events", &format!("/api/v1/cars/{car}/events?limit={limit}"))?;
+            let events: Vec<Value> = Api::new(&api)?.get(
+                "reading events",
+                &format!("/api/v1/cars/{car}/events?limit={limit}"),
+            )?;
             for event in events {
                 println!(
                     "{}  {:<12} {}",
@@ -215,7 +237,11 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::SetDesired { car_id, release, api } => {
+        Command::SetDesired {
+            car_id,
+            release,
+            api,
+        } => {
             let car = CarId::new(car_id)?;
             let desired: Value = Api::new(&api)?.put(
                 "setting the desired state",
@@ -231,7 +257,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Inspect { car_id, api } => {
             let car = CarId::new(car_id)?;
-            let live: Value = Api::new(&api)?.get("inspecting the car", &format!("/api/v1/cars/{car}/inspect"))?;
+            let live: Value = Api::new(&api)?
+                .get("inspecting the car", &format!("/api/v1/cars/{car}/inspect"))?;
             println!("{}", pretty(&live));
             Ok(())
         }

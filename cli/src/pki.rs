@@ -40,7 +40,9 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             pki.write(&dir)?;
             println!("fleet CA and twin certificate written to {}", dir.display());
             println!("  twin names: {}", names.join(", "));
-            println!("next: cardeploy-twin serve --data <DATA> (with this directory as <DATA>/pki)");
+            println!(
+                "next: cardeploy-twin serve --data <DATA> (with this directory as <DATA>/pki)"
+            );
             Ok(())
         }
     }

@@ -102,7 +102,10 @@ pub struct CarView {
     pub reported: Option<ReportedRecord>,
 }
 
-async fn add_car(State(twin): State<Arc<Twin>>, Json(new): Json<NewCar>) -> Result<(StatusCode, Json<CarView>), ApiError> {
+async fn add_car(
+    State(twin): State<Arc<Twin>>,
+    Json(new): Json<NewCar>,
+) -> Result<(StatusCode, Json<CarView>), ApiError> {
     let id = car_id(new.id)?;
     for (key, value) in &new.attributes {
         validate_attribute(key, value).map_err(|e| bad_request(e.to_string()))?;
@@ -153,10 +156,18 @@ async fn find(twin: &Twin, id: &CarId) -> Result<CarRecord, ApiError> {
         .await?
         .into_iter()
         .find(|car| &car.id == id)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no car {id}; list cars with `cardeploy car list`")))
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no car {id}; list cars with `cardeploy car list`"),
+            )
+        })
 }
 
-async fn get_car(State(twin): State<Arc<Twin>>, Path(id): Path<String>) -> Result<Json<CarView>, ApiError> {
+async fn get_car(
+    State(twin): State<Arc<Twin>>,
+    Path(id): Path<String>,
+) -> Result<Json<CarView>, ApiError> {
     let id = car_id(id)?;
     let car = find(&twin, &id).await?;
     Ok(Json(view(&twin, car).await?))
@@ -170,7 +181,10 @@ async fn events(
     let id = car_id(id)?;
     find(&twin, &id).await?;
     let limit = match query.get("limit") {
-        Some(l) => l.parse::<u32>().map_err(|_| bad_request("limit must be a number"))?.min(10_000),
+        Some(l) => l
+            .parse::<u32>()
+            .map_err(|_| bad_request("limit must be a number"))?
+            .min(10_000),
         None => 100,
     };
     Ok(Json(twin.db.events(&id, limit).await?))
@@ -191,7 +205,8 @@ fn valid_release(release: &str) -> bool {
     let ok = |s: &str| {
         !s.is_empty()
             && s.len() <= 128
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
     };
     ok(name) && ok(version)
 }
@@ -212,19 +227,31 @@ async fn set_desired(
     let now_secs = u64::try_from(now()).unwrap_or(0);
     let desired = twin.db.set_desired(&id, &body.release, now_secs).await?;
     twin.db
-        .event(&id, now(), "desired", &format!("desired #{} {}", desired.counter, desired.release))
+        .event(
+            &id,
+            now(),
+            "desired",
+            &format!("desired #{} {}", desired.counter, desired.release),
+        )
         .await?;
     // Persisted first, then pushed: a push the car never gets is repeated at its next hello.
-    twin.fleet.with_car(&id, |live| live.desired.send_replace(Some(desired.clone())));
+    twin.fleet
+        .with_car(&id, |live| live.desired.send_replace(Some(desired.clone())));
     tracing::info!(car = %id, counter = desired.counter, release = %desired.release, "desired state set");
     Ok(Json(desired))
 }
 
-async fn inspect(State(twin): State<Arc<Twin>>, Path(id): Path<String>) -> Result<Json<Inspection>, ApiError> {
+async fn inspect(
+    State(twin): State<Arc<Twin>>,
+    Path(id): Path<String>,
+) -> Result<Json<Inspection>, ApiError> {
     let id = car_id(id)?;
     find(&twin, &id).await?;
     let requester = twin.fleet.connected(&id).ok_or_else(|| {
-        ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("car {id} is not connected"))
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("car {id} is not connected"),
+        )
     })?;
     let answer = requester
         .request_response(route::TWIN_INSPECT, Bytes::from_static(b"{}"))

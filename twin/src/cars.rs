@@ -32,7 +32,10 @@ pub(crate) struct Fleet {
 
 impl Fleet {
     pub fn with_car<T>(&self, car: &CarId, f: impl FnOnce(&mut Live) -> T) -> T {
-        let mut cars = self.cars.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cars = self
+            .cars
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let live = cars.entry(car.clone()).or_insert_with(|| Live {
             desired: watch::Sender::new(None),
             session: None,
@@ -41,14 +44,20 @@ impl Fleet {
     }
 
     pub fn connected(&self, car: &CarId) -> Option<Requester> {
-        let cars = self.cars.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cars = self
+            .cars
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         cars.get(car)
             .and_then(|live| live.session.as_ref())
             .map(|(_, requester)| requester.clone())
     }
 
     pub fn connected_count(&self) -> usize {
-        let cars = self.cars.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cars = self
+            .cars
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         cars.values().filter(|live| live.session.is_some()).count()
     }
 }
@@ -118,7 +127,11 @@ impl Acceptor for CarAcceptor {
                     if let Err(e) = twin.db.touch(&car, now).await {
                         tracing::warn!(%car, "{e}");
                     }
-                    if let Err(e) = twin.db.event(&car, now, "disconnected", "connection closed").await {
+                    if let Err(e) = twin
+                        .db
+                        .event(&car, now, "disconnected", "connection closed")
+                        .await
+                    {
                         tracing::warn!(%car, "{e}");
                     }
                 }
@@ -138,7 +151,12 @@ struct CarResponder {
     requester: Requester,
 }
 
-const ROUTES: &[&str] = &[route::CAR_HELLO, route::CAR_DESIRED, route::CAR_REPORT, route::CAR_HEARTBEAT];
+const ROUTES: &[&str] = &[
+    route::CAR_HELLO,
+    route::CAR_DESIRED,
+    route::CAR_REPORT,
+    route::CAR_HEARTBEAT,
+];
 
 fn refuse(e: impl std::fmt::Display) -> Refusal {
     Refusal::new(e.to_string())
@@ -162,7 +180,10 @@ impl Responder for CarResponder {
                     .event(&self.car, now, "connected", &message)
                     .await
                     .map_err(|e| internal(&self.car, e))?;
-                let desired = self.twin.fleet.with_car(&self.car, |live| live.desired.borrow().clone());
+                let desired = self
+                    .twin
+                    .fleet
+                    .with_car(&self.car, |live| live.desired.borrow().clone());
                 Ok(Bytes::from(protocol::encode(&HelloReply {
                     car_id: self.car.clone(),
                     desired,
@@ -170,7 +191,8 @@ impl Responder for CarResponder {
                 })))
             }
             route::CAR_HEARTBEAT => {
-                let _: Heartbeat = protocol::decode("car.heartbeat request", &data).map_err(refuse)?;
+                let _: Heartbeat =
+                    protocol::decode("car.heartbeat request", &data).map_err(refuse)?;
                 Ok(Bytes::from(protocol::encode(&Heartbeat {})))
             }
             other => Err(Refusal::unknown_route(other, ROUTES)),
@@ -194,7 +216,11 @@ impl Responder for CarResponder {
         }
     }
 
-    fn request_stream(&self, route: &str, data: Bytes) -> BoxStream<'static, Result<Bytes, Refusal>> {
+    fn request_stream(
+        &self,
+        route: &str,
+        data: Bytes,
+    ) -> BoxStream<'static, Result<Bytes, Refusal>> {
         if route != route::CAR_DESIRED {
             let refusal = Refusal::unknown_route(route, ROUTES);
             return futures::stream::once(async move { Err(refusal) }).boxed();
@@ -203,7 +229,10 @@ impl Responder for CarResponder {
             let refusal = refuse(e);
             return futures::stream::once(async move { Err(refusal) }).boxed();
         }
-        let mut desired = self.twin.fleet.with_car(&self.car, |live| live.desired.subscribe());
+        let mut desired = self
+            .twin
+            .fleet
+            .with_car(&self.car, |live| live.desired.subscribe());
         let requester = self.requester.clone();
         async_stream::stream! {
             loop {
@@ -228,7 +257,12 @@ impl CarResponder {
         let now = now();
         match report.body {
             ReportBody::State { state } => {
-                if self.twin.db.report_state(&self.car, &state, epoch, seq, now).await? {
+                if self
+                    .twin
+                    .db
+                    .report_state(&self.car, &state, epoch, seq, now)
+                    .await?
+                {
                     tracing::debug!(car = %self.car, ?state.phase, "reported state");
                     let message = format!(
                         "{:?}: release {} (desired #{})",
@@ -236,7 +270,10 @@ impl CarResponder {
                         state.release.as_deref().unwrap_or("-"),
                         state.desired_counter.map_or("-".into(), |c| c.to_string())
                     );
-                    self.twin.db.event(&self.car, now, "state", &message).await?;
+                    self.twin
+                        .db
+                        .event(&self.car, now, "state", &message)
+                        .await?;
                 }
             }
             ReportBody::Event { kind, message } => {

@@ -85,15 +85,21 @@ impl Config {
     }
 
     pub fn ca_path(&self) -> PathBuf {
-        self.ca.clone().unwrap_or_else(|| self.data_dir.join("pki/ca.pem"))
+        self.ca
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("pki/ca.pem"))
     }
 
     pub fn cert_path(&self) -> PathBuf {
-        self.cert.clone().unwrap_or_else(|| self.data_dir.join("pki/twin.pem"))
+        self.cert
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("pki/twin.pem"))
     }
 
     pub fn key_path(&self) -> PathBuf {
-        self.key.clone().unwrap_or_else(|| self.data_dir.join("pki/twin.key"))
+        self.key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("pki/twin.key"))
     }
 
     pub fn db_path(&self) -> PathBuf {

@@ -116,10 +116,11 @@ impl Db {
     }
 
     pub async fn cars(&self) -> Result<Vec<CarRecord>, Error> {
-        let rows = sqlx::query("SELECT id, attributes, fingerprint, created_at FROM cars ORDER BY id")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db("list cars"))?;
+        let rows =
+            sqlx::query("SELECT id, attributes, fingerprint, created_at FROM cars ORDER BY id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("list cars"))?;
         rows.into_iter()
             .map(|row| {
                 let id: String = row.get(0);
@@ -167,13 +168,19 @@ impl Db {
     }
 
     /// Store a new desired state with the next counter for this car, atomically.
-    pub async fn set_desired(&self, car: &CarId, release: &str, now: u64) -> Result<DesiredState, Error> {
+    pub async fn set_desired(
+        &self,
+        car: &CarId,
+        release: &str,
+        now: u64,
+    ) -> Result<DesiredState, Error> {
         let mut tx = self.pool.begin().await.map_err(db("set desired state"))?;
-        let counter: Option<i64> = sqlx::query_scalar("SELECT counter FROM desired WHERE car_id = ?")
-            .bind(car.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db("set desired state"))?;
+        let counter: Option<i64> =
+            sqlx::query_scalar("SELECT counter FROM desired WHERE car_id = ?")
+                .bind(car.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db("set desired state"))?;
         let desired = DesiredState {
             car_id: car.clone(),
             counter: counter.map_or(1, |c| c.unsigned_abs() + 1),
@@ -206,7 +213,8 @@ impl Db {
         row.map(|row| {
             let doc: String = row.get(0);
             Ok(ReportedRecord {
-                state: serde_json::from_str(&doc).map_err(corrupt(car.as_str(), "reported state"))?,
+                state: serde_json::from_str(&doc)
+                    .map_err(corrupt(car.as_str(), "reported state"))?,
                 epoch: row.get(1),
                 seq: row.get(2),
                 agent_version: row.get(3),
@@ -219,7 +227,13 @@ impl Db {
 
     /// Store reported state from `car.hello` (no sequence number: it is the newest by definition,
     /// since reports travel in order on the connection that the hello opened).
-    pub async fn hello(&self, car: &CarId, state: &ReportedState, agent_version: &str, now: i64) -> Result<(), Error> {
+    pub async fn hello(
+        &self,
+        car: &CarId,
+        state: &ReportedState,
+        agent_version: &str,
+        now: i64,
+    ) -> Result<(), Error> {
         let doc = serde_json::to_string(state).unwrap_or_default();
         sqlx::query(
             "INSERT INTO reported (car_id, document, epoch, seq, agent_version, updated_at, last_seen)
@@ -241,7 +255,14 @@ impl Db {
 
     /// Store a reported state unless an equal or newer (epoch, seq) is stored: fire-and-forget
     /// reports may be sent twice after a reconnect. Returns whether it was new.
-    pub async fn report_state(&self, car: &CarId, state: &ReportedState, epoch: i64, seq: i64, now: i64) -> Result<bool, Error> {
+    pub async fn report_state(
+        &self,
+        car: &CarId,
+        state: &ReportedState,
+        epoch: i64,
+        seq: i64,
+        now: i64,
+    ) -> Result<bool, Error> {
         let doc = serde_json::to_string(state).unwrap_or_default();
         let result = sqlx::query(
             "INSERT INTO reported (car_id, document, epoch, seq, agent_version, updated_at, last_seen)
@@ -262,7 +283,13 @@ impl Db {
     }
 
     /// Advance the (epoch, seq) mark for an event report; false if it is a duplicate.
-    pub async fn mark_seq(&self, car: &CarId, epoch: i64, seq: i64, now: i64) -> Result<bool, Error> {
+    pub async fn mark_seq(
+        &self,
+        car: &CarId,
+        epoch: i64,
+        seq: i64,
+        now: i64,
+    ) -> Result<bool, Error> {
         let result = sqlx::query(
             "UPDATE reported SET epoch = ?2, seq = ?3, last_seen = ?4
              WHERE car_id = ?1 AND (?2, ?3) > (epoch, seq)",
@@ -287,7 +314,13 @@ impl Db {
         Ok(())
     }
 
-    pub async fn event(&self, car: &CarId, now: i64, kind: &str, message: &str) -> Result<(), Error> {
+    pub async fn event(
+        &self,
+        car: &CarId,
+        now: i64,
+        kind: &str,
+        message: &str,
+    ) -> Result<(), Error> {
         sqlx::query("INSERT INTO events (car_id, at, kind, message) VALUES (?, ?, ?, ?)")
             .bind(car.as_str())
             .bind(now)

@@ -162,7 +162,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     }
     for desired in twin.db.all_desired().await? {
         let car = desired.car_id.clone();
-        twin.fleet.with_car(&car, |live| live.desired.send_replace(Some(desired)));
+        twin.fleet
+            .with_car(&car, |live| live.desired.send_replace(Some(desired)));
     }
 
     let config = &twin.config;

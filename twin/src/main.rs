@@ -44,8 +44,7 @@ enum Command {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let Command::Serve {
@@ -77,7 +76,11 @@ async fn main() -> ExitCode {
         cfg.heartbeat_secs = secs;
     }
     cfg.insecure_plaintext |= insecure_plaintext;
-    if let Err(e) = cfg.validate(config.as_deref().unwrap_or(std::path::Path::new("--heartbeat-secs"))) {
+    if let Err(e) = cfg.validate(
+        config
+            .as_deref()
+            .unwrap_or(std::path::Path::new("--heartbeat-secs")),
+    ) {
         return fail(&e);
     }
     match cardeploy_twin::run(cfg, shutdown_signal()).await {

@@ -56,12 +56,20 @@ fn http() -> ureq::Agent {
         .into()
 }
 
-async fn api_async(twin: &Running, method: &'static str, path: &str, body: Option<Value>) -> (u16, Value) {
+async fn api_async(
+    twin: &Running,
+    method: &'static str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let addr = twin.api_addr;
     let token = twin.operator_token.clone();
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
-        let fake = FakeRunning { api_addr: addr, token };
+        let fake = FakeRunning {
+            api_addr: addr,
+            token,
+        };
         fake.call(method, &path, body)
     })
     .await
@@ -87,7 +95,10 @@ impl FakeRunning {
         let mut response = response.unwrap();
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 }
 
@@ -168,7 +179,10 @@ async fn a_desired_state_set_through_the_api_reaches_the_connected_car_at_once()
         .unwrap()
         .unwrap();
     let pushed: DesiredState = protocol::decode("desired", &pushed).unwrap();
-    assert_eq!((pushed.counter, pushed.release.as_str()), (1, "infotainment@1.0.0"));
+    assert_eq!(
+        (pushed.counter, pushed.release.as_str()),
+        (1, "infotainment@1.0.0")
+    );
     assert_eq!(pushed.car_id.as_str(), "VIN-1");
 }
 
@@ -181,9 +195,17 @@ async fn a_certificate_of_car_x_cannot_speak_as_car_y() {
     // Car X's certificate, claiming to be Y in SETUP.
     let link = car_link(&env, &twin, &x, "CAR-Y").await;
     let reply = hello(&link, Phase::Failed).await;
-    assert_eq!(reply.car_id.as_str(), "CAR-X", "the twin must go by the certificate");
+    assert_eq!(
+        reply.car_id.as_str(),
+        "CAR-X",
+        "the twin must go by the certificate"
+    );
     let (_, y) = api_async(&twin, "GET", "/api/v1/cars/CAR-Y", None).await;
-    assert_eq!(y["reported"], Value::Null, "car Y's twin was written by car X: {y}");
+    assert_eq!(
+        y["reported"],
+        Value::Null,
+        "car Y's twin was written by car X: {y}"
+    );
     let (_, xv) = api_async(&twin, "GET", "/api/v1/cars/CAR-X", None).await;
     assert_eq!(xv["reported"]["state"]["phase"], "failed");
 }
@@ -195,10 +217,16 @@ async fn malformed_json_gets_an_error_naming_the_message_and_the_connection_stay
     let files = register(&env, &twin, "VIN-2").await;
     let link = car_link(&env, &twin, &files, "VIN-2").await;
     let err = link
-        .request_response(route::CAR_HELLO, Bytes::from_static(b"{\"agent_version\": 7"))
+        .request_response(
+            route::CAR_HELLO,
+            Bytes::from_static(b"{\"agent_version\": 7"),
+        )
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("malformed car.hello request"), "{err}");
+    assert!(
+        err.to_string().contains("malformed car.hello request"),
+        "{err}"
+    );
     let err = link
         .request_response("car.teleport", Bytes::from_static(b"{}"))
         .await
@@ -225,7 +253,9 @@ async fn repeated_reports_are_stored_once_and_reported_state_survives_a_twin_res
         epoch: 1,
         seq: 0,
         at: 0,
-        body: ReportBody::State { state: state.clone() },
+        body: ReportBody::State {
+            state: state.clone(),
+        },
     };
     for _ in 0..3 {
         link.fire_and_forget(route::CAR_REPORT, Bytes::from(protocol::encode(&report)))
@@ -246,17 +276,34 @@ async fn repeated_reports_are_stored_once_and_reported_state_survives_a_twin_res
     let started = std::time::Instant::now();
     let events = loop {
         let (_, events) = api_async(&twin, "GET", "/api/v1/cars/VIN-3/events", None).await;
-        let states = events.as_array().unwrap().iter().filter(|e| e["kind"] == "state").count();
+        let states = events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "state")
+            .count();
         if states >= 1 {
             break states;
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "the report never arrived");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the report never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, events_after) = api_async(&twin, "GET", "/api/v1/cars/VIN-3/events", None).await;
-    let states = events_after.as_array().unwrap().iter().filter(|e| e["kind"] == "state").count();
-    assert_eq!((events, states), (1, 1), "duplicates or a stale report were stored");
+    let states = events_after
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "state")
+        .count();
+    assert_eq!(
+        (events, states),
+        (1, 1),
+        "duplicates or a stale report were stored"
+    );
 
     drop(link);
     twin.stop().await.unwrap();
@@ -294,9 +341,18 @@ async fn the_operator_api_needs_the_token_and_says_what_is_wrong() {
     )
     .await;
     assert_eq!(status, 409, "{body}");
-    let (status, body) = api_async(&twin, "PUT", "/api/v1/cars/VIN-4/desired", Some(json!({"release": "nope"}))).await;
+    let (status, body) = api_async(
+        &twin,
+        "PUT",
+        "/api/v1/cars/VIN-4/desired",
+        Some(json!({"release": "nope"})),
+    )
+    .await;
     assert_eq!(status, 400);
-    assert!(body["error"].as_str().unwrap().contains("name@version"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("name@version"),
+        "{body}"
+    );
     let (status, _) = api_async(&twin, "GET", "/api/v1/cars/NOBODY", None).await;
     assert_eq!(status, 404);
     let (status, body) = api_async(&twin, "GET", "/api/v1/cars/..%2Fetc", None).await;

@@ -1,1 +1,219 @@
-fn main(){}
+//! `cargo xtask`: the project's own commands. Each installs what it needs (apt packages, the
+//! aarch64 toolchain, a Python venv) so that a fresh Debian 12 machine runs them as they are.
+//!
+//! - `cargo xtask demo`   the main job: a twin, a car, a desired-state change seen end to end
+//! - `cargo xtask test`   every test: fmt, clippy -D warnings, unit/integration, interop, aarch64
+//! - `cargo xtask cross`  the aarch64 agent (Debian's rustc-web + gcc-aarch64-linux-gnu)
+//! - `cargo xtask deps`   only install prerequisites
+
+mod demo;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+pub const AARCH64: &str = "aarch64-unknown-linux-gnu";
+/// rsocket-py, the RSocket implementation from another ecosystem the twin is tested against.
+const RSOCKET_PY: &str = "rsocket==0.4.20";
+
+const APT_CROSS: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev:arm64",
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
+    "qemu-user-static",
+];
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(),
+        Some("demo") => demo::main(),
+        Some("cross") => cross().map(|bin| {
+            println!("aarch64 agent: {}", bin.display());
+        }),
+        Some("deps") => deps(true),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 commands:\n  \
+                 demo         the main job: twin + car + desired state end to end\n  \
+                 test         every test (fmt, clippy, tests, interop, aarch64 under qemu-user)\n  \
+                 cross        build the aarch64 agent with Debian's toolchain\n  \
+                 deps         install prerequisites only"
+            );
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {}", describe(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", describe(cmd));
+    }
+    Ok(())
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// apt packages (with arm64 multiarch for the aarch64 standard library) and the Python venv.
+fn deps(cross_too: bool) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = Vec::new();
+    if cross_too {
+        missing.extend(APT_CROSS.iter().filter(|p| !installed(p)));
+    }
+    if !Path::new("/usr/bin/python3").exists() && which("python3").is_none() {
+        missing.push("python3");
+    }
+    if !missing.is_empty() {
+        if !as_root() {
+            bail!(
+                "missing packages {missing:?}; run as root or install them: apt-get install {}",
+                missing.join(" ")
+            );
+        }
+        let arches = Command::new("dpkg")
+            .arg("--print-foreign-architectures")
+            .output()?;
+        if !String::from_utf8_lossy(&arches.stdout).contains("arm64") {
+            run(Command::new("dpkg").args(["--add-architecture", "arm64"]))?;
+        }
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    venv()?;
+    Ok(())
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+/// `.venv` with rsocket-py, for the interoperability test.
+pub fn venv() -> anyhow::Result<PathBuf> {
+    let venv = root().join(".venv");
+    let python = venv.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", "import rsocket"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ready {
+        let base = which("python3").unwrap_or_else(|| PathBuf::from("/usr/bin/python3"));
+        if !python.exists() {
+            run(Command::new(&base).args(["-m", "venv"]).arg(&venv))?;
+        }
+        run(Command::new(&python).args(["-m", "pip", "install", "-q", RSOCKET_PY]))?;
+    }
+    Ok(python)
+}
+
+/// Build the aarch64 agent with Debian's rustc-web; returns the binary.
+pub fn cross() -> anyhow::Result<PathBuf> {
+    deps(true)?;
+    run(Command::new("/usr/bin/cargo")
+        .current_dir(root())
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            AARCH64,
+            "-p",
+            "cardeploy-agent",
+        ])
+        .env("RUSTC", "/usr/bin/rustc")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env(
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+            "aarch64-linux-gnu-gcc",
+        )
+        .env("CC_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-gcc")
+        .env("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar"))?;
+    let bin = root()
+        .join("target")
+        .join(AARCH64)
+        .join("release/cardeploy-agent");
+    let size = std::fs::metadata(&bin)
+        .with_context(|| format!("{} was not built", bin.display()))?
+        .len();
+    println!(
+        "aarch64 agent: {} ({:.2} MiB, stripped)",
+        bin.display(),
+        size as f64 / (1024.0 * 1024.0)
+    );
+    Ok(bin)
+}
+
+fn test() -> anyhow::Result<()> {
+    let python = {
+        deps(true)?;
+        venv()?
+    };
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The aarch64 agent is built once per run and tested under qemu-user by agent/tests/cross.rs.
+    let aarch64 = cross()?;
+    run(cargo()
+        .args(["test", "--workspace", "--locked"])
+        .env("CARDEPLOY_PYTHON", &python)
+        .env("CARDEPLOY_AARCH64_AGENT", &aarch64))?;
+    println!("xtask test: all checks passed");
+    Ok(())
+}

@@ -88,7 +88,10 @@ mod tests {
             .map(<[Duration]>::len)
             .max()
             .unwrap_or(0);
-        assert!(in_any_second < 50, "{in_any_second} cars in the same second");
+        assert!(
+            in_any_second < 50,
+            "{in_any_second} cars in the same second"
+        );
     }
 
     #[test]

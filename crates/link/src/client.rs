@@ -56,7 +56,8 @@ fn host_of(addr: &str) -> Result<&str, Error> {
     let (host, port) = addr
         .rsplit_once(':')
         .ok_or_else(|| bad("expected host:port"))?;
-    port.parse::<u16>().map_err(|_| bad("the port is not a number"))?;
+    port.parse::<u16>()
+        .map_err(|_| bad("the port is not a number"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
         return Err(bad("the host is empty"));
@@ -97,16 +98,17 @@ impl Transport for Dial {
                     }
                 })?;
                 let connector = tokio_rustls::TlsConnector::from(config.clone());
-                let tls = tokio::time::timeout(options.connect_timeout, connector.connect(name, tcp))
-                    .await
-                    .map_err(|_| Error::HandshakeTimeout {
-                        addr: addr.clone(),
-                        timeout: options.connect_timeout,
-                    })?
-                    .map_err(|source| Error::Handshake {
-                        addr: addr.clone(),
-                        source,
-                    })?;
+                let tls =
+                    tokio::time::timeout(options.connect_timeout, connector.connect(name, tcp))
+                        .await
+                        .map_err(|_| Error::HandshakeTimeout {
+                            addr: addr.clone(),
+                            timeout: options.connect_timeout,
+                        })?
+                        .map_err(|source| Error::Handshake {
+                            addr: addr.clone(),
+                            source,
+                        })?;
                 Box::new(tls)
             }
             ClientSecurity::InsecurePlaintext => Box::new(tcp),
@@ -144,7 +146,11 @@ pub async fn connect(options: &ClientOptions) -> Result<Requester, Error> {
     };
     let mut builder = RSocketFactory::connect()
         .transport(dial)
-        .setup(Payload::builder().set_data(options.setup_data.clone()).build())
+        .setup(
+            Payload::builder()
+                .set_data(options.setup_data.clone())
+                .build(),
+        )
         .mime_type(MIME_COMPOSITE, "application/json")
         // rsocket_rust sends KEEPALIVE when idle for this long; the twin answers, so both ends
         // see traffic at least once per interval and the 3-interval idle timeout is safe.
@@ -163,10 +169,13 @@ pub async fn connect(options: &ClientOptions) -> Result<Requester, Error> {
             }) as Box<dyn RSocket>
         }));
     }
-    let client = builder.start().await.map_err(|e| match e.downcast::<Error>() {
-        Ok(e) => e,
-        Err(e) => Error::Setup(e.to_string()),
-    })?;
+    let client = builder
+        .start()
+        .await
+        .map_err(|e| match e.downcast::<Error>() {
+            Ok(e) => e,
+            Err(e) => Error::Setup(e.to_string()),
+        })?;
     Ok(Requester {
         socket: Arc::new(client),
         close,

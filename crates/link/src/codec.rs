@@ -17,7 +17,10 @@ const STREAM_ID_BYTES: usize = 4;
 pub enum Decoded {
     Frame(Frame),
     /// A frame longer than the limit; its bytes are being skipped.
-    Oversized { stream_id: u32, len: usize },
+    Oversized {
+        stream_id: u32,
+        len: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -41,41 +44,38 @@ impl Decoder for FrameCodec {
     type Error = io::Error;
 
     fn decode(&mut self, buf: &mut BytesMut) -> io::Result<Option<Decoded>> {
-        loop {
+        if self.skipping > 0 {
+            let n = self.skipping.min(buf.len());
+            buf.advance(n);
+            self.skipping -= n;
             if self.skipping > 0 {
-                let n = self.skipping.min(buf.len());
-                buf.advance(n);
-                self.skipping -= n;
-                if self.skipping > 0 {
-                    return Ok(None);
-                }
-            }
-            if buf.len() < LEN_BYTES {
                 return Ok(None);
             }
-            let len = (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
-            if len > self.max_frame {
-                if buf.len() < LEN_BYTES + STREAM_ID_BYTES {
-                    return Ok(None);
-                }
-                let stream_id =
-                    u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) & 0x7FFF_FFFF;
-                buf.advance(LEN_BYTES);
-                self.skipping = len;
-                // Skip what is already here; the rest as it arrives.
-                let n = self.skipping.min(buf.len());
-                buf.advance(n);
-                self.skipping -= n;
-                return Ok(Some(Decoded::Oversized { stream_id, len }));
-            }
-            if buf.len() < LEN_BYTES + len {
-                buf.reserve(LEN_BYTES + len - buf.len());
-                return Ok(None);
-            }
-            buf.advance(LEN_BYTES);
-            let mut frame_bytes = buf.split_to(len);
-            return decode_frame(&mut frame_bytes).map(|frame| Some(Decoded::Frame(frame)));
         }
+        if buf.len() < LEN_BYTES {
+            return Ok(None);
+        }
+        let len = (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+        if len > self.max_frame {
+            if buf.len() < LEN_BYTES + STREAM_ID_BYTES {
+                return Ok(None);
+            }
+            let stream_id = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) & 0x7FFF_FFFF;
+            buf.advance(LEN_BYTES);
+            self.skipping = len;
+            // Skip what is already here; the rest as it arrives.
+            let n = self.skipping.min(buf.len());
+            buf.advance(n);
+            self.skipping -= n;
+            return Ok(Some(Decoded::Oversized { stream_id, len }));
+        }
+        if buf.len() < LEN_BYTES + len {
+            buf.reserve(LEN_BYTES + len - buf.len());
+            return Ok(None);
+        }
+        buf.advance(LEN_BYTES);
+        let mut frame_bytes = buf.split_to(len);
+        decode_frame(&mut frame_bytes).map(|frame| Some(Decoded::Frame(frame)))
     }
 }
 
@@ -85,7 +85,10 @@ impl Decoder for FrameCodec {
 fn decode_frame(bytes: &mut BytesMut) -> io::Result<Frame> {
     let malformed = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
     if bytes.len() < 6 {
-        return Err(malformed(format!("frame of {} bytes is shorter than its header", bytes.len())));
+        return Err(malformed(format!(
+            "frame of {} bytes is shorter than its header",
+            bytes.len()
+        )));
     }
     let frame_type = u16::from_be_bytes([bytes[4], bytes[5]]) >> 10;
     if !(0x01..=0x0E).contains(&frame_type) {
@@ -94,7 +97,9 @@ fn decode_frame(bytes: &mut BytesMut) -> io::Result<Frame> {
     let len = bytes.len();
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Frame::decode(bytes))) {
         Ok(Ok(frame)) => Ok(frame),
-        Ok(Err(e)) => Err(malformed(format!("malformed RSocket frame of {len} bytes: {e}"))),
+        Ok(Err(e)) => Err(malformed(format!(
+            "malformed RSocket frame of {len} bytes: {e}"
+        ))),
         Err(_) => Err(malformed(format!(
             "malformed RSocket frame of {len} bytes (the decoder gave up)"
         ))),

@@ -120,7 +120,10 @@ impl LinkConnection {
     }
 }
 
-async fn closed_or_shutdown(close: &mut watch::Receiver<bool>, shutdown: &mut watch::Receiver<bool>) {
+async fn closed_or_shutdown(
+    close: &mut watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<bool>,
+) {
     // A dropped shutdown sender means "no shutdown will ever come", not "shut down now".
     let shutdown = async {
         if shutdown.wait_for(|s| *s).await.is_err() {
@@ -154,7 +157,10 @@ fn is_fragmentable(body: &Body) -> bool {
 /// Rebuild a SETUP frame with our metadata in place of the peer's.
 fn rewrite_setup(setup: frame::Setup, flag: u16, token: u64) -> Frame {
     let mut builder = frame::Setup::builder(0, flag & !Frame::FLAG_METADATA)
-        .set_version(setup.get_version().get_major(), setup.get_version().get_minor())
+        .set_version(
+            setup.get_version().get_major(),
+            setup.get_version().get_minor(),
+        )
         .set_keepalive(setup.get_keepalive())
         .set_lifetime(setup.get_lifetime())
         .set_mime_metadata(setup.get_mime_metadata().unwrap_or_default())
@@ -337,7 +343,12 @@ impl Connection for LinkConnection {
 
 /// Tell the peer we refused its stream: an ERROR for a stream it opened, a CANCEL for one we
 /// opened (a peer may not be sent an ERROR for its answer to our request).
-fn refuse(inject: &mut mpsc::Sender<Frame>, stream_id: u32, options: &ConnOptions, message: String) {
+fn refuse(
+    inject: &mut mpsc::Sender<Frame>,
+    stream_id: u32,
+    options: &ConnOptions,
+    message: String,
+) {
     let ours = (stream_id % 2 == 1) == options.we_open_odd_streams;
     let frame = if ours {
         frame::Cancel::builder(stream_id, 0).build()

@@ -30,7 +30,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("TLS handshake with {addr} failed: {source} (check that both sides use certificates from the same fleet CA and that the car is registered)")]
+    #[error(
+        "TLS handshake with {addr} failed: {source} (check that both sides use certificates from the same fleet CA and that the car is registered)"
+    )]
     Handshake {
         addr: String,
         #[source]

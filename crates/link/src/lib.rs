@@ -35,9 +35,7 @@ pub use conn::CloseSignal;
 pub use error::{Error, Refusal};
 pub use requester::{Requester, Window};
 pub use router::{MIME_COMPOSITE, MIME_ROUTING, Responder, route_metadata, route_of};
-pub use server::{
-    Acceptor, LinkServer, Peer, ServerOptions, ServerSecurity, ServerStats, Session,
-};
+pub use server::{Acceptor, LinkServer, Peer, ServerOptions, ServerSecurity, ServerStats, Session};
 
 /// Size limits of the link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

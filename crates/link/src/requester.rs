@@ -10,9 +10,9 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use rsocket_rust::prelude::{Payload, RSocket};
 
+use crate::Error;
 use crate::conn::CloseSignal;
 use crate::router::route_metadata;
-use crate::Error;
 
 /// A cheap, cloneable handle for requests on one connection, in either direction.
 #[derive(Clone)]
@@ -73,7 +73,8 @@ impl Requester {
     }
 
     pub async fn request_response(&self, route: &str, data: Bytes) -> Result<Bytes, Error> {
-        self.request_response_within(route, data, self.deadline).await
+        self.request_response_within(route, data, self.deadline)
+            .await
     }
 
     pub async fn request_response_within(

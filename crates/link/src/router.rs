@@ -25,7 +25,11 @@ pub trait Responder: Send + Sync + 'static {
     async fn fire_and_forget(&self, route: &str, data: Bytes);
 
     /// A stream ends after its first error.
-    fn request_stream(&self, route: &str, data: Bytes) -> BoxStream<'static, Result<Bytes, Refusal>>;
+    fn request_stream(
+        &self,
+        route: &str,
+        data: Bytes,
+    ) -> BoxStream<'static, Result<Bytes, Refusal>>;
 }
 
 /// Composite metadata holding one routing tag.
@@ -59,7 +63,9 @@ pub fn route_of(metadata_mime: &str, metadata: Option<&Bytes>) -> Result<String,
             .iter()
             .find(|entry| entry.get_mime_type().as_str() == Some(MIME_ROUTING))
             .ok_or_else(|| {
-                Refusal::new("no routing entry (message/x.rsocket.routing.v0) in the composite metadata")
+                Refusal::new(
+                    "no routing entry (message/x.rsocket.routing.v0) in the composite metadata",
+                )
             })?;
         BytesMut::from(&entry.get_metadata()[..])
     };
@@ -156,7 +162,9 @@ impl RSocket for Router {
         _reqs: Flux<rsocket_rust::Result<Payload>>,
     ) -> Flux<rsocket_rust::Result<Payload>> {
         Box::pin(futures::stream::once(futures::future::ready(Err(
-            anyhow_refusal(Refusal::new("request-channel is not part of the cardeploy protocol")),
+            anyhow_refusal(Refusal::new(
+                "request-channel is not part of the cardeploy protocol",
+            )),
         ))))
     }
 }
@@ -172,7 +180,10 @@ mod tests {
     #[test]
     fn a_route_survives_composite_metadata() {
         let metadata = route_metadata("car.hello");
-        assert_eq!(route_of(MIME_COMPOSITE, Some(&metadata)).unwrap(), "car.hello");
+        assert_eq!(
+            route_of(MIME_COMPOSITE, Some(&metadata)).unwrap(),
+            "car.hello"
+        );
     }
 
     #[test]
@@ -188,9 +199,17 @@ mod tests {
 
     #[test]
     fn garbage_metadata_is_a_refusal_not_a_panic() {
-        for garbage in [&b""[..], b"\x05ab", b"\xfe\xff\xff\xff", b"\x7e\x00\x00\x09abc"] {
+        for garbage in [
+            &b""[..],
+            b"\x05ab",
+            b"\xfe\xff\xff\xff",
+            b"\x7e\x00\x00\x09abc",
+        ] {
             let bytes = Bytes::copy_from_slice(garbage);
-            assert!(route_of(MIME_COMPOSITE, Some(&bytes)).is_err(), "{garbage:?}");
+            assert!(
+                route_of(MIME_COMPOSITE, Some(&bytes)).is_err(),
+                "{garbage:?}"
+            );
         }
         assert!(route_of(MIME_COMPOSITE, None).is_err());
     }

@@ -133,10 +133,12 @@ impl LinkServer {
         security: ServerSecurity,
         options: ServerOptions,
     ) -> Result<Self, Error> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| Error::Connect {
-            addr: addr.to_string(),
-            source,
-        })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
         let local_addr = listener.local_addr().map_err(|source| Error::Connect {
             addr: addr.to_string(),
             source,
@@ -311,7 +313,11 @@ impl Transport for Accepted {
     type Conn = LinkConnection;
 
     async fn connect(self) -> rsocket_rust::Result<LinkConnection> {
-        let Accepted { stream, remote, ctx } = self;
+        let Accepted {
+            stream,
+            remote,
+            ctx,
+        } = self;
         let _ = stream.set_nodelay(true);
         let (io, peer): (Box<dyn Io>, Peer) = match (&ctx.tls, &ctx.security) {
             (Some(tls), ServerSecurity::MutualTls { registry, .. }) => {
@@ -347,7 +353,9 @@ impl Transport for Accepted {
                     // The verifier already checked registration; a car removed in between
                     // lands here.
                     ctx.stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
-                    return Err(anyhow::anyhow!("{remote}: certificate no longer registered"));
+                    return Err(anyhow::anyhow!(
+                        "{remote}: certificate no longer registered"
+                    ));
                 };
                 (Box::new(tls_stream), Peer::Authenticated(car))
             }

@@ -30,7 +30,10 @@ impl Responder for TestResponder {
                 unreachable!()
             }
             "fail" => Err(Refusal::new("malformed hello: expected JSON")),
-            other => Err(Refusal::unknown_route(other, &["echo", "silent", "fail", "count"])),
+            other => Err(Refusal::unknown_route(
+                other,
+                &["echo", "silent", "fail", "count"],
+            )),
         }
     }
 
@@ -41,7 +44,11 @@ impl Responder for TestResponder {
             .push(String::from_utf8_lossy(&data).into_owned());
     }
 
-    fn request_stream(&self, route: &str, data: Bytes) -> BoxStream<'static, Result<Bytes, Refusal>> {
+    fn request_stream(
+        &self,
+        route: &str,
+        data: Bytes,
+    ) -> BoxStream<'static, Result<Bytes, Refusal>> {
         if route != "count" {
             return futures::stream::once(async { Err(Refusal::new("no such stream")) }).boxed();
         }
@@ -136,7 +143,11 @@ impl Harness {
         files
     }
 
-    fn options(&self, files: &cardeploy_testkit::CarFiles, addr: std::net::SocketAddr) -> ClientOptions {
+    fn options(
+        &self,
+        files: &cardeploy_testkit::CarFiles,
+        addr: std::net::SocketAddr,
+    ) -> ClientOptions {
         let ca = self.pki.ca();
         let config = client_config(&TlsFiles {
             ca: &ca,
@@ -180,7 +191,12 @@ async fn the_twin_can_ask_the_car_over_the_same_connection() {
     let _link = connect(&h.options(&car, h.addr)).await.unwrap();
     // SETUP is processed right after connect; wait for the session.
     let requester = eventually(Duration::from_secs(5), "the session", || {
-        h.acceptor.sessions.lock().unwrap().first().map(|s| s.1.clone())
+        h.acceptor
+            .sessions
+            .lock()
+            .unwrap()
+            .first()
+            .map(|s| s.1.clone())
     })
     .await;
     let answer = requester
@@ -196,12 +212,17 @@ async fn an_unregistered_certificate_from_the_fleet_ca_is_refused_in_the_handsha
     let car = h.pki.car("VIN-NOT-REGISTERED");
     let result = async {
         let link = connect(&h.options(&car, h.addr)).await?;
-        link.request_response("echo", Bytes::from_static(b"x")).await
+        link.request_response("echo", Bytes::from_static(b"x"))
+            .await
     }
     .await;
     assert!(result.is_err(), "an unregistered car got an answer");
     eventually(Duration::from_secs(5), "the refusal to be counted", || {
-        (h.stats.handshakes_refused.load(std::sync::atomic::Ordering::SeqCst) >= 1).then_some(())
+        (h.stats
+            .handshakes_refused
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1)
+            .then_some(())
     })
     .await;
     assert_eq!(h.acceptor.sessions.lock().unwrap().len(), 0);
@@ -215,7 +236,8 @@ async fn a_certificate_from_another_ca_is_refused_even_if_its_fingerprint_were_k
         .insert(fingerprint_pem(&foreign.cert_pem).unwrap(), "VIN-A".into());
     let result = async {
         let link = connect(&h.options(&foreign, h.addr)).await?;
-        link.request_response("echo", Bytes::from_static(b"x")).await
+        link.request_response("echo", Bytes::from_static(b"x"))
+            .await
     }
     .await;
     assert!(result.is_err());
@@ -238,9 +260,14 @@ async fn an_unknown_route_is_an_error_with_a_clear_message_and_the_connection_st
         }
         other => panic!("{other:?}"),
     }
-    let err = link.request_response("fail", Bytes::new()).await.unwrap_err();
+    let err = link
+        .request_response("fail", Bytes::new())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("malformed hello"), "{err}");
-    let answer = link.request_response("echo", Bytes::from_static(b"still here")).await;
+    let answer = link
+        .request_response("echo", Bytes::from_static(b"still here"))
+        .await;
     assert_eq!(&answer.unwrap()[..], b"still here");
 }
 
@@ -251,8 +278,14 @@ async fn a_refused_setup_reaches_the_car_as_an_error() {
     let mut options = h.options(&car, h.addr);
     options.setup_data = Bytes::from_static(b"refuse me");
     let link = connect(&options).await.unwrap();
-    let err = link.request_response("echo", Bytes::new()).await.unwrap_err();
-    assert!(matches!(err, Error::Remote { .. } | Error::Closed { .. }), "{err:?}");
+    let err = link
+        .request_response("echo", Bytes::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Remote { .. } | Error::Closed { .. }),
+        "{err:?}"
+    );
     tokio::time::timeout(Duration::from_secs(5), link.closed())
         .await
         .expect("the twin closes a refused connection");
@@ -266,7 +299,10 @@ async fn a_request_without_an_answer_fails_at_its_deadline() {
     options.request_deadline = Duration::from_millis(300);
     let link = connect(&options).await.unwrap();
     let started = Instant::now();
-    let err = link.request_response("silent", Bytes::new()).await.unwrap_err();
+    let err = link
+        .request_response("silent", Bytes::new())
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Deadline { .. }), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(2));
 }
@@ -304,7 +340,11 @@ async fn a_silent_peer_is_dropped_by_both_sides_within_three_heartbeats() {
     options.heartbeat = heartbeat;
     let link = connect(&options).await.unwrap();
     link.request_response("echo", Bytes::new()).await.unwrap();
-    let open = || h.stats.open_connections.load(std::sync::atomic::Ordering::SeqCst);
+    let open = || {
+        h.stats
+            .open_connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
     assert_eq!(open(), 1);
     let started = Instant::now();
     proxy.set(Fault::Blackhole);
@@ -312,14 +352,19 @@ async fn a_silent_peer_is_dropped_by_both_sides_within_three_heartbeats() {
         .await
         .expect("the car did not notice the dead twin");
     let car_side = started.elapsed();
-    eventually(Duration::from_secs(5), "the twin to drop the session", || {
-        (open() == 0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the twin to drop the session",
+        || (open() == 0).then_some(()),
+    )
     .await;
     let twin_side = started.elapsed();
     // 3 intervals of silence, plus at most one interval of scheduling slack.
     assert!(car_side <= heartbeat * 4, "car noticed after {car_side:?}");
-    assert!(twin_side <= heartbeat * 4, "twin noticed after {twin_side:?}");
+    assert!(
+        twin_side <= heartbeat * 4,
+        "twin noticed after {twin_side:?}"
+    );
 }
 
 #[tokio::test]
@@ -380,7 +425,9 @@ async fn an_oversized_payload_from_a_careless_peer_is_refused_and_the_connection
             err.to_string().contains("limit"),
             "mtu {mtu}: unexpected error {err}"
         );
-        let answer = link.request_response("echo", Bytes::from_static(b"ok")).await;
+        let answer = link
+            .request_response("echo", Bytes::from_static(b"ok"))
+            .await;
         assert_eq!(&answer.unwrap()[..], b"ok", "mtu {mtu}");
     }
 }
@@ -403,7 +450,10 @@ async fn a_window_returns_what_the_responder_sent_and_overflow_is_an_error() {
         .request_window("count", Bytes::from_static(b"40"), window)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::WindowOverflow { what: "items", .. }), "{err:?}");
+    assert!(
+        matches!(err, Error::WindowOverflow { what: "items", .. }),
+        "{err:?}"
+    );
     let tight = Window {
         max_items: 100,
         max_bytes: 10 * 1024,
@@ -412,7 +462,10 @@ async fn a_window_returns_what_the_responder_sent_and_overflow_is_an_error() {
         .request_window("count", Bytes::from_static(b"20"), tight)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::WindowOverflow { what: "bytes", .. }), "{err:?}");
+    assert!(
+        matches!(err, Error::WindowOverflow { what: "bytes", .. }),
+        "{err:?}"
+    );
     // The connection survives a cut-off window.
     link.request_response("echo", Bytes::new()).await.unwrap();
 }

@@ -56,7 +56,9 @@ pub struct Issued {
 impl std::fmt::Debug for Issued {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print private keys, even in debug output.
-        f.debug_struct("Issued").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
+        f.debug_struct("Issued")
+            .field("cert_pem", &self.cert_pem)
+            .finish_non_exhaustive()
     }
 }
 
@@ -103,7 +105,9 @@ impl FleetCa {
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         (params.not_before, params.not_after) = validity(20);
-        let cert = params.self_signed(&key).map_err(generate("the fleet CA certificate"))?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(generate("the fleet CA certificate"))?;
         Ok(Self {
             cert_pem: cert.pem(),
             issuer: Issuer::new(params, key),
@@ -145,7 +149,12 @@ impl FleetCa {
                 sans.push(SanType::DnsName(dns));
             }
         }
-        self.issue("cardeploy twin", sans, ExtendedKeyUsagePurpose::ServerAuth, 5)
+        self.issue(
+            "cardeploy twin",
+            sans,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            5,
+        )
     }
 
     /// A car's client certificate. The car id is its common name; the twin identifies the car by
@@ -252,7 +261,8 @@ mod tests {
     #[test]
     fn a_written_ca_loads_back_and_keeps_issuing() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = FleetPki::generate("test fleet", &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let pki =
+            FleetPki::generate("test fleet", &["localhost".into(), "127.0.0.1".into()]).unwrap();
         pki.write(dir.path()).unwrap();
         let ca = FleetCa::load(&dir.path().join("ca.pem"), &dir.path().join("ca.key")).unwrap();
         assert_eq!(ca.cert_pem(), pki.ca.cert_pem());
@@ -275,9 +285,15 @@ mod tests {
     fn private_keys_are_only_readable_by_their_owner() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        FleetPki::generate("f", &["localhost".into()]).unwrap().write(dir.path()).unwrap();
+        FleetPki::generate("f", &["localhost".into()])
+            .unwrap()
+            .write(dir.path())
+            .unwrap();
         for key in ["ca.key", "twin.key"] {
-            let mode = fs::metadata(dir.path().join(key)).unwrap().permissions().mode();
+            let mode = fs::metadata(dir.path().join(key))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{key}");
         }
     }

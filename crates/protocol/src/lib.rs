@@ -35,7 +35,10 @@ pub const MIME_COMPOSITE: &str = "message/x.rsocket.composite-metadata.v0";
 pub const MIME_ROUTING: &str = "message/x.rsocket.routing.v0";
 
 /// Decode a JSON message with a typed error naming what was expected.
-pub fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, Error> {
+pub fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, Error> {
     serde_json::from_slice(bytes).map_err(|source| Error::Malformed { what, source })
 }
 

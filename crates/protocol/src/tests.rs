@@ -3,13 +3,24 @@ use super::*;
 #[test]
 fn car_ids_that_are_safe_in_paths_and_urls_are_accepted() {
     for id in ["WVW1234567890", "car-1", "fleet.a_7"] {
-        assert_eq!(CarId::new(id).map(|c| c.to_string()).ok(), Some(id.to_owned()));
+        assert_eq!(
+            CarId::new(id).map(|c| c.to_string()).ok(),
+            Some(id.to_owned())
+        );
     }
 }
 
 #[test]
 fn car_ids_that_could_escape_a_path_are_refused() {
-    for id in ["", "../etc", "a/b", ".hidden", "-flag", "späti", &"x".repeat(65)] {
+    for id in [
+        "",
+        "../etc",
+        "a/b",
+        ".hidden",
+        "-flag",
+        "späti",
+        &"x".repeat(65),
+    ] {
         assert!(
             matches!(CarId::new(id), Err(Error::InvalidCarId { .. })),
             "{id:?} must be refused"

@@ -75,7 +75,12 @@ impl FaultProxy {
     }
 }
 
-async fn pipe(client: TcpStream, server: TcpStream, fault: Arc<AtomicU8>, changed: watch::Receiver<u8>) {
+async fn pipe(
+    client: TcpStream,
+    server: TcpStream,
+    fault: Arc<AtomicU8>,
+    changed: watch::Receiver<u8>,
+) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let (cr, cw) = client.into_split();
@@ -204,13 +209,20 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 }
 
 /// Poll `check` every 20 ms until it returns Some, or panic after `timeout` with `what`.
-pub async fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+pub async fn eventually<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
     let start = tokio::time::Instant::now();
     loop {
         if let Some(value) = check() {
             return value;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,0 +1,237 @@
+//! The main job: a real twin, a real car agent, a desired-state change seen end to end. Every
+//! step uses the same binaries and CLI commands a person would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::{cargo, root, run};
+
+const CAR: &str = "DEMO-CAR-1";
+
+struct Daemon {
+    name: &'static str,
+    child: Child,
+}
+
+impl Daemon {
+    fn start(name: &'static str, cmd: &mut Command, log: &Path) -> anyhow::Result<Self> {
+        let file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self { name, child })
+    }
+
+    /// SIGTERM and wait: both daemons must stop cleanly.
+    fn stop(mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("{} exited with {status} after SIGTERM", self.name);
+                }
+                println!("  {} stopped cleanly in {:?}", self.name, started.elapsed());
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("{} ignored SIGTERM for 10 s", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn step(text: &str) {
+    println!("\n== {text}");
+}
+
+struct Cli {
+    bin: PathBuf,
+    api: String,
+    token_file: PathBuf,
+}
+
+impl Cli {
+    fn cmd(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.env("CARDEPLOY_API", &self.api)
+            .env("CARDEPLOY_TOKEN_FILE", &self.token_file);
+        cmd
+    }
+
+    fn show(&self) -> anyhow::Result<Value> {
+        let out = self.cmd().args(["car", "show", CAR]).output()?;
+        if !out.status.success() {
+            bail!(
+                "cardeploy car show: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    fn until(&self, what: &str, check: impl Fn(&Value) -> bool) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        loop {
+            if let Ok(view) = self.show()
+                && check(&view)
+            {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("timed out waiting for {what}; see the logs in demo-data/");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+pub fn main() -> anyhow::Result<()> {
+    step("building the twin, the agent and the cardeploy CLI");
+    run(cargo().args([
+        "build",
+        "--locked",
+        "-p",
+        "cardeploy-twin",
+        "-p",
+        "cardeploy-agent",
+        "-p",
+        "cardeploy",
+    ]))?;
+    let bin = root().join("target/debug");
+    let data = root().join("demo-data");
+    if data.exists() {
+        std::fs::remove_dir_all(&data)?;
+    }
+    let twin_data = data.join("twin");
+    let cars_port = free_port()?;
+    let api_port = free_port()?;
+    let cli = Cli {
+        bin: bin.join("cardeploy"),
+        api: format!("http://127.0.0.1:{api_port}"),
+        token_file: twin_data.join("operator.token"),
+    };
+
+    step("cardeploy pki init: the fleet CA and the twin's certificate");
+    run(cli
+        .cmd()
+        .args(["pki", "init", "--dir"])
+        .arg(twin_data.join("pki")))?;
+
+    step("cardeploy-twin serve: cars on mutual TLS, operators on the REST API");
+    let twin = Daemon::start(
+        "cardeploy-twin",
+        Command::new(bin.join("cardeploy-twin"))
+            .args(["serve", "--data"])
+            .arg(&twin_data)
+            .args(["--cars-listen", &format!("127.0.0.1:{cars_port}")])
+            .args(["--api-listen", &format!("127.0.0.1:{api_port}")])
+            .args(["--heartbeat-secs", "2"]),
+        &data.join("twin.log"),
+    )?;
+    let started = Instant::now();
+    while !cli.token_file.exists() || std::net::TcpStream::connect(("127.0.0.1", api_port)).is_err()
+    {
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!("the twin did not start; see demo-data/twin.log");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "  twin up: cars on 127.0.0.1:{cars_port}, API on {}",
+        cli.api
+    );
+
+    step(&format!(
+        "cardeploy car add {CAR}: issue its certificate, register it with the twin"
+    ));
+    let car_dir = data.join("cars").join(CAR);
+    run(cli
+        .cmd()
+        .args([
+            "car",
+            "add",
+            CAR,
+            "--attr",
+            "model=tx7",
+            "--attr",
+            "region=eu",
+            "--pki",
+        ])
+        .arg(twin_data.join("pki"))
+        .arg("--out")
+        .arg(&car_dir)
+        .args([
+            "--twin",
+            &format!("localhost:{cars_port}"),
+            "--heartbeat-secs",
+            "2",
+        ]))?;
+
+    step("cardeploy-agent: the car connects with its certificate");
+    let agent = Daemon::start(
+        "cardeploy-agent",
+        Command::new(bin.join("cardeploy-agent"))
+            .arg("--config")
+            .arg(car_dir.join("agent.toml")),
+        &data.join("agent.log"),
+    )?;
+    let took = cli.until("the car to connect", |v| {
+        v["connected"] == true && v["reported"]["state"]["phase"] == "idle"
+    })?;
+    println!("  car connected and reported 'idle' after {took:?}");
+    run(cli.cmd().args(["car", "list"]))?;
+
+    step("cardeploy car set-desired: the operator changes what the car should run");
+    let set = Instant::now();
+    run(cli
+        .cmd()
+        .args(["car", "set-desired", CAR, "--release", "infotainment@1.0.0"]))?;
+    cli.until("the car to apply infotainment@1.0.0", |v| {
+        v["reported"]["state"]["phase"] == "applied"
+            && v["reported"]["state"]["release"] == "infotainment@1.0.0"
+    })?;
+    println!(
+        "  the twin pushed it, the car persisted and reported it: {:?} end to end (CLI polling included)",
+        set.elapsed()
+    );
+    let state: Value = serde_json::from_slice(&std::fs::read(car_dir.join("state/state.json"))?)?;
+    println!(
+        "  car's persisted state: desired #{} {}",
+        state["desired"]["counter"], state["desired"]["release"]
+    );
+
+    step("cardeploy car inspect: the twin asks the car over the same connection");
+    run(cli.cmd().args(["car", "inspect", CAR]))?;
+
+    step("cardeploy car events: the car's log on the twin");
+    run(cli.cmd().args(["car", "events", CAR]))?;
+
+    step("stopping (SIGTERM) the agent, then the twin");
+    agent.stop()?;
+    twin.stop()?;
+    println!("\ndemo finished: logs and state are in {}", data.display());
+    Ok(())
+}
