@@ -5,7 +5,9 @@
 //! - `cargo xtask test`   every test: fmt, clippy -D warnings, unit/integration, interop, aarch64
 //! - `cargo xtask cross`  the aarch64 agent (Debian's rustc-web + gcc-aarch64-linux-gnu)
 //! - `cargo xtask deps`   only install prerequisites
+//! - `cargo xtask bench link`  link benchmarks (memory per car, push latency, dead peers, RSS)
 
+mod bench;
 mod demo;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +37,7 @@ fn main() {
             println!("aarch64 agent: {}", bin.display());
         }),
         Some("deps") => deps(true),
+        Some("bench") => bench::run(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -42,7 +45,8 @@ fn main() {
                  demo         the main job: twin + car + desired state end to end\n  \
                  test         every test (fmt, clippy, tests, interop, aarch64 under qemu-user)\n  \
                  cross        build the aarch64 agent with Debian's toolchain\n  \
-                 deps         install prerequisites only"
+                 deps         install prerequisites only\n  \
+                 bench link   link benchmarks: memory per car, push latency, dead peers, agent RSS"
             );
             std::process::exit(2);
         }

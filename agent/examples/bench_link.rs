@@ -1,0 +1,398 @@
+//! `cargo xtask bench link`: the link's numbers, measured on this machine with real processes.
+//!
+//! - twin memory per idle connected car (RSS of the real twin process, 1,000 and 10,000 cars;
+//!   the simulated cars run in this process, each with the agent's own link code);
+//! - desired-state push latency to 1,000 connected cars (REST call → car receives), median/p99;
+//! - dead-peer detection through a black-holing proxy (car side and twin side);
+//! - agent idle RSS (x86_64, and aarch64 under qemu-user when given) and binary size.
+//!
+//! Arguments: --twin BIN --agent BIN [--aarch64-agent BIN] [--cars 1000,10000] [--out FILE]
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cardeploy_link::tls::{TlsFiles, client_config};
+use cardeploy_link::{Bytes, ClientOptions, ClientSecurity, Limits, Requester, connect};
+use cardeploy_pki::{FleetPki, write_file};
+use cardeploy_protocol::{
+    self as protocol, CarId, DesiredState, Hello, ReportedState, SetupData, route,
+};
+use cardeploy_testkit::{Fault, FaultProxy};
+use futures::StreamExt;
+use serde_json::json;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Twin {
+    child: Child,
+    cars_port: u16,
+    api: String,
+    token: String,
+}
+
+impl Drop for Twin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_twin(bin: &Path, data: &Path, heartbeat: u64) -> Twin {
+    let cars_port = free_port();
+    let api_port = free_port();
+    let child = Command::new(bin)
+        .args(["serve", "--data"])
+        .arg(data)
+        .args(["--cars-listen", &format!("127.0.0.1:{cars_port}")])
+        .args(["--api-listen", &format!("127.0.0.1:{api_port}")])
+        .args(["--heartbeat-secs", &heartbeat.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", api_port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "twin did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let token = std::fs::read_to_string(data.join("operator.token")).unwrap();
+    Twin {
+        child,
+        cars_port,
+        api: format!("http://127.0.0.1:{api_port}"),
+        token,
+    }
+}
+
+fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+struct Car {
+    id: String,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+async fn link(pki: &Path, car: &Car, port: u16, heartbeat: Duration) -> Requester {
+    let ca = pki.join("ca.pem");
+    let config = client_config(&TlsFiles {
+        ca: &ca,
+        cert: &car.cert,
+        key: &car.key,
+    })
+    .unwrap();
+    let requester = connect(&ClientOptions {
+        addr: format!("localhost:{port}"),
+        security: ClientSecurity::MutualTls(config),
+        heartbeat,
+        request_deadline: Duration::from_secs(60),
+        connect_timeout: Duration::from_secs(60),
+        limits: Limits::default(),
+        setup_data: Bytes::from(protocol::encode(&SetupData {
+            car_id: CarId::new(car.id.clone()).unwrap(),
+            agent_version: "bench".into(),
+        })),
+        responder: None,
+    })
+    .await
+    .unwrap();
+    let hello = Hello {
+        agent_version: "bench".into(),
+        reported: ReportedState::idle(),
+    };
+    requester
+        .request_response(route::CAR_HELLO, Bytes::from(protocol::encode(&hello)))
+        .await
+        .unwrap();
+    requester
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+#[tokio::main]
+async fn main() {
+    let twin_bin = PathBuf::from(arg("--twin").expect("--twin BIN"));
+    let agent_bin = PathBuf::from(arg("--agent").expect("--agent BIN"));
+    let aarch64 = arg("--aarch64-agent").map(PathBuf::from);
+    let counts: Vec<usize> = arg("--cars")
+        .unwrap_or_else(|| "1000,10000".into())
+        .split(',')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let max = *counts.iter().max().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("twin");
+    let pki_dir = data.join("pki");
+    let pki = FleetPki::generate("bench fleet", &["localhost".into()]).unwrap();
+    pki.write(&pki_dir).unwrap();
+    let mut report = String::from("| measure | value | target |\n|---|---|---|\n");
+
+    // Issue and register every car up front, so RSS deltas count connections, not records.
+    eprintln!("issuing {max} car certificates");
+    let ca = Arc::new(pki.ca);
+    let cars_dir = work.path().join("cars");
+    std::fs::create_dir_all(&cars_dir).unwrap();
+    let mut cars = Vec::with_capacity(max);
+    let mut pems = Vec::with_capacity(max);
+    for i in 0..max {
+        let id = format!("BENCH{i:05}");
+        let issued = ca.issue_car(&id).unwrap();
+        let cert = cars_dir.join(format!("{id}.pem"));
+        let key = cars_dir.join(format!("{id}.key"));
+        write_file(&cert, &issued.cert_pem, false).unwrap();
+        write_file(&key, &issued.key_pem, true).unwrap();
+        pems.push(issued.cert_pem);
+        cars.push(Car { id, cert, key });
+    }
+    let twin = start_twin(&twin_bin, &data, 30);
+    eprintln!("registering {max} cars");
+    {
+        let api = twin.api.clone();
+        let token = twin.token.clone();
+        let ids: Vec<String> = cars.iter().map(|c| c.id.clone()).collect();
+        tokio::task::spawn_blocking(move || {
+            let agent = http();
+            for (id, pem) in ids.iter().zip(pems) {
+                let r = agent
+                    .post(&format!("{api}/api/v1/cars"))
+                    .header("Authorization", &format!("Bearer {token}"))
+                    .send_json(json!({"id": id, "certificate_pem": pem}))
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 201);
+            }
+        })
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let base = rss_kib(twin.child.id());
+    eprintln!("twin RSS with {max} registered, none connected: {base} KiB");
+
+    let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut links: Vec<Requester> = Vec::new();
+    let heartbeat = Duration::from_secs(30);
+    let mut connected = 0;
+    for &count in &counts {
+        eprintln!("connecting cars {connected}..{count}");
+        let started = Instant::now();
+        let mut joins = Vec::new();
+        for car in &cars[connected..count] {
+            let pki_dir = pki_dir.clone();
+            let car = Car {
+                id: car.id.clone(),
+                cert: car.cert.clone(),
+                key: car.key.clone(),
+            };
+            let port = twin.cars_port;
+            let arrivals = arrivals.clone();
+            joins.push(tokio::spawn(async move {
+                let requester = link(&pki_dir, &car, port, heartbeat).await;
+                let mut stream =
+                    requester.request_stream(route::CAR_DESIRED, Bytes::from_static(b"{}"));
+                let id = car.id.clone();
+                tokio::spawn(async move {
+                    while let Some(Ok(bytes)) = stream.next().await {
+                        let desired: DesiredState = protocol::decode("desired", &bytes).unwrap();
+                        if desired.counter >= 1 {
+                            arrivals.lock().unwrap().insert(id.clone(), Instant::now());
+                        }
+                    }
+                });
+                requester
+            }));
+            // Bounded concurrency of handshakes.
+            if joins.len() >= 64 {
+                for j in joins.drain(..) {
+                    links.push(j.await.unwrap());
+                }
+            }
+        }
+        for j in joins {
+            links.push(j.await.unwrap());
+        }
+        connected = count;
+        eprintln!("  {count} connected in {:?}", started.elapsed());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let rss = rss_kib(twin.child.id());
+        let per_car = (rss.saturating_sub(base)) as f64 / count as f64;
+        report += &format!(
+            "| twin memory per idle connected car, {count} cars | {per_car:.1} KiB (RSS {} MiB) | ≤ 64 KiB |\n",
+            rss / 1024
+        );
+
+        if count == counts[0] {
+            eprintln!("pushing a desired state to {count} cars");
+            let api = twin.api.clone();
+            let token = twin.token.clone();
+            let ids: Vec<String> = cars[..count].iter().map(|c| c.id.clone()).collect();
+            let sent: Vec<(String, Instant)> = tokio::task::spawn_blocking(move || {
+                let agent = http();
+                let mut sent = Vec::new();
+                for id in ids {
+                    let t0 = Instant::now();
+                    let r = agent
+                        .put(&format!("{api}/api/v1/cars/{id}/desired"))
+                        .header("Authorization", &format!("Bearer {token}"))
+                        .send_json(json!({"release": "bench@1.0.0"}))
+                        .unwrap();
+                    assert_eq!(r.status().as_u16(), 200);
+                    sent.push((id, t0));
+                }
+                sent
+            })
+            .await
+            .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while arrivals.lock().unwrap().len() < count && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let arrived = arrivals.lock().unwrap().clone();
+            let mut latencies: Vec<Duration> = sent
+                .iter()
+                .filter_map(|(id, t0)| arrived.get(id).map(|t1| t1.duration_since(*t0)))
+                .collect();
+            latencies.sort();
+            report += &format!(
+                "| desired-state push, {count} cars (REST call → car), delivered | {}/{count} | all |\n",
+                latencies.len()
+            );
+            report += &format!(
+                "| push latency median / p99 | {:.1} ms / {:.1} ms | p99 ≤ 1 s |\n",
+                percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+                percentile(&latencies, 0.99).as_secs_f64() * 1e3
+            );
+        }
+    }
+    drop(links);
+    drop(twin);
+
+    // Dead peer: a twin with a 1 s heartbeat, one car behind a black-holing proxy.
+    eprintln!("dead-peer detection");
+    let twin = start_twin(&twin_bin, &data, 1);
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", twin.cars_port).parse().unwrap()).await;
+    let car = &cars[0];
+    let requester = link(&pki_dir, car, proxy.addr.port(), Duration::from_secs(1)).await;
+    let blackholed = Instant::now();
+    proxy.set(Fault::Blackhole);
+    requester.closed().await;
+    let car_side = blackholed.elapsed();
+    let twin_side = {
+        let api = twin.api.clone();
+        let token = twin.token.clone();
+        let id = car.id.clone();
+        tokio::task::spawn_blocking(move || {
+            let agent = http();
+            loop {
+                let mut r = agent
+                    .get(&format!("{api}/api/v1/cars/{id}"))
+                    .header("Authorization", &format!("Bearer {token}"))
+                    .call()
+                    .unwrap();
+                let v: serde_json::Value = r.body_mut().read_json().unwrap();
+                if v["connected"] == false {
+                    return blackholed.elapsed();
+                }
+                assert!(blackholed.elapsed() < Duration::from_secs(30));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+        .unwrap()
+    };
+    report += &format!(
+        "| dead peer detected (heartbeat 1 s): car side / twin side | {:.2} s / {:.2} s | ≤ 3 intervals (3 s) |\n",
+        car_side.as_secs_f64(),
+        twin_side.as_secs_f64()
+    );
+
+    // Agent idle RSS.
+    let agent_toml = work.path().join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            "car_id = \"{}\"\ntwin = \"localhost:{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nstate_dir = \"{}\"\nheartbeat_secs = 10\n",
+            car.id,
+            twin.cars_port,
+            pki_dir.join("ca.pem").display(),
+            car.cert.display(),
+            car.key.display(),
+            work.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let mut runs: Vec<(&str, Command)> = vec![("x86_64", Command::new(&agent_bin))];
+    if let Some(bin) = &aarch64 {
+        let mut qemu = Command::new("qemu-aarch64-static");
+        qemu.args(["-L", "/"]).arg(bin);
+        runs.push(("aarch64 (qemu-user, RSS includes the emulator)", qemu));
+    }
+    for (label, mut cmd) in runs {
+        let mut child = cmd
+            .arg("--config")
+            .arg(&agent_toml)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let rss = rss_kib(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        report += &format!(
+            "| agent idle RSS, {label} | {:.1} MiB | ≤ 10 MiB |\n",
+            rss as f64 / 1024.0
+        );
+    }
+    if let Some(bin) = &aarch64 {
+        let size = std::fs::metadata(bin).unwrap().len();
+        report += &format!(
+            "| aarch64 agent binary (release, stripped) | {:.2} MiB | ≤ 6 MiB |\n",
+            size as f64 / (1024.0 * 1024.0)
+        );
+    }
+    drop(twin);
+    println!("{report}");
+    if let Some(out) = arg("--out") {
+        std::fs::write(out, &report).unwrap();
+    }
+}

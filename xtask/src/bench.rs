@@ -1,0 +1,47 @@
+//! `cargo xtask bench link`: builds the twin, the agent and the benchmark with optimisations, the
+//! aarch64 agent with Debian's toolchain, then runs `agent/examples/bench_link.rs` with a file
+//! descriptor limit raised to the hard limit (10,000 cars need 10,000 on each side).
+
+use std::process::Command;
+
+use anyhow::bail;
+
+use crate::{cargo, cross, root, run as sh};
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    match args.first().map(String::as_str) {
+        Some("link") => link(&args[1..]),
+        _ => bail!("usage: cargo xtask bench link [--cars 1000,10000]"),
+    }
+}
+
+fn link(extra: &[String]) -> anyhow::Result<()> {
+    let aarch64 = cross()?;
+    sh(cargo().args([
+        "build",
+        "--locked",
+        "--profile",
+        "measure",
+        "-p",
+        "cardeploy-twin",
+        "-p",
+        "cardeploy-agent",
+        "--bins",
+        "--example",
+        "bench_link",
+    ]))?;
+    let dir = root().join("target/measure");
+    let out = root().join("target/bench-link.md");
+    let command = format!(
+        "ulimit -n \"$(ulimit -Hn)\" && exec {} --twin {} --agent {} --aarch64-agent {} --out {} {}",
+        dir.join("examples/bench_link").display(),
+        dir.join("cardeploy-twin").display(),
+        dir.join("cardeploy-agent").display(),
+        aarch64.display(),
+        out.display(),
+        extra.join(" ")
+    );
+    sh(Command::new("bash").args(["-c", &command]))?;
+    println!("table written to {}", out.display());
+    Ok(())
+}
