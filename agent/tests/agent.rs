@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cardeploy_testkit::TestPki;
+use cardeploy_testkit::{TestPki, rest};
 use cardeploy_twin::{Config, Running};
 use serde_json::{Value, json};
 
@@ -135,29 +135,7 @@ async fn call(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let url = format!("http://{}{path}", twin.api_addr);
-    let auth = format!("Bearer {}", twin.operator_token);
-    tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let response = match (method, body) {
-            ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
-            ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
-            ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b),
-            _ => unreachable!(),
-        };
-        let mut response = response.unwrap();
-        let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    })
-    .await
-    .unwrap()
+    rest(twin.api_addr, &twin.operator_token, method, path, body).await
 }
 
 /// Poll the car's twin until `check` holds.

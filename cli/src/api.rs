@@ -96,12 +96,7 @@ impl Api {
         path: &str,
         body: &impl Serialize,
     ) -> anyhow::Result<T> {
-        let response = self
-            .agent
-            .post(self.url(path))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .send_json(body);
-        self.finish(what, response)
+        self.send(what, self.agent.post(self.url(path)), body)
     }
 
     pub fn put<T: DeserializeOwned>(
@@ -110,9 +105,16 @@ impl Api {
         path: &str,
         body: &impl Serialize,
     ) -> anyhow::Result<T> {
-        let response = self
-            .agent
-            .put(self.url(path))
+        self.send(what, self.agent.put(self.url(path)), body)
+    }
+
+    fn send<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        request: ureq::RequestBuilder<ureq::typestate::WithBody>,
+        body: &impl Serialize,
+    ) -> anyhow::Result<T> {
+        let response = request
             .header("Authorization", format!("Bearer {}", self.token))
             .send_json(body);
         self.finish(what, response)

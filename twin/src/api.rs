@@ -151,17 +151,12 @@ async fn list_cars(State(twin): State<Arc<Twin>>) -> Result<Json<Vec<CarView>>, 
 }
 
 async fn find(twin: &Twin, id: &CarId) -> Result<CarRecord, ApiError> {
-    twin.db
-        .cars()
-        .await?
-        .into_iter()
-        .find(|car| &car.id == id)
-        .ok_or_else(|| {
-            ApiError(
-                StatusCode::NOT_FOUND,
-                format!("no car {id}; list cars with `cardeploy car list`"),
-            )
-        })
+    twin.db.car(id).await?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no car {id}; list cars with `cardeploy car list`"),
+        )
+    })
 }
 
 async fn get_car(

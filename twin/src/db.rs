@@ -67,6 +67,22 @@ pub struct EventRecord {
     pub message: String,
 }
 
+/// A `cars` row (id, attributes, fingerprint, created_at) as a record.
+fn car_record(row: &sqlx::sqlite::SqliteRow) -> Result<CarRecord, Error> {
+    let id: String = row.get(0);
+    let attributes: String = row.get(1);
+    Ok(CarRecord {
+        attributes: serde_json::from_str(&attributes).map_err(corrupt(&id, "attributes"))?,
+        id: CarId::new(id.clone()).map_err(|_| Error::Corrupt {
+            car: id.clone(),
+            what: "car id",
+            source: serde::de::Error::custom("invalid car id"),
+        })?,
+        fingerprint: row.get(2),
+        created_at: row.get(3),
+    })
+}
+
 #[derive(Clone, Debug)]
 pub struct Db {
     pool: SqlitePool,
@@ -121,23 +137,18 @@ impl Db {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db("list cars"))?;
-        rows.into_iter()
-            .map(|row| {
-                let id: String = row.get(0);
-                let attributes: String = row.get(1);
-                Ok(CarRecord {
-                    attributes: serde_json::from_str(&attributes)
-                        .map_err(corrupt(&id, "attributes"))?,
-                    id: CarId::new(id.clone()).map_err(|_| Error::Corrupt {
-                        car: id.clone(),
-                        what: "car id",
-                        source: serde::de::Error::custom("invalid car id"),
-                    })?,
-                    fingerprint: row.get(2),
-                    created_at: row.get(3),
-                })
-            })
-            .collect()
+        rows.iter().map(car_record).collect()
+    }
+
+    /// One car by id, without reading the others.
+    pub async fn car(&self, car: &CarId) -> Result<Option<CarRecord>, Error> {
+        let row =
+            sqlx::query("SELECT id, attributes, fingerprint, created_at FROM cars WHERE id = ?")
+                .bind(car.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db("read car"))?;
+        row.as_ref().map(car_record).transpose()
     }
 
     pub async fn desired(&self, car: &CarId) -> Result<Option<DesiredState>, Error> {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use cardeploy_testkit::{CarFiles, TestPki};
+use cardeploy_testkit::{CarFiles, TestPki, rest};
 use cardeploy_twin::{Config, Running};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
@@ -46,36 +46,13 @@ fn config(pki: &TestPki, data: &tempfile::TempDir) -> Config {
     config
 }
 
-/// One operator API call; ureq blocks, so it runs off the runtime that also serves the twin.
 async fn api(
     twin: &Running,
     method: &'static str,
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let url = format!("http://{}{path}", twin.api_addr);
-    let auth = format!("Bearer {}", twin.operator_token);
-    tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let response = match (method, body) {
-            ("GET", None) => agent.get(&url).header("Authorization", &auth).call(),
-            ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
-            ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b),
-            _ => unreachable!(),
-        };
-        let mut response = response.unwrap();
-        let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    })
-    .await
-    .unwrap()
+    rest(twin.api_addr, &twin.operator_token, method, path, body).await
 }
 
 /// The running python car: its stdout line by line, its stderr collected for failure messages.

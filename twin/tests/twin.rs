@@ -11,7 +11,7 @@ use cardeploy_protocol::{
     self as protocol, CarId, DesiredState, Hello, HelloReply, Phase, Report, ReportBody,
     ReportedState, SetupData, route,
 };
-use cardeploy_testkit::{CarFiles, TestPki};
+use cardeploy_testkit::{CarFiles, TestPki, rest};
 use cardeploy_twin::{Config, Running};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -49,57 +49,13 @@ impl Env {
     }
 }
 
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
-
 async fn api_async(
     twin: &Running,
     method: &'static str,
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let addr = twin.api_addr;
-    let token = twin.operator_token.clone();
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let fake = FakeRunning {
-            api_addr: addr,
-            token,
-        };
-        fake.call(method, &path, body)
-    })
-    .await
-    .unwrap()
-}
-
-struct FakeRunning {
-    api_addr: std::net::SocketAddr,
-    token: String,
-}
-
-impl FakeRunning {
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = format!("http://{}{path}", self.api_addr);
-        let auth = format!("Bearer {}", self.token);
-        let agent = http();
-        let response = match (method, body) {
-            ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
-            ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
-            ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b),
-            _ => unreachable!(),
-        };
-        let mut response = response.unwrap();
-        let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
+    rest(twin.api_addr, &twin.operator_token, method, path, body).await
 }
 
 async fn register(env: &Env, twin: &Running, car: &str) -> CarFiles {
@@ -322,12 +278,17 @@ async fn the_operator_api_needs_the_token_and_says_what_is_wrong() {
     let twin = env.start().await;
     let addr = twin.api_addr;
     let status = tokio::task::spawn_blocking(move || {
-        http()
-            .get(&format!("http://{addr}/api/v1/cars"))
-            .call()
-            .unwrap()
-            .status()
-            .as_u16()
+        // No Authorization header at all.
+        ureq::Agent::from(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build(),
+        )
+        .get(&format!("http://{addr}/api/v1/cars"))
+        .call()
+        .unwrap()
+        .status()
+        .as_u16()
     })
     .await
     .unwrap();

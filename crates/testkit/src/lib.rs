@@ -159,24 +159,22 @@ impl TestPki {
 
     /// Issue a certificate for `car_id` and write it next to the CA.
     pub fn car(&self, car_id: &str) -> CarFiles {
-        let Issued { cert_pem, key_pem } = self.pki.ca.issue_car(car_id).unwrap();
-        let cert = self.path().join(format!("{car_id}.pem"));
-        let key = self.path().join(format!("{car_id}.key"));
-        write_file(&cert, &cert_pem, false).unwrap();
-        write_file(&key, &key_pem, true).unwrap();
-        CarFiles {
-            cert,
-            key,
-            cert_pem,
-        }
+        self.write_car(car_id, self.pki.ca.issue_car(car_id).unwrap())
     }
 
     /// A certificate for `car_id` from another, unrelated CA.
     pub fn foreign_car(&self, car_id: &str) -> CarFiles {
         let other = FleetPki::generate("someone else", &["localhost".to_owned()]).unwrap();
-        let Issued { cert_pem, key_pem } = other.ca.issue_car(car_id).unwrap();
-        let cert = self.path().join(format!("foreign-{car_id}.pem"));
-        let key = self.path().join(format!("foreign-{car_id}.key"));
+        self.write_car(
+            &format!("foreign-{car_id}"),
+            other.ca.issue_car(car_id).unwrap(),
+        )
+    }
+
+    fn write_car(&self, name: &str, issued: Issued) -> CarFiles {
+        let Issued { cert_pem, key_pem } = issued;
+        let cert = self.path().join(format!("{name}.pem"));
+        let key = self.path().join(format!("{name}.key"));
         write_file(&cert, &cert_pem, false).unwrap();
         write_file(&key, &key_pem, true).unwrap();
         CarFiles {
@@ -206,6 +204,39 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// One call to the twin's operator REST API with `Authorization: Bearer <token>`. ureq blocks,
+/// so the call runs on the blocking pool, off the runtime that may also be serving the twin.
+/// Returns the status and the JSON body (a body that is not JSON comes back as a JSON string).
+pub async fn rest(
+    api: SocketAddr,
+    token: &str,
+    method: &'static str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let url = format!("http://{api}{path}");
+    let auth = format!("Bearer {token}");
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let response = match (method, body) {
+            ("GET", None) => agent.get(&url).header("Authorization", &auth).call(),
+            ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
+            ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b),
+            (method, body) => panic!("rest(): unsupported {method} with body {body:?}"),
+        };
+        let mut response = response.unwrap();
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        (status, json)
+    })
+    .await
+    .unwrap()
 }
 
 /// Poll `check` every 20 ms until it returns Some, or panic after `timeout` with `what`.
