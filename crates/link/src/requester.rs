@@ -159,6 +159,19 @@ impl Requester {
         data: Bytes,
         window: Window,
     ) -> Result<Vec<Bytes>, Error> {
+        self.request_window_within(route, data, window, self.deadline)
+            .await
+    }
+
+    /// [`Requester::request_window`] with its own deadline (bulk data on a slow link needs
+    /// longer than a control request).
+    pub async fn request_window_within(
+        &self,
+        route: &str,
+        data: Bytes,
+        window: Window,
+        deadline: Duration,
+    ) -> Result<Vec<Bytes>, Error> {
         let mut stream = self.request_stream(route, data);
         let collect = async {
             let mut items = Vec::new();
@@ -184,11 +197,11 @@ impl Requester {
             }
             Ok(items)
         };
-        match tokio::time::timeout(self.deadline, collect).await {
+        match tokio::time::timeout(deadline, collect).await {
             Ok(result) => result,
             Err(_) => Err(Error::Deadline {
                 route: route.to_owned(),
-                deadline: self.deadline,
+                deadline,
             }),
         }
     }

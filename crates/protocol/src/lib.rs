@@ -23,6 +23,10 @@ pub mod route {
     pub const CAR_REPORT: &str = "car.report";
     /// request-response, car → twin: liveness both ways.
     pub const CAR_HEARTBEAT: &str = "car.heartbeat";
+    /// request-response, car → twin: the chunk index of one artifact (binary answer).
+    pub const ARTIFACT_INDEX: &str = "artifact.index";
+    /// request-stream, car → twin: a bounded window of chunks, one transit frame each.
+    pub const ARTIFACT_CHUNKS: &str = "artifact.chunks";
     /// request-response, twin → car: live state on demand.
     pub const TWIN_INSPECT: &str = "twin.inspect";
 }

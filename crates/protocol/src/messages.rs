@@ -75,6 +75,81 @@ pub struct DesiredState {
     pub release: String,
     /// Unix seconds.
     pub issued_at: u64,
+    /// Artifacts the car must hold for this release, fetched by chunk index (docs/delta.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<ArtifactRef>,
+}
+
+/// One artifact of a release: a name the car keeps it under (`rootfs`, `layer-app`) and the
+/// sha256 of its chunk index (hex).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactRef {
+    pub name: String,
+    pub index: String,
+}
+
+/// Check an artifact name: 1-64 characters of A-Z a-z 0-9 - _ ., starting alphanumeric (it
+/// becomes a file name on the car).
+pub fn validate_artifact_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArtifactName {
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// `artifact.index` request; the answer is the index's binary encoding (docs/delta.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexRequest {
+    pub index: String,
+}
+
+/// `artifact.chunks` request: chunks of `index` by position, at most [`MAX_WINDOW_CHUNKS`]
+/// totalling at most [`MAX_WINDOW_BYTES`] raw. `base` names the index of an artifact the car
+/// holds completely; the twin may then send deltas against ranges of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunksRequest {
+    pub index: String,
+    #[serde(default)]
+    pub base: Option<String>,
+    pub chunks: Vec<u32>,
+}
+
+/// Most chunks one `artifact.chunks` request may ask for.
+pub const MAX_WINDOW_CHUNKS: usize = 64;
+/// Most raw bytes one `artifact.chunks` request may ask for.
+pub const MAX_WINDOW_BYTES: u64 = 16 << 20;
+
+/// Where a download stands; sent at the start, about once a second, and at the end.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchProgress {
+    pub artifact: String,
+    pub index: String,
+    /// Size of the artifact.
+    pub planned_bytes: u64,
+    /// Bytes found in the car's chunk store (fetched before an interruption, or shared).
+    pub store_bytes: u64,
+    /// Bytes found in seeds (the running slot, older layers).
+    pub seed_bytes: u64,
+    /// Raw bytes of the chunks that must come over the network.
+    pub fetch_bytes: u64,
+    /// Raw bytes of those received so far.
+    pub fetched_bytes: u64,
+    /// Payload bytes received for them (compressed, deltas).
+    pub wire_bytes: u64,
+    pub done: bool,
 }
 
 /// Where the agent stands with the desired state.
@@ -83,7 +158,9 @@ pub struct DesiredState {
 pub enum Phase {
     /// Nothing desired yet.
     Idle,
-    /// A desired state was received and recorded.
+    /// A desired state was received and recorded; its artifacts are being fetched.
+    Fetching,
+    /// A desired state was received, recorded, and everything it names is on the car.
     Applied,
     /// The last desired state could not be applied; see `last_error`.
     Failed,
@@ -130,6 +207,8 @@ pub enum ReportBody {
     State { state: ReportedState },
     /// Something worth a line in the car's event log.
     Event { kind: String, message: String },
+    /// A download's progress.
+    Progress { progress: FetchProgress },
 }
 
 /// `car.heartbeat` request and answer: nothing but liveness.

@@ -32,6 +32,10 @@ pub enum Fault {
 #[derive(Debug)]
 pub struct FaultProxy {
     pub addr: SocketAddr,
+    /// Bytes forwarded server → client (what a car downloads through the proxy).
+    pub bytes_down: Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes forwarded client → server.
+    pub bytes_up: Arc<std::sync::atomic::AtomicU64>,
     fault: Arc<AtomicU8>,
     changed: watch::Sender<u8>,
 }
@@ -42,8 +46,12 @@ impl FaultProxy {
         let addr = listener.local_addr().unwrap();
         let fault = Arc::new(AtomicU8::new(Fault::Pass as u8));
         let (changed, _) = watch::channel(0u8);
+        let bytes_down = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let bytes_up = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let proxy = Self {
             addr,
+            bytes_down: bytes_down.clone(),
+            bytes_up: bytes_up.clone(),
             fault: fault.clone(),
             changed: changed.clone(),
         };
@@ -59,9 +67,10 @@ impl FaultProxy {
                 }
                 let fault = fault.clone();
                 let changed = changed.subscribe();
+                let counters = (bytes_up.clone(), bytes_down.clone());
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(upstream).await {
-                        pipe(client, server, fault, changed).await;
+                        pipe(client, server, fault, changed, counters).await;
                     }
                 });
             }
@@ -80,13 +89,17 @@ async fn pipe(
     server: TcpStream,
     fault: Arc<AtomicU8>,
     changed: watch::Receiver<u8>,
+    (up, down): (
+        Arc<std::sync::atomic::AtomicU64>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ),
 ) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
-    let a = copy(cr, sw, fault.clone(), changed.clone());
-    let b = copy(sr, cw, fault, changed);
+    let a = copy(cr, sw, fault.clone(), changed.clone(), up);
+    let b = copy(sr, cw, fault, changed, down);
     let _ = tokio::join!(a, b);
 }
 
@@ -95,6 +108,7 @@ async fn copy(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     fault: Arc<AtomicU8>,
     mut changed: watch::Receiver<u8>,
+    counter: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -102,7 +116,10 @@ async fn copy(
             read = from.read(&mut buf) => {
                 let n = match read { Ok(0) | Err(_) => break, Ok(n) => n };
                 match fault.load(Ordering::SeqCst) {
-                    0 => if to.write_all(&buf[..n]).await.is_err() { break },
+                    0 => {
+                        if to.write_all(&buf[..n]).await.is_err() { break }
+                        counter.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                     1 => {} // swallowed
                     _ => break,
                 }

@@ -1,0 +1,347 @@
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::{ChunkIndex, Digest, Error, Result};
+
+/// zstd level for chunks the store compresses itself (those that arrived as deltas). Chunks that
+/// arrive compressed are kept exactly as they arrived.
+const STORE_LEVEL: i32 = 3;
+/// No chunk is larger than FastCDC's maximum; decompression stops there whatever a frame claims.
+const MAX_CHUNK: usize = fastcdc::v2020::MAXIMUM_MAX;
+
+/// Chunks on disk, zstd-compressed, one file per chunk:
+///
+/// ```text
+/// <root>/chunks/<2 hex>/<64 hex>   a zstd frame
+/// <root>/indexes/<64 hex>          a chunk index (its encoding)
+/// <root>/keep/<name>               the id of an index that pins its chunks against gc
+/// <root>/tmp/                      writes in progress (emptied on open)
+/// <root>/corrupt/                  chunks that failed verification, moved aside for inspection
+/// ```
+///
+/// Writes are atomic (temp file, fsync, rename); [`Store::sync`] makes the renames durable (one
+/// directory fsync per touched directory, so a window of chunks costs a handful of fsyncs, not
+/// one per chunk). A crash loses at most the chunks renamed since the last sync, never corrupts
+/// one: every read decompresses and checks the sha256 against the name.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    dirty: Mutex<BTreeSet<PathBuf>>,
+    seq: AtomicU64,
+}
+
+/// What [`Store::gc`] or [`Store::stats`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub chunks: u64,
+    pub bytes_on_disk: u64,
+}
+
+impl Store {
+    pub fn open(root: &Path) -> Result<Self> {
+        for sub in ["chunks", "indexes", "keep", "tmp", "corrupt"] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).map_err(Error::io("cannot create", &dir))?;
+        }
+        // Leftovers of writes a crash interrupted: never renamed, so never part of the store.
+        let tmp = root.join("tmp");
+        for entry in fs::read_dir(&tmp).map_err(Error::io("cannot list", &tmp))? {
+            let path = entry.map_err(Error::io("cannot list", &tmp))?.path();
+            let _ = fs::remove_file(&path);
+        }
+        Ok(Self {
+            root: root.to_owned(),
+            dirty: Mutex::new(BTreeSet::new()),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn chunk_path(&self, id: &Digest) -> PathBuf {
+        let hex = id.hex();
+        self.root.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    pub fn has(&self, id: &Digest) -> bool {
+        self.chunk_path(id).is_file()
+    }
+
+    /// Store raw chunk bytes after checking they are the chunk `id`.
+    pub fn put_raw(&self, id: &Digest, data: &[u8]) -> Result<()> {
+        verify(id, data)?;
+        if self.has(id) {
+            return Ok(());
+        }
+        let z = zstd::bulk::compress(data, STORE_LEVEL).map_err(Error::Zstd)?;
+        self.write_atomic(&self.chunk_path(id), &z)
+    }
+
+    /// Store a zstd frame as it arrived, after decompressing it and checking it is the chunk
+    /// `id`. Returns the raw bytes (callers usually need them next).
+    pub fn put_compressed(&self, id: &Digest, frame: &[u8]) -> Result<Vec<u8>> {
+        let data = decompress(frame).map_err(|e| match e {
+            Error::Zstd(io) => Error::TransitMalformed(format!("chunk {id}: {io}")),
+            other => other,
+        })?;
+        verify(id, &data)?;
+        if !self.has(id) {
+            self.write_atomic(&self.chunk_path(id), frame)?;
+        }
+        Ok(data)
+    }
+
+    /// The raw bytes of chunk `id`, verified. A chunk that fails verification is moved to
+    /// `corrupt/` so the next plan fetches it again.
+    pub fn get(&self, id: &Digest) -> Result<Vec<u8>> {
+        Ok(self.get_both(id)?.1)
+    }
+
+    /// The stored zstd frame of chunk `id` and its raw bytes, verified.
+    pub fn get_both(&self, id: &Digest) -> Result<(Vec<u8>, Vec<u8>)> {
+        let path = self.chunk_path(id);
+        let frame = match fs::read(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::ChunkMissing(*id));
+            }
+            Err(e) => return Err(Error::io("cannot read", &path)(e)),
+        };
+        let checked = decompress(&frame).and_then(|data| verify(id, &data).map(|()| data));
+        match checked {
+            Ok(data) => Ok((frame, data)),
+            Err(e) => {
+                let aside = self.root.join("corrupt").join(id.hex());
+                let _ = fs::rename(&path, &aside);
+                Err(Error::StoreCorrupt {
+                    id: *id,
+                    path,
+                    why: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Make every rename since the last sync durable.
+    pub fn sync(&self) -> Result<()> {
+        let dirs = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        for dir in dirs {
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(Error::io("cannot sync directory", &dir))?;
+        }
+        Ok(())
+    }
+
+    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let tmp =
+            self.root
+                .join("tmp")
+                .join(format!("{}.{}.{n}", std::process::id(), fastrand_u64()));
+        let mut file = File::create(&tmp).map_err(Error::io("cannot create", &tmp))?;
+        file.write_all(bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(Error::io("cannot write", &tmp))?;
+        drop(file);
+        let dir = path.parent().unwrap_or(&self.root).to_owned();
+        fs::create_dir_all(&dir).map_err(Error::io("cannot create", &dir))?;
+        fs::rename(&tmp, path).map_err(Error::io("cannot rename into", path))?;
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dir);
+        Ok(())
+    }
+
+    /// Keep an index (content-addressed) in the store; returns its id.
+    pub fn put_index(&self, index: &ChunkIndex) -> Result<Digest> {
+        let bytes = index.encode();
+        let id = Digest::of(&bytes);
+        let path = self.root.join("indexes").join(id.hex());
+        if !path.is_file() {
+            self.write_atomic(&path, &bytes)?;
+        }
+        Ok(id)
+    }
+
+    /// A kept index, verified against its id.
+    pub fn get_index(&self, id: &Digest, max_artifact: u64) -> Result<ChunkIndex> {
+        let path = self.root.join("indexes").join(id.hex());
+        let bytes = fs::read(&path).map_err(Error::io("cannot read index", &path))?;
+        ChunkIndex::decode_expecting(&bytes, id, max_artifact)
+    }
+
+    pub fn has_index(&self, id: &Digest) -> bool {
+        self.root.join("indexes").join(id.hex()).is_file()
+    }
+
+    /// The raw encoding of a kept index (what the twin serves on `artifact.index`), verified.
+    pub fn index_bytes(&self, id: &Digest) -> Result<Vec<u8>> {
+        let path = self.root.join("indexes").join(id.hex());
+        let bytes = fs::read(&path).map_err(Error::io("cannot read index", &path))?;
+        let actual = Digest::of(&bytes);
+        if &actual != id {
+            return Err(Error::IndexDigest {
+                expected: *id,
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Pin `index` (already stored with [`Store::put_index`]) under `name`: its chunks survive gc.
+    pub fn keep(&self, name: &str, index: &Digest) -> Result<()> {
+        check_name(name)?;
+        self.write_atomic(&self.root.join("keep").join(name), index.hex().as_bytes())?;
+        self.sync()
+    }
+
+    /// Unpin `name`; its chunks go at the next gc unless another kept index needs them.
+    pub fn unkeep(&self, name: &str) -> Result<()> {
+        check_name(name)?;
+        let path = self.root.join("keep").join(name);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io("cannot remove", &path)(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Every pin: name → index id.
+    pub fn kept(&self) -> Result<Vec<(String, Digest)>> {
+        let dir = self.root.join("keep");
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(Error::io("cannot list", &dir))? {
+            let entry = entry.map_err(Error::io("cannot list", &dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let text =
+                fs::read_to_string(entry.path()).map_err(Error::io("cannot read", entry.path()))?;
+            out.push((name, text.trim().parse()?));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// How many kept indexes need each chunk (a chunk listed twice in one index counts once
+    /// for it).
+    pub fn refcounts(&self, max_artifact: u64) -> Result<HashMap<Digest, u32>> {
+        let mut counts: HashMap<Digest, u32> = HashMap::new();
+        let mut seen_index = HashSet::new();
+        for (_, id) in self.kept()? {
+            if !seen_index.insert(id) {
+                continue;
+            }
+            let index = self.get_index(&id, max_artifact)?;
+            let unique: HashSet<Digest> = index.chunks.iter().map(|c| c.id).collect();
+            for c in unique {
+                *counts.entry(c).or_default() += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Remove every chunk and index no kept index needs. Returns what was removed.
+    pub fn gc(&self, max_artifact: u64) -> Result<StoreStats> {
+        let counts = self.refcounts(max_artifact)?;
+        let kept_indexes: HashSet<String> =
+            self.kept()?.into_iter().map(|(_, d)| d.hex()).collect();
+        let mut removed = StoreStats::default();
+        self.walk_chunks(|path, id, len| {
+            if !counts.contains_key(&id) {
+                fs::remove_file(path).map_err(Error::io("cannot remove", path))?;
+                removed.chunks += 1;
+                removed.bytes_on_disk += len;
+            }
+            Ok(())
+        })?;
+        let dir = self.root.join("indexes");
+        for entry in fs::read_dir(&dir).map_err(Error::io("cannot list", &dir))? {
+            let entry = entry.map_err(Error::io("cannot list", &dir))?;
+            if !kept_indexes.contains(&*entry.file_name().to_string_lossy()) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Chunks and bytes on disk.
+    pub fn stats(&self) -> Result<StoreStats> {
+        let mut s = StoreStats::default();
+        self.walk_chunks(|_, _, len| {
+            s.chunks += 1;
+            s.bytes_on_disk += len;
+            Ok(())
+        })?;
+        Ok(s)
+    }
+
+    fn walk_chunks(&self, mut each: impl FnMut(&Path, Digest, u64) -> Result<()>) -> Result<()> {
+        let top = self.root.join("chunks");
+        for sub in fs::read_dir(&top).map_err(Error::io("cannot list", &top))? {
+            let sub = sub.map_err(Error::io("cannot list", &top))?.path();
+            if !sub.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(&sub).map_err(Error::io("cannot list", &sub))? {
+                let entry = entry.map_err(Error::io("cannot list", &sub))?;
+                let Ok(id) = entry.file_name().to_string_lossy().parse::<Digest>() else {
+                    continue;
+                };
+                let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                each(&entry.path(), id, len)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::IndexMalformed(format!(
+            "`{name}` is not a valid keep name (1-128 of A-Z a-z 0-9 - _ . @, not starting with .)"
+        )))
+    }
+}
+
+pub(crate) fn verify(id: &Digest, data: &[u8]) -> Result<()> {
+    let actual = Digest::of(data);
+    if &actual == id {
+        Ok(())
+    } else {
+        Err(Error::ChunkDigest {
+            expected: *id,
+            actual,
+        })
+    }
+}
+
+/// Decompress one zstd frame holding at most one chunk.
+pub(crate) fn decompress(frame: &[u8]) -> Result<Vec<u8>> {
+    zstd::bulk::decompress(frame, MAX_CHUNK).map_err(Error::Zstd)
+}
+
+fn fastrand_u64() -> u64 {
+    // Uniqueness of temp names within a process comes from the counter; this only separates
+    // processes sharing a store after a pid is reused.
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ u64::from(std::process::id()).rotate_left(32)
+}

@@ -1,0 +1,344 @@
+use std::fs;
+
+use crate::transit::{
+    DeltaDecoder, DeltaEncoder, Encoding, Frame, ReferencePlanner, reference_dictionary,
+};
+use crate::*;
+
+const SMALL: Params = Params {
+    min: 1024,
+    avg: 4096,
+    max: 16384,
+};
+
+/// Pseudo-random but compressible bytes (words from a small vocabulary), like real files.
+fn corpus(seed: u64, len: usize) -> Vec<u8> {
+    let words: [&[u8]; 8] = [
+        b"alpha ", b"beta ", b"gamma\n", b"delta ", b"car ", b"twin ", b"slot\n", b"0x1f ",
+    ];
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        if rng.u8(..) < 20 {
+            out.push(rng.u8(..));
+        } else {
+            out.extend_from_slice(words[rng.usize(..words.len())]);
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// `old` with a few edits: bytes changed in place, an insertion, a deletion.
+fn edited(old: &[u8]) -> Vec<u8> {
+    let mut new = old.to_vec();
+    for at in [1000, 50_000, 120_000] {
+        new[at] ^= 0x55;
+    }
+    new.splice(70_000..70_000, corpus(99, 3000));
+    new.drain(150_000..152_000);
+    new
+}
+
+#[test]
+fn index_round_trips_and_is_content_addressed() {
+    let data = corpus(1, 200_000);
+    let index = chunk_bytes(&data, SMALL);
+    assert_eq!(index.size, 200_000);
+    assert_eq!(index.artifact, Digest::of(&data));
+    let bytes = index.encode();
+    let back = ChunkIndex::decode_expecting(&bytes, &index.id(), 1 << 30).unwrap();
+    assert_eq!(back, index);
+}
+
+#[test]
+fn truncated_index_is_refused() {
+    let index = chunk_bytes(&corpus(1, 100_000), SMALL);
+    let bytes = index.encode();
+    let err = ChunkIndex::decode(&bytes[..bytes.len() - 10], 1 << 30).unwrap_err();
+    assert!(matches!(err, Error::IndexMalformed(_)), "{err}");
+}
+
+#[test]
+fn reordered_index_is_refused_by_digest_and_by_artifact_digest() {
+    let data = corpus(1, 100_000);
+    let index = chunk_bytes(&data, SMALL);
+    let mut reordered = index.clone();
+    reordered.chunks.swap(0, 1);
+    let err = ChunkIndex::decode_expecting(&reordered.encode(), &index.id(), 1 << 30).unwrap_err();
+    assert!(matches!(err, Error::IndexDigest { .. }), "{err}");
+
+    // Even when it is asked for under its own id, assembly refuses the result.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    chunk_reader(&data[..], SMALL, |c| store.put_raw(&c.id, c.data)).unwrap();
+    let out = dir.path().join("out.img");
+    let err = assemble(&reordered, &store, &[], &out, |_| {}).unwrap_err();
+    assert!(matches!(err, Error::ArtifactDigest { .. }), "{err}");
+    assert!(!out.exists());
+    assert!(!dir.path().join("out.img.partial").exists());
+}
+
+#[test]
+fn index_claiming_a_size_beyond_the_limit_is_refused() {
+    let index = chunk_bytes(&corpus(1, 100_000), SMALL);
+    let err = ChunkIndex::decode(&index.encode(), 50_000).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::IndexTooLarge {
+                size: 100_000,
+                limit: 50_000
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn index_with_lengths_that_do_not_add_up_is_refused() {
+    let mut index = chunk_bytes(&corpus(1, 100_000), SMALL);
+    index.size += 1;
+    let err = ChunkIndex::decode(&index.encode(), 1 << 30).unwrap_err();
+    assert!(matches!(err, Error::IndexMalformed(_)), "{err}");
+}
+
+#[test]
+fn store_verifies_every_read_and_moves_corrupt_chunks_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let data = corpus(2, 5000);
+    let id = Digest::of(&data);
+    store.put_raw(&id, &data).unwrap();
+    store.sync().unwrap();
+    assert_eq!(store.get(&id).unwrap(), data);
+
+    // Wrong bytes under a name are refused at the door.
+    let err = store.put_raw(&Digest::of(b"other"), &data).unwrap_err();
+    assert!(matches!(err, Error::ChunkDigest { .. }), "{err}");
+
+    // A chunk damaged on disk is detected, moved aside, and is then missing (fetched again).
+    let path = dir
+        .path()
+        .join("chunks")
+        .join(&id.hex()[..2])
+        .join(id.hex());
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&path, bytes).unwrap();
+    let err = store.get(&id).unwrap_err();
+    assert!(matches!(err, Error::StoreCorrupt { .. }), "{err}");
+    assert!(!store.has(&id));
+    assert!(dir.path().join("corrupt").join(id.hex()).exists());
+}
+
+#[test]
+fn leftover_temp_files_are_removed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    Store::open(dir.path()).unwrap();
+    fs::write(dir.path().join("tmp").join("123.half-written"), b"x").unwrap();
+    Store::open(dir.path()).unwrap();
+    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+}
+
+#[test]
+fn gc_removes_exactly_the_chunks_no_kept_index_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = corpus(3, 200_000);
+    let b = edited(&a);
+    let ia = chunk_reader(&a[..], SMALL, |c| store.put_raw(&c.id, c.data)).unwrap();
+    let ib = chunk_reader(&b[..], SMALL, |c| store.put_raw(&c.id, c.data)).unwrap();
+    store.keep("a", &store.put_index(&ia).unwrap()).unwrap();
+    store.keep("b", &store.put_index(&ib).unwrap()).unwrap();
+    let counts = store.refcounts(1 << 30).unwrap();
+    assert!(counts.values().any(|&n| n == 2), "a and b share chunks");
+    assert_eq!(store.gc(1 << 30).unwrap().chunks, 0);
+
+    store.unkeep("a").unwrap();
+    let removed = store.gc(1 << 30).unwrap();
+    let only_a = ia
+        .chunks
+        .iter()
+        .filter(|c| !ib.chunks.iter().any(|d| d.id == c.id))
+        .count();
+    assert_eq!(removed.chunks as usize, only_a);
+    assert!(ib.chunks.iter().all(|c| store.has(&c.id)));
+    assert!(!store.has_index(&ia.id()));
+}
+
+#[test]
+fn plan_takes_from_store_then_seed_then_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let old = corpus(4, 200_000);
+    let new = edited(&old);
+    let seed_path = dir.path().join("slot-a.img");
+    fs::write(&seed_path, &old).unwrap();
+    let seed = Seed::scan(&seed_path, SMALL).unwrap();
+    let target = chunk_bytes(&new, SMALL);
+    let plan = Plan::new(&target, &store, std::slice::from_ref(&seed));
+    let s = plan.stats;
+    assert_eq!(s.planned_bytes, new.len() as u64);
+    assert!(s.seed_bytes > s.planned_bytes / 2, "{s:?}");
+    assert!(
+        s.fetch_bytes > 0 && s.fetch_bytes < s.planned_bytes / 2,
+        "{s:?}"
+    );
+    assert_eq!(s.store_bytes, 0);
+
+    let windows = plan.windows(2, 1 << 20);
+    assert_eq!(
+        windows.iter().map(|w| w.len()).sum::<usize>(),
+        plan.missing().len()
+    );
+    assert!(windows.iter().all(|w| w.len() <= 2));
+}
+
+#[test]
+fn a_seed_that_changes_under_us_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed_path = dir.path().join("slot-a.img");
+    let old = corpus(5, 100_000);
+    fs::write(&seed_path, &old).unwrap();
+    let seed = Seed::scan(&seed_path, SMALL).unwrap();
+    let first = seed.index().chunks[0].id;
+    assert!(seed.read(&first).is_ok());
+    let mut changed = old.clone();
+    changed[10] ^= 1;
+    fs::write(&seed_path, &changed).unwrap();
+    let err = seed.read(&first).unwrap_err();
+    assert!(matches!(err, Error::SeedChanged { offset: 0, .. }), "{err}");
+}
+
+#[test]
+fn deltas_against_the_base_are_small_and_exact() {
+    let old = corpus(6, 300_000);
+    let new = edited(&old);
+    let base = chunk_bytes(&old, SMALL);
+    let target = chunk_bytes(&new, SMALL);
+    let base_chunks: Vec<Vec<u8>> = {
+        let mut v = Vec::new();
+        chunk_reader(&old[..], SMALL, |c| {
+            v.push(c.data.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        v
+    };
+    let planner = ReferencePlanner::new(&target, &base, transit::MAX_REFERENCE);
+    let in_base: std::collections::HashSet<_> = base.chunks.iter().map(|c| c.id).collect();
+    let offsets = target.offsets();
+    let mut enc = DeltaEncoder::new(19);
+    let mut dec = DeltaDecoder::new();
+    let (mut delta_bytes, mut whole_bytes) = (0, 0);
+    for (i, c) in target.chunks.iter().enumerate() {
+        if in_base.contains(&c.id) {
+            continue;
+        }
+        let raw = &new[offsets[i] as usize..offsets[i + 1] as usize];
+        let r = planner.reference(i).unwrap();
+        let dict = || {
+            Ok(reference_dictionary(
+                base_chunks[r.start as usize..(r.start + r.count) as usize]
+                    .iter()
+                    .cloned(),
+            ))
+        };
+        let frame = enc.delta(c.id, raw, r, dict).unwrap();
+        let wire = Frame::decode(&frame.encode()).unwrap();
+        assert_eq!(wire, frame);
+        let back = dec
+            .decode(&wire, base.chunks.len(), |r| {
+                Ok(reference_dictionary(
+                    base_chunks[r.start as usize..(r.start + r.count) as usize]
+                        .iter()
+                        .cloned(),
+                ))
+            })
+            .unwrap();
+        assert_eq!(back, raw);
+        delta_bytes += wire.data.len();
+        whole_bytes += zstd::bulk::compress(raw, 19).unwrap().len();
+    }
+    assert!(whole_bytes > 0);
+    // Three flipped bytes, 3000 inserted and 2000 removed: the deltas are a small fraction.
+    assert!(
+        delta_bytes * 4 < whole_bytes,
+        "delta {delta_bytes} vs whole {whole_bytes}"
+    );
+}
+
+#[test]
+fn a_tampered_frame_is_refused() {
+    let data = corpus(7, 10_000);
+    let id = Digest::of(&data);
+    let z = zstd::bulk::compress(&corpus(8, 10_000), 3).unwrap();
+    let frame = transit::whole(id, 10_000, z);
+    let err = DeltaDecoder::new()
+        .decode(&frame, 0, |_| unreachable!())
+        .unwrap_err();
+    assert!(matches!(err, Error::ChunkDigest { .. }), "{err}");
+
+    let mut delta = frame.clone();
+    delta.encoding = Encoding::Delta(transit::Reference {
+        start: 5,
+        count: 10,
+    });
+    let err = DeltaDecoder::new()
+        .decode(&delta, 12, |_| unreachable!())
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DeltaReference {
+                start: 5,
+                end: 15,
+                len: 12,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let err = Frame::decode(b"X0123").unwrap_err();
+    assert!(matches!(err, Error::TransitMalformed(_)), "{err}");
+}
+
+#[test]
+fn assembly_streams_from_store_and_seed_and_checks_the_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let old = corpus(9, 200_000);
+    let new = edited(&old);
+    let seed_path = dir.path().join("slot-a.img");
+    fs::write(&seed_path, &old).unwrap();
+    let seeds = [Seed::scan(&seed_path, SMALL).unwrap()];
+    let target = chunk_bytes(&new, SMALL);
+    let offsets = target.offsets();
+    let plan = Plan::new(&target, &store, &seeds);
+    for &(i, id, _) in plan.missing() {
+        store
+            .put_raw(&id, &new[offsets[i] as usize..offsets[i + 1] as usize])
+            .unwrap();
+    }
+    let out = dir.path().join("new.img");
+    let mut last = 0;
+    let done = assemble(&target, &store, &seeds, &out, |n| last = n).unwrap();
+    assert_eq!(done.size, new.len() as u64);
+    assert_eq!(last, new.len() as u64);
+    assert_eq!(fs::read(&out).unwrap(), new);
+}
+
+#[test]
+fn assembly_without_a_source_fails_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let target = chunk_bytes(&corpus(10, 50_000), SMALL);
+    let out = dir.path().join("x.img");
+    let err = assemble(&target, &store, &[], &out, |_| {}).unwrap_err();
+    assert!(matches!(err, Error::Unplanned(_)), "{err}");
+    assert!(!out.exists());
+    assert!(!dir.path().join("x.img.partial").exists());
+}

@@ -1,0 +1,363 @@
+//! Chunks on the wire (`artifact.chunks`, docs/protocol.md): each chunk travels as one frame,
+//! zstd-compressed either whole or as a delta whose zstd dictionary is a range of the base
+//! artifact the car already holds. Choosing that range is the whole trick: a changed chunk's old
+//! version almost always lies between the nearest chunks that did match, at about the same
+//! relative position, because files in an image or a tar move by shifts, not by shuffles.
+//!
+//! ```text
+//! 'W' | chunk sha256 [32] | raw length u32 | zstd frame
+//! 'D' | chunk sha256 [32] | raw length u32 | base start u32 | base count u32 | zstd frame
+//! ```
+
+use std::collections::HashMap;
+
+use crate::{ChunkIndex, Digest, Error, Result, store::verify};
+
+/// The largest reference a delta may use: bounds the car's memory (reference + decoder) at
+/// about twice this, whatever the artifact size.
+pub const MAX_REFERENCE: u64 = 8 << 20;
+/// zstd's window for deltas: covers the whole reference plus the chunk.
+const DELTA_WINDOW_LOG: u32 = 24;
+/// A reference dictionary starts with these bytes so zstd never mistakes base data that
+/// happens to start with its dictionary magic for a trained dictionary.
+const GUARD: [u8; 8] = *b"cdref\0\0\0";
+/// No chunk is larger than FastCDC's maximum.
+const MAX_CHUNK: u32 = fastcdc::v2020::MAXIMUM_MAX as u32;
+
+/// A run of chunks of the base artifact, by position in its index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Reference {
+    pub start: u32,
+    pub count: u32,
+}
+
+/// How a frame's payload is compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    Whole,
+    Delta(Reference),
+}
+
+/// One chunk in transit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub id: Digest,
+    pub raw_len: u32,
+    pub encoding: Encoding,
+    pub data: Vec<u8>,
+}
+
+impl Frame {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(45 + self.data.len());
+        match self.encoding {
+            Encoding::Whole => out.push(b'W'),
+            Encoding::Delta(_) => out.push(b'D'),
+        }
+        out.extend_from_slice(&self.id.0);
+        out.extend_from_slice(&self.raw_len.to_le_bytes());
+        if let Encoding::Delta(r) = self.encoding {
+            out.extend_from_slice(&r.start.to_le_bytes());
+            out.extend_from_slice(&r.count.to_le_bytes());
+        }
+        out.extend_from_slice(&self.data);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let bad = |why: &str| Error::TransitMalformed(why.to_owned());
+        if bytes.len() < 37 {
+            return Err(bad("shorter than a frame header"));
+        }
+        let u32_at =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&bytes[1..33]);
+        let raw_len = u32_at(33);
+        if raw_len == 0 || raw_len > MAX_CHUNK {
+            return Err(Error::TransitMalformed(format!(
+                "raw length {raw_len} is outside 1..={MAX_CHUNK}"
+            )));
+        }
+        let (encoding, body) = match bytes[0] {
+            b'W' => (Encoding::Whole, 37),
+            b'D' if bytes.len() >= 45 => (
+                Encoding::Delta(Reference {
+                    start: u32_at(37),
+                    count: u32_at(41),
+                }),
+                45,
+            ),
+            b'D' => return Err(bad("delta frame shorter than its header")),
+            other => {
+                return Err(Error::TransitMalformed(format!(
+                    "unknown frame kind {other:#04x}"
+                )));
+            }
+        };
+        if bytes.len() == body {
+            return Err(bad("frame without payload"));
+        }
+        Ok(Self {
+            id: Digest(id),
+            raw_len,
+            encoding,
+            data: bytes[body..].to_vec(),
+        })
+    }
+}
+
+/// Where a target chunk's old version probably is in the base: precomputed once per
+/// (target, base) pair from the chunks the two share.
+#[derive(Debug)]
+pub struct ReferencePlanner {
+    base_offsets: Vec<u64>,
+    target_offsets: Vec<u64>,
+    /// For each target position: the base position of the nearest matched chunk at or before
+    /// it, and at or after it.
+    prev: Vec<Option<(usize, usize)>>,
+    next: Vec<Option<(usize, usize)>>,
+    max_reference: u64,
+}
+
+impl ReferencePlanner {
+    pub fn new(target: &ChunkIndex, base: &ChunkIndex, max_reference: u64) -> Self {
+        let mut in_base: HashMap<Digest, usize> = HashMap::with_capacity(base.chunks.len());
+        for (p, c) in base.chunks.iter().enumerate() {
+            in_base.entry(c.id).or_insert(p);
+        }
+        let n = target.chunks.len();
+        let matched: Vec<Option<usize>> = target
+            .chunks
+            .iter()
+            .map(|c| in_base.get(&c.id).copied())
+            .collect();
+        let mut prev = vec![None; n];
+        let mut last = None;
+        for i in 0..n {
+            if let Some(p) = matched[i] {
+                last = Some((i, p));
+            }
+            prev[i] = last;
+        }
+        let mut next = vec![None; n];
+        let mut last = None;
+        for i in (0..n).rev() {
+            if let Some(p) = matched[i] {
+                last = Some((i, p));
+            }
+            next[i] = last;
+        }
+        Self {
+            base_offsets: base.offsets(),
+            target_offsets: target.offsets(),
+            prev,
+            next,
+            max_reference,
+        }
+    }
+
+    fn base_len(&self) -> usize {
+        self.base_offsets.len() - 1
+    }
+
+    /// The base range to use as dictionary for target chunk `i`, or `None` when the base is
+    /// empty.
+    pub fn reference(&self, i: usize) -> Option<Reference> {
+        let nb = self.base_len();
+        if nb == 0 || i >= self.prev.len() {
+            return None;
+        }
+        // Target gap: between the end of the previous matched chunk and the start of the next;
+        // base gap: between their counterparts. Without a neighbour, the gap runs to the edge.
+        let (t0, b0) = match self.prev[i] {
+            Some((j, p)) => (self.target_offsets[j + 1], p + 1),
+            None => (0, 0),
+        };
+        let (t1, b1) = match self.next[i] {
+            Some((k, q)) => (self.target_offsets[k], q),
+            None => (*self.target_offsets.last().unwrap_or(&0), nb),
+        };
+        // Base chunks [lo, hi) of the gap; when the neighbours crossed (content moved) or the
+        // gap is empty (pure insertion), look around the previous neighbour instead.
+        let (lo, hi) = if b0 < b1 {
+            (b0, b1)
+        } else {
+            let around = b0.min(nb.saturating_sub(1));
+            (around.saturating_sub(1), (around + 2).min(nb))
+        };
+        let gap_start = self.base_offsets[lo];
+        let gap_end = self.base_offsets[hi];
+        let gap = gap_end - gap_start;
+        let (want_start, want_end) = if gap <= self.max_reference {
+            (gap_start, gap_end)
+        } else {
+            // Same relative position inside the base gap as the chunk has inside the target
+            // gap, centred, clipped to the gap.
+            let t = self.target_offsets[i];
+            let span = t1.saturating_sub(t0).max(1);
+            let rel = (t.saturating_sub(t0)) as f64 / span as f64;
+            let centre = gap_start + (rel.clamp(0.0, 1.0) * gap as f64) as u64;
+            let half = self.max_reference / 2;
+            let start = centre.saturating_sub(half).max(gap_start);
+            let start = start.min(gap_end - self.max_reference);
+            (start, start + self.max_reference)
+        };
+        // Whole chunks inside the wanted byte range.
+        let first = self
+            .base_offsets
+            .partition_point(|&o| o <= want_start)
+            .saturating_sub(1)
+            .max(lo);
+        let mut last = first;
+        while last < hi && self.base_offsets[last + 1] <= want_end {
+            last += 1;
+        }
+        if last == first {
+            last = first + 1; // one chunk is never more than MAX_REFERENCE allows
+        }
+        Some(Reference {
+            start: first as u32,
+            count: (last - first) as u32,
+        })
+    }
+}
+
+/// Builds the dictionary bytes of a reference from the base chunks' raw bytes.
+pub fn reference_dictionary(chunks: impl IntoIterator<Item = Vec<u8>>) -> Vec<u8> {
+    let mut dict = GUARD.to_vec();
+    for c in chunks {
+        dict.extend_from_slice(&c);
+    }
+    dict
+}
+
+/// Compresses chunks for the wire, reusing the zstd dictionary while consecutive chunks share
+/// a reference (they usually do: they lie in the same changed region).
+pub struct DeltaEncoder {
+    level: i32,
+    current: Option<(Reference, zstd::bulk::Compressor<'static>)>,
+}
+
+impl std::fmt::Debug for DeltaEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeltaEncoder")
+            .field("level", &self.level)
+            .finish()
+    }
+}
+
+impl DeltaEncoder {
+    pub fn new(level: i32) -> Self {
+        Self {
+            level,
+            current: None,
+        }
+    }
+
+    /// A delta frame for `raw` against `reference`; `dictionary` is called only when the
+    /// reference differs from the previous one and must return [`reference_dictionary`] bytes.
+    pub fn delta(
+        &mut self,
+        id: Digest,
+        raw: &[u8],
+        reference: Reference,
+        dictionary: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<Frame> {
+        let reuse = matches!(&self.current, Some((r, _)) if *r == reference);
+        if !reuse {
+            let dict = dictionary()?;
+            let mut c =
+                zstd::bulk::Compressor::with_dictionary(self.level, &dict).map_err(Error::Zstd)?;
+            c.set_parameter(zstd::zstd_safe::CParameter::WindowLog(DELTA_WINDOW_LOG))
+                .map_err(Error::Zstd)?;
+            self.current = Some((reference, c));
+        }
+        let Some((_, c)) = self.current.as_mut() else {
+            return Err(Error::Zstd(std::io::Error::other("no compressor")));
+        };
+        let data = c.compress(raw).map_err(Error::Zstd)?;
+        Ok(Frame {
+            id,
+            raw_len: raw.len() as u32,
+            encoding: Encoding::Delta(reference),
+            data,
+        })
+    }
+}
+
+/// A whole frame from a zstd frame already made (the twin stores chunks compressed).
+pub fn whole(id: Digest, raw_len: u32, zstd_frame: Vec<u8>) -> Frame {
+    Frame {
+        id,
+        raw_len,
+        encoding: Encoding::Whole,
+        data: zstd_frame,
+    }
+}
+
+/// Reverses [`DeltaEncoder`] on the car, keeping the last reference's dictionary loaded.
+#[derive(Default)]
+pub struct DeltaDecoder {
+    current: Option<(Reference, zstd::bulk::Decompressor<'static>)>,
+}
+
+impl std::fmt::Debug for DeltaDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeltaDecoder")
+    }
+}
+
+impl DeltaDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The raw bytes of `frame`, verified against its id. `base` checks the reference against
+    /// the base index length; `dictionary` reads the referenced base chunks (from a seed or the
+    /// store) and is called only when the reference changes.
+    pub fn decode(
+        &mut self,
+        frame: &Frame,
+        base_len: usize,
+        dictionary: impl FnOnce(Reference) -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
+        let raw = match frame.encoding {
+            Encoding::Whole => zstd::bulk::decompress(&frame.data, frame.raw_len as usize),
+            Encoding::Delta(r) => {
+                let end = u64::from(r.start) + u64::from(r.count);
+                if r.count == 0 || end > base_len as u64 {
+                    return Err(Error::DeltaReference {
+                        id: frame.id,
+                        start: u64::from(r.start),
+                        end,
+                        len: base_len,
+                    });
+                }
+                let reuse = matches!(&self.current, Some((cur, _)) if *cur == r);
+                if !reuse {
+                    self.current = None; // free the old dictionary before reading the new one
+                    let dict = dictionary(r)?;
+                    let d =
+                        zstd::bulk::Decompressor::with_dictionary(&dict).map_err(Error::Zstd)?;
+                    self.current = Some((r, d));
+                }
+                match self.current.as_mut() {
+                    Some((_, d)) => d.decompress(&frame.data, frame.raw_len as usize),
+                    None => Err(std::io::Error::other("no decompressor")),
+                }
+            }
+        }
+        .map_err(|e| Error::TransitMalformed(format!("chunk {}: {e}", frame.id)))?;
+        if raw.len() != frame.raw_len as usize {
+            return Err(Error::TransitMalformed(format!(
+                "chunk {}: {} bytes decoded, the frame says {}",
+                frame.id,
+                raw.len(),
+                frame.raw_len
+            )));
+        }
+        verify(&frame.id, &raw)?;
+        Ok(raw)
+    }
+}
