@@ -43,6 +43,37 @@ pub struct Config {
     /// Development only: plain TCP, no certificates.
     #[serde(default)]
     pub insecure_plaintext: bool,
+    /// Files or block devices the agent may read as seeds: data it already has, e.g. the
+    /// running rootfs slot (`/dev/disk/by-partlabel/rootfs-a`). Read-only, never written.
+    #[serde(default)]
+    pub seeds: Vec<PathBuf>,
+    /// Most chunks per `artifact.chunks` window.
+    #[serde(default = "default_window_chunks")]
+    pub window_chunks: usize,
+    /// Most raw bytes per window; with the largest delta reference this bounds the agent's
+    /// memory during a download.
+    #[serde(default = "default_window_bytes")]
+    pub window_bytes: u64,
+    /// Deadline of one window, seconds: a window must arrive whole within it (size windows to
+    /// the slowest link the car is expected to see).
+    #[serde(default = "default_window_deadline")]
+    pub window_deadline_secs: u64,
+    /// Largest artifact the agent accepts an index for, bytes.
+    #[serde(default = "default_max_artifact")]
+    pub max_artifact_bytes: u64,
+}
+
+fn default_window_chunks() -> usize {
+    16
+}
+fn default_window_bytes() -> u64 {
+    4 << 20
+}
+fn default_window_deadline() -> u64 {
+    120
+}
+fn default_max_artifact() -> u64 {
+    16 << 30
 }
 
 fn default_heartbeat() -> u64 {
@@ -74,7 +105,10 @@ impl Config {
             &mut config.cert,
             &mut config.key,
             &mut config.state_dir,
-        ] {
+        ]
+        .into_iter()
+        .chain(config.seeds.iter_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -98,6 +132,20 @@ impl Config {
             return Err(bad(
                 "reconnect_base_ms and reconnect_cap_secs must be above 0".into(),
             ));
+        }
+        if self.window_chunks == 0 || self.window_chunks > cardeploy_protocol::MAX_WINDOW_CHUNKS {
+            return Err(bad(format!(
+                "window_chunks = {} is out of range 1..={}",
+                self.window_chunks,
+                cardeploy_protocol::MAX_WINDOW_CHUNKS
+            )));
+        }
+        if self.window_bytes < 1 << 20 || self.window_bytes > cardeploy_protocol::MAX_WINDOW_BYTES {
+            return Err(bad(format!(
+                "window_bytes = {} is out of range 1 MiB..={} (a window must hold the largest chunk)",
+                self.window_bytes,
+                cardeploy_protocol::MAX_WINDOW_BYTES
+            )));
         }
         if self.request_deadline_secs == 0 {
             return Err(bad("request_deadline_secs must be above 0".into()));

@@ -29,6 +29,10 @@ pub enum Error {
         supported: u32,
     },
     #[error(transparent)]
+    Chunks(#[from] cardeploy_chunks::Error),
+    #[error("fetch: {0}")]
+    Fetch(String),
+    #[error(transparent)]
     Link(#[from] cardeploy_link::Error),
     #[error("twin answered {what} with something unreadable: {source}")]
     Protocol {

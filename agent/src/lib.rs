@@ -7,6 +7,7 @@
 
 mod config;
 mod error;
+mod fetch;
 mod state;
 
 use std::future::Future;
@@ -21,8 +22,8 @@ use cardeploy_link::{
     Backoff, ClientOptions, ClientSecurity, Limits, Refusal, Requester, Responder,
 };
 use cardeploy_protocol::{
-    self as protocol, CarId, DesiredState, Heartbeat, Hello, HelloReply, Inspection, Phase, Report,
-    ReportBody, ReportedState, SetupData, route,
+    self as protocol, CarId, DesiredState, FetchProgress, Heartbeat, Hello, HelloReply, Inspection,
+    Phase, Report, ReportBody, ReportedState, SetupData, route,
 };
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -73,7 +74,11 @@ struct Agent {
     started: Instant,
     /// Events that happened while offline, sent after the next hello.
     backlog: Mutex<Vec<(String, String)>>,
+    fetcher: fetch::Fetcher,
 }
+
+/// The work a desired state asks for, run alongside the session's other duties.
+type Job = std::pin::Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
@@ -115,13 +120,132 @@ impl Agent {
         .await;
     }
 
-    /// Take a desired state: decide, persist, then report.
-    async fn consider(&self, link: &Requester, desired: DesiredState) {
+    /// Does the accepted desired state name artifacts the car does not hold yet?
+    fn needs_fetch(&self, state: &State) -> bool {
+        let Some(desired) = &state.desired else {
+            return false;
+        };
+        desired.artifacts.iter().any(|a| {
+            state.artifacts.get(&a.name) != Some(&a.index)
+                || a.index.parse().map_or(true, |id| {
+                    !self.fetcher.artifact_path(&a.name, &id).is_file()
+                })
+        })
+    }
+
+    async fn persist(&self, next: &State) -> Result<(), String> {
+        let saved = tokio::task::spawn_blocking({
+            let next = next.clone();
+            let store = self.store.clone();
+            move || store.save(&next)
+        })
+        .await;
+        match saved {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("state writer failed: {e}")),
+        }
+    }
+
+    /// Fetch every artifact of the accepted desired state the car lacks, one after the other;
+    /// each finished artifact is recorded at once, so an interruption never repeats it.
+    async fn fetch_all(self: Arc<Self>, link: Requester) -> Result<(), Error> {
+        let Some(desired) = self.state().desired.clone() else {
+            return Ok(());
+        };
+        for artifact in &desired.artifacts {
+            protocol::validate_artifact_name(&artifact.name).map_err(|source| Error::Protocol {
+                what: "desired state",
+                source,
+            })?;
+            let (have, base) = {
+                let state = self.state();
+                let have = state.artifacts.get(&artifact.name) == Some(&artifact.index);
+                let base = state
+                    .artifacts
+                    .get(&artifact.name)
+                    .and_then(|h| h.parse().ok());
+                (have, base)
+            };
+            let id: cardeploy_chunks::Digest = artifact.index.parse()?;
+            if have && self.fetcher.artifact_path(&artifact.name, &id).is_file() {
+                continue;
+            }
+            let reporter = |p: &FetchProgress| {
+                let (agent, link, progress) = (self.clone(), link.clone(), p.clone());
+                tokio::spawn(async move {
+                    agent.report(&link, ReportBody::Progress { progress }).await;
+                });
+            };
+            let path = self.fetcher.fetch(&link, artifact, base, reporter).await?;
+            let mut next = self.state().clone();
+            let previous = next
+                .artifacts
+                .insert(artifact.name.clone(), artifact.index.clone());
+            self.persist(&next).await.map_err(Error::Fetch)?;
+            *self.state() = next;
+            // The previous version was the base of this download; the new one is the base of
+            // the next.
+            if let Some(old) = previous.and_then(|h| h.parse().ok())
+                && old != id
+            {
+                let old_path = self.fetcher.artifact_path(&artifact.name, &old);
+                if let Err(e) = std::fs::remove_file(&old_path)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!("could not remove {}: {e}", old_path.display());
+                }
+            }
+            tracing::info!(artifact = %artifact.name, path = %path.display(), "artifact ready");
+        }
+        Ok(())
+    }
+
+    /// A fetch job ended: record the outcome. Link errors end the session instead (the next
+    /// session resumes the fetch).
+    async fn fetched(&self, link: &Requester, result: Result<(), Error>) -> Result<(), Error> {
+        let outcome = match result {
+            Ok(()) => None,
+            Err(e @ Error::Link(_)) => return Err(e),
+            Err(e) => Some(e.to_string()),
+        };
+        let mut next = self.state().clone();
+        match &outcome {
+            None => {
+                next.reported.phase = Phase::Applied;
+                next.reported.last_error = None;
+            }
+            Some(why) => {
+                tracing::error!("fetch failed: {why}");
+                next.reported.phase = Phase::Failed;
+                next.reported.last_error = Some(why.clone());
+            }
+        }
+        if let Err(why) = self.persist(&next).await {
+            tracing::error!("could not persist the fetch outcome: {why}");
+        }
+        let reported = next.reported.clone();
+        *self.state() = next;
+        self.report(link, ReportBody::State { state: reported })
+            .await;
+        Ok(())
+    }
+
+    /// Take a desired state: decide, persist, then report. Returns true when artifacts must be
+    /// fetched for it.
+    async fn consider(&self, link: &Requester, desired: DesiredState) -> bool {
         let decision = decide(&self.state(), &self.config.car_id, &desired);
         match decision {
             Decision::Apply => {
+                let mut probe = self.state().clone();
+                probe.desired = Some(desired.clone());
+                let phase = if self.needs_fetch(&probe) {
+                    Phase::Fetching
+                } else {
+                    Phase::Applied
+                };
                 let reported = ReportedState {
-                    phase: Phase::Applied,
+                    phase,
                     desired_counter: Some(desired.counter),
                     release: Some(desired.release.clone()),
                     last_error: None,
@@ -131,18 +255,7 @@ impl Agent {
                 next.reported = reported;
                 // Persist before anything else happens: after a crash the agent knows what it
                 // accepted.
-                let saved = tokio::task::spawn_blocking({
-                    let next = next.clone();
-                    let store = self.store.clone();
-                    move || store.save(&next)
-                })
-                .await;
-                let failure = match saved {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
-                    Err(e) => Some(format!("state writer failed: {e}")),
-                };
-                if let Some(why) = failure {
+                if let Err(why) = self.persist(&next).await {
                     tracing::error!(
                         counter = desired.counter,
                         "could not persist desired state: {why}"
@@ -158,22 +271,25 @@ impl Agent {
                     };
                     self.report(link, ReportBody::State { state: reported })
                         .await;
-                    return;
+                    return false;
                 }
-                tracing::info!(counter = desired.counter, release = %desired.release, "desired state applied");
+                tracing::info!(counter = desired.counter, release = %desired.release, phase = ?phase, "desired state accepted");
                 let reported = next.reported.clone();
                 *self.state() = next;
                 self.report(link, ReportBody::State { state: reported })
                     .await;
+                phase == Phase::Fetching
             }
             Decision::AlreadySeen { have, got } => {
                 tracing::debug!(have, got, "desired state already seen");
+                false
             }
             Decision::OtherCar { ours, theirs } => {
                 let message =
                     format!("refused a desired state addressed to car {theirs} (this is {ours})");
                 tracing::warn!("{message}");
                 self.event(link, "refused", message).await;
+                false
             }
         }
     }
@@ -230,8 +346,15 @@ impl Agent {
         for (kind, message) in backlog {
             self.event(&link, &kind, message).await;
         }
-        if let Some(desired) = reply.desired {
-            self.consider(&link, desired).await;
+        let mut job: Option<Job> = None;
+        if let Some(desired) = reply.desired
+            && self.consider(&link, desired).await
+        {
+            job = Some(Box::pin(self.clone().fetch_all(link.clone())));
+        }
+        // A fetch an earlier session (or an earlier run of the agent) did not finish.
+        if job.is_none() && self.state().reported.phase == Phase::Fetching {
+            job = Some(Box::pin(self.clone().fetch_all(link.clone())));
         }
         let mut desired = link.request_stream(route::CAR_DESIRED, Bytes::from_static(b"{}"));
         let heartbeats = async {
@@ -255,7 +378,11 @@ impl Agent {
             tokio::select! {
                 item = desired.next() => match item {
                     Some(Ok(bytes)) => match protocol::decode::<DesiredState>("desired state", &bytes) {
-                        Ok(state) => self.consider(&link, state).await,
+                        // A newer desired state replaces a fetch in progress; what that fetch
+                        // already stored stays in the chunk store and counts for the next plan.
+                        Ok(state) => if self.consider(&link, state).await {
+                            job = Some(Box::pin(self.clone().fetch_all(link.clone())));
+                        },
                         Err(e) => {
                             tracing::warn!("ignored a desired state: {e}");
                             self.event(&link, "refused", format!("unreadable desired state: {e}")).await;
@@ -271,6 +398,18 @@ impl Agent {
                     }
                 },
                 () = &mut heartbeats => return Ok(heartbeat),
+                result = async {
+                    match job.as_mut() {
+                        Some(j) => j.await,
+                        None => std::future::pending().await,
+                    }
+                }, if job.is_some() => {
+                    job = None;
+                    if let Err(e) = self.fetched(&link, result).await {
+                        link.close();
+                        return Err(e);
+                    }
+                }
             }
         }
     }
@@ -336,7 +475,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Duration::from_secs(config.reconnect_cap_secs),
     );
     let mut heartbeat = Duration::from_secs(config.heartbeat_secs);
+    let fetcher = fetch::Fetcher::new(&config)?;
     let agent = Arc::new(Agent {
+        fetcher,
         config,
         store,
         state: Mutex::new(state),
@@ -382,6 +523,7 @@ mod tests {
             counter,
             release: "app@1.0.0".into(),
             issued_at: 0,
+            artifacts: Vec::new(),
         }
     }
 

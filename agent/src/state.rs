@@ -23,6 +23,10 @@ pub struct State {
     /// The last desired state the agent accepted.
     pub desired: Option<DesiredState>,
     pub reported: ReportedState,
+    /// Artifacts the car holds, by name: the id (hex) of each one's chunk index. The previous
+    /// version of an artifact is the base the twin makes deltas against.
+    #[serde(default)]
+    pub artifacts: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for State {
@@ -32,6 +36,7 @@ impl Default for State {
             epoch: 0,
             desired: None,
             reported: ReportedState::idle(),
+            artifacts: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -137,6 +142,10 @@ mod tests {
                 counter: 2,
                 release: "app@1.0.0".into(),
                 issued_at: 1,
+                artifacts: vec![cardeploy_protocol::ArtifactRef {
+                    name: "rootfs".into(),
+                    index: "ab".repeat(32),
+                }],
             }),
             reported: ReportedState {
                 phase: Phase::Applied,
@@ -144,6 +153,7 @@ mod tests {
                 release: Some("app@1.0.0".into()),
                 last_error: None,
             },
+            artifacts: [("rootfs".to_owned(), "ab".repeat(32))].into(),
         }
     }
 

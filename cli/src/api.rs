@@ -108,6 +108,40 @@ impl Api {
         self.send(what, self.agent.put(self.url(path)), body)
     }
 
+    /// PUT raw bytes (chunks, indexes).
+    pub fn put_bytes<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        path: &str,
+        body: &[u8],
+    ) -> anyhow::Result<T> {
+        let response = self
+            .agent
+            .put(self.url(path))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Content-Type", "application/octet-stream")
+            .send(body);
+        self.finish(what, response)
+    }
+
+    /// PUT raw bytes where the answer carries nothing we need.
+    pub fn put_bytes_unit(&self, what: &str, path: &str, body: &[u8]) -> anyhow::Result<()> {
+        let response = self
+            .agent
+            .put(self.url(path))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Content-Type", "application/octet-stream")
+            .send(body);
+        let mut response =
+            response.with_context(|| format!("{what}: cannot reach the twin at {}", self.base))?;
+        if response.status().is_success() {
+            return Ok(());
+        }
+        let status = response.status();
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        bail!("{what}: {status}: {body}")
+    }
+
     fn send<T: DeserializeOwned>(
         &self,
         what: &str,

@@ -69,6 +69,10 @@ pub enum Command {
         /// A release reference, name@version.
         #[arg(long)]
         release: String,
+        /// An artifact the car must fetch: NAME=INDEX, where INDEX is what
+        /// `cardeploy artifact push` printed. Repeat for several.
+        #[arg(long = "artifact", value_name = "NAME=INDEX")]
+        artifacts: Vec<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -240,13 +244,23 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::SetDesired {
             car_id,
             release,
+            artifacts,
             api,
         } => {
             let car = CarId::new(car_id)?;
+            let artifacts = artifacts
+                .iter()
+                .map(|a| {
+                    let (name, index) = a.split_once('=').ok_or_else(|| {
+                        anyhow::anyhow!("--artifact {a:?}: expected NAME=INDEX, e.g. rootfs=3f2a…")
+                    })?;
+                    Ok(json!({ "name": name, "index": index }))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let desired: Value = Api::new(&api)?.put(
                 "setting the desired state",
                 &format!("/api/v1/cars/{car}/desired"),
-                &json!({ "release": release }),
+                &json!({ "release": release, "artifacts": artifacts }),
             )?;
             println!(
                 "car {car}: desired #{} = {}",

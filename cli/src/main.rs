@@ -1,6 +1,7 @@
 //! `cardeploy`: the pipeline and operator tool. One module per subcommand.
 
 mod api;
+mod artifact;
 mod car;
 mod pki;
 
@@ -31,12 +32,16 @@ enum Command {
     /// Cars: register, list, show, set desired state, inspect.
     #[command(subcommand)]
     Car(car::Command),
+    /// Artifacts: chunk a file and push only the chunks the twin lacks.
+    #[command(subcommand)]
+    Artifact(artifact::Command),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Pki(command) => pki::run(command),
         Command::Car(command) => car::run(command),
+        Command::Artifact(command) => artifact::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,15 +5,18 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
+use cardeploy_chunks::Digest;
 use cardeploy_protocol::{
-    self as protocol, Attributes, CarId, DesiredState, Inspection, route, validate_attribute,
+    self as protocol, ArtifactRef, Attributes, CarId, DesiredState, FetchProgress, Inspection,
+    route, validate_artifact_name, validate_attribute,
 };
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +55,12 @@ pub fn router(twin: Arc<Twin>) -> Router {
         .route("/api/v1/cars/{id}/events", get(events))
         .route("/api/v1/cars/{id}/desired", put(set_desired))
         .route("/api/v1/cars/{id}/inspect", get(inspect))
+        .route("/api/v1/chunks/missing", post(missing_chunks))
+        .route("/api/v1/chunks/{id}", put(put_chunk))
+        .route("/api/v1/indexes/{id}", put(put_index).get(get_index))
+        // A chunk frame is at most 16 MiB (FastCDC's largest chunk, incompressible); an index at
+        // most MAX_INDEX_BYTES.
+        .layer(DefaultBodyLimit::max(17 << 20))
         .route_layer(middleware::from_fn_with_state(twin.clone(), authorize));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -100,6 +109,8 @@ pub struct CarView {
     pub connected: bool,
     pub desired: Option<DesiredState>,
     pub reported: Option<ReportedRecord>,
+    /// The last download progress the car reported since the twin started.
+    pub progress: Option<FetchProgress>,
 }
 
 async fn add_car(
@@ -132,7 +143,9 @@ async fn add_car(
 async fn view(twin: &Twin, car: CarRecord) -> Result<CarView, ApiError> {
     let reported = twin.db.reported(&car.id).await?;
     let desired = twin.db.desired(&car.id).await?;
+    let progress = twin.fleet.with_car(&car.id, |live| live.progress.clone());
     Ok(CarView {
+        progress,
         connected: twin.fleet.connected(&car.id).is_some(),
         id: car.id,
         attributes: car.attributes,
@@ -190,6 +203,9 @@ async fn events(
 pub struct SetDesired {
     /// A release reference, `name@version`.
     pub release: String,
+    /// Artifacts the car must fetch, each by the id of a chunk index pushed to this twin.
+    #[serde(default)]
+    pub artifacts: Vec<ArtifactRef>,
 }
 
 /// `name@version`, each part non-empty, no spaces or control characters.
@@ -219,8 +235,24 @@ async fn set_desired(
             body.release
         )));
     }
+    for artifact in &body.artifacts {
+        validate_artifact_name(&artifact.name).map_err(|e| bad_request(e.to_string()))?;
+        let index = parse_digest(&artifact.index)?;
+        if !twin.artifacts.store().has_index(&index) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "artifact {}: no chunk index {index} on this twin; push it first with `cardeploy artifact push`",
+                    artifact.name
+                ),
+            ));
+        }
+    }
     let now_secs = u64::try_from(now()).unwrap_or(0);
-    let desired = twin.db.set_desired(&id, &body.release, now_secs).await?;
+    let desired = twin
+        .db
+        .set_desired(&id, &body.release, body.artifacts, now_secs)
+        .await?;
     twin.db
         .event(
             &id,
@@ -255,6 +287,147 @@ async fn inspect(
     let inspection = protocol::decode("twin.inspect answer", &answer)
         .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
     Ok(Json(inspection))
+}
+
+fn parse_digest(hex: &str) -> Result<Digest, ApiError> {
+    hex.parse()
+        .map_err(|_| bad_request(format!("`{hex}` is not a sha256 digest (64 hex digits)")))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+fn chunk_error(e: cardeploy_chunks::Error) -> ApiError {
+    use cardeploy_chunks::Error as E;
+    match e {
+        E::ChunkDigest { .. }
+        | E::TransitMalformed(_)
+        | E::IndexMalformed(_)
+        | E::IndexDigest { .. }
+        | E::IndexTooLarge { .. } => bad_request(e.to_string()),
+        other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkList {
+    pub chunks: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MissingChunks {
+    pub missing: Vec<String>,
+}
+
+/// Which of these chunks the twin lacks: the release tool uploads only those.
+async fn missing_chunks(
+    State(twin): State<Arc<Twin>>,
+    Json(list): Json<ChunkList>,
+) -> Result<Json<MissingChunks>, ApiError> {
+    if list.chunks.len() > 1_000_000 {
+        return Err(bad_request("ask about at most 1,000,000 chunks at a time"));
+    }
+    let ids = list
+        .chunks
+        .iter()
+        .map(|h| parse_digest(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    let missing = blocking(move || {
+        Ok(ids
+            .into_iter()
+            .filter(|id| !twin.artifacts.store().has(id))
+            .map(|id| id.hex())
+            .collect())
+    })
+    .await?;
+    Ok(Json(MissingChunks { missing }))
+}
+
+/// One chunk, as a zstd frame; stored only if it decompresses to bytes with this sha256.
+async fn put_chunk(
+    State(twin): State<Arc<Twin>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_digest(&id)?;
+    blocking(move || {
+        let store = twin.artifacts.store();
+        store.put_compressed(&id, &body).map_err(chunk_error)?;
+        store.sync().map_err(chunk_error)?;
+        Ok(StatusCode::CREATED)
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct IndexView {
+    pub index: String,
+    pub artifact: String,
+    pub size: u64,
+    pub chunks: usize,
+}
+
+fn index_view(id: &Digest, index: &cardeploy_chunks::ChunkIndex) -> IndexView {
+    IndexView {
+        index: id.hex(),
+        artifact: index.artifact.hex(),
+        size: index.size,
+        chunks: index.chunks.len(),
+    }
+}
+
+/// A chunk index; accepted only when the twin holds every chunk it names.
+async fn put_index(
+    State(twin): State<Arc<Twin>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<IndexView>), ApiError> {
+    let id = parse_digest(&id)?;
+    blocking(move || {
+        let missing = twin.artifacts.put_index(&id, &body).map_err(|e| match e {
+            crate::artifacts::Refused::Chunks(c) => chunk_error(c),
+            other => bad_request(other.to_string()),
+        })?;
+        if !missing.is_empty() {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "{} chunks of index {id} are not on the twin (first: {}); upload them before the index",
+                    missing.len(),
+                    missing[0]
+                ),
+            ));
+        }
+        let index = twin
+            .artifacts
+            .index(&id)
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok((StatusCode::CREATED, Json(index_view(&id, &index))))
+    })
+    .await
+}
+
+async fn get_index(
+    State(twin): State<Arc<Twin>>,
+    Path(id): Path<String>,
+) -> Result<Json<IndexView>, ApiError> {
+    let id = parse_digest(&id)?;
+    blocking(move || match twin.artifacts.index(&id) {
+        Ok(index) => Ok(Json(index_view(&id, &index))),
+        Err(crate::artifacts::Refused::UnknownIndex(_)) => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no chunk index {id} on this twin"),
+        )),
+        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use cardeploy_link::{Acceptor, Peer, Refusal, Requester, Responder, Session};
 use cardeploy_protocol::{
-    self as protocol, CarId, DesiredState, Heartbeat, Hello, HelloReply, Report, ReportBody,
-    SetupData, route,
+    self as protocol, CarId, ChunksRequest, DesiredState, Heartbeat, Hello, HelloReply,
+    IndexRequest, Report, ReportBody, SetupData, route,
 };
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -23,6 +23,8 @@ pub(crate) struct Live {
     pub desired: watch::Sender<Option<DesiredState>>,
     /// The open connection, if any.
     pub session: Option<(u64, Requester)>,
+    /// The last download progress the car reported.
+    pub progress: Option<protocol::FetchProgress>,
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +41,7 @@ impl Fleet {
         let live = cars.entry(car.clone()).or_insert_with(|| Live {
             desired: watch::Sender::new(None),
             session: None,
+            progress: None,
         });
         f(live)
     }
@@ -156,6 +159,8 @@ const ROUTES: &[&str] = &[
     route::CAR_DESIRED,
     route::CAR_REPORT,
     route::CAR_HEARTBEAT,
+    route::ARTIFACT_INDEX,
+    route::ARTIFACT_CHUNKS,
 ];
 
 fn refuse(e: impl std::fmt::Display) -> Refusal {
@@ -195,6 +200,17 @@ impl Responder for CarResponder {
                     protocol::decode("car.heartbeat request", &data).map_err(refuse)?;
                 Ok(Bytes::from(protocol::encode(&Heartbeat {})))
             }
+            route::ARTIFACT_INDEX => {
+                let request: IndexRequest =
+                    protocol::decode("artifact.index request", &data).map_err(refuse)?;
+                let twin = self.twin.clone();
+                let bytes =
+                    tokio::task::spawn_blocking(move || twin.artifacts.index_bytes(&request.index))
+                        .await
+                        .map_err(refuse)?
+                        .map_err(refuse)?;
+                Ok(Bytes::from(bytes))
+            }
             other => Err(Refusal::unknown_route(other, ROUTES)),
         }
     }
@@ -221,6 +237,9 @@ impl Responder for CarResponder {
         route: &str,
         data: Bytes,
     ) -> BoxStream<'static, Result<Bytes, Refusal>> {
+        if route == route::ARTIFACT_CHUNKS {
+            return self.chunks(data);
+        }
         if route != route::CAR_DESIRED {
             let refusal = Refusal::unknown_route(route, ROUTES);
             return futures::stream::once(async move { Err(refusal) }).boxed();
@@ -251,6 +270,37 @@ impl Responder for CarResponder {
 }
 
 impl CarResponder {
+    /// `artifact.chunks`: the window is encoded off the runtime, then streamed frame by frame.
+    /// The car asks for the next window only after writing this one, so memory on both sides is
+    /// one window.
+    fn chunks(&self, data: Bytes) -> BoxStream<'static, Result<Bytes, Refusal>> {
+        let twin = self.twin.clone();
+        let car = self.car.clone();
+        async_stream::stream! {
+            let request: ChunksRequest = match protocol::decode("artifact.chunks request", &data) {
+                Ok(r) => r,
+                Err(e) => {
+                    yield Err(refuse(e));
+                    return;
+                }
+            };
+            let frames = tokio::task::spawn_blocking(move || twin.artifacts.frames(&request)).await;
+            match frames {
+                Ok(Ok(frames)) => {
+                    for frame in frames {
+                        yield Ok(Bytes::from(frame));
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%car, "artifact.chunks refused: {e}");
+                    yield Err(refuse(e));
+                }
+                Err(e) => yield Err(refuse(e)),
+            }
+        }
+        .boxed()
+    }
+
     async fn store_report(&self, report: Report) -> Result<(), crate::Error> {
         let epoch = i64::try_from(report.epoch).unwrap_or(i64::MAX);
         let seq = i64::try_from(report.seq).unwrap_or(i64::MAX);
@@ -279,6 +329,29 @@ impl CarResponder {
             ReportBody::Event { kind, message } => {
                 if self.twin.db.mark_seq(&self.car, epoch, seq, now).await? {
                     self.twin.db.event(&self.car, now, &kind, &message).await?;
+                }
+            }
+            ReportBody::Progress { progress: p } => {
+                if self.twin.db.mark_seq(&self.car, epoch, seq, now).await? {
+                    let mib = |b: u64| b as f64 / 1048576.0;
+                    let message = format!(
+                        "{} {}: {:.1}/{:.1} MiB fetched ({:.1} MiB on the wire); reused {:.1} MiB from the store, {:.1} MiB from seeds; artifact {:.1} MiB",
+                        p.artifact,
+                        if p.done { "done" } else { "fetching" },
+                        mib(p.fetched_bytes),
+                        mib(p.fetch_bytes),
+                        mib(p.wire_bytes),
+                        mib(p.store_bytes),
+                        mib(p.seed_bytes),
+                        mib(p.planned_bytes),
+                    );
+                    self.twin
+                        .db
+                        .event(&self.car, now, "fetch", &message)
+                        .await?;
+                    self.twin
+                        .fleet
+                        .with_car(&self.car, |live| live.progress = Some(p));
                 }
             }
         }

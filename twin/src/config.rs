@@ -30,6 +30,20 @@ pub struct Config {
     /// Development only: plain TCP, cars name themselves. Never in production.
     #[serde(default)]
     pub insecure_plaintext: bool,
+    /// Largest artifact an uploaded chunk index may describe, bytes.
+    #[serde(default = "default_max_artifact")]
+    pub max_artifact_bytes: u64,
+    /// zstd level of deltas made for cars (made once per chunk and base, then cached).
+    #[serde(default = "default_delta_level")]
+    pub delta_level: i32,
+}
+
+fn default_max_artifact() -> u64 {
+    16 << 30
+}
+
+fn default_delta_level() -> i32 {
+    19
 }
 
 fn default_cars_listen() -> SocketAddr {
@@ -55,6 +69,8 @@ impl Config {
             key: None,
             heartbeat_secs: default_heartbeat(),
             insecure_plaintext: false,
+            max_artifact_bytes: default_max_artifact(),
+            delta_level: default_delta_level(),
         }
     }
 
@@ -100,6 +116,11 @@ impl Config {
         self.key
             .clone()
             .unwrap_or_else(|| self.data_dir.join("pki/twin.key"))
+    }
+
+    /// The chunk store and its indexes.
+    pub fn chunks_path(&self) -> PathBuf {
+        self.data_dir.join("chunks")
     }
 
     pub fn db_path(&self) -> PathBuf {

@@ -183,6 +183,7 @@ impl Db {
         &self,
         car: &CarId,
         release: &str,
+        artifacts: Vec<cardeploy_protocol::ArtifactRef>,
         now: u64,
     ) -> Result<DesiredState, Error> {
         let mut tx = self.pool.begin().await.map_err(db("set desired state"))?;
@@ -197,6 +198,7 @@ impl Db {
             counter: counter.map_or(1, |c| c.unsigned_abs() + 1),
             release: release.to_owned(),
             issued_at: now,
+            artifacts,
         };
         let doc = serde_json::to_string(&desired).unwrap_or_default();
         sqlx::query(

@@ -25,6 +25,8 @@ pub enum Error {
         source: serde_json::Error,
     },
     #[error(transparent)]
+    Chunks(#[from] cardeploy_chunks::Error),
+    #[error(transparent)]
     Link(#[from] cardeploy_link::Error),
     #[error("could not listen on {addr}: {source}")]
     Listen {

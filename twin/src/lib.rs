@@ -5,6 +5,7 @@
 //! addresses, so tests drive the same code as production. `cargo test -p cardeploy-twin`.
 
 mod api;
+mod artifacts;
 mod cars;
 mod config;
 mod db;
@@ -20,7 +21,8 @@ use cardeploy_link::tls::{PeerRegistry, TlsFiles, server_config};
 use cardeploy_link::{LinkServer, ServerOptions, ServerSecurity, ServerStats};
 use cardeploy_protocol::CarId;
 
-pub use api::{CarView, NewCar, SetDesired};
+pub use api::{CarView, ChunkList, IndexView, MissingChunks, NewCar, SetDesired};
+pub use artifacts::ServedStats;
 pub use config::Config;
 pub use db::{CarRecord, EventRecord, ReportedRecord};
 pub use error::Error;
@@ -36,6 +38,7 @@ pub struct Twin {
     registry: PeerRegistry,
     known: Mutex<HashSet<CarId>>,
     operator_token: String,
+    artifacts: artifacts::Artifacts,
 }
 
 impl Twin {
@@ -73,6 +76,11 @@ impl std::fmt::Debug for Running {
 }
 
 impl Running {
+    /// What `artifact.chunks` has sent since start.
+    pub fn served(&self) -> &ServedStats {
+        &self.twin.artifacts.served
+    }
+
     /// Cars with an open connection right now.
     pub fn connected_cars(&self) -> usize {
         self.twin.fleet.connected_count()
@@ -155,6 +163,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         fleet: Fleet::default(),
         registry: PeerRegistry::default(),
         known: Mutex::new(HashSet::new()),
+        artifacts: artifacts::Artifacts::open(&config)?,
         config,
     });
     for car in twin.db.cars().await? {

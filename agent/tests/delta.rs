@@ -1,0 +1,363 @@
+//! Delta transfer end to end: the `cardeploy` CLI pushes artifacts to a real twin, the real
+//! agent fetches them by chunk index — from its seeds, as deltas, through SIGKILLs and through
+//! cut, stalled and reset connections — and every time ends with exactly the right bytes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use cardeploy_chunks::{Digest, Params, Store, chunk_bytes};
+use cardeploy_testkit::{Fault, FaultProxy, workspace_bin};
+use cardeploy_twin::Running;
+use common::{Agent, Env, call, until};
+use serde_json::{Value, json};
+
+/// Compressible pseudo-random bytes, like files in an image.
+fn corpus(seed: u64, len: usize) -> Vec<u8> {
+    let words: [&[u8]; 8] = [
+        b"alpha ", b"beta ", b"gamma\n", b"ecu ", b"car ", b"twin ", b"slot\n", b"0x1f ",
+    ];
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        if rng.u8(..) < 30 {
+            out.push(rng.u8(..));
+        } else {
+            out.extend_from_slice(words[rng.usize(..words.len())]);
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// Incompressible bytes: every chunk travels at full size, so a download takes long enough to
+/// be interrupted.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..len).map(|_| rng.u8(..)).collect()
+}
+
+/// `old` after a "security update": a few regions rewritten, one grown, one shrunk.
+fn updated(old: &[u8]) -> Vec<u8> {
+    let mut new = old.to_vec();
+    let n = new.len();
+    for k in 1..8 {
+        let at = n * k / 8;
+        for b in &mut new[at..at + 300] {
+            *b = b.wrapping_add(1);
+        }
+    }
+    new.splice(n / 3..n / 3, corpus(77, 20_000));
+    new.drain(n / 2..n / 2 + 10_000);
+    new
+}
+
+/// `cardeploy artifact push FILE` against the twin; returns the index id it prints.
+fn push(twin: &Running, env: &Env, file: &Path) -> String {
+    let out = Command::new(workspace_bin("cardeploy"))
+        .args(["artifact", "push", "--level", "3"])
+        .arg(file)
+        .arg("--api")
+        .arg(format!("http://{}", twin.api_addr))
+        .arg("--token-file")
+        .arg(env.data.path().join("operator.token"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cardeploy artifact push failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+async fn desire(twin: &Running, car: &str, release: &str, index: &str) {
+    let (status, body) = call(
+        twin,
+        "PUT",
+        &format!("/api/v1/cars/{car}/desired"),
+        Some(json!({"release": release, "artifacts": [{"name": "rootfs", "index": index}]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+async fn applied(twin: &Running, car: &str, release: &str, within: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let (_, view) = call(twin, "GET", &format!("/api/v1/cars/{car}"), None).await;
+        let state = &view["reported"]["state"];
+        if state["phase"] == "applied" && state["release"] == release {
+            return view;
+        }
+        assert!(state["phase"] != "failed", "the fetch failed: {view}");
+        assert!(
+            started.elapsed() < within,
+            "timed out waiting for {release}: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn artifact_file(env: &Env, index: &str) -> PathBuf {
+    env.car_dir
+        .path()
+        .join(format!("state/artifacts/rootfs@{}", &index[..16]))
+}
+
+fn store_dir(env: &Env) -> PathBuf {
+    env.car_dir.path().join("state/chunks")
+}
+
+/// Every chunk file in the car's store, each read back through the store (which verifies it).
+fn stored_chunks(env: &Env) -> Vec<Digest> {
+    let root = store_dir(env).join("chunks");
+    let mut out = Vec::new();
+    for sub in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(sub.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(id) = entry.file_name().to_string_lossy().parse() {
+                out.push(id);
+            }
+        }
+    }
+    out
+}
+
+fn assert_store_consistent(env: &Env) {
+    let store = Store::open(&store_dir(env)).unwrap();
+    for id in stored_chunks(env) {
+        store
+            .get(&id)
+            .unwrap_or_else(|e| panic!("the store holds a bad chunk after a kill: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_travels_as_deltas_against_the_running_slot() {
+    let env = Env::new();
+    let twin = env.twin().await;
+    let old = corpus(1, 6 << 20);
+    let new = updated(&old);
+    let files = tempfile::tempdir().unwrap();
+    let (old_path, new_path) = (files.path().join("v1.img"), files.path().join("v2.img"));
+    std::fs::write(&old_path, &old).unwrap();
+    std::fs::write(&new_path, &new).unwrap();
+    let v1 = push(&twin, &env, &old_path);
+    let v2 = push(&twin, &env, &new_path);
+
+    // The car runs v1 from its slot: the slot is its seed.
+    let slot = files.path().join("slot-a.img");
+    std::fs::write(&slot, &old).unwrap();
+    let config = env
+        .car_with(
+            &twin,
+            "VIN-DELTA",
+            &format!("localhost:{}", env.cars_port),
+            &format!("seeds = [\"{}\"]\n", slot.display()),
+        )
+        .await;
+    let _agent = Agent::start(&config);
+    until(&twin, "VIN-DELTA", "the agent to connect", |v| {
+        v["connected"] == true
+    })
+    .await;
+
+    desire(&twin, "VIN-DELTA", "os@1", &v1).await;
+    applied(&twin, "VIN-DELTA", "os@1", Duration::from_secs(60)).await;
+    assert_eq!(
+        twin.served().chunks.load(Ordering::Relaxed),
+        0,
+        "v1 is entirely in the slot: nothing may travel"
+    );
+    assert_eq!(std::fs::read(artifact_file(&env, &v1)).unwrap(), old);
+
+    desire(&twin, "VIN-DELTA", "os@2", &v2).await;
+    let view = applied(&twin, "VIN-DELTA", "os@2", Duration::from_secs(120)).await;
+    assert_eq!(std::fs::read(artifact_file(&env, &v2)).unwrap(), new);
+    assert!(
+        !artifact_file(&env, &v1).exists(),
+        "the old version is removed once the new one is there"
+    );
+    assert!(
+        stored_chunks(&env).is_empty(),
+        "the store is collected after assembly"
+    );
+
+    let served = twin.served().bytes.load(Ordering::Relaxed);
+    let deltas = twin.served().deltas.load(Ordering::Relaxed);
+    let whole = zstd::bulk::compress(&new, 3).unwrap().len() as u64;
+    assert!(deltas > 0, "changed chunks should travel as deltas");
+    assert!(
+        served * 20 < whole,
+        "sent {served} bytes for a small change; zstd of the whole image is {whole}"
+    );
+
+    let progress = &view["progress"];
+    assert_eq!(progress["done"], true, "{view}");
+    assert_eq!(progress["planned_bytes"], new.len() as u64);
+    assert!(
+        progress["seed_bytes"].as_u64().unwrap() > new.len() as u64 * 3 / 4,
+        "{progress}"
+    );
+    let (_, events) = call(
+        &twin,
+        "GET",
+        "/api/v1/cars/VIN-DELTA/events?limit=200",
+        None,
+    )
+    .await;
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "fetch"),
+        "progress shows in the car's events: {events}"
+    );
+}
+
+/// Kill the agent with SIGKILL whenever its store has reached `at` chunks; returns whether the
+/// kill landed before the download finished.
+async fn kill_at(env: &Env, agent: Agent, at: usize, total: usize) -> bool {
+    let started = Instant::now();
+    let mut agent = agent;
+    loop {
+        let n = stored_chunks(env).len();
+        if n >= at || n >= total {
+            agent.0.kill().unwrap();
+            agent.0.wait().unwrap();
+            return n < total;
+        }
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            panic!("the agent exited on its own: {status}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_download_never_corrupts_the_store_and_costs_at_most_a_window() {
+    const WINDOW: u64 = 4;
+    let env = Env::new();
+    let twin = env.twin().await;
+    let data = noise(2, 12 << 20);
+    let files = tempfile::tempdir().unwrap();
+    let path = files.path().join("layer.tar");
+    std::fs::write(&path, &data).unwrap();
+    let index = push(&twin, &env, &path);
+    let unique: HashSet<_> = chunk_bytes(&data, Params::DEFAULT)
+        .chunks
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    let total = unique.len();
+
+    let config = env
+        .car_with(
+            &twin,
+            "VIN-KILL",
+            &format!("localhost:{}", env.cars_port),
+            &format!("window_chunks = {WINDOW}\n"),
+        )
+        .await;
+    desire(&twin, "VIN-KILL", "app@1", &index).await;
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut kills = 0;
+    let mut floor = 0;
+    while kills < 4 {
+        let agent = Agent::start(&config);
+        // A random moment: somewhere in the next sixth of the download.
+        let at = floor + 1 + rng.usize(..total / 6);
+        if !kill_at(&env, agent, at, total).await {
+            break;
+        }
+        kills += 1;
+        assert_store_consistent(&env);
+        floor = stored_chunks(&env).len();
+    }
+    assert!(kills >= 3, "only {kills} kills landed during the download");
+    let _agent = Agent::start(&config);
+    applied(&twin, "VIN-KILL", "app@1", Duration::from_secs(120)).await;
+    assert_eq!(std::fs::read(artifact_file(&env, &index)).unwrap(), data);
+
+    let served = twin.served().chunks.load(Ordering::Relaxed);
+    assert!(
+        served <= total as u64 + kills * WINDOW,
+        "{served} chunks sent for {total} after {kills} kills (window {WINDOW})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_stalled_and_reset_connections_resume_where_they_stopped() {
+    const WINDOW: u64 = 4;
+    let env = Env::new();
+    let twin = env.twin().await;
+    let proxy = FaultProxy::start(twin.cars_addr).await;
+    let data = noise(3, 12 << 20);
+    let files = tempfile::tempdir().unwrap();
+    let path = files.path().join("layer.tar");
+    std::fs::write(&path, &data).unwrap();
+    let index = push(&twin, &env, &path);
+    let total = chunk_bytes(&data, Params::DEFAULT)
+        .chunks
+        .iter()
+        .map(|c| c.id)
+        .collect::<HashSet<_>>()
+        .len();
+
+    let config = env
+        .car_with(
+            &twin,
+            "VIN-FAULT",
+            &format!("localhost:{}", proxy.addr.port()),
+            &format!("window_chunks = {WINDOW}\nwindow_deadline_secs = 2\n"),
+        )
+        .await;
+    let _agent = Agent::start(&config);
+    until(&twin, "VIN-FAULT", "the agent to connect", |v| {
+        v["connected"] == true
+    })
+    .await;
+    desire(&twin, "VIN-FAULT", "app@1", &index).await;
+
+    let faults = [
+        (total / 5, Fault::Reset, Duration::from_millis(300)),
+        (total * 2 / 5, Fault::Blackhole, Duration::from_secs(4)),
+        (total * 3 / 5, Fault::Reset, Duration::from_millis(300)),
+        (total * 4 / 5, Fault::Blackhole, Duration::from_secs(1)),
+    ];
+    let mut interruptions = 0u64;
+    for (at, fault, hold) in faults {
+        let started = Instant::now();
+        while stored_chunks(&env).len() < at {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "no progress before {fault:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        proxy.set(fault);
+        tokio::time::sleep(hold).await;
+        proxy.set(Fault::Pass);
+        interruptions += 1;
+        assert_store_consistent(&env);
+    }
+    applied(&twin, "VIN-FAULT", "app@1", Duration::from_secs(120)).await;
+    assert_eq!(std::fs::read(artifact_file(&env, &index)).unwrap(), data);
+    let served = twin.served().chunks.load(Ordering::Relaxed);
+    assert!(
+        served <= total as u64 + interruptions * WINDOW,
+        "{served} chunks sent for {total} after {interruptions} interruptions (window {WINDOW})"
+    );
+}

@@ -1,0 +1,171 @@
+//! `cardeploy artifact`: chunk a file (an OS rootfs image, a container layer tar) the way cars
+//! do, and push to the twin only the chunks it does not have yet.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cardeploy_chunks::{Digest, Params, chunk_file, chunk_reader};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+use crate::api::{Api, ApiArgs};
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Chunk FILE, upload the chunks the twin lacks (zstd-compressed), then its chunk index.
+    /// Prints the index id: name it in a desired state with
+    /// `cardeploy car set-desired CAR --release R --artifact NAME=INDEX`.
+    Push {
+        file: PathBuf,
+        /// zstd level of uploaded chunks (what cars receive when no delta is smaller).
+        #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
+        level: i32,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Print FILE's chunk index id and statistics without uploading anything.
+    Index { file: PathBuf },
+    /// Show a chunk index the twin holds.
+    Show {
+        index: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+pub fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Index { file } => {
+            let index = chunk_file(&file, Params::DEFAULT, |_| Ok(()))
+                .with_context(|| format!("chunking {}", file.display()))?;
+            println!(
+                "{}  {} bytes, {} chunks, sha256 {}",
+                index.id(),
+                index.size,
+                index.chunks.len(),
+                index.artifact
+            );
+            Ok(())
+        }
+        Command::Show { index, api } => {
+            let view: Value =
+                Api::new(&api)?.get("reading the index", &format!("/api/v1/indexes/{index}"))?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&view).unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Push { file, level, api } => push(&file, level, &api),
+    }
+}
+
+fn push(file: &std::path::Path, level: i32, args: &ApiArgs) -> anyhow::Result<()> {
+    let api = Api::new(args)?;
+    let size = std::fs::metadata(file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .len();
+    let scan = bar(size, "chunking");
+    let index = chunk_file(file, Params::DEFAULT, |c| {
+        scan.inc(c.data.len() as u64);
+        Ok(())
+    })
+    .with_context(|| format!("chunking {}", file.display()))?;
+    scan.finish_and_clear();
+
+    let mut ids: Vec<String> = index.chunks.iter().map(|c| c.id.hex()).collect();
+    ids.sort();
+    ids.dedup();
+    let answer: Value = api.post(
+        "asking which chunks the twin lacks",
+        "/api/v1/chunks/missing",
+        &json!({ "chunks": ids }),
+    )?;
+    let missing: std::collections::HashSet<Digest> = answer
+        .get("missing")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|v| v.as_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    let missing_bytes: u64 = {
+        let mut seen = std::collections::HashSet::new();
+        index
+            .chunks
+            .iter()
+            .filter(|c| missing.contains(&c.id) && seen.insert(c.id))
+            .map(|c| u64::from(c.len))
+            .sum()
+    };
+    eprintln!(
+        "{}: {} chunks, {} of them ({:.1} MiB) not on the twin yet",
+        file.display(),
+        index.chunks.len(),
+        missing.len(),
+        missing_bytes as f64 / 1048576.0
+    );
+
+    if !missing.is_empty() {
+        let upload = bar(missing_bytes, "uploading");
+        let mut sent = std::collections::HashSet::new();
+        let reader = std::io::BufReader::with_capacity(
+            1 << 20,
+            std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?,
+        );
+        let mut failure = None;
+        let again = chunk_reader(reader, Params::DEFAULT, |c| {
+            if failure.is_some() || !missing.contains(&c.id) || !sent.insert(c.id) {
+                return Ok(());
+            }
+            let result = zstd::bulk::compress(c.data, level)
+                .context("compressing a chunk")
+                .and_then(|z| {
+                    api.put_bytes_unit("uploading a chunk", &format!("/api/v1/chunks/{}", c.id), &z)
+                });
+            match result {
+                Ok(()) => upload.inc(c.data.len() as u64),
+                Err(e) => failure = Some(e),
+            }
+            Ok(())
+        })
+        .with_context(|| format!("reading {}", file.display()))?;
+        upload.finish_and_clear();
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if again.id() != index.id() {
+            anyhow::bail!(
+                "{} changed while it was being pushed; push it again once it is stable",
+                file.display()
+            );
+        }
+    }
+
+    let id = index.id();
+    let view: Value = api.put_bytes(
+        "uploading the chunk index",
+        &format!("/api/v1/indexes/{id}"),
+        &index.encode(),
+    )?;
+    eprintln!(
+        "pushed: {} bytes in {} chunks",
+        view.get("size")
+            .and_then(Value::as_u64)
+            .unwrap_or(index.size),
+        index.chunks.len()
+    );
+    println!("{id}");
+    Ok(())
+}
