@@ -26,11 +26,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     })?;
     let target = chunk_reader(&new[..], Params::DEFAULT, |_| Ok(()))?;
     let in_base: HashSet<_> = base.chunks.iter().map(|c| c.id).collect();
-    let planner = ReferencePlanner::new(&target, &base, MAX_REFERENCE);
+    let max_ref = std::env::var("REF_MIB")
+        .ok()
+        .and_then(|m| m.parse::<u64>().ok())
+        .map_or(MAX_REFERENCE, |m| m << 20);
+    let planner = ReferencePlanner::new(&target, &base, max_ref);
     let offsets = target.offsets();
     let mut enc = DeltaEncoder::new(level);
     let (mut missing, mut missing_bytes, mut delta, mut whole, mut refs) = (0, 0u64, 0u64, 0u64, 0);
     let mut seen = HashSet::new();
+    let mut buckets = [(0u64, 0u64); 4];
     let mut last_ref = None;
     for (i, c) in target.chunks.iter().enumerate() {
         if in_base.contains(&c.id) || !seen.insert(c.id) {
@@ -52,9 +57,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .cloned(),
             ))
         })?;
-        let d = f.data.len() as u64;
+        let mut d = f.data.len() as u64;
+        // New content: try the target's own preceding bytes as dictionary.
+        if d * 10 >= w * 7 && i > 0 {
+            let ctx_len: usize = std::env::var("CTX_KIB")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(512)
+                << 10;
+            let start = (offsets[i] as usize).saturating_sub(ctx_len);
+            let c = enc.context(c.id, raw, &new[start..offsets[i] as usize])?;
+            d = d.min(c.data.len() as u64);
+        }
         delta += d.min(w) + 45;
         whole += w + 37;
+        // How good was the reference? Buckets by delta/whole.
+        let bucket = match d * 10 / w.max(1) {
+            0 => 0,
+            1..=4 => 1,
+            5..=8 => 2,
+            _ => 3,
+        };
+        buckets[bucket].0 += 1;
+        buckets[bucket].1 += d.min(w);
     }
     let index = target.encode().len() as u64;
     let full = zstd::bulk::compress(&new, 19)?.len() as u64;
@@ -73,5 +98,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         full >> 10,
         started.elapsed().as_secs_f64()
     );
+    for (label, (n, b)) in [
+        "delta < 10% of whole",
+        "10-50%",
+        "50-90%",
+        ">= 90% (no useful reference)",
+    ]
+    .iter()
+    .zip(buckets)
+    {
+        println!("  {label}: {n} chunks, {} KiB sent", b >> 10);
+    }
     Ok(())
 }

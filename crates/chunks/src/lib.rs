@@ -29,7 +29,7 @@ mod seed;
 mod store;
 pub mod transit;
 
-pub use assemble::{Assembled, assemble};
+pub use assemble::{Assembled, Assembler, assemble};
 pub use chunker::{ChunkCut, chunk_bytes, chunk_file, chunk_reader};
 pub use digest::{Digest, Sha256};
 pub use error::Error;

@@ -9,12 +9,16 @@ pub enum Source {
     Store,
     /// Readable from seed number `seed` (index into the seeds given to [`Plan::new`]).
     Seed { seed: usize },
+    /// Already in the target being assembled (an earlier attempt wrote it, or the same chunk
+    /// occurs earlier in the target).
+    Local,
     /// Must come over the network.
     Fetch,
 }
 
 /// Bytes by origin, counting the target as laid out (a chunk used twice counts twice), except
 /// `fetch_bytes`/`fetch_chunks`, which count each missing chunk once: that is what travels.
+/// `store_bytes` includes what an earlier attempt already assembled.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PlanStats {
     pub planned_bytes: u64,
@@ -34,28 +38,41 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(target: &ChunkIndex, store: &Store, seeds: &[Seed]) -> Self {
+        Self::resuming(target, 0, Some(store), seeds)
+    }
+
+    /// The plan for the rest of a target whose first `start` chunks are already assembled
+    /// (verified): they and every later repeat of them are [`Source::Local`].
+    pub fn resuming(
+        target: &ChunkIndex,
+        start: usize,
+        store: Option<&Store>,
+        seeds: &[Seed],
+    ) -> Self {
         let mut sources = Vec::with_capacity(target.chunks.len());
         let mut stats = PlanStats {
             planned_bytes: target.size,
             ..PlanStats::default()
         };
         let mut missing = Vec::new();
-        let mut seen = HashSet::new();
+        let mut local: HashSet<Digest> = HashSet::new();
         for (i, c) in target.chunks.iter().enumerate() {
-            let source = if store.has(&c.id) {
+            let source = if i < start || local.contains(&c.id) {
+                stats.store_bytes += u64::from(c.len);
+                Source::Local
+            } else if store.is_some_and(|s| s.has(&c.id)) {
                 stats.store_bytes += u64::from(c.len);
                 Source::Store
             } else if let Some(seed) = seeds.iter().position(|s| s.contains(&c.id)) {
                 stats.seed_bytes += u64::from(c.len);
                 Source::Seed { seed }
             } else {
-                if seen.insert(c.id) {
-                    stats.fetch_bytes += u64::from(c.len);
-                    stats.fetch_chunks += 1;
-                    missing.push((i, c.id, c.len));
-                }
+                stats.fetch_bytes += u64::from(c.len);
+                stats.fetch_chunks += 1;
+                missing.push((i, c.id, c.len));
                 Source::Fetch
             };
+            local.insert(c.id);
             sources.push(source);
         }
         Self {

@@ -250,13 +250,18 @@ fn deltas_against_the_base_are_small_and_exact() {
         let wire = Frame::decode(&frame.encode()).unwrap();
         assert_eq!(wire, frame);
         let back = dec
-            .decode(&wire, base.chunks.len(), |r| {
-                Ok(reference_dictionary(
-                    base_chunks[r.start as usize..(r.start + r.count) as usize]
-                        .iter()
-                        .cloned(),
-                ))
-            })
+            .decode(
+                &wire,
+                base.chunks.len(),
+                |r| {
+                    Ok(reference_dictionary(
+                        base_chunks[r.start as usize..(r.start + r.count) as usize]
+                            .iter()
+                            .cloned(),
+                    ))
+                },
+                |_| unreachable!(),
+            )
             .unwrap();
         assert_eq!(back, raw);
         delta_bytes += wire.data.len();
@@ -277,7 +282,7 @@ fn a_tampered_frame_is_refused() {
     let z = zstd::bulk::compress(&corpus(8, 10_000), 3).unwrap();
     let frame = transit::whole(id, 10_000, z);
     let err = DeltaDecoder::new()
-        .decode(&frame, 0, |_| unreachable!())
+        .decode(&frame, 0, |_| unreachable!(), |_| unreachable!())
         .unwrap_err();
     assert!(matches!(err, Error::ChunkDigest { .. }), "{err}");
 
@@ -287,7 +292,7 @@ fn a_tampered_frame_is_refused() {
         count: 10,
     });
     let err = DeltaDecoder::new()
-        .decode(&delta, 12, |_| unreachable!())
+        .decode(&delta, 12, |_| unreachable!(), |_| unreachable!())
         .unwrap_err();
     assert!(
         matches!(
@@ -341,4 +346,72 @@ fn assembly_without_a_source_fails_and_leaves_nothing() {
     assert!(matches!(err, Error::Unplanned(_)), "{err}");
     assert!(!out.exists());
     assert!(!dir.path().join("x.img.partial").exists());
+}
+
+#[test]
+fn an_interrupted_assembly_resumes_after_the_last_good_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(11, 300_000);
+    let target = chunk_bytes(&data, SMALL);
+    let offsets = target.offsets();
+    let out = dir.path().join("a.img");
+    let mut asm = Assembler::open(&target, &out).unwrap();
+    for i in 0..10 {
+        let raw = &data[offsets[i] as usize..offsets[i + 1] as usize];
+        asm.append(&target.chunks[i].id, raw).unwrap();
+    }
+    asm.sync().unwrap();
+    drop(asm);
+    // A power cut left a torn, unsynced tail: half of chunk 10 and garbage.
+    let partial = dir.path().join("a.img.partial");
+    let mut bytes = fs::read(&partial).unwrap();
+    bytes.extend_from_slice(&data[offsets[10] as usize..offsets[10] as usize + 500]);
+    bytes.extend_from_slice(&[0u8; 4000]);
+    fs::write(&partial, bytes).unwrap();
+
+    let mut asm = Assembler::open(&target, &out).unwrap();
+    assert_eq!(asm.next(), 10);
+    assert_eq!(asm.written_bytes(), offsets[10]);
+    // Out-of-order appends are refused.
+    let err = asm.append(&target.chunks[11].id, b"x").unwrap_err();
+    assert!(matches!(err, Error::IndexMalformed(_)), "{err}");
+    for i in 10..target.chunks.len() {
+        let raw = &data[offsets[i] as usize..offsets[i + 1] as usize];
+        asm.append(&target.chunks[i].id, raw).unwrap();
+    }
+    let done = asm.finish().unwrap();
+    assert_eq!(done.digest, Digest::of(&data));
+    assert_eq!(fs::read(&out).unwrap(), data);
+    assert!(!partial.exists());
+}
+
+#[test]
+fn new_content_compresses_against_the_bytes_before_it() {
+    // Two chunks of fresh content that resemble each other, like two new files of one package.
+    let first = corpus(21, 60_000);
+    let mut second = first.clone();
+    second[100] ^= 1;
+    let id = Digest::of(&second);
+    let enc = DeltaEncoder::new(19);
+    let frame = enc.context(id, &second, &first).unwrap();
+    let wire = Frame::decode(&frame.encode()).unwrap();
+    assert_eq!(wire.encoding, Encoding::Context(60_000));
+    let alone = zstd::bulk::compress(&second, 19).unwrap().len();
+    assert!(
+        wire.data.len() * 10 < alone,
+        "{} vs {alone}",
+        wire.data.len()
+    );
+    let back = DeltaDecoder::new()
+        .decode(
+            &wire,
+            0,
+            |_| unreachable!(),
+            |n| {
+                assert_eq!(n, 60_000);
+                Ok(first.clone())
+            },
+        )
+        .unwrap();
+    assert_eq!(back, second);
 }

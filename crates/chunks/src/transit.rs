@@ -4,9 +4,14 @@
 //! version almost always lies between the nearest chunks that did match, at about the same
 //! relative position, because files in an image or a tar move by shifts, not by shuffles.
 //!
+//! New content has no old version to refer to; for it the dictionary is the target's own bytes
+//! just before the chunk (which the car has already assembled), so consecutive new chunks
+//! compress almost as well as one stream.
+//!
 //! ```text
 //! 'W' | chunk sha256 [32] | raw length u32 | zstd frame
 //! 'D' | chunk sha256 [32] | raw length u32 | base start u32 | base count u32 | zstd frame
+//! 'C' | chunk sha256 [32] | raw length u32 | preceding length u32 | zstd frame
 //! ```
 
 use std::collections::HashMap;
@@ -16,6 +21,8 @@ use crate::{ChunkIndex, Digest, Error, Result, store::verify};
 /// The largest reference a delta may use: bounds the car's memory (reference + decoder) at
 /// about twice this, whatever the artifact size.
 pub const MAX_REFERENCE: u64 = 8 << 20;
+/// The most target bytes before a chunk a context frame may use as its dictionary.
+pub const MAX_CONTEXT: u32 = 1 << 20;
 /// zstd's window for deltas: covers the whole reference plus the chunk.
 const DELTA_WINDOW_LOG: u32 = 24;
 /// A reference dictionary starts with these bytes so zstd never mistakes base data that
@@ -36,6 +43,8 @@ pub struct Reference {
 pub enum Encoding {
     Whole,
     Delta(Reference),
+    /// Compressed with the `n` target bytes just before the chunk as dictionary.
+    Context(u32),
 }
 
 /// One chunk in transit.
@@ -53,12 +62,17 @@ impl Frame {
         match self.encoding {
             Encoding::Whole => out.push(b'W'),
             Encoding::Delta(_) => out.push(b'D'),
+            Encoding::Context(_) => out.push(b'C'),
         }
         out.extend_from_slice(&self.id.0);
         out.extend_from_slice(&self.raw_len.to_le_bytes());
-        if let Encoding::Delta(r) = self.encoding {
-            out.extend_from_slice(&r.start.to_le_bytes());
-            out.extend_from_slice(&r.count.to_le_bytes());
+        match self.encoding {
+            Encoding::Delta(r) => {
+                out.extend_from_slice(&r.start.to_le_bytes());
+                out.extend_from_slice(&r.count.to_le_bytes());
+            }
+            Encoding::Context(n) => out.extend_from_slice(&n.to_le_bytes()),
+            Encoding::Whole => {}
         }
         out.extend_from_slice(&self.data);
         out
@@ -89,6 +103,16 @@ impl Frame {
                 45,
             ),
             b'D' => return Err(bad("delta frame shorter than its header")),
+            b'C' if bytes.len() >= 41 => {
+                let n = u32_at(37);
+                if n == 0 || n > MAX_CONTEXT {
+                    return Err(Error::TransitMalformed(format!(
+                        "context of {n} bytes is outside 1..={MAX_CONTEXT}"
+                    )));
+                }
+                (Encoding::Context(n), 41)
+            }
+            b'C' => return Err(bad("context frame shorter than its header")),
             other => {
                 return Err(Error::TransitMalformed(format!(
                     "unknown frame kind {other:#04x}"
@@ -286,6 +310,27 @@ impl DeltaEncoder {
     }
 }
 
+impl DeltaEncoder {
+    /// A context frame for `raw`: `preceding` are the target bytes just before it (at most
+    /// [`MAX_CONTEXT`]).
+    pub fn context(&self, id: Digest, raw: &[u8], preceding: &[u8]) -> Result<Frame> {
+        let n = u32::try_from(preceding.len())
+            .ok()
+            .filter(|n| (1..=MAX_CONTEXT).contains(n))
+            .ok_or_else(|| Error::TransitMalformed("context length out of range".into()))?;
+        let dict = reference_dictionary([preceding.to_vec()]);
+        let mut c =
+            zstd::bulk::Compressor::with_dictionary(self.level, &dict).map_err(Error::Zstd)?;
+        let data = c.compress(raw).map_err(Error::Zstd)?;
+        Ok(Frame {
+            id,
+            raw_len: raw.len() as u32,
+            encoding: Encoding::Context(n),
+            data,
+        })
+    }
+}
+
 /// A whole frame from a zstd frame already made (the twin stores chunks compressed).
 pub fn whole(id: Digest, raw_len: u32, zstd_frame: Vec<u8>) -> Frame {
     Frame {
@@ -296,10 +341,12 @@ pub fn whole(id: Digest, raw_len: u32, zstd_frame: Vec<u8>) -> Frame {
     }
 }
 
-/// Reverses [`DeltaEncoder`] on the car, keeping the last reference's dictionary loaded.
+/// Reverses [`DeltaEncoder`] on the car. The reference is kept while consecutive frames share
+/// it and handed to zstd by reference as a prefix: decoding with a prefix builds no tables and
+/// copies nothing, so the car holds the reference once.
 #[derive(Default)]
 pub struct DeltaDecoder {
-    current: Option<(Reference, zstd::bulk::Decompressor<'static>)>,
+    current: Option<(Reference, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for DeltaDecoder {
@@ -321,8 +368,13 @@ impl DeltaDecoder {
         frame: &Frame,
         base_len: usize,
         dictionary: impl FnOnce(Reference) -> Result<Vec<u8>>,
+        preceding: impl FnOnce(u32) -> Result<Vec<u8>>,
     ) -> Result<Vec<u8>> {
         let raw = match frame.encoding {
+            Encoding::Context(n) => {
+                let dict = reference_dictionary([preceding(n)?]);
+                with_prefix(&dict, &frame.data, frame.raw_len as usize)
+            }
             Encoding::Whole => zstd::bulk::decompress(&frame.data, frame.raw_len as usize),
             Encoding::Delta(r) => {
                 let end = u64::from(r.start) + u64::from(r.count);
@@ -336,15 +388,12 @@ impl DeltaDecoder {
                 }
                 let reuse = matches!(&self.current, Some((cur, _)) if *cur == r);
                 if !reuse {
-                    self.current = None; // free the old dictionary before reading the new one
-                    let dict = dictionary(r)?;
-                    let d =
-                        zstd::bulk::Decompressor::with_dictionary(&dict).map_err(Error::Zstd)?;
-                    self.current = Some((r, d));
+                    self.current = None; // free the old reference before reading the new one
+                    self.current = Some((r, dictionary(r)?));
                 }
-                match self.current.as_mut() {
-                    Some((_, d)) => d.decompress(&frame.data, frame.raw_len as usize),
-                    None => Err(std::io::Error::other("no decompressor")),
+                match &self.current {
+                    Some((_, dict)) => with_prefix(dict, &frame.data, frame.raw_len as usize),
+                    None => Err(std::io::Error::other("no reference")),
                 }
             }
         }
@@ -360,4 +409,14 @@ impl DeltaDecoder {
         verify(&frame.id, &raw)?;
         Ok(raw)
     }
+}
+
+fn with_prefix(prefix: &[u8], frame: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    let zerr = |code: usize| std::io::Error::other(zstd::zstd_safe::get_error_name(code));
+    let mut dctx = zstd::zstd_safe::DCtx::try_create()
+        .ok_or_else(|| std::io::Error::other("zstd could not create a decoder"))?;
+    dctx.ref_prefix(prefix).map_err(zerr)?;
+    let mut out = Vec::with_capacity(capacity);
+    dctx.decompress(&mut out, frame).map_err(zerr)?;
+    Ok(out)
 }
