@@ -54,6 +54,11 @@ pub struct Config {
     /// memory during a download.
     #[serde(default = "default_window_bytes")]
     pub window_bytes: u64,
+    /// Ask for the next window while the current one is written (two windows in flight): hides
+    /// the round trip and the twin's work. An interruption then costs up to two windows instead of
+    /// one.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: bool,
     /// Deadline of one window, seconds: a window must arrive whole within it (size windows to
     /// the slowest link the car is expected to see).
     #[serde(default = "default_window_deadline")]
@@ -68,6 +73,9 @@ fn default_window_chunks() -> usize {
 }
 fn default_window_bytes() -> u64 {
     4 << 20
+}
+fn default_prefetch() -> bool {
+    true
 }
 fn default_window_deadline() -> u64 {
     120

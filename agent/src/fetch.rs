@@ -1,8 +1,10 @@
-//! Fetching an artifact by chunk index (docs/delta.md): plan against the chunk store and the
-//! seeds, fetch what is missing window by window, write each chunk atomically the moment it
-//! arrives, assemble, verify. An interruption at any point — SIGKILL, power cut, a dropped or
-//! stalled connection — costs at most the window in flight: the next attempt plans again and
-//! finds everything already written in the store.
+//! Fetching an artifact by chunk index (docs/delta.md): plan against the seeds (the running
+//! slot, assembled artifacts), fetch what is missing window by window — the next window is
+//! already on its way while this one is written — and append every chunk in order to the
+//! artifact's partial file, which is synced after each window. An interruption at any point —
+//! SIGKILL, power cut, a dropped or stalled connection — costs at most the windows in flight:
+//! the next attempt verifies the partial file chunk by chunk, keeps every good chunk, and plans
+//! the rest.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cardeploy_chunks::transit::{DeltaDecoder, Encoding, Frame, reference_dictionary};
-use cardeploy_chunks::{ChunkIndex, Digest, Plan, Seed, Store as ChunkStore};
+use cardeploy_chunks::{Assembler, ChunkIndex, Digest, Plan, Seed, Source};
 use cardeploy_link::{Requester, Window};
 use cardeploy_protocol::{
     self as protocol, ArtifactRef, ChunksRequest, FetchProgress, IndexRequest, route,
@@ -21,13 +23,13 @@ use crate::{Config, Error};
 /// What the agent needs to fetch: where things live and how big a window is.
 #[derive(Clone, Debug)]
 pub(crate) struct Fetcher {
-    pub store: Arc<ChunkStore>,
     pub indexes: PathBuf,
     pub artifacts: PathBuf,
     pub seeds: Vec<PathBuf>,
     pub window_chunks: usize,
     pub window_bytes: u64,
     pub window_deadline: Duration,
+    pub prefetch: bool,
     pub max_artifact: u64,
 }
 
@@ -54,13 +56,13 @@ impl Fetcher {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
         Ok(Self {
-            store: Arc::new(ChunkStore::open(&config.state_dir.join("chunks"))?),
             indexes,
             artifacts,
             seeds: config.seeds.clone(),
             window_chunks: config.window_chunks,
             window_bytes: config.window_bytes,
             window_deadline: Duration::from_secs(config.window_deadline_secs.max(1)),
+            prefetch: config.prefetch,
             max_artifact: config.max_artifact_bytes,
         })
     }
@@ -108,17 +110,6 @@ impl Fetcher {
         let id: Digest = artifact.index.parse()?;
         let out = self.artifact_path(&artifact.name, &id);
         let index = Arc::new(self.index(link, &id).await?);
-        let pin = format!("fetch-{}", artifact.name);
-        {
-            let (store, index) = (self.store.clone(), index.clone());
-            let pin = pin.clone();
-            blocking(move || {
-                let stored = store.put_index(&index)?;
-                store.keep(&pin, &stored)?;
-                Ok(())
-            })
-            .await?;
-        }
 
         // Seeds: the configured ones (the running slot) and every assembled artifact.
         let mut seed_paths = self.seeds.clone();
@@ -144,21 +135,26 @@ impl Fetcher {
             .await?,
         );
 
-        let plan = {
-            let (store, index, seeds) = (self.store.clone(), index.clone(), seeds.clone());
-            Arc::new(blocking(move || Ok(Plan::new(&index, &store, &seeds))).await?)
+        // What an earlier attempt assembled is verified and kept; the plan covers the rest.
+        let (asm, plan) = {
+            let (index, seeds, out) = (index.clone(), seeds.clone(), out.clone());
+            blocking(move || {
+                let asm = Assembler::open(&index, &out)?;
+                let plan = Plan::resuming(&index, asm.next(), None, &seeds);
+                Ok((asm, Arc::new(plan)))
+            })
+            .await?
         };
 
         let base = match base {
             Some(b) if b != id => match self.index(link, &b).await {
                 Ok(base_index) => {
-                    let (store, seeds) = (self.store.clone(), seeds.clone());
                     let complete = base_index
                         .chunks
                         .iter()
-                        .all(|c| store.has(&c.id) || seeds.iter().any(|s| s.contains(&c.id)));
+                        .all(|c| seeds.iter().any(|s| s.contains(&c.id)));
                     if complete {
-                        Some((b, Arc::new(base_index)))
+                        Some(Arc::new(base_index))
                     } else {
                         tracing::info!(base = %b, "the base is not complete on this car; fetching without deltas");
                         None
@@ -185,22 +181,21 @@ impl Fetcher {
         };
         progress(&report);
         tracing::info!(artifact = %artifact.name, index = %id, planned = plan.stats.planned_bytes,
-            from_store = plan.stats.store_bytes, from_seeds = plan.stats.seed_bytes,
+            already_here = plan.stats.store_bytes, from_seeds = plan.stats.seed_bytes,
             to_fetch = plan.stats.fetch_bytes, "fetch planned");
 
-        let mut decoder = DeltaDecoder::new();
-        let mut last_report = Instant::now();
         let windows: Vec<Vec<(usize, Digest, u32)>> = plan
             .windows(self.window_chunks, self.window_bytes)
             .into_iter()
             .map(<[_]>::to_vec)
             .collect();
-        for window in windows {
-            let request = ChunksRequest {
+        let base_hex = base.as_ref().map(|b| b.id().hex());
+        let request = |window: &[(usize, Digest, u32)]| {
+            let body = protocol::encode(&ChunksRequest {
                 index: id.hex(),
-                base: base.as_ref().map(|(b, _)| b.hex()),
+                base: base_hex.clone(),
                 chunks: window.iter().map(|(p, _, _)| *p as u32).collect(),
-            };
+            });
             let raw: u64 = window.iter().map(|(_, _, len)| u64::from(*len)).sum();
             // zstd never grows data by more than ~1/128 plus a small constant per frame.
             let limit = Window {
@@ -208,14 +203,32 @@ impl Fetcher {
                 max_bytes: usize::try_from(raw + raw / 64 + 128 * window.len() as u64)
                     .unwrap_or(usize::MAX),
             };
-            let frames = link
-                .request_window_within(
+            let (link, deadline) = (link.clone(), self.window_deadline);
+            tokio::spawn(async move {
+                link.request_window_within(
                     route::ARTIFACT_CHUNKS,
-                    Bytes::from(protocol::encode(&request)),
+                    Bytes::from(body),
                     limit,
-                    self.window_deadline,
+                    deadline,
                 )
-                .await?;
+                .await
+            })
+        };
+
+        let mut state = Some((asm, DeltaDecoder::new()));
+        let mut last_report = Instant::now();
+        let mut in_flight = windows.first().map(|w| request(w));
+        for (n, window) in windows.iter().enumerate() {
+            let Some(pending) = in_flight.take() else {
+                break;
+            };
+            let frames = pending
+                .await
+                .map_err(|e| Error::Fetch(format!("a window request failed: {e}")))??;
+            // Ask for the next window now: it travels while this one is written.
+            if self.prefetch {
+                in_flight = windows.get(n + 1).map(|w| request(w));
+            }
             if frames.len() != window.len() {
                 return Err(Error::Fetch(format!(
                     "asked the twin for {} chunks, got {}",
@@ -224,45 +237,65 @@ impl Fetcher {
                 )));
             }
             let wire: u64 = frames.iter().map(|f| f.len() as u64).sum();
-            let (store, seeds) = (self.store.clone(), seeds.clone());
-            let base = base.clone();
-            decoder = blocking(move || {
-                for (bytes, (_, want, _)) in frames.iter().zip(&window) {
-                    let frame = Frame::decode(bytes)?;
-                    if frame.id != *want {
-                        return Err(Error::Fetch(format!(
-                            "asked for chunk {want}, the twin sent {}",
-                            frame.id
-                        )));
-                    }
-                    match frame.encoding {
-                        Encoding::Whole => {
-                            store.put_compressed(&frame.id, &frame.data)?;
+            let raw: u64 = window.iter().map(|(_, _, len)| u64::from(*len)).sum();
+            let (mut asm, mut decoder) = state
+                .take()
+                .ok_or_else(|| Error::Fetch("assembler lost".into()))?;
+            let (index, seeds, plan, base, window) = (
+                index.clone(),
+                seeds.clone(),
+                plan.clone(),
+                base.clone(),
+                window.clone(),
+            );
+            state = Some(
+                blocking(move || {
+                    // In order: everything local before a fetched chunk is appended first, so a
+                    // context frame finds the bytes before it in the partial file.
+                    for (bytes, (pos, want, _)) in frames.iter().zip(&window) {
+                        append_until(&mut asm, &index, &plan, &seeds, *pos)?;
+                        let frame = Frame::decode(bytes)?;
+                        if frame.id != *want {
+                            return Err(Error::Fetch(format!(
+                                "asked for chunk {want}, the twin sent {}",
+                                frame.id
+                            )));
                         }
-                        Encoding::Delta(_) => {
-                            let Some((_, base_index)) = &base else {
-                                return Err(Error::Fetch(format!(
-                                    "chunk {} came as a delta, but no base was offered",
-                                    frame.id
-                                )));
-                            };
-                            let raw = decoder.decode(&frame, base_index.chunks.len(), |r| {
-                                let range = &base_index.chunks
-                                    [r.start as usize..(r.start + r.count) as usize];
+                        if matches!(frame.encoding, Encoding::Delta(_)) && base.is_none() {
+                            return Err(Error::Fetch(format!(
+                                "chunk {} came as a delta, but no base was offered",
+                                frame.id
+                            )));
+                        }
+                        let base_len = base.as_ref().map_or(0, |b| b.chunks.len());
+                        let raw = decoder.decode(
+                            &frame,
+                            base_len,
+                            |r| {
+                                let Some(b) = &base else {
+                                    return Err(cardeploy_chunks::Error::Unplanned(frame.id));
+                                };
+                                let range =
+                                    &b.chunks[r.start as usize..(r.start + r.count) as usize];
                                 let mut parts = Vec::with_capacity(range.len());
                                 for c in range {
-                                    parts.push(read_chunk(&store, &seeds, &c.id)?);
+                                    parts.push(read_seed(&seeds, &c.id)?);
                                 }
                                 Ok(reference_dictionary(parts))
-                            })?;
-                            store.put_raw(&frame.id, &raw)?;
-                        }
+                            },
+                            |n| asm.preceding(n),
+                        )?;
+                        asm.append(&frame.id, &raw)?;
                     }
-                }
-                store.sync()?;
-                Ok(decoder)
-            })
-            .await?;
+                    drop(frames);
+                    asm.sync()?;
+                    Ok((asm, decoder))
+                })
+                .await?,
+            );
+            if !self.prefetch {
+                in_flight = windows.get(n + 1).map(|w| request(w));
+            }
             report.fetched_bytes += raw;
             report.wire_bytes += wire;
             if last_report.elapsed() >= Duration::from_secs(1) {
@@ -271,43 +304,56 @@ impl Fetcher {
             }
         }
 
-        let (store, seeds, index2, out2) = (
-            self.store.clone(),
-            seeds.clone(),
-            index.clone(),
-            out.clone(),
-        );
-        blocking(move || {
-            cardeploy_chunks::assemble(&index2, &store, &seeds, &out2, |_| {})?;
-            Ok(())
-        })
-        .await?;
+        let (asm, _) = state
+            .take()
+            .ok_or_else(|| Error::Fetch("assembler lost".into()))?;
+        {
+            let (index, seeds, plan) = (index.clone(), seeds.clone(), plan.clone());
+            blocking(move || {
+                let mut asm = asm;
+                append_until(&mut asm, &index, &plan, &seeds, index.chunks.len())?;
+                asm.finish()?;
+                Ok(())
+            })
+            .await?;
+        }
         report.done = true;
         progress(&report);
         tracing::info!(artifact = %artifact.name, path = %out.display(),
             fetched = report.fetched_bytes, wire = report.wire_bytes, "artifact assembled and verified");
-
-        // The assembled file is a seed from now on: its chunks need not stay in the store.
-        let store = self.store.clone();
-        let max = self.max_artifact;
-        blocking(move || {
-            store.unkeep(&pin)?;
-            store.gc(max)?;
-            Ok(())
-        })
-        .await?;
         Ok(out)
     }
 }
 
-fn read_chunk(
-    store: &ChunkStore,
+/// Append the local chunks before position `upto`: from the partial file itself or a seed.
+/// Fetched chunks are appended as they are decoded; meeting one here means it never arrived.
+fn append_until(
+    asm: &mut Assembler,
+    index: &ChunkIndex,
+    plan: &Plan,
     seeds: &[Seed],
-    id: &Digest,
-) -> Result<Vec<u8>, cardeploy_chunks::Error> {
-    if store.has(id) {
-        return store.get(id);
+    upto: usize,
+) -> Result<(), Error> {
+    while asm.next() < upto {
+        let p = asm.next();
+        let c = index.chunks[p];
+        let data = match plan.sources[p] {
+            Source::Fetch => {
+                return Err(Error::Fetch(format!(
+                    "chunk {} at position {p} never arrived",
+                    c.id
+                )));
+            }
+            Source::Local => asm.read_local(&c.id)?,
+            Source::Seed { seed } => seeds[seed].read(&c.id)?,
+            Source::Store => return Err(cardeploy_chunks::Error::Unplanned(c.id).into()),
+        };
+        asm.append(&c.id, &data)?;
     }
+    Ok(())
+}
+
+fn read_seed(seeds: &[Seed], id: &Digest) -> Result<Vec<u8>, cardeploy_chunks::Error> {
     match seeds.iter().find(|s| s.contains(id)) {
         Some(seed) => seed.read(id),
         None => Err(cardeploy_chunks::Error::Unplanned(*id)),

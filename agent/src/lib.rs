@@ -177,7 +177,15 @@ impl Agent {
                     agent.report(&link, ReportBody::Progress { progress }).await;
                 });
             };
-            let path = self.fetcher.fetch(&link, artifact, base, reporter).await?;
+            // A seed that changed under the reader (someone wrote to the slot) is read again
+            // once: the new plan sees what is really there now.
+            let path = match self.fetcher.fetch(&link, artifact, base, reporter).await {
+                Err(Error::Chunks(e @ cardeploy_chunks::Error::SeedChanged { .. })) => {
+                    tracing::warn!("{e}; planning again");
+                    self.fetcher.fetch(&link, artifact, base, reporter).await?
+                }
+                other => other?,
+            };
             let mut next = self.state().clone();
             let previous = next
                 .artifacts

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use cardeploy_chunks::{Digest, Params, Store, chunk_bytes};
+use cardeploy_chunks::{Assembler, ChunkIndex, Params, chunk_bytes};
 use cardeploy_testkit::{Fault, FaultProxy, workspace_bin};
 use cardeploy_twin::Running;
 use common::{Agent, Env, call, until};
@@ -111,35 +111,23 @@ fn artifact_file(env: &Env, index: &str) -> PathBuf {
         .join(format!("state/artifacts/rootfs@{}", &index[..16]))
 }
 
-fn store_dir(env: &Env) -> PathBuf {
-    env.car_dir.path().join("state/chunks")
+fn partial_file(env: &Env, index: &str) -> PathBuf {
+    env.car_dir
+        .path()
+        .join(format!("state/artifacts/rootfs@{}.partial", &index[..16]))
 }
 
-/// Every chunk file in the car's store, each read back through the store (which verifies it).
-fn stored_chunks(env: &Env) -> Vec<Digest> {
-    let root = store_dir(env).join("chunks");
-    let mut out = Vec::new();
-    for sub in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-        for entry in std::fs::read_dir(sub.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(id) = entry.file_name().to_string_lossy().parse() {
-                out.push(id);
-            }
-        }
-    }
-    out
+/// Bytes of the artifact the agent has written so far.
+fn assembled_bytes(env: &Env, index: &str) -> u64 {
+    std::fs::metadata(partial_file(env, index)).map_or(0, |m| m.len())
 }
 
-fn assert_store_consistent(env: &Env) {
-    let store = Store::open(&store_dir(env)).unwrap();
-    for id in stored_chunks(env) {
-        store
-            .get(&id)
-            .unwrap_or_else(|e| panic!("the store holds a bad chunk after a kill: {e}"));
-    }
+/// Verify, chunk by chunk, what a killed agent left behind, the way the next start will; returns
+/// how many chunks are good. (Opening cuts off a torn tail, exactly as the agent does.)
+fn verified_chunks(env: &Env, index: &ChunkIndex, id: &str) -> usize {
+    Assembler::open(index, &artifact_file(env, id))
+        .unwrap_or_else(|e| panic!("the partial artifact is unreadable after a kill: {e}"))
+        .next()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,9 +176,14 @@ async fn an_update_travels_as_deltas_against_the_running_slot() {
         !artifact_file(&env, &v1).exists(),
         "the old version is removed once the new one is there"
     );
+    let leftovers: Vec<_> = std::fs::read_dir(env.car_dir.path().join("state/artifacts"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        .collect();
     assert!(
-        stored_chunks(&env).is_empty(),
-        "the store is collected after assembly"
+        leftovers.is_empty(),
+        "no partial files remain: {leftovers:?}"
     );
 
     let served = twin.served().bytes.load(Ordering::Relaxed);
@@ -226,23 +219,23 @@ async fn an_update_travels_as_deltas_against_the_running_slot() {
     );
 }
 
-/// Kill the agent with SIGKILL whenever its store has reached `at` chunks; returns whether the
-/// kill landed before the download finished.
-async fn kill_at(env: &Env, agent: Agent, at: usize, total: usize) -> bool {
+/// Kill the agent with SIGKILL once it has assembled `at` bytes; returns whether the kill landed
+/// before the download finished.
+async fn kill_at(env: &Env, index: &str, agent: Agent, at: u64, total: u64) -> bool {
     let started = Instant::now();
     let mut agent = agent;
     loop {
-        let n = stored_chunks(env).len();
-        if n >= at || n >= total {
+        let n = assembled_bytes(env, index);
+        if n >= at || artifact_file(env, index).exists() {
             agent.0.kill().unwrap();
             agent.0.wait().unwrap();
-            return n < total;
+            return n < total && !artifact_file(env, index).exists();
         }
         if let Some(status) = agent.0.try_wait().unwrap() {
             panic!("the agent exited on its own: {status}");
         }
         assert!(started.elapsed() < Duration::from_secs(120), "no progress");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -256,35 +249,42 @@ async fn sigkill_during_a_download_never_corrupts_the_store_and_costs_at_most_a_
     let path = files.path().join("layer.tar");
     std::fs::write(&path, &data).unwrap();
     let index = push(&twin, &env, &path);
-    let unique: HashSet<_> = chunk_bytes(&data, Params::DEFAULT)
+    let target = chunk_bytes(&data, Params::DEFAULT);
+    let total = target
         .chunks
         .iter()
         .map(|c| c.id)
-        .collect();
-    let total = unique.len();
+        .collect::<HashSet<_>>()
+        .len();
 
     let config = env
         .car_with(
             &twin,
             "VIN-KILL",
             &format!("localhost:{}", env.cars_port),
-            &format!("window_chunks = {WINDOW}\n"),
+            // One window in flight: each kill may cost exactly that window, no more.
+            &format!("window_chunks = {WINDOW}\nprefetch = false\n"),
         )
         .await;
     desire(&twin, "VIN-KILL", "app@1", &index).await;
     let mut rng = fastrand::Rng::with_seed(7);
     let mut kills = 0;
-    let mut floor = 0;
+    let mut good = 0;
+    let size = data.len() as u64;
     while kills < 4 {
         let agent = Agent::start(&config);
         // A random moment: somewhere in the next sixth of the download.
-        let at = floor + 1 + rng.usize(..total / 6);
-        if !kill_at(&env, agent, at, total).await {
+        let at = assembled_bytes(&env, &index) + 1 + rng.u64(..size / 6);
+        if !kill_at(&env, &index, agent, at, size).await {
             break;
         }
         kills += 1;
-        assert_store_consistent(&env);
-        floor = stored_chunks(&env).len();
+        let now = verified_chunks(&env, &target, &index);
+        assert!(
+            now >= good,
+            "a kill lost assembled chunks: {good} before, {now} after"
+        );
+        good = now;
     }
     assert!(kills >= 3, "only {kills} kills landed during the download");
     let _agent = Agent::start(&config);
@@ -309,19 +309,21 @@ async fn cut_stalled_and_reset_connections_resume_where_they_stopped() {
     let path = files.path().join("layer.tar");
     std::fs::write(&path, &data).unwrap();
     let index = push(&twin, &env, &path);
-    let total = chunk_bytes(&data, Params::DEFAULT)
+    let target = chunk_bytes(&data, Params::DEFAULT);
+    let total = target
         .chunks
         .iter()
         .map(|c| c.id)
         .collect::<HashSet<_>>()
         .len();
+    let size = data.len() as u64;
 
     let config = env
         .car_with(
             &twin,
             "VIN-FAULT",
             &format!("localhost:{}", proxy.addr.port()),
-            &format!("window_chunks = {WINDOW}\nwindow_deadline_secs = 2\n"),
+            &format!("window_chunks = {WINDOW}\nwindow_deadline_secs = 2\nprefetch = false\n"),
         )
         .await;
     let _agent = Agent::start(&config);
@@ -332,15 +334,15 @@ async fn cut_stalled_and_reset_connections_resume_where_they_stopped() {
     desire(&twin, "VIN-FAULT", "app@1", &index).await;
 
     let faults = [
-        (total / 5, Fault::Reset, Duration::from_millis(300)),
-        (total * 2 / 5, Fault::Blackhole, Duration::from_secs(4)),
-        (total * 3 / 5, Fault::Reset, Duration::from_millis(300)),
-        (total * 4 / 5, Fault::Blackhole, Duration::from_secs(1)),
+        (size / 5, Fault::Reset, Duration::from_millis(300)),
+        (size * 2 / 5, Fault::Blackhole, Duration::from_secs(4)),
+        (size * 3 / 5, Fault::Reset, Duration::from_millis(300)),
+        (size * 4 / 5, Fault::Blackhole, Duration::from_secs(1)),
     ];
     let mut interruptions = 0u64;
     for (at, fault, hold) in faults {
         let started = Instant::now();
-        while stored_chunks(&env).len() < at {
+        while assembled_bytes(&env, &index) < at {
             assert!(
                 started.elapsed() < Duration::from_secs(120),
                 "no progress before {fault:?}"
@@ -351,7 +353,6 @@ async fn cut_stalled_and_reset_connections_resume_where_they_stopped() {
         tokio::time::sleep(hold).await;
         proxy.set(Fault::Pass);
         interruptions += 1;
-        assert_store_consistent(&env);
     }
     applied(&twin, "VIN-FAULT", "app@1", Duration::from_secs(120)).await;
     assert_eq!(std::fs::read(artifact_file(&env, &index)).unwrap(), data);

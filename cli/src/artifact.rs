@@ -118,39 +118,7 @@ fn push(file: &std::path::Path, level: i32, args: &ApiArgs) -> anyhow::Result<()
     );
 
     if !missing.is_empty() {
-        let upload = bar(missing_bytes, "uploading");
-        let mut sent = std::collections::HashSet::new();
-        let reader = std::io::BufReader::with_capacity(
-            1 << 20,
-            std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?,
-        );
-        let mut failure = None;
-        let again = chunk_reader(reader, Params::DEFAULT, |c| {
-            if failure.is_some() || !missing.contains(&c.id) || !sent.insert(c.id) {
-                return Ok(());
-            }
-            let result = zstd::bulk::compress(c.data, level)
-                .context("compressing a chunk")
-                .and_then(|z| {
-                    api.put_bytes_unit("uploading a chunk", &format!("/api/v1/chunks/{}", c.id), &z)
-                });
-            match result {
-                Ok(()) => upload.inc(c.data.len() as u64),
-                Err(e) => failure = Some(e),
-            }
-            Ok(())
-        })
-        .with_context(|| format!("reading {}", file.display()))?;
-        upload.finish_and_clear();
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        if again.id() != index.id() {
-            anyhow::bail!(
-                "{} changed while it was being pushed; push it again once it is stable",
-                file.display()
-            );
-        }
+        upload(file, &index, &missing, missing_bytes, level, &api)?;
     }
 
     let id = index.id();
@@ -167,5 +135,95 @@ fn push(file: &std::path::Path, level: i32, args: &ApiArgs) -> anyhow::Result<()
         index.chunks.len()
     );
     println!("{id}");
+    Ok(())
+}
+
+/// Compress and upload the missing chunks on every core: one thread cuts the file again (memory:
+/// a few chunks in flight), the others compress at `level` and PUT.
+fn upload(
+    file: &std::path::Path,
+    index: &cardeploy_chunks::ChunkIndex,
+    missing: &std::collections::HashSet<Digest>,
+    missing_bytes: u64,
+    level: i32,
+    api: &Api,
+) -> anyhow::Result<()> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let progress = bar(missing_bytes, "uploading");
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Digest, Vec<u8>)>(workers * 2);
+    let rx = std::sync::Mutex::new(rx);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let again = std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for _ in 0..workers {
+            handles.push(scope.spawn(|| -> anyhow::Result<()> {
+                loop {
+                    let next = rx
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("worker poisoned"))?
+                        .recv();
+                    let Ok((id, data)) = next else { return Ok(()) };
+                    let result = zstd::bulk::compress(&data, level)
+                        .context("compressing a chunk")
+                        .and_then(|z| {
+                            api.put_bytes_unit(
+                                "uploading a chunk",
+                                &format!("/api/v1/chunks/{id}"),
+                                &z,
+                            )
+                        });
+                    if let Err(e) = result {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return Err(e);
+                    }
+                    progress.inc(data.len() as u64);
+                }
+            }));
+        }
+        let mut sent = std::collections::HashSet::new();
+        let cut = std::fs::File::open(file)
+            .with_context(|| format!("opening {}", file.display()))
+            .and_then(|f| {
+                chunk_reader(
+                    std::io::BufReader::with_capacity(1 << 20, f),
+                    Params::DEFAULT,
+                    |c| {
+                        if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        if missing.contains(&c.id) && sent.insert(c.id) {
+                            // A closed channel means every worker failed; their errors are reported.
+                            let _ = tx.send((c.id, c.data.to_vec()));
+                        }
+                        Ok(())
+                    },
+                )
+                .with_context(|| format!("reading {}", file.display()))
+            });
+        drop(tx);
+        let mut first_error = None;
+        for h in handles {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_error.get_or_insert(anyhow::anyhow!("an upload worker panicked"));
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => cut,
+        }
+    })?;
+    progress.finish_and_clear();
+    if again.id() != index.id() {
+        anyhow::bail!(
+            "{} changed while it was being pushed; push it again once it is stable",
+            file.display()
+        );
+    }
     Ok(())
 }

@@ -49,6 +49,9 @@ pub(crate) struct Artifacts {
     planners: Mutex<HashMap<(Digest, Digest), Arc<ReferencePlanner>>>,
 }
 
+/// Target bytes before a chunk used as its dictionary when it has no good old version.
+const CONTEXT_BYTES: u32 = 512 << 10;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -125,6 +128,21 @@ impl Artifacts {
         Ok(missing)
     }
 
+    /// Up to `limit` target bytes just before position `p` (whole chunks, nearest first).
+    fn preceding(&self, target: &ChunkIndex, p: usize, limit: u32) -> Result<Vec<u8>, Refused> {
+        let mut parts = Vec::new();
+        let mut total = 0u32;
+        for c in target.chunks[..p].iter().rev() {
+            if total + c.len > limit {
+                break;
+            }
+            total += c.len;
+            parts.push(self.store.get(&c.id)?);
+        }
+        parts.reverse();
+        Ok(parts.concat())
+    }
+
     fn planner(&self, target: &Digest, base: &Digest) -> Result<Arc<ReferencePlanner>, Refused> {
         if let Some(p) = lock(&self.planners).get(&(*target, *base)) {
             return Ok(p.clone());
@@ -186,7 +204,8 @@ impl Artifacts {
                 out.push(bytes);
                 continue;
             }
-            let frame = match planner.reference(p as usize) {
+            let whole_len = whole_frame.data.len();
+            let mut frame = match planner.reference(p as usize) {
                 Some(r) => {
                     let delta = encoder.delta(c.id, &raw, r, || {
                         let chunks = base_index.chunks
@@ -204,10 +223,18 @@ impl Artifacts {
                 }
                 None => whole_frame,
             };
-            if matches!(
-                frame.encoding,
-                cardeploy_chunks::transit::Encoding::Delta(_)
-            ) {
+            // No good old version (new content): the target's own preceding bytes, which the car
+            // has just assembled, often are one.
+            if p > 0 && frame.data.len() * 10 >= whole_len * 7 {
+                let preceding = self.preceding(&target, p as usize, CONTEXT_BYTES)?;
+                if !preceding.is_empty() {
+                    let context = encoder.context(c.id, &raw, &preceding)?;
+                    if context.data.len() < frame.data.len() {
+                        frame = context;
+                    }
+                }
+            }
+            if !matches!(frame.encoding, cardeploy_chunks::transit::Encoding::Whole) {
                 self.served.deltas.fetch_add(1, Ordering::Relaxed);
             }
             let bytes = frame.encode();

@@ -329,3 +329,153 @@ async fn the_operator_api_needs_the_token_and_says_what_is_wrong() {
     let (status, body) = api_async(&twin, "GET", "/api/v1/cars/VIN-4/inspect", None).await;
     assert_eq!(status, 503, "{body}");
 }
+
+async fn put_bytes(twin: &Running, path: &str, body: Vec<u8>) -> (u16, Value) {
+    cardeploy_testkit::rest_bytes(twin.api_addr, &twin.operator_token, path, body).await
+}
+
+#[tokio::test]
+async fn uploads_are_verified_and_desired_states_name_only_complete_indexes() {
+    let env = Env::new();
+    let twin = env.start().await;
+    register(&env, &twin, "VIN-ART").await;
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let index = cardeploy_chunks::chunk_bytes(&data, cardeploy_chunks::Params::DEFAULT);
+    let id = index.id().hex();
+
+    // A chunk whose bytes are not what its name says is refused.
+    let first = index.chunks[0];
+    let wrong = zstd::bulk::compress(b"not this chunk", 3).unwrap();
+    let (status, body) = put_bytes(&twin, &format!("/api/v1/chunks/{}", first.id), wrong).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("hash"), "{body}");
+
+    // An index is accepted only once every chunk it names is there.
+    let (status, body) = put_bytes(&twin, &format!("/api/v1/indexes/{id}"), index.encode()).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = api_async(
+        &twin,
+        "PUT",
+        "/api/v1/cars/VIN-ART/desired",
+        Some(json!({"release": "os@1", "artifacts": [{"name": "rootfs", "index": id}]})),
+    )
+    .await;
+    assert_eq!(
+        status, 409,
+        "a desired state may not name an index the twin lacks: {body}"
+    );
+
+    let (status, body) = api_async(
+        &twin,
+        "POST",
+        "/api/v1/chunks/missing",
+        Some(json!({"chunks": index.chunks.iter().map(|c| c.id.hex()).collect::<Vec<_>>()})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["missing"].as_array().unwrap().len(),
+        index.chunks.len()
+    );
+    let offsets = index.offsets();
+    for (i, c) in index.chunks.iter().enumerate() {
+        let raw = &data[offsets[i] as usize..offsets[i + 1] as usize];
+        let z = zstd::bulk::compress(raw, 3).unwrap();
+        let (status, body) = put_bytes(&twin, &format!("/api/v1/chunks/{}", c.id), z).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // An index under another id (here: reordered bytes) is refused.
+    let mut reordered = index.clone();
+    reordered.chunks.swap(0, 1);
+    let (status, body) =
+        put_bytes(&twin, &format!("/api/v1/indexes/{id}"), reordered.encode()).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = put_bytes(&twin, &format!("/api/v1/indexes/{id}"), index.encode()).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["size"], 300_000);
+
+    let (status, body) = api_async(
+        &twin,
+        "PUT",
+        "/api/v1/cars/VIN-ART/desired",
+        Some(json!({"release": "os@1", "artifacts": [{"name": "../etc", "index": id}]})),
+    )
+    .await;
+    assert_eq!(status, 400, "artifact names become file names: {body}");
+    let (status, body) = api_async(
+        &twin,
+        "PUT",
+        "/api/v1/cars/VIN-ART/desired",
+        Some(json!({"release": "os@1", "artifacts": [{"name": "rootfs", "index": id}]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["artifacts"][0]["index"], id);
+}
+
+#[tokio::test]
+async fn chunk_requests_outside_the_index_or_the_window_limits_are_refused() {
+    let env = Env::new();
+    let twin = env.start().await;
+    let files = register(&env, &twin, "VIN-WIN").await;
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let data: Vec<u8> = (0..400_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 56) as u8
+        })
+        .collect();
+    let index = cardeploy_chunks::chunk_bytes(&data, cardeploy_chunks::Params::DEFAULT);
+    let offsets = index.offsets();
+    for (i, c) in index.chunks.iter().enumerate() {
+        let z =
+            zstd::bulk::compress(&data[offsets[i] as usize..offsets[i + 1] as usize], 3).unwrap();
+        put_bytes(&twin, &format!("/api/v1/chunks/{}", c.id), z).await;
+    }
+    let id = index.id().hex();
+    let (status, _) = put_bytes(&twin, &format!("/api/v1/indexes/{id}"), index.encode()).await;
+    assert_eq!(status, 201);
+    let link = car_link(&env, &twin, &files, "VIN-WIN").await;
+
+    let ask = |chunks: Vec<u32>, index: String| {
+        let link = link.clone();
+        async move {
+            let request = json!({"index": index, "base": null, "chunks": chunks});
+            link.request_window(
+                route::ARTIFACT_CHUNKS,
+                Bytes::from(request.to_string()),
+                cardeploy_link::Window {
+                    max_items: 64,
+                    max_bytes: 64 << 20,
+                },
+            )
+            .await
+        }
+    };
+    let frames = ask(vec![0, 1], id.clone()).await.unwrap();
+    assert_eq!(frames.len(), 2);
+    let frame = cardeploy_chunks::transit::Frame::decode(&frames[1]).unwrap();
+    assert_eq!(frame.id, index.chunks[1].id);
+
+    let beyond = index.chunks.len() as u32;
+    let err = ask(vec![beyond], id.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("beyond"), "{err}");
+    let err = ask(vec![0; 65], id.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("1 to 64"), "{err}");
+    let err = ask(vec![0], "00".repeat(32)).await.unwrap_err();
+    assert!(err.to_string().contains("no chunk index"), "{err}");
+
+    let bytes = link
+        .request_response(
+            route::ARTIFACT_INDEX,
+            Bytes::from(json!({"index": id}).to_string()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        cardeploy_chunks::ChunkIndex::decode_expecting(&bytes, &index.id(), 1 << 30).unwrap(),
+        index
+    );
+}

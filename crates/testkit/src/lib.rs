@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod procs;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -247,6 +249,34 @@ pub async fn rest(
             (method, body) => panic!("rest(): unsupported {method} with body {body:?}"),
         };
         let mut response = response.unwrap();
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        (status, json)
+    })
+    .await
+    .unwrap()
+}
+
+/// Like [`rest`] with a raw body (`PUT` chunks and indexes).
+pub async fn rest_bytes(
+    api: SocketAddr,
+    token: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
+    let url = format!("http://{api}{path}");
+    let auth = format!("Bearer {token}");
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut response = agent
+            .put(&url)
+            .header("Authorization", &auth)
+            .send(&body[..])
+            .unwrap();
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap();
         let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
