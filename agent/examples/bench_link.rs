@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,86 +22,10 @@ use cardeploy_pki::{FleetPki, write_file};
 use cardeploy_protocol::{
     self as protocol, CarId, DesiredState, Hello, ReportedState, SetupData, route,
 };
+use cardeploy_testkit::procs::{arg, http, rss_kib, start_twin};
 use cardeploy_testkit::{Fault, FaultProxy};
 use futures::StreamExt;
 use serde_json::json;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Twin {
-    child: Child,
-    cars_port: u16,
-    api: String,
-    token: String,
-}
-
-impl Drop for Twin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_twin(bin: &Path, data: &Path, heartbeat: u64) -> Twin {
-    let cars_port = free_port();
-    let api_port = free_port();
-    let child = Command::new(bin)
-        .args(["serve", "--data"])
-        .arg(data)
-        .args(["--cars-listen", &format!("127.0.0.1:{cars_port}")])
-        .args(["--api-listen", &format!("127.0.0.1:{api_port}")])
-        .args(["--heartbeat-secs", &heartbeat.to_string()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", api_port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "twin did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let token = std::fs::read_to_string(data.join("operator.token")).unwrap();
-    Twin {
-        child,
-        cars_port,
-        api: format!("http://127.0.0.1:{api_port}"),
-        token,
-    }
-}
-
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
 
 struct Car {
     id: String,
