@@ -58,6 +58,23 @@ fn updated(old: &[u8]) -> Vec<u8> {
     new
 }
 
+/// 12 MiB of noise pushed as an artifact: (bytes, index id, index, distinct chunks).
+fn pushed_noise(twin: &Running, env: &Env, seed: u64) -> (Vec<u8>, String, ChunkIndex, usize) {
+    let data = noise(seed, 12 << 20);
+    let files = tempfile::tempdir().unwrap();
+    let path = files.path().join("layer.tar");
+    std::fs::write(&path, &data).unwrap();
+    let index = push(twin, env, &path);
+    let target = chunk_bytes(&data, Params::DEFAULT);
+    let total = target
+        .chunks
+        .iter()
+        .map(|c| c.id)
+        .collect::<HashSet<_>>()
+        .len();
+    (data, index, target, total)
+}
+
 /// `cardeploy artifact push FILE` against the twin; returns the index id it prints.
 fn push(twin: &Running, env: &Env, file: &Path) -> String {
     let out = Command::new(workspace_bin("cardeploy"))
@@ -244,18 +261,7 @@ async fn sigkill_during_a_download_never_corrupts_the_store_and_costs_at_most_a_
     const WINDOW: u64 = 4;
     let env = Env::new();
     let twin = env.twin().await;
-    let data = noise(2, 12 << 20);
-    let files = tempfile::tempdir().unwrap();
-    let path = files.path().join("layer.tar");
-    std::fs::write(&path, &data).unwrap();
-    let index = push(&twin, &env, &path);
-    let target = chunk_bytes(&data, Params::DEFAULT);
-    let total = target
-        .chunks
-        .iter()
-        .map(|c| c.id)
-        .collect::<HashSet<_>>()
-        .len();
+    let (data, index, target, total) = pushed_noise(&twin, &env, 2);
 
     let config = env
         .car_with(
@@ -304,18 +310,7 @@ async fn cut_stalled_and_reset_connections_resume_where_they_stopped() {
     let env = Env::new();
     let twin = env.twin().await;
     let proxy = FaultProxy::start(twin.cars_addr).await;
-    let data = noise(3, 12 << 20);
-    let files = tempfile::tempdir().unwrap();
-    let path = files.path().join("layer.tar");
-    std::fs::write(&path, &data).unwrap();
-    let index = push(&twin, &env, &path);
-    let target = chunk_bytes(&data, Params::DEFAULT);
-    let total = target
-        .chunks
-        .iter()
-        .map(|c| c.id)
-        .collect::<HashSet<_>>()
-        .len();
+    let (data, index, _, total) = pushed_noise(&twin, &env, 3);
     let size = data.len() as u64;
 
     let config = env

@@ -115,23 +115,24 @@ impl Api {
         path: &str,
         body: &[u8],
     ) -> anyhow::Result<T> {
-        let response = self
-            .agent
+        self.finish(what, self.put_raw(path, body))
+    }
+
+    fn put_raw(
+        &self,
+        path: &str,
+        body: &[u8],
+    ) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        self.agent
             .put(self.url(path))
             .header("Authorization", format!("Bearer {}", self.token))
             .header("Content-Type", "application/octet-stream")
-            .send(body);
-        self.finish(what, response)
+            .send(body)
     }
 
     /// PUT raw bytes where the answer carries nothing we need.
     pub fn put_bytes_unit(&self, what: &str, path: &str, body: &[u8]) -> anyhow::Result<()> {
-        let response = self
-            .agent
-            .put(self.url(path))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .header("Content-Type", "application/octet-stream")
-            .send(body);
+        let response = self.put_raw(path, body);
         let mut response =
             response.with_context(|| format!("{what}: cannot reach the twin at {}", self.base))?;
         if response.status().is_success() {

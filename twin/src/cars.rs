@@ -333,17 +333,16 @@ impl CarResponder {
             }
             ReportBody::Progress { progress: p } => {
                 if self.twin.db.mark_seq(&self.car, epoch, seq, now).await? {
-                    let mib = |b: u64| b as f64 / 1048576.0;
                     let message = format!(
-                        "{} {}: {:.1}/{:.1} MiB fetched ({:.1} MiB on the wire); reused {:.1} MiB from the store, {:.1} MiB from seeds; artifact {:.1} MiB",
+                        "{} {}: {}/{} fetched ({} on the wire); {} already on the car, {} from seeds; artifact {}",
                         p.artifact,
                         if p.done { "done" } else { "fetching" },
-                        mib(p.fetched_bytes),
-                        mib(p.fetch_bytes),
-                        mib(p.wire_bytes),
-                        mib(p.store_bytes),
-                        mib(p.seed_bytes),
-                        mib(p.planned_bytes),
+                        human(p.fetched_bytes),
+                        human(p.fetch_bytes),
+                        human(p.wire_bytes),
+                        human(p.store_bytes),
+                        human(p.seed_bytes),
+                        human(p.planned_bytes),
                     );
                     self.twin
                         .db
@@ -356,6 +355,20 @@ impl CarResponder {
             }
         }
         Ok(())
+    }
+}
+
+/// Bytes as a person reads them: 812 B, 40.2 KiB, 3.91 MiB, 1.20 GiB.
+fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if bytes < 1024 {
+        format!("{bytes} B")
+    } else if b < 1048576.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else if b < 1073741824.0 {
+        format!("{:.2} MiB", b / 1048576.0)
+    } else {
+        format!("{:.2} GiB", b / 1073741824.0)
     }
 }
 

@@ -334,6 +334,27 @@ async fn put_bytes(twin: &Running, path: &str, body: Vec<u8>) -> (u16, Value) {
     cardeploy_testkit::rest_bytes(twin.api_addr, &twin.operator_token, path, body).await
 }
 
+async fn desire(twin: &Running, car: &str, artifact: &str, index: &str) -> (u16, Value) {
+    api_async(
+        twin,
+        "PUT",
+        &format!("/api/v1/cars/{car}/desired"),
+        Some(json!({"release": "os@1", "artifacts": [{"name": artifact, "index": index}]})),
+    )
+    .await
+}
+
+/// Upload every chunk of `data` (zstd -3), as `cardeploy artifact push` would.
+async fn upload_chunks(twin: &Running, data: &[u8], index: &cardeploy_chunks::ChunkIndex) {
+    let offsets = index.offsets();
+    for (i, c) in index.chunks.iter().enumerate() {
+        let raw = &data[offsets[i] as usize..offsets[i + 1] as usize];
+        let z = zstd::bulk::compress(raw, 3).unwrap();
+        let (status, body) = put_bytes(twin, &format!("/api/v1/chunks/{}", c.id), z).await;
+        assert_eq!(status, 201, "{body}");
+    }
+}
+
 #[tokio::test]
 async fn uploads_are_verified_and_desired_states_name_only_complete_indexes() {
     let env = Env::new();
@@ -353,13 +374,7 @@ async fn uploads_are_verified_and_desired_states_name_only_complete_indexes() {
     // An index is accepted only once every chunk it names is there.
     let (status, body) = put_bytes(&twin, &format!("/api/v1/indexes/{id}"), index.encode()).await;
     assert_eq!(status, 409, "{body}");
-    let (status, body) = api_async(
-        &twin,
-        "PUT",
-        "/api/v1/cars/VIN-ART/desired",
-        Some(json!({"release": "os@1", "artifacts": [{"name": "rootfs", "index": id}]})),
-    )
-    .await;
+    let (status, body) = desire(&twin, "VIN-ART", "rootfs", &id).await;
     assert_eq!(
         status, 409,
         "a desired state may not name an index the twin lacks: {body}"
@@ -377,13 +392,7 @@ async fn uploads_are_verified_and_desired_states_name_only_complete_indexes() {
         body["missing"].as_array().unwrap().len(),
         index.chunks.len()
     );
-    let offsets = index.offsets();
-    for (i, c) in index.chunks.iter().enumerate() {
-        let raw = &data[offsets[i] as usize..offsets[i + 1] as usize];
-        let z = zstd::bulk::compress(raw, 3).unwrap();
-        let (status, body) = put_bytes(&twin, &format!("/api/v1/chunks/{}", c.id), z).await;
-        assert_eq!(status, 201, "{body}");
-    }
+    upload_chunks(&twin, &data, &index).await;
     // An index under another id (here: reordered bytes) is refused.
     let mut reordered = index.clone();
     reordered.chunks.swap(0, 1);
@@ -394,21 +403,9 @@ async fn uploads_are_verified_and_desired_states_name_only_complete_indexes() {
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["size"], 300_000);
 
-    let (status, body) = api_async(
-        &twin,
-        "PUT",
-        "/api/v1/cars/VIN-ART/desired",
-        Some(json!({"release": "os@1", "artifacts": [{"name": "../etc", "index": id}]})),
-    )
-    .await;
+    let (status, body) = desire(&twin, "VIN-ART", "../etc", &id).await;
     assert_eq!(status, 400, "artifact names become file names: {body}");
-    let (status, body) = api_async(
-        &twin,
-        "PUT",
-        "/api/v1/cars/VIN-ART/desired",
-        Some(json!({"release": "os@1", "artifacts": [{"name": "rootfs", "index": id}]})),
-    )
-    .await;
+    let (status, body) = desire(&twin, "VIN-ART", "rootfs", &id).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["artifacts"][0]["index"], id);
 }
@@ -428,12 +425,7 @@ async fn chunk_requests_outside_the_index_or_the_window_limits_are_refused() {
         })
         .collect();
     let index = cardeploy_chunks::chunk_bytes(&data, cardeploy_chunks::Params::DEFAULT);
-    let offsets = index.offsets();
-    for (i, c) in index.chunks.iter().enumerate() {
-        let z =
-            zstd::bulk::compress(&data[offsets[i] as usize..offsets[i + 1] as usize], 3).unwrap();
-        put_bytes(&twin, &format!("/api/v1/chunks/{}", c.id), z).await;
-    }
+    upload_chunks(&twin, &data, &index).await;
     let id = index.id().hex();
     let (status, _) = put_bytes(&twin, &format!("/api/v1/indexes/{id}"), index.encode()).await;
     assert_eq!(status, 201);

@@ -11,7 +11,8 @@ use crate::{cargo, cross, root, run as sh};
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("link") => link(&args[1..]),
-        _ => bail!("usage: cargo xtask bench link [--cars 1000,10000]"),
+        Some("delta") => crate::bench_delta::run(&args[1..]),
+        _ => bail!("usage: cargo xtask bench link [--cars 1000,10000] | bench delta [--fresh]"),
     }
 }
 

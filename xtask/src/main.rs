@@ -6,8 +6,12 @@
 //! - `cargo xtask cross`  the aarch64 agent (Debian's rustc-web + gcc-aarch64-linux-gnu)
 //! - `cargo xtask deps`   only install prerequisites
 //! - `cargo xtask bench link`  link benchmarks (memory per car, push latency, dead peers, RSS)
+//! - `cargo xtask bench delta` delta transfer against zstd, xdelta3, bsdiff, casync, block hashes
 
 mod bench;
+mod bench_delta;
+mod delta_inputs;
+mod delta_tools;
 mod demo;
 
 use std::path::{Path, PathBuf};
@@ -46,7 +50,9 @@ fn main() {
                  test         every test (fmt, clippy, tests, interop, aarch64 under qemu-user)\n  \
                  cross        build the aarch64 agent with Debian's toolchain\n  \
                  deps         install prerequisites only\n  \
-                 bench link   link benchmarks: memory per car, push latency, dead peers, agent RSS"
+                 bench link   link benchmarks: memory per car, push latency, dead peers, agent RSS\n  \
+                 bench delta  delta transfer on real data vs zstd, xdelta3, bsdiff, casync, RAUC-style\n               \
+                 block hashes [--fresh: measure the external tools again]"
             );
             std::process::exit(2);
         }

@@ -18,13 +18,7 @@ pub struct Env {
     pub cars_port: u16,
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use cardeploy_testkit::procs::free_port;
 
 impl Env {
     pub fn new() -> Self {

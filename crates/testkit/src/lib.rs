@@ -238,24 +238,27 @@ pub async fn rest(
     let url = format!("http://{api}{path}");
     let auth = format!("Bearer {token}");
     tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = procs::http();
         let response = match (method, body) {
             ("GET", None) => agent.get(&url).header("Authorization", &auth).call(),
             ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
             ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b),
             (method, body) => panic!("rest(): unsupported {method} with body {body:?}"),
         };
-        let mut response = response.unwrap();
-        let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().unwrap();
-        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-        (status, json)
+        status_and_json(response)
     })
     .await
     .unwrap()
+}
+
+fn status_and_json(
+    response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> (u16, serde_json::Value) {
+    let mut response = response.unwrap();
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    (status, json)
 }
 
 /// Like [`rest`] with a raw body (`PUT` chunks and indexes).
@@ -268,19 +271,11 @@ pub async fn rest_bytes(
     let url = format!("http://{api}{path}");
     let auth = format!("Bearer {token}");
     tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut response = agent
+        let response = procs::http()
             .put(&url)
             .header("Authorization", &auth)
-            .send(&body[..])
-            .unwrap();
-        let status = response.status().as_u16();
-        let text = response.body_mut().read_to_string().unwrap();
-        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-        (status, json)
+            .send(&body[..]);
+        status_and_json(response)
     })
     .await
     .unwrap()
