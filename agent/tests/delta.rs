@@ -357,3 +357,43 @@ async fn cut_stalled_and_reset_connections_resume_where_they_stopped() {
         "{served} chunks sent for {total} after {interruptions} interruptions (window {WINDOW})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_beyond_the_cars_size_limit_fails_the_release_with_a_clear_reason() {
+    let env = Env::new();
+    let twin = env.twin().await;
+    let data = corpus(4, 3 << 20);
+    let files = tempfile::tempdir().unwrap();
+    let path = files.path().join("big.img");
+    std::fs::write(&path, &data).unwrap();
+    let index = push(&twin, &env, &path);
+    let config = env
+        .car_with(
+            &twin,
+            "VIN-LIMIT",
+            &format!("localhost:{}", env.cars_port),
+            "max_artifact_bytes = 1048576\n",
+        )
+        .await;
+    let _agent = Agent::start(&config);
+    until(&twin, "VIN-LIMIT", "the agent to connect", |v| {
+        v["connected"] == true
+    })
+    .await;
+    desire(&twin, "VIN-LIMIT", "os@9", &index).await;
+    let view = until(&twin, "VIN-LIMIT", "the release to fail", |v| {
+        v["reported"]["state"]["phase"] == "failed"
+    })
+    .await;
+    let why = view["reported"]["state"]["last_error"].as_str().unwrap();
+    assert!(
+        why.contains("more than the limit of 1048576 bytes"),
+        "the reason names the limit: {why}"
+    );
+    assert_eq!(
+        twin.served().chunks.load(Ordering::Relaxed),
+        0,
+        "nothing was fetched"
+    );
+    assert!(!artifact_file(&env, &index).exists());
+}
