@@ -95,6 +95,12 @@ impl Assembler {
     /// A chunk already written, read back and verified.
     pub fn read_local(&mut self, id: &Digest) -> Result<Vec<u8>> {
         let (offset, len) = *self.at.get(id).ok_or(Error::Unplanned(*id))?;
+        let buf = self.read_at(offset, u64::from(len))?;
+        verify(id, &buf)?;
+        Ok(buf)
+    }
+
+    fn read_at(&mut self, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.writer
             .flush()
             .map_err(Error::io("cannot write", &self.partial))?;
@@ -103,7 +109,6 @@ impl Assembler {
             .get_ref()
             .read_exact_at(&mut buf, offset)
             .map_err(Error::io("cannot read", &self.partial))?;
-        verify(id, &buf)?;
         Ok(buf)
     }
 
@@ -117,15 +122,7 @@ impl Assembler {
                 self.written
             )));
         }
-        self.writer
-            .flush()
-            .map_err(Error::io("cannot write", &self.partial))?;
-        let mut buf = vec![0u8; n as usize];
-        self.writer
-            .get_ref()
-            .read_exact_at(&mut buf, self.written - n)
-            .map_err(Error::io("cannot read", &self.partial))?;
-        Ok(buf)
+        self.read_at(self.written - n, n)
     }
 
     /// Append the next chunk; its id and length must be the index's next ones.

@@ -290,12 +290,7 @@ impl DeltaEncoder {
     ) -> Result<Frame> {
         let reuse = matches!(&self.current, Some((r, _)) if *r == reference);
         if !reuse {
-            let dict = dictionary()?;
-            let mut c =
-                zstd::bulk::Compressor::with_dictionary(self.level, &dict).map_err(Error::Zstd)?;
-            c.set_parameter(zstd::zstd_safe::CParameter::WindowLog(DELTA_WINDOW_LOG))
-                .map_err(Error::Zstd)?;
-            self.current = Some((reference, c));
+            self.current = Some((reference, compressor(self.level, &dictionary()?)?));
         }
         let Some((_, c)) = self.current.as_mut() else {
             return Err(Error::Zstd(std::io::Error::other("no compressor")));
@@ -318,9 +313,7 @@ impl DeltaEncoder {
             .ok()
             .filter(|n| (1..=MAX_CONTEXT).contains(n))
             .ok_or_else(|| Error::TransitMalformed("context length out of range".into()))?;
-        let dict = reference_dictionary([preceding.to_vec()]);
-        let mut c =
-            zstd::bulk::Compressor::with_dictionary(self.level, &dict).map_err(Error::Zstd)?;
+        let mut c = compressor(self.level, &reference_dictionary([preceding.to_vec()]))?;
         let data = c.compress(raw).map_err(Error::Zstd)?;
         Ok(Frame {
             id,
@@ -329,6 +322,14 @@ impl DeltaEncoder {
             data,
         })
     }
+}
+
+/// A zstd compressor with `dict` (guarded raw content) and a window that covers it.
+fn compressor(level: i32, dict: &[u8]) -> Result<zstd::bulk::Compressor<'static>> {
+    let mut c = zstd::bulk::Compressor::with_dictionary(level, dict).map_err(Error::Zstd)?;
+    c.set_parameter(zstd::zstd_safe::CParameter::WindowLog(DELTA_WINDOW_LOG))
+        .map_err(Error::Zstd)?;
+    Ok(c)
 }
 
 /// A whole frame from a zstd frame already made (the twin stores chunks compressed).
