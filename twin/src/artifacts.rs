@@ -191,19 +191,23 @@ impl Artifacts {
         let mut out = Vec::with_capacity(request.chunks.len());
         for &p in &request.chunks {
             let c = target.chunks[p as usize];
-            let (stored, raw) = self.store.get_both(&c.id)?;
-            let whole_frame = whole(c.id, c.len, stored);
-            let Some((base_id, base_index, planner)) = &base else {
-                out.push(whole_frame.encode());
-                continue;
-            };
-            let cached = self.deltas.join(base_id.hex()).join(c.id.hex());
-            if let Ok(bytes) = std::fs::read(&cached)
+            // A delta made for an earlier car is served as it is (the car verifies every chunk).
+            let cached = base
+                .as_ref()
+                .map(|(base_id, _, _)| self.deltas.join(base_id.hex()).join(c.id.hex()));
+            if let Some(cached) = &cached
+                && let Ok(bytes) = std::fs::read(cached)
                 && Frame::decode(&bytes).is_ok_and(|f| f.id == c.id)
             {
                 out.push(bytes);
                 continue;
             }
+            let (stored, raw) = self.store.get_both(&c.id)?;
+            let whole_frame = whole(c.id, c.len, stored);
+            let (Some((_, base_index, planner)), Some(cached)) = (&base, cached) else {
+                out.push(whole_frame.encode());
+                continue;
+            };
             let whole_len = whole_frame.data.len();
             let mut frame = match planner.reference(p as usize) {
                 Some(r) => {
