@@ -5,6 +5,7 @@
 //! - `cargo xtask test`   every test: fmt, clippy -D warnings, unit/integration, interop, aarch64
 //! - `cargo xtask cross`  the aarch64 agent (Debian's rustc-web + gcc-aarch64-linux-gnu)
 //! - `cargo xtask deps`   only install prerequisites
+//! - `cargo xtask fuzz --seconds N`  every fuzz target (nightly, cargo-fuzz installed if missing)
 //! - `cargo xtask bench link`  link benchmarks (memory per car, push latency, dead peers, RSS)
 //! - `cargo xtask bench delta` delta transfer against zstd, xdelta3, bsdiff, casync, block hashes
 
@@ -41,6 +42,16 @@ fn main() {
             println!("aarch64 agent: {}", bin.display());
         }),
         Some("deps") => deps(true),
+        Some("fuzz") => {
+            let seconds = match args.iter().position(|a| a == "--seconds") {
+                Some(i) => args.get(i + 1).and_then(|s| s.parse().ok()),
+                None => Some(60),
+            };
+            match seconds {
+                Some(s) => fuzz(s),
+                None => Err(anyhow::anyhow!("usage: cargo xtask fuzz [--seconds N]")),
+            }
+        }
         Some("bench") => bench::run(&args[1..]),
         _ => {
             eprintln!(
@@ -50,6 +61,7 @@ fn main() {
                  test         every test (fmt, clippy, tests, interop, aarch64 under qemu-user)\n  \
                  cross        build the aarch64 agent with Debian's toolchain\n  \
                  deps         install prerequisites only\n  \
+                 fuzz         every fuzz target for --seconds N (default 60; nightly + cargo-fuzz)\n  \
                  bench link   link benchmarks: memory per car, push latency, dead peers, agent RSS\n  \
                  bench delta  delta transfer on real data vs zstd, xdelta3, bsdiff, casync, RAUC-style\n               \
                  block hashes [--fresh: measure the external tools again]"
@@ -203,6 +215,40 @@ pub fn cross() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// cargo-fuzz, pinned; installed from crates.io when missing.
+const CARGO_FUZZ: &str = "0.13.2";
+/// Fuzz targets in `fuzz/fuzz_targets/`.
+const FUZZ_TARGETS: &[&str] = &["chunk_index", "transit_frame"];
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
+
+/// `cargo xtask fuzz --seconds N`: every fuzz target for N seconds on the nightly toolchain
+/// (libFuzzer needs it). Findings land in `fuzz/artifacts/<target>/`.
+fn fuzz(seconds: u64) -> anyhow::Result<()> {
+    let installed = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ));
+    if !installed {
+        run(cargo().args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ]))?;
+    }
+    for target in FUZZ_TARGETS {
+        run(Command::new("rustup")
+            .args(["run", "nightly", "cargo", "fuzz", "run", "--fuzz-dir"])
+            .arg(root().join("fuzz"))
+            .arg("--target-dir")
+            .arg(root().join("target/fuzz"))
+            .arg(target)
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-rss_limit_mb=1024",
+            ])
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .current_dir(root()))?;
+    }
+    Ok(())
+}
+
 fn test() -> anyhow::Result<()> {
     let python = {
         deps(true)?;
@@ -224,6 +270,8 @@ fn test() -> anyhow::Result<()> {
         .args(["test", "--workspace", "--locked"])
         .env("CARDEPLOY_PYTHON", &python)
         .env("CARDEPLOY_AARCH64_AGENT", &aarch64))?;
+    // Every parser of untrusted input, fuzzed for a bounded time; a crash fails the run.
+    fuzz(FUZZ_SECONDS_IN_TEST)?;
     println!("xtask test: all checks passed");
     Ok(())
 }
