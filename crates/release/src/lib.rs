@@ -1,0 +1,22 @@
+//! Signed metadata for cardeploy (DESIGN.md §5, docs/release-format.md): DSSE envelopes whose
+//! payload travels exactly as it was signed, ed25519 keys (ring) named by the sha256 of their
+//! public key, and k-of-n threshold verification. Verification is always compiled; signing and
+//! key generation only with feature `sign`, which the car agent never enables.
+//!
+//! The step numbers in comments (`V1`…) are those of docs/release-format.md.
+//! Tests: `cargo test -p cardeploy-release`.
+
+mod envelope;
+mod error;
+mod key;
+#[cfg(feature = "sign")]
+mod sign;
+
+pub use envelope::{Envelope, MAX_ENVELOPE_BYTES, MAX_SIGNATURES, Signature, Verified, pae};
+pub use error::Error;
+pub use key::{KeyId, PublicKey};
+#[cfg(feature = "sign")]
+pub use sign::{SigningKey, sign};
+
+#[cfg(test)]
+mod tests;
