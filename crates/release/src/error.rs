@@ -17,6 +17,14 @@ pub enum Error {
     },
     #[error("a threshold of {threshold} cannot be met by {keys} key(s)")]
     ImpossibleThreshold { threshold: usize, keys: usize },
+    #[error("{what} expired at {expires} (now {now}); a newer one must be fetched")]
+    Expired {
+        what: String,
+        expires: u64,
+        now: u64,
+    },
+    #[error("root version {got} cannot follow version {have}: roots rotate one version at a time")]
+    RootVersion { have: u64, got: u64 },
     #[error("public key is malformed: {0}")]
     Key(String),
 }

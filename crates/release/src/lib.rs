@@ -9,12 +9,14 @@
 mod envelope;
 mod error;
 mod key;
+mod root;
 #[cfg(feature = "sign")]
 mod sign;
 
 pub use envelope::{Envelope, MAX_ENVELOPE_BYTES, MAX_SIGNATURES, Signature, Verified, pae};
 pub use error::Error;
 pub use key::{KeyId, PublicKey};
+pub use root::{ROOT_TYPE, Role, RoleName, Roles, Root, TrustedRoot};
 #[cfg(feature = "sign")]
 pub use sign::{SigningKey, sign};
 
