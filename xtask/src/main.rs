@@ -218,7 +218,12 @@ pub fn cross() -> anyhow::Result<PathBuf> {
 /// cargo-fuzz, pinned; installed from crates.io when missing.
 const CARGO_FUZZ: &str = "0.13.2";
 /// Fuzz targets in `fuzz/fuzz_targets/`.
-const FUZZ_TARGETS: &[&str] = &["chunk_index", "transit_frame", "envelope"];
+const FUZZ_TARGETS: &[&str] = &[
+    "chunk_index",
+    "transit_frame",
+    "envelope",
+    "release_documents",
+];
 const FUZZ_SECONDS_IN_TEST: u64 = 20;
 
 /// `cargo xtask fuzz --seconds N`: every fuzz target for N seconds on the nightly toolchain

@@ -25,6 +25,28 @@ pub enum Error {
     },
     #[error("root version {got} cannot follow version {have}: roots rotate one version at a time")]
     RootVersion { have: u64, got: u64 },
+    #[error(
+        "{what} `{name}` is not a safe name (1-64 of A-Z a-z 0-9 - _ ., starting alphanumeric)"
+    )]
+    UnsafeName { what: String, name: String },
+    #[error("artifact {name} is {size} bytes, more than this car accepts ({limit})")]
+    ArtifactTooLarge { name: String, size: u64, limit: u64 },
+    #[error("release is for hardware `{release}`, this car is `{car}`")]
+    Incompatible { release: String, car: String },
+    #[error(
+        "release line {line} runs {installed}; {offered} would be a downgrade (allowed only with a root-signed override)"
+    )]
+    Downgrade {
+        line: String,
+        installed: String,
+        offered: String,
+    },
+    #[error("desired state is addressed to car {theirs}, this is {ours}")]
+    OtherCar { ours: String, theirs: String },
+    #[error("desired state counter {counter} is not above the last accepted ({last}): a replay")]
+    Replay { counter: u64, last: u64 },
+    #[error("desired state names release {named}, but the release offered is {got}")]
+    ReleaseMismatch { named: String, got: String },
     #[error("public key is malformed: {0}")]
     Key(String),
 }

@@ -6,6 +6,7 @@
 //! The step numbers in comments (`V1`…) are those of docs/release-format.md.
 //! Tests: `cargo test -p cardeploy-release`.
 
+mod documents;
 mod envelope;
 mod error;
 mod key;
@@ -13,6 +14,10 @@ mod root;
 #[cfg(feature = "sign")]
 mod sign;
 
+pub use documents::{
+    Artifact, ArtifactKind, CarContext, CheckedRelease, DESIRED_TYPE, Desired, DowngradeOverride,
+    OVERRIDE_TYPE, RELEASE_TYPE, Release, Workload, check_desired, check_release, sha256_hex,
+};
 pub use envelope::{Envelope, MAX_ENVELOPE_BYTES, MAX_SIGNATURES, Signature, Verified, pae};
 pub use error::Error;
 pub use key::{KeyId, PublicKey};

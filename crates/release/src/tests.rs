@@ -290,3 +290,197 @@ fn a_root_with_a_key_under_a_foreign_id_or_an_unmeetable_role_is_refused() {
         "{err}"
     );
 }
+
+struct Fleet {
+    k: Vec<SigningKey>,
+    root: TrustedRoot,
+}
+
+/// Keys: 0 root, 1 release, 2 director.
+fn fleet() -> Fleet {
+    let k = keys(3);
+    let doc = root_doc(1, &[&k[0]], 1, &k[1], &k[2]);
+    let root = TrustedRoot::pinned(&signed_root(&doc, &[&k[0]]), NOW).unwrap();
+    Fleet { k, root }
+}
+
+fn manifest(version: &str) -> Release {
+    Release {
+        line: "ecu-main".into(),
+        version: version.into(),
+        compatible: "cardeploy-qemuarm64".into(),
+        created: NOW,
+        artifacts: vec![Artifact {
+            kind: ArtifactKind::RaucBundle,
+            name: "rootfs".into(),
+            digest: "ab".repeat(32),
+            size: 1 << 20,
+            index: "cd".repeat(32),
+        }],
+        workloads: vec![],
+    }
+}
+
+fn car() -> CarContext {
+    CarContext {
+        car_id: "VIN1".into(),
+        compatible: "cardeploy-qemuarm64".into(),
+        now: NOW,
+        last_counter: Some(4),
+        installed: Some(semver::Version::new(1, 4, 0)),
+        max_artifact_bytes: 1 << 30,
+    }
+}
+
+impl Fleet {
+    fn release(&self, r: &Release) -> Envelope {
+        sign(RELEASE_TYPE, &serde_json::to_vec(r).unwrap(), &[&self.k[1]])
+    }
+
+    fn desired(&self, d: &Desired) -> Envelope {
+        sign(DESIRED_TYPE, &serde_json::to_vec(d).unwrap(), &[&self.k[2]])
+    }
+}
+
+fn desired_for(release: &CheckedRelease) -> Desired {
+    Desired {
+        car_id: "VIN1".into(),
+        release: release.digest.clone(),
+        counter: 5,
+        issued: NOW,
+        expires: NOW + 3600,
+    }
+}
+
+#[test]
+fn a_release_and_its_desired_state_pass_every_step() {
+    let f = fleet();
+    let checked = check_release(&f.root, &f.release(&manifest("1.5.0")), &car(), None).unwrap();
+    assert_eq!(checked.version, semver::Version::new(1, 5, 0));
+    let desired = check_desired(
+        &f.root,
+        &f.desired(&desired_for(&checked)),
+        &car(),
+        &checked,
+    )
+    .unwrap();
+    assert_eq!(desired.counter, 5);
+}
+
+#[test]
+fn a_release_signed_by_the_director_is_refused() {
+    let f = fleet();
+    let env = sign(
+        RELEASE_TYPE,
+        &serde_json::to_vec(&manifest("1.5.0")).unwrap(),
+        &[&f.k[2]],
+    );
+    let err = check_release(&f.root, &env, &car(), None).unwrap_err();
+    assert!(
+        matches!(err, Error::BelowThreshold { valid: 0, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn incompatible_hardware_is_refused() {
+    let f = fleet();
+    let mut m = manifest("1.5.0");
+    m.compatible = "other-board".into();
+    let err = check_release(&f.root, &f.release(&m), &car(), None).unwrap_err();
+    assert!(matches!(err, Error::Incompatible { .. }), "{err}");
+}
+
+#[test]
+fn path_traversal_in_artifact_names_is_refused() {
+    let f = fleet();
+    for bad in ["../etc/passwd", "/abs", "a/b", ".hidden", ""] {
+        let mut m = manifest("1.5.0");
+        m.artifacts[0].name = bad.into();
+        let err = check_release(&f.root, &f.release(&m), &car(), None).unwrap_err();
+        assert!(matches!(err, Error::UnsafeName { .. }), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn an_artifact_larger_than_the_car_accepts_is_refused() {
+    let f = fleet();
+    let mut m = manifest("1.5.0");
+    m.artifacts[0].size = 2 << 30;
+    let err = check_release(&f.root, &f.release(&m), &car(), None).unwrap_err();
+    assert!(matches!(err, Error::ArtifactTooLarge { .. }), "{err}");
+}
+
+#[test]
+fn a_downgrade_is_refused_unless_the_root_allows_exactly_it() {
+    let f = fleet();
+    let old = f.release(&manifest("1.3.9"));
+    let err = check_release(&f.root, &old, &car(), None).unwrap_err();
+    assert!(matches!(err, Error::Downgrade { .. }), "{err}");
+
+    let allow = |version: &str, signer: &SigningKey| {
+        let o = DowngradeOverride {
+            line: "ecu-main".into(),
+            version: version.into(),
+            expires: NOW + 60,
+        };
+        sign(OVERRIDE_TYPE, &serde_json::to_vec(&o).unwrap(), &[signer])
+    };
+    // An override signed by the release key is not the root's word.
+    let err = check_release(&f.root, &old, &car(), Some(&allow("1.3.9", &f.k[1]))).unwrap_err();
+    assert!(matches!(err, Error::BelowThreshold { .. }), "{err}");
+    // The root's override for another version does not cover this one.
+    let err = check_release(&f.root, &old, &car(), Some(&allow("1.3.8", &f.k[0]))).unwrap_err();
+    assert!(matches!(err, Error::Downgrade { .. }), "{err}");
+    assert!(check_release(&f.root, &old, &car(), Some(&allow("1.3.9", &f.k[0]))).is_ok());
+}
+
+#[test]
+fn desired_states_for_another_car_replayed_expired_or_naming_another_release_are_refused() {
+    let f = fleet();
+    let checked = check_release(&f.root, &f.release(&manifest("1.5.0")), &car(), None).unwrap();
+    let cases: [(&str, fn(&mut Desired), fn(&Error) -> bool); 4] = [
+        (
+            "another car",
+            |d| d.car_id = "VIN2".into(),
+            |e| matches!(e, Error::OtherCar { .. }),
+        ),
+        (
+            "replayed counter",
+            |d| d.counter = 4,
+            |e| {
+                matches!(
+                    e,
+                    Error::Replay {
+                        counter: 4,
+                        last: 4
+                    }
+                )
+            },
+        ),
+        (
+            "expired",
+            |d| d.expires = NOW,
+            |e| matches!(e, Error::Expired { .. }),
+        ),
+        (
+            "another release",
+            |d| d.release = "00".repeat(32),
+            |e| matches!(e, Error::ReleaseMismatch { .. }),
+        ),
+    ];
+    for (what, change, expected) in cases {
+        let mut d = desired_for(&checked);
+        change(&mut d);
+        let err = check_desired(&f.root, &f.desired(&d), &car(), &checked).unwrap_err();
+        assert!(expected(&err), "{what}: {err}");
+    }
+    // Signed by the release key instead of the director: refused.
+    let env = sign(
+        DESIRED_TYPE,
+        &serde_json::to_vec(&desired_for(&checked)).unwrap(),
+        &[&f.k[1]],
+    );
+    let err = check_desired(&f.root, &env, &car(), &checked).unwrap_err();
+    assert!(matches!(err, Error::BelowThreshold { .. }), "{err}");
+}

@@ -1,0 +1,273 @@
+//! The release manifest (signed offline by the release role) and the desired state (signed per
+//! car by the twin's director role), with the checks a car makes before acting (steps M1–M6 and
+//! D1–D6, docs/release-format.md).
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Envelope, Error, RoleName, TrustedRoot};
+
+pub const RELEASE_TYPE: &str = "application/vnd.cardeploy.release+json";
+pub const DESIRED_TYPE: &str = "application/vnd.cardeploy.desired+json";
+pub const OVERRIDE_TYPE: &str = "application/vnd.cardeploy.override+json";
+
+/// What an artifact is, so the car knows what to do with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ArtifactKind {
+    RaucBundle,
+    OciManifest,
+    OciConfig,
+    OciLayer,
+}
+
+/// One artifact of a release, pinned by digest and size, fetched by chunk index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    pub kind: ArtifactKind,
+    pub name: String,
+    /// sha256 of the artifact, hex.
+    pub digest: String,
+    pub size: u64,
+    /// sha256 of its chunk index (docs/delta.md), hex.
+    pub index: String,
+}
+
+/// A Kubernetes manifest the release applies, pinned by digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub name: String,
+    pub digest: String,
+}
+
+/// The release manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Release {
+    /// The release line; versions are monotonic within it.
+    pub line: String,
+    /// Semantic version.
+    pub version: String,
+    /// RAUC `compatible` of the hardware it is for.
+    pub compatible: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub artifacts: Vec<Artifact>,
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+}
+
+/// The desired state for one car.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Desired {
+    pub car_id: String,
+    /// sha256 (hex) of the release manifest's payload bytes.
+    pub release: String,
+    /// Grows with every desired state for this car.
+    pub counter: u64,
+    pub issued: u64,
+    pub expires: u64,
+}
+
+/// A root-signed permission to install an older version of a line (e.g. after a bad release).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DowngradeOverride {
+    pub line: String,
+    pub version: String,
+    pub expires: u64,
+}
+
+/// What the car knows about itself when it checks a release and a desired state.
+#[derive(Clone, Debug)]
+pub struct CarContext {
+    pub car_id: String,
+    pub compatible: String,
+    pub now: u64,
+    /// The highest desired-state counter accepted so far.
+    pub last_counter: Option<u64>,
+    /// The highest version installed on the release's line.
+    pub installed: Option<semver::Version>,
+    /// Largest artifact the car accepts.
+    pub max_artifact_bytes: u64,
+}
+
+fn hex64(what: &str, s: &str) -> Result<(), Error> {
+    if s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(Error::Malformed(format!(
+            "{what} `{s}` is not a lowercase hex sha256"
+        )))
+    }
+}
+
+/// Names become file names on the car: 1–64 of A–Z a–z 0–9 - _ ., starting alphanumeric.
+fn safe_name(what: &str, name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::UnsafeName {
+            what: what.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// sha256 hex of bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A release the car may install, with the digest that desired states name it by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedRelease {
+    pub release: Release,
+    pub version: semver::Version,
+    /// sha256 of the manifest payload.
+    pub digest: String,
+}
+
+/// M1–M6: verify a release envelope for this car.
+pub fn check_release(
+    root: &TrustedRoot,
+    envelope: &Envelope,
+    car: &CarContext,
+    downgrade: Option<&Envelope>,
+) -> Result<CheckedRelease, Error> {
+    // M1: signed by the release role under the trusted root.
+    let verified = root.verify(RoleName::Release, RELEASE_TYPE, envelope)?;
+    // M2: the manifest itself, exactly the bytes that were verified.
+    let release: Release = serde_json::from_slice(verified.payload)
+        .map_err(|e| Error::Malformed(format!("release manifest: {e}")))?;
+    let version = semver::Version::parse(&release.version).map_err(|e| {
+        Error::Malformed(format!(
+            "release version `{}` is not semver: {e}",
+            release.version
+        ))
+    })?;
+    safe_name("release line", &release.line)?;
+    // M3: artifacts and workloads are well formed; names are safe file names, unique; sizes
+    // within the car's limit.
+    let mut names = BTreeSet::new();
+    for a in &release.artifacts {
+        safe_name("artifact name", &a.name)?;
+        if !names.insert(a.name.as_str()) {
+            return Err(Error::Malformed(format!(
+                "artifact `{}` listed twice",
+                a.name
+            )));
+        }
+        hex64("artifact digest", &a.digest)?;
+        hex64("chunk index", &a.index)?;
+        if a.size > car.max_artifact_bytes {
+            return Err(Error::ArtifactTooLarge {
+                name: a.name.clone(),
+                size: a.size,
+                limit: car.max_artifact_bytes,
+            });
+        }
+    }
+    for w in &release.workloads {
+        safe_name("workload name", &w.name)?;
+        hex64("workload digest", &w.digest)?;
+    }
+    // M4: for this hardware.
+    if release.compatible != car.compatible {
+        return Err(Error::Incompatible {
+            release: release.compatible.clone(),
+            car: car.compatible.clone(),
+        });
+    }
+    // M5: never older than what the line already runs, unless the root allows exactly this.
+    if let Some(installed) = &car.installed
+        && &version < installed
+    {
+        let allowed = match downgrade {
+            Some(env) => {
+                let v = root.verify(RoleName::Root, OVERRIDE_TYPE, env)?;
+                let o: DowngradeOverride = serde_json::from_slice(v.payload)
+                    .map_err(|e| Error::Malformed(format!("downgrade override: {e}")))?;
+                o.line == release.line && o.version == release.version && car.now < o.expires
+            }
+            None => false,
+        };
+        if !allowed {
+            return Err(Error::Downgrade {
+                line: release.line.clone(),
+                installed: installed.to_string(),
+                offered: version.to_string(),
+            });
+        }
+    }
+    // M6: the digest desired states use to name this release.
+    let digest = sha256_hex(verified.payload);
+    Ok(CheckedRelease {
+        release,
+        version,
+        digest,
+    })
+}
+
+/// D1–D6: verify a desired-state envelope for this car and the release it names.
+pub fn check_desired(
+    root: &TrustedRoot,
+    envelope: &Envelope,
+    car: &CarContext,
+    release: &CheckedRelease,
+) -> Result<Desired, Error> {
+    // D1: signed by the director role.
+    let verified = root.verify(RoleName::Director, DESIRED_TYPE, envelope)?;
+    // D2: the document.
+    let desired: Desired = serde_json::from_slice(verified.payload)
+        .map_err(|e| Error::Malformed(format!("desired state: {e}")))?;
+    // D3: for this car.
+    if desired.car_id != car.car_id {
+        return Err(Error::OtherCar {
+            ours: car.car_id.clone(),
+            theirs: desired.car_id,
+        });
+    }
+    // D4: newer than anything accepted before (a replay carries an old counter).
+    if let Some(last) = car.last_counter
+        && desired.counter <= last
+    {
+        return Err(Error::Replay {
+            counter: desired.counter,
+            last,
+        });
+    }
+    // D5: not expired (freeze protection).
+    if car.now >= desired.expires {
+        return Err(Error::Expired {
+            what: format!("desired state #{}", desired.counter),
+            expires: desired.expires,
+            now: car.now,
+        });
+    }
+    // D6: it names exactly this release.
+    if desired.release != release.digest {
+        return Err(Error::ReleaseMismatch {
+            named: desired.release,
+            got: release.digest.clone(),
+        });
+    }
+    Ok(desired)
+}
