@@ -439,7 +439,8 @@ fn a_downgrade_is_refused_unless_the_root_allows_exactly_it() {
 fn desired_states_for_another_car_replayed_expired_or_naming_another_release_are_refused() {
     let f = fleet();
     let checked = check_release(&f.root, &f.release(&manifest("1.5.0")), &car(), None).unwrap();
-    let cases: [(&str, fn(&mut Desired), fn(&Error) -> bool); 4] = [
+    type Case = (&'static str, fn(&mut Desired), fn(&Error) -> bool);
+    let cases: [Case; 4] = [
         (
             "another car",
             |d| d.car_id = "VIN2".into(),
