@@ -3,7 +3,9 @@
 mod api;
 mod artifact;
 mod car;
+mod keys;
 mod pki;
+mod root;
 
 use std::process::ExitCode;
 
@@ -32,6 +34,12 @@ enum Command {
     /// Cars: register, list, show, set desired state, inspect.
     #[command(subcommand)]
     Car(car::Command),
+    /// Signing keys (ed25519) for the root, release and director roles.
+    #[command(subcommand)]
+    Keys(keys::Command),
+    /// The root of trust: which keys sign for which role; init, rotate, verify.
+    #[command(subcommand)]
+    Root(root::Command),
     /// Artifacts: chunk a file and push only the chunks the twin lacks.
     #[command(subcommand)]
     Artifact(artifact::Command),
@@ -42,6 +50,8 @@ fn main() -> ExitCode {
         Command::Pki(command) => pki::run(command),
         Command::Car(command) => car::run(command),
         Command::Artifact(command) => artifact::run(command),
+        Command::Keys(command) => keys::run(command),
+        Command::Root(command) => root::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

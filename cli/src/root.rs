@@ -1,0 +1,194 @@
+//! `cardeploy root`: the root document that names which keys sign for which role.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use cardeploy_release::{Envelope, ROOT_TYPE, Role, Roles, Root, SigningKey, TrustedRoot, sign};
+use clap::Subcommand;
+
+use crate::keys::{load_private, load_public};
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create root version 1, signed by the root keys given with --sign-with.
+    ///
+    /// Example (2-of-3 root, one release key, one director key):
+    ///   cardeploy keys gen keys/root-1   (and root-2, root-3, release, director)
+    ///   cardeploy root init --root-key keys/root-1.pub --root-key keys/root-2.pub \
+    ///     --root-key keys/root-3.pub --threshold 2 --release-key keys/release.pub \
+    ///     --director-key keys/director.pub --sign-with keys/root-1.key \
+    ///     --sign-with keys/root-2.key --out root.json
+    #[command(verbatim_doc_comment)]
+    Init {
+        #[command(flatten)]
+        roles: RoleArgs,
+        /// A private root key to sign with (repeat; at least THRESHOLD of them).
+        #[arg(long = "sign-with", value_name = "KEY", required = true)]
+        sign_with: Vec<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Make the next root version: new keys or thresholds, signed by the threshold of the
+    /// current root's root keys and of the new ones (give every needed key with --sign-with).
+    Rotate {
+        /// The current root (what cars trust now).
+        #[arg(long, value_name = "FILE")]
+        current: PathBuf,
+        #[command(flatten)]
+        roles: RoleArgs,
+        #[arg(long = "sign-with", value_name = "KEY", required = true)]
+        sign_with: Vec<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Verify a root file (and, with --previous, that it rotates from that root).
+    Verify {
+        file: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        previous: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RoleArgs {
+    /// A public key of the root role (repeat).
+    #[arg(long = "root-key", value_name = "PUB", required = true)]
+    root_keys: Vec<PathBuf>,
+    /// How many root keys must sign a root.
+    #[arg(long, default_value_t = 1)]
+    threshold: usize,
+    /// The release role's public key (the pipeline's offline key).
+    #[arg(long = "release-key", value_name = "PUB", required = true)]
+    release_keys: Vec<PathBuf>,
+    /// The director role's public key (the twin's online key).
+    #[arg(long = "director-key", value_name = "PUB", required = true)]
+    director_keys: Vec<PathBuf>,
+    /// Days until the root expires.
+    #[arg(long, default_value_t = 365)]
+    expires_days: u64,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn build(version: u64, args: &RoleArgs) -> anyhow::Result<Root> {
+    let mut keys = BTreeMap::new();
+    let mut role = |paths: &[PathBuf], threshold: usize| -> anyhow::Result<Role> {
+        let mut keyids = Vec::new();
+        for p in paths {
+            let key = load_public(p)?;
+            keyids.push(key.id());
+            keys.insert(key.id(), key);
+        }
+        Ok(Role { keyids, threshold })
+    };
+    let roles = Roles {
+        root: role(&args.root_keys, args.threshold)?,
+        release: role(&args.release_keys, 1)?,
+        director: role(&args.director_keys, 1)?,
+    };
+    Ok(Root {
+        version,
+        expires: now() + args.expires_days * 86_400,
+        keys,
+        roles,
+    })
+}
+
+fn write_signed(root: &Root, signers: &[PathBuf], out: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    let keys: Vec<SigningKey> = signers
+        .iter()
+        .map(|p| load_private(p))
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<&SigningKey> = keys.iter().collect();
+    let bytes = sign(ROOT_TYPE, &serde_json::to_vec_pretty(root)?, &refs).to_json();
+    std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    Ok(bytes)
+}
+
+fn describe(root: &TrustedRoot) {
+    let r = root.root();
+    println!(
+        "root version {} valid; expires {} (unix); root {} of {}, release {} of {}, director {} of {}",
+        r.version,
+        r.expires,
+        r.roles.root.threshold,
+        r.roles.root.keyids.len(),
+        r.roles.release.threshold,
+        r.roles.release.keyids.len(),
+        r.roles.director.threshold,
+        r.roles.director.keyids.len()
+    );
+}
+
+pub fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Init {
+            roles,
+            sign_with,
+            out,
+        } => {
+            let root = build(1, &roles)?;
+            let bytes = write_signed(&root, &sign_with, &out)?;
+            // Read it back the way a car will before anyone ships it.
+            let trusted = TrustedRoot::pinned(&bytes, now()).with_context(|| {
+                format!("the root written to {} does not verify", out.display())
+            })?;
+            describe(&trusted);
+            Ok(())
+        }
+        Command::Rotate {
+            current,
+            roles,
+            sign_with,
+            out,
+        } => {
+            let trusted = TrustedRoot::pinned(
+                &std::fs::read(&current)
+                    .with_context(|| format!("reading {}", current.display()))?,
+                now(),
+            )?;
+            let next = build(trusted.root().version + 1, &roles)?;
+            let bytes = write_signed(&next, &sign_with, &out)?;
+            let rotated = trusted.rotate(&bytes, now()).with_context(|| {
+                format!(
+                    "{} does not rotate from {}: sign with the threshold of the current root keys and of the new ones",
+                    out.display(),
+                    current.display()
+                )
+            });
+            match rotated {
+                Ok(r) => {
+                    describe(&r);
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&out);
+                    Err(e)
+                }
+            }
+        }
+        Command::Verify { file, previous } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let trusted = match previous {
+                Some(prev) => TrustedRoot::pinned(
+                    &std::fs::read(&prev).with_context(|| format!("reading {}", prev.display()))?,
+                    now(),
+                )?
+                .rotate(&bytes, now())?,
+                None => TrustedRoot::pinned(&bytes, now())?,
+            };
+            let env = Envelope::from_json(&bytes)?;
+            if env.signatures.is_empty() {
+                bail!("{} carries no signatures", file.display());
+            }
+            describe(&trusted);
+            Ok(())
+        }
+    }
+}
