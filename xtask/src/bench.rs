@@ -16,22 +16,21 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
 }
 
+/// Build the binaries of `packages` and the agent's benchmark `example` with the `measure`
+/// profile in one cargo run; returns `target/measure`.
+pub fn measure_build(packages: &[&str], example: &str) -> anyhow::Result<std::path::PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--locked", "--profile", "measure"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    sh(cmd.args(["--bins", "--example", example]))?;
+    Ok(root().join("target/measure"))
+}
+
 fn link(extra: &[String]) -> anyhow::Result<()> {
     let aarch64 = cross()?;
-    sh(cargo().args([
-        "build",
-        "--locked",
-        "--profile",
-        "measure",
-        "-p",
-        "cardeploy-twin",
-        "-p",
-        "cardeploy-agent",
-        "--bins",
-        "--example",
-        "bench_link",
-    ]))?;
-    let dir = root().join("target/measure");
+    let dir = measure_build(&["cardeploy-twin", "cardeploy-agent"], "bench_link")?;
     let out = root().join("target/bench-link.md");
     let command = format!(
         "ulimit -n \"$(ulimit -Hn)\" && exec {} --twin {} --agent {} --aarch64-agent {} --out {} {}",

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::delta_inputs::{Pair, build_inputs};
 use crate::delta_tools::{ToolRun, measure_tools};
-use crate::{cargo, root, run as sh, venv};
+use crate::{root, run as sh, venv};
 
 /// Receiving-side memory a tool may use and still count as "applies within 64 MiB".
 const MEMORY_BOUND_KIB: u64 = 64 * 1024;
@@ -92,30 +92,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let fresh = args.iter().any(|a| a == "--fresh");
     let work = root().join("target/bench-delta");
     let pairs = build_inputs(&work)?;
-    sh(cargo().args([
-        "build",
-        "--locked",
-        "--profile",
-        "measure",
-        "-p",
-        "cardeploy-twin",
-        "-p",
-        "cardeploy-agent",
-        "-p",
-        "cardeploy",
-        "--bins",
-    ]))?;
-    sh(cargo().args([
-        "build",
-        "--locked",
-        "--profile",
-        "measure",
-        "-p",
-        "cardeploy-agent",
-        "--example",
+    let bins = crate::bench::measure_build(
+        &["cardeploy-twin", "cardeploy-agent", "cardeploy"],
         "bench_delta",
-    ]))?;
-    let bins = root().join("target/measure");
+    )?;
 
     let mut md = String::from("# cargo xtask bench delta\n\n");
     let mut summary = String::new();
