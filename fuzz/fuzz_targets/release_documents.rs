@@ -35,7 +35,7 @@ fn fleet() -> &'static Fleet {
             },
         };
         let env = sign(ROOT_TYPE, &serde_json::to_vec(&root).unwrap(), &[&keys[0]]);
-        let root = TrustedRoot::pinned(&env.to_json(), 0).unwrap();
+        let root = TrustedRoot::pinned(&env.to_json()).unwrap();
         Fleet { keys, root }
     })
 }
@@ -47,13 +47,13 @@ fuzz_target!(|data: &[u8]| {
         compatible: "board".into(),
         now: 1_800_000_000,
         last_counter: Some(3),
-        installed: Some(semver::Version::new(1, 0, 0)),
+        installed: [("ecu".to_owned(), semver::Version::new(1, 0, 0))].into(),
         max_artifact_bytes: 1 << 30,
     };
     let release = sign(RELEASE_TYPE, data, &[&f.keys[1]]);
     if let Ok(checked) = check_release(&f.root, &release, &car, None) {
         assert_eq!(checked.release.compatible, "board");
-        assert!(checked.version >= semver::Version::new(1, 0, 0));
+        assert!(checked.release.line != "ecu" || checked.version >= semver::Version::new(1, 0, 0));
         assert!(
             checked
                 .release

@@ -58,6 +58,14 @@ pub enum Error {
         end: u64,
         len: usize,
     },
+    #[error(
+        "chunk {id} arrived claiming {sent} bytes, its index declares {declared}; refused before decompressing"
+    )]
+    ChunkLength {
+        id: Digest,
+        declared: u32,
+        sent: u32,
+    },
     #[error("zstd: {0}")]
     Zstd(std::io::Error),
     #[error("chunker: {0}")]

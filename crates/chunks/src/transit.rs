@@ -57,6 +57,25 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// Check that this is the chunk asked for, at the length its index declares, before a byte
+    /// is decompressed: a sender cannot make the receiver produce more than the index allows.
+    pub fn expect(&self, id: &Digest, len: u32) -> Result<()> {
+        if &self.id != id {
+            return Err(Error::TransitMalformed(format!(
+                "asked for chunk {id}, got {}",
+                self.id
+            )));
+        }
+        if self.raw_len != len {
+            return Err(Error::ChunkLength {
+                id: *id,
+                declared: len,
+                sent: self.raw_len,
+            });
+        }
+        Ok(())
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(45 + self.data.len());
         match self.encoding {

@@ -20,6 +20,8 @@ pub enum ArtifactKind {
     OciManifest,
     OciConfig,
     OciLayer,
+    /// A Kubernetes manifest (YAML) the release applies; listed again under `workloads`.
+    KubeManifest,
 }
 
 /// One artifact of a release, pinned by digest and size, fetched by chunk index.
@@ -90,8 +92,8 @@ pub struct CarContext {
     pub now: u64,
     /// The highest desired-state counter accepted so far.
     pub last_counter: Option<u64>,
-    /// The highest version installed on the release's line.
-    pub installed: Option<semver::Version>,
+    /// The highest version installed per release line.
+    pub installed: std::collections::BTreeMap<String, semver::Version>,
     /// Largest artifact the car accepts.
     pub max_artifact_bytes: u64,
 }
@@ -145,14 +147,16 @@ pub struct CheckedRelease {
     pub digest: String,
 }
 
-/// M1–M6: verify a release envelope for this car.
-pub fn check_release(
+/// M1–M3 and M6, the checks that do not depend on a particular car: what the twin checks when a
+/// release is registered and what `cardeploy release verify` checks.
+pub fn verify_release(
     root: &TrustedRoot,
     envelope: &Envelope,
-    car: &CarContext,
-    downgrade: Option<&Envelope>,
+    now: u64,
+    max_artifact_bytes: u64,
 ) -> Result<CheckedRelease, Error> {
-    // M1: signed by the release role under the trusted root.
+    // M1: signed by the release role under the trusted root, which is still fresh (R4).
+    root.fresh(now)?;
     let verified = root.verify(RoleName::Release, RELEASE_TYPE, envelope)?;
     // M2: the manifest itself, exactly the bytes that were verified.
     let release: Release = serde_json::from_slice(verified.payload)
@@ -177,18 +181,46 @@ pub fn check_release(
         }
         hex64("artifact digest", &a.digest)?;
         hex64("chunk index", &a.index)?;
-        if a.size > car.max_artifact_bytes {
+        if a.size > max_artifact_bytes {
             return Err(Error::ArtifactTooLarge {
                 name: a.name.clone(),
                 size: a.size,
-                limit: car.max_artifact_bytes,
+                limit: max_artifact_bytes,
             });
         }
     }
     for w in &release.workloads {
         safe_name("workload name", &w.name)?;
         hex64("workload digest", &w.digest)?;
+        // A workload is applied from the artifact that carries it: same name, same digest.
+        let carried = release.artifacts.iter().any(|a| {
+            a.kind == ArtifactKind::KubeManifest && a.name == w.name && a.digest == w.digest
+        });
+        if !carried {
+            return Err(Error::Malformed(format!(
+                "workload `{}` has no kube-manifest artifact of the same name and digest",
+                w.name
+            )));
+        }
     }
+    // M6: the digest desired states use to name this release.
+    let digest = sha256_hex(verified.payload);
+    Ok(CheckedRelease {
+        release,
+        version,
+        digest,
+    })
+}
+
+/// M1–M6: verify a release envelope for this car.
+pub fn check_release(
+    root: &TrustedRoot,
+    envelope: &Envelope,
+    car: &CarContext,
+    downgrade: Option<&Envelope>,
+) -> Result<CheckedRelease, Error> {
+    let checked = verify_release(root, envelope, car.now, car.max_artifact_bytes)?;
+    let (release, version) = (&checked.release, &checked.version);
     // M4: for this hardware.
     if release.compatible != car.compatible {
         return Err(Error::Incompatible {
@@ -197,8 +229,8 @@ pub fn check_release(
         });
     }
     // M5: never older than what the line already runs, unless the root allows exactly this.
-    if let Some(installed) = &car.installed
-        && &version < installed
+    if let Some(installed) = car.installed.get(&release.line)
+        && version < installed
     {
         let allowed = match downgrade {
             Some(env) => {
@@ -217,13 +249,7 @@ pub fn check_release(
             });
         }
     }
-    // M6: the digest desired states use to name this release.
-    let digest = sha256_hex(verified.payload);
-    Ok(CheckedRelease {
-        release,
-        version,
-        digest,
-    })
+    Ok(checked)
 }
 
 /// D1–D6: verify a desired-state envelope for this car and the release it names.
@@ -233,7 +259,8 @@ pub fn check_desired(
     car: &CarContext,
     release: &CheckedRelease,
 ) -> Result<Desired, Error> {
-    // D1: signed by the director role.
+    // D1: signed by the director role under the trusted root, which is still fresh (R4).
+    root.fresh(car.now)?;
     let verified = root.verify(RoleName::Director, DESIRED_TYPE, envelope)?;
     // D2: the document.
     let desired: Desired = serde_json::from_slice(verified.payload)
@@ -270,4 +297,28 @@ pub fn check_desired(
         });
     }
     Ok(desired)
+}
+
+/// A1: what the chunk index says about an artifact (its size and whole-artifact digest) must be
+/// what the release declared, before a byte is downloaded. The index is already known to be the
+/// one the release names (its id is the digest the release lists); this catches a release whose
+/// index and declaration disagree, so the download can never run past the declared size.
+pub fn check_artifact(artifact: &Artifact, size: u64, digest: &str) -> Result<(), Error> {
+    if size != artifact.size {
+        return Err(Error::ArtifactMismatch {
+            name: artifact.name.clone(),
+            what: "size",
+            declared: artifact.size.to_string(),
+            found: size.to_string(),
+        });
+    }
+    if digest != artifact.digest {
+        return Err(Error::ArtifactMismatch {
+            name: artifact.name.clone(),
+            what: "digest",
+            declared: artifact.digest.clone(),
+            found: digest.to_owned(),
+        });
+    }
+    Ok(())
 }

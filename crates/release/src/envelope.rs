@@ -82,6 +82,10 @@ impl Envelope {
         // V2: exactly the DSSE fields, base64 that decodes, a bounded number of signatures.
         let wire: WireEnvelope =
             serde_json::from_slice(bytes).map_err(|e| Error::Malformed(e.to_string()))?;
+        Self::from_wire(wire)
+    }
+
+    fn from_wire(wire: WireEnvelope) -> Result<Self, Error> {
         if wire.signatures.len() > MAX_SIGNATURES {
             return Err(Error::Malformed(format!(
                 "{} signatures, at most {MAX_SIGNATURES} are accepted",
@@ -112,7 +116,12 @@ impl Envelope {
     }
 
     pub fn to_json(&self) -> Vec<u8> {
-        let wire = WireEnvelope {
+        // Plain strings and vectors: serialising cannot fail.
+        serde_json::to_vec_pretty(&self.to_wire()).unwrap_or_default()
+    }
+
+    fn to_wire(&self) -> WireEnvelope {
+        WireEnvelope {
             payload_type: self.payload_type.clone(),
             payload: STANDARD.encode(&self.payload),
             signatures: self
@@ -123,9 +132,7 @@ impl Envelope {
                     sig: STANDARD.encode(&s.sig),
                 })
                 .collect(),
-        };
-        // Plain strings and vectors: serialising cannot fail.
-        serde_json::to_vec_pretty(&wire).unwrap_or_default()
+        }
     }
 
     /// Check the envelope against `keys` with a `threshold` (V3–V6) and hand out the payload.
@@ -172,5 +179,20 @@ impl Envelope {
             payload: &self.payload,
             signers: signers.into_iter().collect(),
         })
+    }
+}
+
+/// Envelopes nested in other messages (the desired state a car receives carries several) use the
+/// same wire form and the same V2 checks; V1 is then the enclosing message's size limit.
+impl Serialize for Envelope {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_wire().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Envelope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let wire = WireEnvelope::deserialize(d)?;
+        Self::from_wire(wire).map_err(serde::de::Error::custom)
     }
 }

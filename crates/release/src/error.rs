@@ -47,6 +47,15 @@ pub enum Error {
     Replay { counter: u64, last: u64 },
     #[error("desired state names release {named}, but the release offered is {got}")]
     ReleaseMismatch { named: String, got: String },
+    #[error(
+        "artifact {name}: its chunk index gives {what} {found}, the release declares {declared}; nothing was downloaded"
+    )]
+    ArtifactMismatch {
+        name: String,
+        what: &'static str,
+        declared: String,
+        found: String,
+    },
     #[error("public key is malformed: {0}")]
     Key(String),
 }

@@ -131,9 +131,10 @@ fn not_expired(root: &Root, now: u64) -> Result<(), Error> {
 }
 
 impl TrustedRoot {
-    /// R1–R4: the root pinned at installation must be consistent, signed by its own root role's
-    /// threshold, and not expired.
-    pub fn pinned(envelope: &[u8], now: u64) -> Result<Self, Error> {
+    /// R1–R3: the root pinned at installation must be consistent and signed by its own root
+    /// role's threshold. Whether it is still fresh is asked when it is used (R4, [`Self::fresh`]):
+    /// a car whose pinned root has expired must still be able to rotate to a newer one.
+    pub fn pinned(envelope: &[u8]) -> Result<Self, Error> {
         let (env, root) = parse(envelope)?;
         root.check()?; // R3
         env.verify(
@@ -141,14 +142,13 @@ impl TrustedRoot {
             &root.keys_of(RoleName::Root),
             root.roles.root.threshold,
         )?; // R2
-        not_expired(&root, now)?; // R4
         Ok(Self { root })
     }
 
     /// R5–R6: a new root replaces this one only if its version is exactly one more, it is
-    /// signed by this root's root-role threshold *and* its own, and it is consistent and not
-    /// expired.
-    pub fn rotate(&self, envelope: &[u8], now: u64) -> Result<Self, Error> {
+    /// signed by this root's root-role threshold *and* its own, and it is consistent. Expiry is
+    /// checked on the root in use (R4), not on the steps of a chain.
+    pub fn rotate(&self, envelope: &[u8]) -> Result<Self, Error> {
         let (env, next) = parse(envelope)?;
         if next.version != self.root.version + 1 {
             return Err(Error::RootVersion {
@@ -169,8 +169,20 @@ impl TrustedRoot {
             &next.keys_of(RoleName::Root),
             next.roles.root.threshold,
         )?;
-        not_expired(&next, now)?;
         Ok(Self { root: next })
+    }
+
+    /// R4: this root may be used at `now` (freeze protection: an attacker replaying an old
+    /// root cannot keep a car on it forever).
+    pub fn fresh(&self, now: u64) -> Result<&Self, Error> {
+        not_expired(&self.root, now)?;
+        Ok(self)
+    }
+
+    /// The version of a root envelope, read without trusting it: enough to order a chain before
+    /// verifying each step.
+    pub fn peek_version(envelope: &[u8]) -> Result<u64, Error> {
+        Ok(parse(envelope)?.1.version)
     }
 
     pub fn root(&self) -> &Root {

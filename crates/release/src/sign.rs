@@ -24,6 +24,20 @@ impl SigningKey {
         Self::from_pkcs8(pkcs8.as_ref())
     }
 
+    /// A key from a fixed seed: reproducible keys for checked-in test fixtures only.
+    pub fn from_seed(seed: [u8; 32]) -> Result<Self, Error> {
+        // ring builds PKCS#8 only for keys it generates; the v1 document for a seed is the fixed
+        // 16-byte prefix of RFC 8410 followed by the seed.
+        let mut pkcs8 = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        pkcs8.extend_from_slice(&seed);
+        let pair = Ed25519KeyPair::from_seed_unchecked(&seed)
+            .map_err(|e| Error::Key(format!("bad seed: {e}")))?;
+        Ok(Self { pair, pkcs8 })
+    }
+
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, Error> {
         let pair = Ed25519KeyPair::from_pkcs8(pkcs8)
             .map_err(|e| Error::Key(format!("not an ed25519 PKCS#8 key: {e}")))?;
@@ -65,5 +79,18 @@ pub fn sign(payload_type: &str, payload: &[u8], keys: &[&SigningKey]) -> Envelop
             .iter()
             .map(|k| k.signature(payload_type, payload))
             .collect(),
+    }
+}
+
+impl Envelope {
+    /// Add `key`'s signature (pipelines where each holder of a threshold signs in turn). A key
+    /// that already signed is not added twice.
+    pub fn add_signature(&mut self, key: &SigningKey) {
+        let id = key.public().id().to_string();
+        if self.signatures.iter().any(|s| s.keyid == id) {
+            return;
+        }
+        let sig = key.signature(&self.payload_type, &self.payload);
+        self.signatures.push(sig);
     }
 }

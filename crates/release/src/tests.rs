@@ -192,7 +192,7 @@ const NOW: u64 = 1_800_000_000;
 fn a_pinned_root_signed_by_its_threshold_is_trusted_and_names_the_role_keys() {
     let k = keys(5);
     let root = root_doc(1, &[&k[0], &k[1], &k[2]], 2, &k[3], &k[4]);
-    let trusted = TrustedRoot::pinned(&signed_root(&root, &[&k[0], &k[2]]), NOW).unwrap();
+    let trusted = TrustedRoot::pinned(&signed_root(&root, &[&k[0], &k[2]])).unwrap();
     let release = sign(RELEASE, b"release v1", &[&k[3]]);
     assert!(trusted.verify(RoleName::Release, RELEASE, &release).is_ok());
     // The director key cannot sign for the release role.
@@ -210,13 +210,13 @@ fn a_pinned_root_signed_by_its_threshold_is_trusted_and_names_the_role_keys() {
 fn a_root_rotation_needs_the_old_threshold_and_the_new() {
     let k = keys(7);
     let v1 = root_doc(1, &[&k[0], &k[1], &k[2]], 2, &k[3], &k[4]);
-    let trusted = TrustedRoot::pinned(&signed_root(&v1, &[&k[0], &k[1]]), NOW).unwrap();
+    let trusted = TrustedRoot::pinned(&signed_root(&v1, &[&k[0], &k[1]])).unwrap();
     // v2 replaces root key 2 with key 5 and the release key with key 6.
     let v2 = root_doc(2, &[&k[0], &k[1], &k[5]], 2, &k[6], &k[4]);
 
     // Signed by the new threshold only (one old key + the new key is not the old threshold).
     let err = trusted
-        .rotate(&signed_root(&v2, &[&k[0], &k[5]]), NOW)
+        .rotate(&signed_root(&v2, &[&k[0], &k[5]]))
         .unwrap_err();
     assert!(
         matches!(
@@ -230,9 +230,7 @@ fn a_root_rotation_needs_the_old_threshold_and_the_new() {
         "{err}"
     );
     // Keys 0 and 1 are in both roots: they meet the old threshold and the new one.
-    let rotated = trusted
-        .rotate(&signed_root(&v2, &[&k[0], &k[1]]), NOW)
-        .unwrap();
+    let rotated = trusted.rotate(&signed_root(&v2, &[&k[0], &k[1]])).unwrap();
     assert_eq!(rotated.root().version, 2);
     let release = sign(RELEASE, b"release v2", &[&k[6]]);
     assert!(rotated.verify(RoleName::Release, RELEASE, &release).is_ok());
@@ -248,12 +246,10 @@ fn a_root_rotation_needs_the_old_threshold_and_the_new() {
 fn a_root_rotation_that_skips_a_version_or_goes_back_is_refused() {
     let k = keys(5);
     let v1 = root_doc(1, &[&k[0]], 1, &k[3], &k[4]);
-    let trusted = TrustedRoot::pinned(&signed_root(&v1, &[&k[0]]), NOW).unwrap();
+    let trusted = TrustedRoot::pinned(&signed_root(&v1, &[&k[0]])).unwrap();
     for version in [1, 3] {
         let next = root_doc(version, &[&k[0]], 1, &k[3], &k[4]);
-        let err = trusted
-            .rotate(&signed_root(&next, &[&k[0]]), NOW)
-            .unwrap_err();
+        let err = trusted.rotate(&signed_root(&next, &[&k[0]])).unwrap_err();
         assert!(matches!(err, Error::RootVersion { have: 1, .. }), "{err}");
     }
 }
@@ -263,7 +259,9 @@ fn an_expired_root_is_refused() {
     let k = keys(3);
     let mut v1 = root_doc(1, &[&k[0]], 1, &k[1], &k[2]);
     v1.expires = NOW - 1;
-    let err = TrustedRoot::pinned(&signed_root(&v1, &[&k[0]]), NOW).unwrap_err();
+    let err = TrustedRoot::pinned(&signed_root(&v1, &[&k[0]]))
+        .and_then(|t| t.fresh(NOW).cloned())
+        .unwrap_err();
     assert!(matches!(err, Error::Expired { .. }), "{err}");
 }
 
@@ -273,12 +271,16 @@ fn a_root_with_a_key_under_a_foreign_id_or_an_unmeetable_role_is_refused() {
     let mut v1 = root_doc(1, &[&k[0]], 1, &k[1], &k[2]);
     let release_id = k[1].public().id();
     v1.keys.insert(release_id, k[2].public());
-    let err = TrustedRoot::pinned(&signed_root(&v1, &[&k[0]]), NOW).unwrap_err();
+    let err = TrustedRoot::pinned(&signed_root(&v1, &[&k[0]]))
+        .and_then(|t| t.fresh(NOW).cloned())
+        .unwrap_err();
     assert!(matches!(err, Error::Malformed(_)), "{err}");
 
     let mut v1 = root_doc(1, &[&k[0]], 1, &k[1], &k[2]);
     v1.roles.director.threshold = 2;
-    let err = TrustedRoot::pinned(&signed_root(&v1, &[&k[0]]), NOW).unwrap_err();
+    let err = TrustedRoot::pinned(&signed_root(&v1, &[&k[0]]))
+        .and_then(|t| t.fresh(NOW).cloned())
+        .unwrap_err();
     assert!(
         matches!(
             err,
@@ -300,7 +302,7 @@ struct Fleet {
 fn fleet() -> Fleet {
     let k = keys(3);
     let doc = root_doc(1, &[&k[0]], 1, &k[1], &k[2]);
-    let root = TrustedRoot::pinned(&signed_root(&doc, &[&k[0]]), NOW).unwrap();
+    let root = TrustedRoot::pinned(&signed_root(&doc, &[&k[0]])).unwrap();
     Fleet { k, root }
 }
 
@@ -327,7 +329,7 @@ fn car() -> CarContext {
         compatible: "cardeploy-qemuarm64".into(),
         now: NOW,
         last_counter: Some(4),
-        installed: Some(semver::Version::new(1, 4, 0)),
+        installed: [("ecu-main".to_owned(), semver::Version::new(1, 4, 0))].into(),
         max_artifact_bytes: 1 << 30,
     }
 }
@@ -484,4 +486,62 @@ fn desired_states_for_another_car_replayed_expired_or_naming_another_release_are
     );
     let err = check_desired(&f.root, &env, &car(), &checked).unwrap_err();
     assert!(matches!(err, Error::BelowThreshold { .. }), "{err}");
+}
+
+#[test]
+fn an_index_that_disagrees_with_the_declared_artifact_is_refused() {
+    let a = &manifest("1.5.0").artifacts[0];
+    assert!(check_artifact(a, a.size, &a.digest).is_ok());
+    let err = check_artifact(a, a.size + 1, &a.digest).unwrap_err();
+    assert!(
+        matches!(err, Error::ArtifactMismatch { what: "size", .. }),
+        "{err}"
+    );
+    let err = check_artifact(a, a.size, &"ef".repeat(32)).unwrap_err();
+    assert!(
+        matches!(err, Error::ArtifactMismatch { what: "digest", .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_workload_must_be_carried_by_a_manifest_artifact() {
+    let f = fleet();
+    let mut m = manifest("1.5.0");
+    m.workloads.push(Workload {
+        name: "app".into(),
+        digest: "12".repeat(32),
+    });
+    let err = check_release(&f.root, &f.release(&m), &car(), None).unwrap_err();
+    assert!(matches!(err, Error::Malformed(_)), "{err}");
+    m.artifacts.push(Artifact {
+        kind: ArtifactKind::KubeManifest,
+        name: "app".into(),
+        digest: "12".repeat(32),
+        size: 100,
+        index: "34".repeat(32),
+    });
+    assert!(check_release(&f.root, &f.release(&m), &car(), None).is_ok());
+}
+
+#[test]
+fn envelopes_nest_in_messages_with_the_same_checks() {
+    let f = fleet();
+    let env = f.release(&manifest("1.5.0"));
+    let json = serde_json::to_vec(&env).unwrap();
+    let back: Envelope = serde_json::from_slice(&json).unwrap();
+    assert_eq!(back, env);
+    let bad = String::from_utf8(json)
+        .unwrap()
+        .replace("\"payload\":\"", "\"payload\":\"!");
+    assert!(serde_json::from_str::<Envelope>(&bad).is_err());
+}
+
+#[test]
+fn seeded_keys_are_reproducible() {
+    let a = SigningKey::from_seed([7; 32]).unwrap();
+    let b = SigningKey::from_seed([7; 32]).unwrap();
+    assert_eq!(a.public(), b.public());
+    let env = crate::sign(RELEASE, b"x", &[&a]);
+    assert_eq!(env, crate::sign(RELEASE, b"x", &[&b]));
 }
