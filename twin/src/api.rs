@@ -15,14 +15,15 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use cardeploy_chunks::Digest;
 use cardeploy_protocol::{
-    self as protocol, ArtifactRef, Attributes, CarId, DesiredState, FetchProgress, Inspection,
-    route, validate_artifact_name, validate_attribute,
+    self as protocol, Attributes, CarId, Envelope, FetchProgress, Inspection, route,
+    validate_attribute,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::Twin;
 use crate::cars::now;
-use crate::db::{CarRecord, EventRecord, ReportedRecord};
+use crate::db::{CarRecord, EventRecord, ReleaseSummary, ReportedRecord, StoredDesired};
+use crate::trust::TrustError;
 
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
@@ -55,6 +56,10 @@ pub fn router(twin: Arc<Twin>) -> Router {
         .route("/api/v1/cars/{id}/events", get(events))
         .route("/api/v1/cars/{id}/desired", put(set_desired))
         .route("/api/v1/cars/{id}/inspect", get(inspect))
+        .route("/api/v1/director", get(director))
+        .route("/api/v1/roots", get(list_roots).post(add_root))
+        .route("/api/v1/releases", get(list_releases).post(add_release))
+        .route("/api/v1/releases/{reference}", get(get_release))
         .route("/api/v1/chunks/missing", post(missing_chunks))
         .route("/api/v1/chunks/{id}", put(put_chunk))
         .route("/api/v1/indexes/{id}", put(put_index).get(get_index))
@@ -107,7 +112,7 @@ pub struct CarView {
     pub attributes: Attributes,
     pub fingerprint: String,
     pub connected: bool,
-    pub desired: Option<DesiredState>,
+    pub desired: Option<DesiredView>,
     pub reported: Option<ReportedRecord>,
     /// The last download progress the car reported since the twin started.
     pub progress: Option<FetchProgress>,
@@ -142,7 +147,10 @@ async fn add_car(
 
 async fn view(twin: &Twin, car: CarRecord) -> Result<CarView, ApiError> {
     let reported = twin.db.reported(&car.id).await?;
-    let desired = twin.db.desired(&car.id).await?;
+    let desired = match twin.db.desired(&car.id).await? {
+        Some(stored) => Some(desired_view(twin, &stored).await?),
+        None => None,
+    };
     let progress = twin.fleet.with_car(&car.id, |live| live.progress.clone());
     Ok(CarView {
         progress,
@@ -201,71 +209,226 @@ async fn events(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SetDesired {
-    /// A release reference, `name@version`.
+    /// The release: its digest (64 hex) or `line@version`, registered with
+    /// `POST /api/v1/releases` (`cardeploy release push`).
     pub release: String,
-    /// Artifacts the car must fetch, each by the id of a chunk index pushed to this twin.
+    /// How long the signed desired state stays valid; default the twin's `desired_ttl_secs`.
     #[serde(default)]
-    pub artifacts: Vec<ArtifactRef>,
+    pub ttl_secs: Option<u64>,
+    /// A root-signed downgrade override, when the release is older than what the car runs.
+    #[serde(default)]
+    pub downgrade: Option<Envelope>,
 }
 
-/// `name@version`, each part non-empty, no spaces or control characters.
-fn valid_release(release: &str) -> bool {
-    let Some((name, version)) = release.split_once('@') else {
-        return false;
+/// What the API shows of a car's signed desired state.
+#[derive(Debug, Serialize)]
+pub struct DesiredView {
+    pub counter: u64,
+    pub release: String,
+    pub line: Option<String>,
+    pub version: Option<String>,
+    pub issued: u64,
+    pub expires: u64,
+    pub downgrade: bool,
+}
+
+async fn desired_view(twin: &Twin, stored: &StoredDesired) -> Result<DesiredView, ApiError> {
+    let summary = twin.db.release(&stored.release).await?.map(|(s, _)| s);
+    Ok(DesiredView {
+        counter: stored.counter,
+        release: stored.release.clone(),
+        line: summary.as_ref().map(|s| s.line.clone()),
+        version: summary.map(|s| s.version),
+        issued: stored.issued,
+        expires: stored.expires,
+        downgrade: stored.downgrade.is_some(),
+    })
+}
+
+fn trust_error(e: TrustError) -> ApiError {
+    let status = match &e {
+        TrustError::NoRoot | TrustError::DirectorNotNamed { .. } => StatusCode::CONFLICT,
+        TrustError::FirstRootVersion(_) | TrustError::Verify(_) => StatusCode::UNPROCESSABLE_ENTITY,
     };
-    let ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 128
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
-    };
-    ok(name) && ok(version)
+    ApiError(status, e.to_string())
+}
+
+fn now_secs() -> u64 {
+    u64::try_from(now()).unwrap_or(0)
 }
 
 async fn set_desired(
     State(twin): State<Arc<Twin>>,
     Path(id): Path<String>,
     Json(body): Json<SetDesired>,
-) -> Result<Json<DesiredState>, ApiError> {
+) -> Result<Json<DesiredView>, ApiError> {
     let id = car_id(id)?;
     find(&twin, &id).await?;
-    if !valid_release(&body.release) {
+    let (summary, envelope) = twin.db.release(&body.release).await?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no release {:?} on this twin: name one by digest or line@version (`cardeploy release list`), after `cardeploy release push`",
+                body.release
+            ),
+        )
+    })?;
+    // Verified again under the current root: a release whose key was rotated out is refused
+    // here, not by every car.
+    twin.trust
+        .verify_release(&envelope, now_secs(), twin.config.max_artifact_bytes)
+        .map_err(trust_error)?;
+    let ttl = body.ttl_secs.unwrap_or(twin.config.desired_ttl_secs);
+    if !(60..=366 * 86_400).contains(&ttl) {
         return Err(bad_request(format!(
-            "release {:?} is not a release reference: use name@version, e.g. infotainment@1.4.2",
-            body.release
+            "ttl_secs = {ttl}: use 60 s to 366 days"
         )));
     }
-    for artifact in &body.artifacts {
-        validate_artifact_name(&artifact.name).map_err(|e| bad_request(e.to_string()))?;
-        let index = parse_digest(&artifact.index)?;
-        if !twin.artifacts.store().has_index(&index) {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!(
-                    "artifact {}: no chunk index {index} on this twin; push it first with `cardeploy artifact push`",
-                    artifact.name
-                ),
-            ));
-        }
-    }
-    let now_secs = u64::try_from(now()).unwrap_or(0);
-    let desired = twin
-        .db
-        .set_desired(&id, &body.release, body.artifacts, now_secs)
+    let stored = twin
+        .issue_desired(&id, &summary.digest, ttl, body.downgrade)
         .await?;
     twin.db
         .event(
             &id,
             now(),
             "desired",
-            &format!("desired #{} {}", desired.counter, desired.release),
+            &format!(
+                "desired #{} {}@{} ({})",
+                stored.counter,
+                summary.line,
+                summary.version,
+                &summary.digest[..16]
+            ),
         )
         .await?;
-    // Persisted first, then pushed: a push the car never gets is repeated at its next hello.
-    twin.fleet
-        .with_car(&id, |live| live.desired.send_replace(Some(desired.clone())));
-    tracing::info!(car = %id, counter = desired.counter, release = %desired.release, "desired state set");
-    Ok(Json(desired))
+    tracing::info!(car = %id, counter = stored.counter, release = %summary.digest, "desired state signed and set");
+    Ok(Json(desired_view(&twin, &stored).await?))
+}
+
+#[derive(Debug, Serialize)]
+pub struct DirectorView {
+    pub keyid: String,
+    pub public: cardeploy_release::PublicKey,
+}
+
+async fn director(State(twin): State<Arc<Twin>>) -> Json<DirectorView> {
+    let public = twin.trust.director_public();
+    Json(DirectorView {
+        keyid: public.id().to_string(),
+        public,
+    })
+}
+
+async fn list_roots(State(twin): State<Arc<Twin>>) -> Json<Vec<Envelope>> {
+    Json(twin.trust.roots())
+}
+
+async fn add_root(
+    State(twin): State<Arc<Twin>>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let version = twin
+        .trust
+        .add_root(&body, now_secs())
+        .map_err(trust_error)?;
+    // Every car's next message carries the new chain.
+    for (car, stored) in twin.db.all_desired().await? {
+        let message = twin.compose(&stored).await?;
+        twin.fleet
+            .with_car(&car, |live| live.desired.send_replace(Some(message)));
+    }
+    Ok(Json(serde_json::json!({ "version": version })))
+}
+
+/// Register a release: signed by the release role of the current root (M1–M3), every
+/// artifact's chunk index on this twin and in agreement with the manifest (A1).
+async fn add_release(
+    State(twin): State<Arc<Twin>>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<ReleaseSummary>), ApiError> {
+    let envelope = Envelope::from_json(&body)
+        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let checked = twin
+        .trust
+        .verify_release(&envelope, now_secs(), twin.config.max_artifact_bytes)
+        .map_err(trust_error)?;
+    let artifacts = checked.release.artifacts.clone();
+    let twin2 = twin.clone();
+    blocking(move || {
+        for a in &artifacts {
+            let id = parse_digest(&a.index)?;
+            let index = match twin2.artifacts.index(&id) {
+                Ok(index) => index,
+                Err(crate::artifacts::Refused::UnknownIndex(_)) => {
+                    return Err(ApiError(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "artifact {}: chunk index {id} is not on this twin; `cardeploy release push` uploads the artifacts before the release",
+                            a.name
+                        ),
+                    ));
+                }
+                Err(e) => return Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+            };
+            cardeploy_release::check_artifact(a, index.size, &index.artifact.hex())
+                .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+        }
+        Ok(())
+    })
+    .await?;
+    let r = &checked.release;
+    let summary = ReleaseSummary {
+        digest: checked.digest.clone(),
+        line: r.line.clone(),
+        version: r.version.clone(),
+        compatible: r.compatible.clone(),
+        created: r.created,
+        artifacts: r.artifacts.len(),
+    };
+    if let Some(other) = twin.db.release_by_version(&r.line, &r.version).await?
+        && other != checked.digest
+    {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "{}@{} is already registered with different content ({}); a version is published once: give this one a new version",
+                r.line, r.version, other
+            ),
+        ));
+    }
+    let new = twin.db.insert_release(&summary, &envelope).await?;
+    tracing::info!(digest = %summary.digest, line = %summary.line, version = %summary.version, new, "release registered");
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(summary)))
+}
+
+async fn list_releases(
+    State(twin): State<Arc<Twin>>,
+) -> Result<Json<Vec<ReleaseSummary>>, ApiError> {
+    Ok(Json(twin.db.releases().await?))
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReleaseView {
+    pub summary: ReleaseSummary,
+    pub envelope: Envelope,
+}
+
+async fn get_release(
+    State(twin): State<Arc<Twin>>,
+    Path(reference): Path<String>,
+) -> Result<Json<ReleaseView>, ApiError> {
+    let (summary, envelope) = twin.db.release(&reference).await?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no release {reference:?} on this twin"),
+        )
+    })?;
+    Ok(Json(ReleaseView { summary, envelope }))
 }
 
 async fn inspect(
@@ -428,19 +591,4 @@ async fn get_index(
         Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     })
     .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::valid_release;
-
-    #[test]
-    fn release_references_are_name_at_version() {
-        assert!(valid_release("infotainment@1.4.2"));
-        assert!(valid_release("hvac-ctl@2.0.0-rc.1+b7"));
-        assert!(!valid_release("infotainment"));
-        assert!(!valid_release("@1.0"));
-        assert!(!valid_release("a b@1"));
-        assert!(!valid_release("x@"));
-    }
 }

@@ -185,6 +185,9 @@ impl Responder for CarResponder {
                     .event(&self.car, now, "connected", &message)
                     .await
                     .map_err(|e| internal(&self.car, e))?;
+                self.refresh_desired()
+                    .await
+                    .map_err(|e| internal(&self.car, e))?;
                 let desired = self
                     .twin
                     .fleet
@@ -270,6 +273,26 @@ impl Responder for CarResponder {
 }
 
 impl CarResponder {
+    /// A signed desired state expires (freeze protection); a car coming back after a long time
+    /// would refuse it. With less than half its lifetime left, sign the same release again with
+    /// the next counter: the car records the counter and has nothing new to do.
+    async fn refresh_desired(&self) -> Result<(), crate::Error> {
+        let Some(stored) = self.twin.db.desired(&self.car).await? else {
+            return Ok(());
+        };
+        let now = u64::try_from(now()).unwrap_or(0);
+        if !due_for_refresh(stored.issued, stored.expires, now) {
+            return Ok(());
+        }
+        let ttl = stored.expires.saturating_sub(stored.issued).max(60);
+        let fresh = self
+            .twin
+            .issue_desired(&self.car, &stored.release, ttl, stored.downgrade.clone())
+            .await?;
+        tracing::info!(car = %self.car, counter = fresh.counter, "desired state re-signed before it expires");
+        Ok(())
+    }
+
     /// `artifact.chunks`: the window is encoded off the runtime, then streamed frame by frame.
     /// The car asks for the next window only after writing this one, so memory on both sides is
     /// one window.
@@ -358,6 +381,13 @@ impl CarResponder {
     }
 }
 
+/// Whether a desired state valid from `issued` to `expires` has less than half its lifetime
+/// left at `now`.
+fn due_for_refresh(issued: u64, expires: u64, now: u64) -> bool {
+    let ttl = expires.saturating_sub(issued);
+    expires.saturating_sub(now) <= ttl / 2
+}
+
 /// Bytes as a person reads them: 812 B, 40.2 KiB, 3.91 MiB, 1.20 GiB.
 fn human(bytes: u64) -> String {
     let b = bytes as f64;
@@ -375,4 +405,17 @@ fn human(bytes: u64) -> String {
 fn internal(car: &CarId, e: crate::Error) -> Refusal {
     tracing::error!(%car, "{e}");
     Refusal::new("the twin could not store this; it will be retried on the next hello")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::due_for_refresh;
+
+    #[test]
+    fn a_desired_state_is_signed_again_in_the_second_half_of_its_life() {
+        assert!(!due_for_refresh(1000, 2000, 1000));
+        assert!(!due_for_refresh(1000, 2000, 1499));
+        assert!(due_for_refresh(1000, 2000, 1500));
+        assert!(due_for_refresh(1000, 2000, 5000), "expired long ago");
+    }
 }

@@ -36,6 +36,15 @@ pub struct Config {
     /// zstd level of deltas made for cars (made once per chunk and base, then cached).
     #[serde(default = "default_delta_level")]
     pub delta_level: i32,
+    /// How long a signed desired state stays valid, seconds (freeze protection: a car refuses
+    /// an expired one). The twin signs a fresh one when a car says hello with less than half
+    /// of it left.
+    #[serde(default = "default_desired_ttl")]
+    pub desired_ttl_secs: u64,
+}
+
+fn default_desired_ttl() -> u64 {
+    86_400
 }
 
 fn default_max_artifact() -> u64 {
@@ -71,6 +80,7 @@ impl Config {
             insecure_plaintext: false,
             max_artifact_bytes: default_max_artifact(),
             delta_level: default_delta_level(),
+            desired_ttl_secs: default_desired_ttl(),
         }
     }
 
@@ -94,6 +104,15 @@ impl Config {
                 why: format!(
                     "heartbeat_secs = {} is out of range; use 1..=3600",
                     self.heartbeat_secs
+                ),
+            });
+        }
+        if self.desired_ttl_secs < 60 {
+            return Err(Error::Config {
+                path: path.to_owned(),
+                why: format!(
+                    "desired_ttl_secs = {} is too short for a car to act on; use at least 60",
+                    self.desired_ttl_secs
                 ),
             });
         }

@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::str::FromStr;
 
-use cardeploy_protocol::{Attributes, CarId, DesiredState, ReportedState};
-use serde::Serialize;
+use cardeploy_protocol::{Attributes, CarId, Envelope, ReportedState};
+use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
@@ -18,7 +18,18 @@ CREATE TABLE IF NOT EXISTS cars (
     fingerprint TEXT NOT NULL UNIQUE,
     created_at INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS desired (
+CREATE TABLE IF NOT EXISTS releases (
+    digest TEXT PRIMARY KEY,
+    line TEXT NOT NULL,
+    version TEXT NOT NULL,
+    compatible TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    artifacts INTEGER NOT NULL,
+    envelope TEXT NOT NULL,
+    UNIQUE (line, version)
+);
+-- One signed desired state per car (docs/release-format.md); `document` is a StoredDesired.
+CREATE TABLE IF NOT EXISTS signed_desired (
     car_id TEXT PRIMARY KEY REFERENCES cars(id),
     counter INTEGER NOT NULL,
     document TEXT NOT NULL
@@ -58,6 +69,45 @@ pub struct ReportedRecord {
     pub agent_version: Option<String>,
     pub updated_at: i64,
     pub last_seen: i64,
+}
+
+/// A registered release, as listed by the API.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReleaseSummary {
+    pub digest: String,
+    pub line: String,
+    pub version: String,
+    pub compatible: String,
+    pub created: u64,
+    pub artifacts: usize,
+}
+
+fn release_summary(row: &sqlx::sqlite::SqliteRow) -> ReleaseSummary {
+    let created: i64 = row.get(4);
+    let artifacts: i64 = row.get(5);
+    ReleaseSummary {
+        digest: row.get(0),
+        line: row.get(1),
+        version: row.get(2),
+        compatible: row.get(3),
+        created: created.unsigned_abs(),
+        artifacts: usize::try_from(artifacts).unwrap_or(0),
+    }
+}
+
+/// A car's signed desired state as the twin keeps it: the envelope it signed, the release it
+/// names (by digest, in `releases`), and the downgrade override an operator supplied, if any.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredDesired {
+    pub desired: Envelope,
+    pub release: String,
+    #[serde(default)]
+    pub downgrade: Option<Envelope>,
+    /// The signed document's fields, for display and refresh decisions.
+    pub counter: u64,
+    pub issued: u64,
+    pub expires: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -151,8 +201,8 @@ impl Db {
         row.as_ref().map(car_record).transpose()
     }
 
-    pub async fn desired(&self, car: &CarId) -> Result<Option<DesiredState>, Error> {
-        let row = sqlx::query("SELECT document FROM desired WHERE car_id = ?")
+    pub async fn desired(&self, car: &CarId) -> Result<Option<StoredDesired>, Error> {
+        let row = sqlx::query("SELECT document FROM signed_desired WHERE car_id = ?")
             .bind(car.as_str())
             .fetch_optional(&self.pool)
             .await
@@ -164,8 +214,8 @@ impl Db {
         .transpose()
     }
 
-    pub async fn all_desired(&self) -> Result<Vec<DesiredState>, Error> {
-        let rows = sqlx::query("SELECT car_id, document FROM desired")
+    pub async fn all_desired(&self) -> Result<Vec<(CarId, StoredDesired)>, Error> {
+        let rows = sqlx::query("SELECT car_id, document FROM signed_desired")
             .fetch_all(&self.pool)
             .await
             .map_err(db("read desired states"))?;
@@ -173,46 +223,126 @@ impl Db {
             .map(|row| {
                 let car: String = row.get(0);
                 let doc: String = row.get(1);
-                serde_json::from_str(&doc).map_err(corrupt(&car, "desired state"))
+                let stored = serde_json::from_str(&doc).map_err(corrupt(&car, "desired state"))?;
+                let id = CarId::new(car.clone()).map_err(|_| Error::Corrupt {
+                    car,
+                    what: "car id",
+                    source: serde::de::Error::custom("invalid car id"),
+                })?;
+                Ok((id, stored))
             })
             .collect()
     }
 
-    /// Store a new desired state with the next counter for this car, atomically.
+    /// Store a new desired state with the next counter for this car, atomically: `make` gets the
+    /// counter and returns the signed document.
     pub async fn set_desired(
         &self,
         car: &CarId,
-        release: &str,
-        artifacts: Vec<cardeploy_protocol::ArtifactRef>,
-        now: u64,
-    ) -> Result<DesiredState, Error> {
+        make: impl FnOnce(u64) -> StoredDesired,
+    ) -> Result<StoredDesired, Error> {
         let mut tx = self.pool.begin().await.map_err(db("set desired state"))?;
         let counter: Option<i64> =
-            sqlx::query_scalar("SELECT counter FROM desired WHERE car_id = ?")
+            sqlx::query_scalar("SELECT counter FROM signed_desired WHERE car_id = ?")
                 .bind(car.as_str())
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(db("set desired state"))?;
-        let desired = DesiredState {
-            car_id: car.clone(),
-            counter: counter.map_or(1, |c| c.unsigned_abs() + 1),
-            release: release.to_owned(),
-            issued_at: now,
-            artifacts,
-        };
-        let doc = serde_json::to_string(&desired).unwrap_or_default();
+        let counter = counter.map_or(1, |c| c.unsigned_abs() + 1);
+        let stored = make(counter);
+        let doc = serde_json::to_string(&stored).unwrap_or_default();
         sqlx::query(
-            "INSERT INTO desired (car_id, counter, document) VALUES (?, ?, ?)
+            "INSERT INTO signed_desired (car_id, counter, document) VALUES (?, ?, ?)
              ON CONFLICT(car_id) DO UPDATE SET counter = excluded.counter, document = excluded.document",
         )
         .bind(car.as_str())
-        .bind(i64::try_from(desired.counter).unwrap_or(i64::MAX))
+        .bind(i64::try_from(counter).unwrap_or(i64::MAX))
         .bind(doc)
         .execute(&mut *tx)
         .await
         .map_err(db("set desired state"))?;
         tx.commit().await.map_err(db("set desired state"))?;
-        Ok(desired)
+        Ok(stored)
+    }
+
+    /// Register a verified release. Returns false if it was registered before (same digest).
+    pub async fn insert_release(
+        &self,
+        release: &ReleaseSummary,
+        envelope: &Envelope,
+    ) -> Result<bool, Error> {
+        let result = sqlx::query(
+            "INSERT INTO releases (digest, line, version, compatible, created, artifacts, envelope)
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(digest) DO NOTHING",
+        )
+        .bind(&release.digest)
+        .bind(&release.line)
+        .bind(&release.version)
+        .bind(&release.compatible)
+        .bind(i64::try_from(release.created).unwrap_or(i64::MAX))
+        .bind(i64::try_from(release.artifacts).unwrap_or(i64::MAX))
+        .bind(String::from_utf8_lossy(&envelope.to_json()).into_owned())
+        .execute(&self.pool)
+        .await
+        .map_err(db("store release"))?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Whether another release already has this line and version.
+    pub async fn release_by_version(
+        &self,
+        line: &str,
+        version: &str,
+    ) -> Result<Option<String>, Error> {
+        sqlx::query_scalar("SELECT digest FROM releases WHERE line = ? AND version = ?")
+            .bind(line)
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("read release"))
+    }
+
+    pub async fn releases(&self) -> Result<Vec<ReleaseSummary>, Error> {
+        let rows = sqlx::query(
+            "SELECT digest, line, version, compatible, created, artifacts FROM releases ORDER BY created, line, version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("read releases"))?;
+        Ok(rows.iter().map(release_summary).collect())
+    }
+
+    /// A release by digest or `line@version`, with its envelope.
+    pub async fn release(
+        &self,
+        reference: &str,
+    ) -> Result<Option<(ReleaseSummary, Envelope)>, Error> {
+        let query = match reference.split_once('@') {
+            Some((line, version)) => sqlx::query(
+                "SELECT digest, line, version, compatible, created, artifacts, envelope FROM releases WHERE line = ? AND version = ?",
+            )
+            .bind(line)
+            .bind(version),
+            None => sqlx::query(
+                "SELECT digest, line, version, compatible, created, artifacts, envelope FROM releases WHERE digest = ?",
+            )
+            .bind(reference),
+        };
+        let row = query
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("read release"))?;
+        row.map(|row| {
+            let summary = release_summary(&row);
+            let text: String = row.get(6);
+            let envelope = Envelope::from_json(text.as_bytes()).map_err(|e| Error::Corrupt {
+                car: format!("(release {})", summary.digest),
+                what: "release envelope",
+                source: serde::de::Error::custom(e),
+            })?;
+            Ok((summary, envelope))
+        })
+        .transpose()
     }
 
     pub async fn reported(&self, car: &CarId) -> Result<Option<ReportedRecord>, Error> {

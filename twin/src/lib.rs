@@ -10,6 +10,7 @@ mod cars;
 mod config;
 mod db;
 mod error;
+mod trust;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -19,12 +20,15 @@ use std::time::Duration;
 
 use cardeploy_link::tls::{PeerRegistry, TlsFiles, server_config};
 use cardeploy_link::{LinkServer, ServerOptions, ServerSecurity, ServerStats};
-use cardeploy_protocol::CarId;
+use cardeploy_protocol::{CarId, DesiredState};
 
-pub use api::{CarView, ChunkList, IndexView, MissingChunks, NewCar, SetDesired};
+pub use api::{
+    CarView, ChunkList, DesiredView, DirectorView, IndexView, MissingChunks, NewCar, ReleaseView,
+    SetDesired,
+};
 pub use artifacts::ServedStats;
 pub use config::Config;
-pub use db::{CarRecord, EventRecord, ReportedRecord};
+pub use db::{CarRecord, EventRecord, ReleaseSummary, ReportedRecord, StoredDesired};
 pub use error::Error;
 
 use crate::cars::{CarAcceptor, Fleet};
@@ -39,6 +43,7 @@ pub struct Twin {
     known: Mutex<HashSet<CarId>>,
     operator_token: String,
     artifacts: artifacts::Artifacts,
+    trust: trust::Trust,
 }
 
 impl Twin {
@@ -52,6 +57,67 @@ impl Twin {
 
     fn is_registered(&self, car: &CarId) -> bool {
         self.known.lock().map(|k| k.contains(car)).unwrap_or(false)
+    }
+
+    /// The message a car receives for its stored desired state: the signed document, the
+    /// release it names, every root rotation, and the override if any.
+    async fn compose(&self, stored: &StoredDesired) -> Result<DesiredState, Error> {
+        let (_, release) =
+            self.db
+                .release(&stored.release)
+                .await?
+                .ok_or_else(|| Error::Corrupt {
+                    car: "(desired state)".into(),
+                    what: "release",
+                    source: serde::de::Error::custom(format!(
+                        "release {} is not registered",
+                        stored.release
+                    )),
+                })?;
+        Ok(DesiredState {
+            desired: stored.desired.clone(),
+            release,
+            roots: self.trust.rotations(),
+            downgrade: stored.downgrade.clone(),
+        })
+    }
+
+    /// Sign and store the next desired state for `car` naming `release`, and push it to every
+    /// stream of that car. Persisted first: a push the car never gets is repeated at its next
+    /// hello.
+    async fn issue_desired(
+        &self,
+        car: &CarId,
+        release: &str,
+        ttl_secs: u64,
+        downgrade: Option<cardeploy_protocol::Envelope>,
+    ) -> Result<StoredDesired, Error> {
+        let issued = u64::try_from(cars::now()).unwrap_or(0);
+        let expires = issued.saturating_add(ttl_secs);
+        let stored = self
+            .db
+            .set_desired(car, |counter| {
+                let doc = cardeploy_release::Desired {
+                    car_id: car.to_string(),
+                    release: release.to_owned(),
+                    counter,
+                    issued,
+                    expires,
+                };
+                StoredDesired {
+                    desired: self.trust.sign_desired(&doc),
+                    release: release.to_owned(),
+                    downgrade,
+                    counter,
+                    issued,
+                    expires,
+                }
+            })
+            .await?;
+        let message = self.compose(&stored).await?;
+        self.fleet
+            .with_car(car, |live| live.desired.send_replace(Some(message)));
+        Ok(stored)
     }
 }
 
@@ -164,15 +230,16 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         registry: PeerRegistry::default(),
         known: Mutex::new(HashSet::new()),
         artifacts: artifacts::Artifacts::open(&config)?,
+        trust: trust::Trust::open(&config.data_dir)?,
         config,
     });
     for car in twin.db.cars().await? {
         twin.register(&car);
     }
-    for desired in twin.db.all_desired().await? {
-        let car = desired.car_id.clone();
+    for (car, stored) in twin.db.all_desired().await? {
+        let message = twin.compose(&stored).await?;
         twin.fleet
-            .with_car(&car, |live| live.desired.send_replace(Some(desired)));
+            .with_car(&car, |live| live.desired.send_replace(Some(message)));
     }
 
     let config = &twin.config;

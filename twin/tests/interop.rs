@@ -180,18 +180,22 @@ async fn an_rsocket_py_car_says_hello_and_receives_desired_state_over_mutual_tls
     assert_eq!(hello["heartbeat_secs"], HEARTBEAT_SECS, "{hello}");
     assert_eq!(hello["desired"], Value::Null, "{hello}");
 
-    let (status, body) = api(
-        &twin,
-        "PUT",
-        &format!("/api/v1/cars/{CAR}/desired"),
-        Some(json!({"release": "interop@1.0.0"})),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
+    let signer = cardeploy_testkit::signing::Signer::for_twin(data.path());
+    signer.push_root(twin.api_addr, &twin.operator_token).await;
+    let release = signer.manifest("interop", "1.0.0", vec![]);
+    signer
+        .desire(twin.api_addr, &twin.operator_token, CAR, &release)
+        .await;
     let desired = car.next("DESIRED", Duration::from_secs(10)).await;
-    assert_eq!(desired["counter"], 1, "{desired}");
-    assert_eq!(desired["release"], "interop@1.0.0", "{desired}");
-    assert_eq!(desired["car_id"], CAR, "{desired}");
+    // Envelopes in the DSSE wire form, readable from any language.
+    assert_eq!(
+        desired["desired"]["payloadType"], "application/vnd.cardeploy.desired+json",
+        "{desired}"
+    );
+    assert_eq!(
+        desired["release"]["payloadType"], "application/vnd.cardeploy.release+json",
+        "{desired}"
+    );
 
     let status = match tokio::time::timeout(Duration::from_secs(10), car.child.wait()).await {
         Ok(status) => status.unwrap(),

@@ -11,6 +11,8 @@ use cardeploy_protocol::{
     self as protocol, CarId, DesiredState, Hello, HelloReply, Phase, Report, ReportBody,
     ReportedState, SetupData, route,
 };
+use cardeploy_release::{ArtifactKind, CarContext, TrustedRoot, check_desired, check_release};
+use cardeploy_testkit::signing::Signer;
 use cardeploy_testkit::{CarFiles, TestPki, rest};
 use cardeploy_twin::{Config, Running};
 use futures::StreamExt;
@@ -19,6 +21,7 @@ use serde_json::{Value, json};
 struct Env {
     pki: TestPki,
     data: tempfile::TempDir,
+    signer: std::sync::OnceLock<Signer>,
 }
 
 impl Env {
@@ -30,6 +33,7 @@ impl Env {
         Self {
             pki: TestPki::new(),
             data: tempfile::tempdir().unwrap(),
+            signer: std::sync::OnceLock::new(),
         }
     }
 
@@ -44,8 +48,23 @@ impl Env {
         config
     }
 
+    /// The twin with a root naming its director key (what `cardeploy root push` uploads).
     async fn start(&self) -> Running {
+        let twin = self.start_without_root().await;
+        if self.signer.get().is_none() {
+            let signer = Signer::for_twin(self.data.path());
+            signer.push_root(twin.api_addr, &twin.operator_token).await;
+            let _ = self.signer.set(signer);
+        }
+        twin
+    }
+
+    async fn start_without_root(&self) -> Running {
         cardeploy_twin::start(self.config()).await.unwrap()
+    }
+
+    fn signer(&self) -> &Signer {
+        self.signer.get().unwrap()
     }
 }
 
@@ -121,25 +140,144 @@ async fn a_desired_state_set_through_the_api_reaches_the_connected_car_at_once()
     assert_eq!(reply.car_id.as_str(), "VIN-1");
     assert!(reply.desired.is_none());
     let mut desired = link.request_stream(route::CAR_DESIRED, Bytes::from_static(b"{}"));
-    let (status, body) = api_async(
-        &twin,
-        "PUT",
-        "/api/v1/cars/VIN-1/desired",
-        Some(json!({"release": "infotainment@1.0.0"})),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
+    let signer = env.signer();
+    let release = signer.manifest("infotainment", "1.0.0", vec![]);
+    let view = signer
+        .desire(twin.api_addr, &twin.operator_token, "VIN-1", &release)
+        .await;
+    assert_eq!(view["counter"], 1, "{view}");
+    assert_eq!(view["version"], "1.0.0", "{view}");
     let pushed = tokio::time::timeout(Duration::from_secs(5), desired.next())
         .await
         .expect("no push within 5 s")
         .unwrap()
         .unwrap();
     let pushed: DesiredState = protocol::decode("desired", &pushed).unwrap();
-    assert_eq!(
-        (pushed.counter, pushed.release.as_str()),
-        (1, "infotainment@1.0.0")
+    // What the car receives verifies under the root the car pins: the release by the release
+    // key, the desired state by the twin's director key.
+    let root = TrustedRoot::pinned(signer.root_bytes()).unwrap();
+    let car = CarContext {
+        car_id: "VIN-1".into(),
+        compatible: cardeploy_testkit::signing::COMPATIBLE.into(),
+        now: cardeploy_testkit::signing::now(),
+        last_counter: None,
+        installed: Default::default(),
+        max_artifact_bytes: 1 << 30,
+    };
+    let checked = check_release(&root, &pushed.release, &car, None).unwrap();
+    assert_eq!(checked.release.line, "infotainment");
+    let desired_doc = check_desired(&root, &pushed.desired, &car, &checked).unwrap();
+    assert_eq!(desired_doc.counter, 1);
+    assert!(desired_doc.expires > desired_doc.issued);
+    let other = CarContext {
+        car_id: "VIN-2".into(),
+        ..car
+    };
+    assert!(matches!(
+        check_desired(&root, &pushed.desired, &other, &checked),
+        Err(cardeploy_release::Error::OtherCar { .. })
+    ));
+}
+
+#[tokio::test]
+async fn the_twin_takes_only_releases_signed_under_its_root() {
+    let env = Env::new();
+    let twin = env.start_without_root().await;
+    // The director key is made at first start, private to the twin's user.
+    let key = env.data.path().join("director.key");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "director.key mode {mode:o}");
+    let (status, director) = api_async(&twin, "GET", "/api/v1/director", None).await;
+    assert_eq!(status, 200, "{director}");
+
+    let signer = Signer::for_twin(env.data.path());
+    assert_eq!(director["keyid"], signer.director.id().to_string());
+    let release = signer.manifest("ecu", "1.0.0", vec![]);
+    let envelope: Value = serde_json::from_slice(&signer.sign_release(&release).to_json()).unwrap();
+
+    // No root yet: nothing can be verified.
+    let (status, body) = api_async(&twin, "POST", "/api/v1/releases", Some(envelope.clone())).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("root push"),
+        "{body}"
     );
-    assert_eq!(pushed.car_id.as_str(), "VIN-1");
+
+    // A root that does not name this twin's director key is refused: cars would refuse
+    // everything the twin signs.
+    let stranger = cardeploy_release::SigningKey::generate().unwrap();
+    let foreign = Signer::new(stranger.public());
+    let body: Value = serde_json::from_slice(foreign.root_bytes()).unwrap();
+    let (status, answer) = api_async(&twin, "POST", "/api/v1/roots", Some(body)).await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("director key"),
+        "{answer}"
+    );
+
+    signer.push_root(twin.api_addr, &twin.operator_token).await;
+    // Signed by a key that is not the release role's (the root key): refused.
+    let wrong = cardeploy_release::sign(
+        cardeploy_release::RELEASE_TYPE,
+        &serde_json::to_vec(&release).unwrap(),
+        &[&signer.root_key],
+    );
+    let body: Value = serde_json::from_slice(&wrong.to_json()).unwrap();
+    let (status, answer) = api_async(&twin, "POST", "/api/v1/releases", Some(body)).await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("valid signature"),
+        "{answer}"
+    );
+
+    // Signed by the release key: registered, listed, and named by digest or line@version.
+    let (status, answer) = api_async(&twin, "POST", "/api/v1/releases", Some(envelope)).await;
+    assert_eq!(status, 201, "{answer}");
+    let digest = answer["digest"].as_str().unwrap().to_owned();
+    let (_, list) = api_async(&twin, "GET", "/api/v1/releases", None).await;
+    assert_eq!(list[0]["digest"], digest.as_str(), "{list}");
+    let (status, got) = api_async(&twin, "GET", "/api/v1/releases/ecu@1.0.0", None).await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["summary"]["digest"], digest.as_str());
+
+    // The same line@version with other content is refused: a version is published once.
+    let mut changed = release.clone();
+    changed.created += 1;
+    let body: Value = serde_json::from_slice(&signer.sign_release(&changed).to_json()).unwrap();
+    let (status, answer) = api_async(&twin, "POST", "/api/v1/releases", Some(body)).await;
+    assert_eq!(status, 409, "{answer}");
+
+    // A desired state takes a reference to a registered release, never a free-form document.
+    register(&env, &twin, "VIN-REL").await;
+    let (status, answer) = api_async(
+        &twin,
+        "PUT",
+        "/api/v1/cars/VIN-REL/desired",
+        Some(json!({"release": "ecu@9.9.9"})),
+    )
+    .await;
+    assert_eq!(status, 404, "{answer}");
+    let (status, answer) = api_async(
+        &twin,
+        "PUT",
+        "/api/v1/cars/VIN-REL/desired",
+        Some(json!({"release": "ecu@1.0.0", "artifacts": []})),
+    )
+    .await;
+    assert_eq!(status, 422, "unknown fields are refused: {answer}");
+    let (status, answer) = api_async(
+        &twin,
+        "PUT",
+        "/api/v1/cars/VIN-REL/desired",
+        Some(json!({"release": digest})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["line"], "ecu");
 }
 
 #[tokio::test]
@@ -309,9 +447,12 @@ async fn the_operator_api_needs_the_token_and_says_what_is_wrong() {
         Some(json!({"release": "nope"})),
     )
     .await;
-    assert_eq!(status, 400);
+    assert_eq!(status, 404);
     assert!(
-        body["error"].as_str().unwrap().contains("name@version"),
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("cardeploy release push"),
         "{body}"
     );
     let (status, _) = api_async(&twin, "GET", "/api/v1/cars/NOBODY", None).await;
@@ -334,14 +475,18 @@ async fn put_bytes(twin: &Running, path: &str, body: Vec<u8>) -> (u16, Value) {
     cardeploy_testkit::rest_bytes(twin.api_addr, &twin.operator_token, path, body).await
 }
 
-async fn desire(twin: &Running, car: &str, artifact: &str, index: &str) -> (u16, Value) {
-    api_async(
-        twin,
-        "PUT",
-        &format!("/api/v1/cars/{car}/desired"),
-        Some(json!({"release": "os@1", "artifacts": [{"name": artifact, "index": index}]})),
-    )
-    .await
+/// Register a release whose one artifact is `index` (declared from `chunks`).
+async fn publish(
+    env: &Env,
+    twin: &Running,
+    artifact: &str,
+    chunks: &cardeploy_chunks::ChunkIndex,
+) -> (u16, Value) {
+    let signer = env.signer();
+    let a = cardeploy_testkit::signing::artifact(ArtifactKind::RaucBundle, artifact, chunks);
+    let release = signer.manifest("os", "1.0.0", vec![a]);
+    let body: Value = serde_json::from_slice(&signer.sign_release(&release).to_json()).unwrap();
+    api_async(twin, "POST", "/api/v1/releases", Some(body)).await
 }
 
 /// Upload every chunk of `data` (zstd -3), as `cardeploy artifact push` would.
@@ -374,10 +519,10 @@ async fn uploads_are_verified_and_desired_states_name_only_complete_indexes() {
     // An index is accepted only once every chunk it names is there.
     let (status, body) = put_bytes(&twin, &format!("/api/v1/indexes/{id}"), index.encode()).await;
     assert_eq!(status, 409, "{body}");
-    let (status, body) = desire(&twin, "VIN-ART", "rootfs", &id).await;
+    let (status, body) = publish(&env, &twin, "rootfs", &index).await;
     assert_eq!(
         status, 409,
-        "a desired state may not name an index the twin lacks: {body}"
+        "a release may not name an index the twin lacks: {body}"
     );
 
     let (status, body) = api_async(
@@ -403,11 +548,23 @@ async fn uploads_are_verified_and_desired_states_name_only_complete_indexes() {
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["size"], 300_000);
 
-    let (status, body) = desire(&twin, "VIN-ART", "../etc", &id).await;
-    assert_eq!(status, 400, "artifact names become file names: {body}");
-    let (status, body) = desire(&twin, "VIN-ART", "rootfs", &id).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["artifacts"][0]["index"], id);
+    let (status, body) = publish(&env, &twin, "../etc", &index).await;
+    assert_eq!(status, 422, "artifact names become file names: {body}");
+    // A release whose declared size disagrees with the index is refused (A1).
+    let signer = env.signer();
+    let mut a = cardeploy_testkit::signing::artifact(ArtifactKind::RaucBundle, "rootfs", &index);
+    a.size += 1;
+    let bad = signer.manifest("os", "0.9.0", vec![a]);
+    let body: Value = serde_json::from_slice(&signer.sign_release(&bad).to_json()).unwrap();
+    let (status, answer) = api_async(&twin, "POST", "/api/v1/releases", Some(body)).await;
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("size"),
+        "{answer}"
+    );
+    let (status, body) = publish(&env, &twin, "rootfs", &index).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["artifacts"], 1);
 }
 
 #[tokio::test]

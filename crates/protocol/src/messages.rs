@@ -2,6 +2,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use cardeploy_release::Envelope;
+
 use crate::{CarId, Error};
 
 /// Car attributes used by selectors: `key=value` labels in the Kubernetes style.
@@ -63,30 +65,20 @@ pub struct HelloReply {
     pub heartbeat_secs: u64,
 }
 
-/// What the twin wants one car to run now. Until signed releases exist (docs/release-format.md),
-/// `release` is a reference to a release by name and version, e.g. `infotainment@1.4.2`.
+/// What the twin wants one car to run now (docs/release-format.md, docs/protocol.md): the
+/// desired state the twin's director key signed for this car, the release manifest it names
+/// (signed offline by the release role), every root after version 1 in order (so a car pinned to
+/// an older root can rotate), and a root-signed downgrade override when an operator allowed one.
+/// Nothing here is trusted as it arrives: the agent verifies all of it before acting.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DesiredState {
-    pub car_id: CarId,
-    /// Grows by one with every change for this car; the agent ignores anything not above the
-    /// counter it has already seen.
-    pub counter: u64,
-    pub release: String,
-    /// Unix seconds.
-    pub issued_at: u64,
-    /// Artifacts the car must hold for this release, fetched by chunk index (docs/delta.md).
+    pub desired: Envelope,
+    pub release: Envelope,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub artifacts: Vec<ArtifactRef>,
-}
-
-/// One artifact of a release: a name the car keeps it under (`rootfs`, `layer-app`) and the
-/// sha256 of its chunk index (hex).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ArtifactRef {
-    pub name: String,
-    pub index: String,
+    pub roots: Vec<Envelope>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downgrade: Option<Envelope>,
 }
 
 /// Check an artifact name: 1-64 characters of A-Z a-z 0-9 - _ ., starting alphanumeric (it

@@ -2,7 +2,7 @@
 """A car written with rsocket-py (PyPI `rsocket`, version 0.4.20), driven by twin/tests/interop.rs.
 
 It connects to the twin over mutual TLS 1.3, sends `car.hello`, opens the `car.desired` stream and
-waits for the first desired state with a counter of at least 1.
+waits for the first signed desired state (an envelope under "desired").
 
 stdout, one line each, flushed at once:
     HELLO <HelloReply as JSON>
@@ -136,10 +136,10 @@ async def run(args: argparse.Namespace) -> int:
         while True:
             kind, value = await events.queue.get()
             if kind != "next":
-                return fail(f"car.desired: {kind} before a desired state with counter >= 1: {value}")
+                return fail(f"car.desired: {kind} before a signed desired state: {value}")
             item = json.loads(value.data)
             print("DESIRED", json.dumps(item), flush=True)
-            if isinstance(item.get("counter"), int) and item["counter"] >= 1:
+            if isinstance(item.get("desired"), dict) and "payloadType" in item["desired"]:
                 if subscriber.subscription is not None:
                     subscriber.subscription.cancel()
                 return 0
