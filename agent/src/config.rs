@@ -14,6 +14,8 @@ use crate::Error;
 /// cert = "/etc/cardeploy/car.pem"
 /// key = "/etc/cardeploy/car.key"
 /// state_dir = "/var/lib/cardeploy"
+/// root = "/etc/cardeploy/root.json"
+/// compatible = "cardeploy-qemuarm64"
 /// ```
 ///
 /// Relative paths are relative to the configuration file's directory.
@@ -28,6 +30,12 @@ pub struct Config {
     pub key: PathBuf,
     /// Persistent state (survives restarts and reboots).
     pub state_dir: PathBuf,
+    /// The root of trust pinned at installation (`cardeploy root init`; the image carries it,
+    /// read-only). Every release and desired state is verified against it and the rotations
+    /// the twin sends (docs/release-format.md).
+    pub root: PathBuf,
+    /// This hardware's RAUC `compatible`: releases for other hardware are refused (M4).
+    pub compatible: String,
     /// Heartbeat interval until the twin says otherwise, seconds.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,
@@ -113,6 +121,7 @@ impl Config {
             &mut config.cert,
             &mut config.key,
             &mut config.state_dir,
+            &mut config.root,
         ]
         .into_iter()
         .chain(config.seeds.iter_mut())

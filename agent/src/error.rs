@@ -30,6 +30,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Chunks(#[from] cardeploy_chunks::Error),
+    #[error("refused: {0}")]
+    Refused(#[from] cardeploy_release::Error),
     #[error("fetch: {0}")]
     Fetch(String),
     #[error(transparent)]

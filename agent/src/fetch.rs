@@ -14,9 +14,8 @@ use bytes::Bytes;
 use cardeploy_chunks::transit::{DeltaDecoder, Encoding, Frame, reference_dictionary};
 use cardeploy_chunks::{Assembler, ChunkIndex, Digest, Plan, Seed, Source};
 use cardeploy_link::{Requester, Window};
-use cardeploy_protocol::{
-    self as protocol, ArtifactRef, ChunksRequest, FetchProgress, IndexRequest, route,
-};
+use cardeploy_protocol::{self as protocol, ChunksRequest, FetchProgress, IndexRequest, route};
+use cardeploy_release::Artifact;
 
 use crate::{Config, Error};
 
@@ -103,13 +102,16 @@ impl Fetcher {
     pub async fn fetch(
         &self,
         link: &Requester,
-        artifact: &ArtifactRef,
+        artifact: &Artifact,
         base: Option<Digest>,
         mut progress: impl FnMut(&FetchProgress),
     ) -> Result<PathBuf, Error> {
         let id: Digest = artifact.index.parse()?;
         let out = self.artifact_path(&artifact.name, &id);
         let index = Arc::new(self.index(link, &id).await?);
+        // A1: the index (named by the signed release) agrees with the declared size and digest,
+        // so nothing beyond the declared size is ever downloaded or written.
+        cardeploy_release::check_artifact(artifact, index.size, &index.artifact.hex())?;
 
         // Seeds: the configured ones (the running slot) and every assembled artifact.
         let mut seed_paths = self.seeds.clone();
@@ -252,15 +254,10 @@ impl Fetcher {
                 blocking(move || {
                     // In order: everything local before a fetched chunk is appended first, so a
                     // context frame finds the bytes before it in the partial file.
-                    for (bytes, (pos, want, _)) in frames.iter().zip(&window) {
+                    for (bytes, (pos, want, len)) in frames.iter().zip(&window) {
                         append_until(&mut asm, &index, &plan, &seeds, *pos)?;
                         let frame = Frame::decode(bytes)?;
-                        if frame.id != *want {
-                            return Err(Error::Fetch(format!(
-                                "asked for chunk {want}, the twin sent {}",
-                                frame.id
-                            )));
-                        }
+                        frame.expect(want, *len)?;
                         if matches!(frame.encoding, Encoding::Delta(_)) && base.is_none() {
                             return Err(Error::Fetch(format!(
                                 "chunk {} came as a delta, but no base was offered",

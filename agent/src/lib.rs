@@ -9,6 +9,7 @@ mod config;
 mod error;
 mod fetch;
 mod state;
+pub mod verify;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,50 +22,21 @@ use cardeploy_link::tls::{TlsFiles, client_config};
 use cardeploy_link::{
     Backoff, ClientOptions, ClientSecurity, Limits, Refusal, Requester, Responder,
 };
+use std::collections::BTreeMap;
+
 use cardeploy_protocol::{
-    self as protocol, CarId, DesiredState, FetchProgress, Heartbeat, Hello, HelloReply, Inspection,
-    Phase, Report, ReportBody, ReportedState, SetupData, route,
+    self as protocol, DesiredState, FetchProgress, Heartbeat, Hello, HelloReply, Inspection, Phase,
+    Report, ReportBody, ReportedState, SetupData, route,
 };
+use cardeploy_release::CarContext;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
 pub use config::Config;
 pub use error::Error;
-pub use state::{SCHEMA as STATE_SCHEMA, State, Store};
+pub use state::{SCHEMA as STATE_SCHEMA, State, Store, Target};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// What to do with a desired state that arrived. Pure: no I/O, tested on its own.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Decision {
-    Apply,
-    /// Not newer than what we already accepted (a repeat after reconnecting, or a replay).
-    AlreadySeen {
-        have: u64,
-        got: u64,
-    },
-    /// Addressed to another car: never acted on.
-    OtherCar {
-        ours: CarId,
-        theirs: CarId,
-    },
-}
-
-pub fn decide(state: &State, car: &CarId, incoming: &DesiredState) -> Decision {
-    if &incoming.car_id != car {
-        return Decision::OtherCar {
-            ours: car.clone(),
-            theirs: incoming.car_id.clone(),
-        };
-    }
-    match &state.desired {
-        Some(have) if incoming.counter <= have.counter => Decision::AlreadySeen {
-            have: have.counter,
-            got: incoming.counter,
-        },
-        _ => Decision::Apply,
-    }
-}
 
 struct Agent {
     config: Config,
@@ -75,6 +47,9 @@ struct Agent {
     /// Events that happened while offline, sent after the next hello.
     backlog: Mutex<Vec<(String, String)>>,
     fetcher: fetch::Fetcher,
+    roots: verify::Roots,
+    /// The root in force: the pinned one or the newest rotation accepted.
+    trusted: Mutex<cardeploy_release::TrustedRoot>,
 }
 
 /// The work a desired state asks for, run alongside the session's other duties.
@@ -120,17 +95,30 @@ impl Agent {
         .await;
     }
 
-    /// Does the accepted desired state name artifacts the car does not hold yet?
-    fn needs_fetch(&self, state: &State) -> bool {
-        let Some(desired) = &state.desired else {
-            return false;
-        };
-        desired.artifacts.iter().any(|a| {
-            state.artifacts.get(&a.name) != Some(&a.index)
+    /// Does the target name artifacts the car does not hold yet?
+    fn needs_fetch(&self, target: &Target, held: &BTreeMap<String, String>) -> bool {
+        target.artifacts.iter().any(|a| {
+            held.get(&a.name) != Some(&a.index)
                 || a.index.parse().map_or(true, |id| {
                     !self.fetcher.artifact_path(&a.name, &id).is_file()
                 })
         })
+    }
+
+    /// What the car knows about itself for the checks of docs/release-format.md.
+    fn car_context(&self, state: &State) -> CarContext {
+        CarContext {
+            car_id: self.config.car_id.to_string(),
+            compatible: self.config.compatible.clone(),
+            now: now_secs(),
+            last_counter: state.last_counter,
+            installed: state
+                .installed
+                .iter()
+                .filter_map(|(line, v)| Some((line.clone(), v.parse().ok()?)))
+                .collect(),
+            max_artifact_bytes: self.config.max_artifact_bytes,
+        }
     }
 
     async fn persist(&self, next: &State) -> Result<(), String> {
@@ -150,14 +138,11 @@ impl Agent {
     /// Fetch every artifact of the accepted desired state the car lacks, one after the other;
     /// each finished artifact is recorded at once, so an interruption never repeats it.
     async fn fetch_all(self: Arc<Self>, link: Requester) -> Result<(), Error> {
-        let Some(desired) = self.state().desired.clone() else {
+        let Some(target) = self.state().target.clone() else {
             return Ok(());
         };
-        for artifact in &desired.artifacts {
-            protocol::validate_artifact_name(&artifact.name).map_err(|source| Error::Protocol {
-                what: "desired state",
-                source,
-            })?;
+        // Names were checked with the release (M3): safe file names, unique.
+        for artifact in &target.artifacts {
             let (have, base) = {
                 let state = self.state();
                 let have = state.artifacts.get(&artifact.name) == Some(&artifact.index);
@@ -222,6 +207,7 @@ impl Agent {
             None => {
                 next.reported.phase = Phase::Applied;
                 next.reported.last_error = None;
+                record_installed(&mut next);
             }
             Some(why) => {
                 tracing::error!("fetch failed: {why}");
@@ -239,67 +225,104 @@ impl Agent {
         Ok(())
     }
 
-    /// Take a desired state: decide, persist, then report. Returns true when artifacts must be
+    /// Take a desired state: verify, persist, then report. Returns true when artifacts must be
     /// fetched for it.
-    async fn consider(&self, link: &Requester, desired: DesiredState) -> bool {
-        let decision = decide(&self.state(), &self.config.car_id, &desired);
-        match decision {
-            Decision::Apply => {
-                let mut probe = self.state().clone();
-                probe.desired = Some(desired.clone());
-                let phase = if self.needs_fetch(&probe) {
-                    Phase::Fetching
-                } else {
-                    Phase::Applied
-                };
-                let reported = ReportedState {
-                    phase,
-                    desired_counter: Some(desired.counter),
-                    release: Some(desired.release.clone()),
-                    last_error: None,
-                };
-                let mut next = self.state().clone();
-                next.desired = Some(desired.clone());
-                next.reported = reported;
-                // Persist before anything else happens: after a crash the agent knows what it
-                // accepted.
-                if let Err(why) = self.persist(&next).await {
-                    tracing::error!(
-                        counter = desired.counter,
-                        "could not persist desired state: {why}"
-                    );
-                    let reported = {
-                        let mut state = self.state();
-                        state.reported.phase = Phase::Failed;
-                        state.reported.last_error = Some(format!(
-                            "could not persist desired #{}: {why}",
-                            desired.counter
-                        ));
-                        state.reported.clone()
-                    };
-                    self.report(link, ReportBody::State { state: reported })
-                        .await;
-                    return false;
-                }
-                tracing::info!(counter = desired.counter, release = %desired.release, phase = ?phase, "desired state accepted");
-                let reported = next.reported.clone();
-                *self.state() = next;
-                self.report(link, ReportBody::State { state: reported })
-                    .await;
-                phase == Phase::Fetching
-            }
-            Decision::AlreadySeen { have, got } => {
-                tracing::debug!(have, got, "desired state already seen");
-                false
-            }
-            Decision::OtherCar { ours, theirs } => {
-                let message =
-                    format!("refused a desired state addressed to car {theirs} (this is {ours})");
+    async fn consider(&self, link: &Requester, message: DesiredState) -> bool {
+        // The twin repeats the current desired state on every hello: nothing new.
+        if self.state().desired.as_ref() == Some(&message) {
+            tracing::debug!("desired state already accepted");
+            return false;
+        }
+        let root = self
+            .trusted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let context = self.car_context(&self.state());
+        let (trusted, new_roots, accepted) = match verify::check(&root, &message, &context) {
+            Ok(ok) => ok,
+            Err(e) => {
+                let message = format!("desired state refused: {e}");
                 tracing::warn!("{message}");
                 self.event(link, "refused", message).await;
-                false
+                return false;
             }
+        };
+        // New roots are kept before anything signed under them is acted on.
+        if let Err(e) = self.roots.store(&new_roots) {
+            let message = format!("could not store the new root: {e}");
+            tracing::error!("{message}");
+            self.event(link, "refused", message).await;
+            return false;
         }
+        if !new_roots.is_empty() {
+            tracing::info!(version = trusted.root().version, "root rotated");
+        }
+        *self
+            .trusted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = trusted;
+
+        let counter = accepted.desired.counter;
+        let checked = accepted.release;
+        let mut next = self.state().clone();
+        next.desired = Some(message);
+        next.last_counter = Some(counter);
+        let same = next
+            .target
+            .as_ref()
+            .is_some_and(|t| t.release == checked.digest)
+            && next.reported.phase != Phase::Failed;
+        let mut fetch = false;
+        if same {
+            // The same release signed again (a refresh before expiry): only the counter moves.
+            next.reported.desired_counter = Some(counter);
+        } else {
+            let target = Target {
+                release: checked.digest.clone(),
+                line: checked.release.line.clone(),
+                version: checked.release.version.clone(),
+                artifacts: checked.release.artifacts.clone(),
+            };
+            let phase = if self.needs_fetch(&target, &next.artifacts) {
+                Phase::Fetching
+            } else {
+                Phase::Applied
+            };
+            next.reported = ReportedState {
+                phase,
+                desired_counter: Some(counter),
+                release: Some(target.label()),
+                last_error: None,
+            };
+            next.target = Some(target);
+            if phase == Phase::Applied {
+                record_installed(&mut next);
+            }
+            fetch = phase == Phase::Fetching;
+        }
+        // Persist before anything else happens: after a crash the agent knows what it accepted,
+        // and a replay of an older counter stays refused.
+        if let Err(why) = self.persist(&next).await {
+            tracing::error!(counter, "could not persist desired state: {why}");
+            let reported = {
+                let mut state = self.state();
+                state.reported.phase = Phase::Failed;
+                state.reported.last_error =
+                    Some(format!("could not persist desired #{counter}: {why}"));
+                state.reported.clone()
+            };
+            self.report(link, ReportBody::State { state: reported })
+                .await;
+            return false;
+        }
+        tracing::info!(counter, release = %checked.digest, line = %checked.release.line,
+            version = %checked.release.version, phase = ?next.reported.phase, "desired state verified and accepted");
+        let reported = next.reported.clone();
+        *self.state() = next;
+        self.report(link, ReportBody::State { state: reported })
+            .await;
+        fetch
     }
 
     fn options(self: &Arc<Self>, security: &ClientSecurity, heartbeat: Duration) -> ClientOptions {
@@ -484,7 +507,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     let mut heartbeat = Duration::from_secs(config.heartbeat_secs);
     let fetcher = fetch::Fetcher::new(&config)?;
+    let roots = verify::Roots::new(&config.state_dir)?;
+    let trusted = roots.load(&config.root)?;
+    tracing::info!(root = trusted.root().version, "root of trust loaded");
     let agent = Arc::new(Agent {
+        roots,
+        trusted: Mutex::new(trusted),
         fetcher,
         config,
         store,
@@ -521,52 +549,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn desired(car: &str, counter: u64) -> DesiredState {
-        DesiredState {
-            car_id: CarId::new(car).unwrap(),
-            counter,
-            release: "app@1.0.0".into(),
-            issued_at: 0,
-            artifacts: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn a_newer_desired_state_is_applied() {
-        let car = CarId::new("VIN1").unwrap();
-        let mut state = State::default();
-        assert_eq!(decide(&state, &car, &desired("VIN1", 1)), Decision::Apply);
-        state.desired = Some(desired("VIN1", 3));
-        assert_eq!(decide(&state, &car, &desired("VIN1", 4)), Decision::Apply);
-    }
-
-    #[test]
-    fn a_repeated_or_older_desired_state_is_not_applied_again() {
-        let car = CarId::new("VIN1").unwrap();
-        let state = State {
-            desired: Some(desired("VIN1", 3)),
-            ..State::default()
-        };
-        assert_eq!(
-            decide(&state, &car, &desired("VIN1", 3)),
-            Decision::AlreadySeen { have: 3, got: 3 }
-        );
-        assert_eq!(
-            decide(&state, &car, &desired("VIN1", 1)),
-            Decision::AlreadySeen { have: 3, got: 1 }
-        );
-    }
-
-    #[test]
-    fn another_cars_desired_state_is_refused() {
-        let car = CarId::new("VIN1").unwrap();
-        assert!(matches!(
-            decide(&State::default(), &car, &desired("VIN2", 9)),
-            Decision::OtherCar { .. }
-        ));
+/// The target release is on the car: its version becomes the line's installed version if it is
+/// the highest (M5 compares against it).
+fn record_installed(state: &mut State) {
+    let Some(target) = &state.target else {
+        return;
+    };
+    let newer = match state.installed.get(&target.line) {
+        Some(have) => match (
+            have.parse::<semver::Version>(),
+            target.version.parse::<semver::Version>(),
+        ) {
+            (Ok(have), Ok(new)) => new > have,
+            _ => true,
+        },
+        None => true,
+    };
+    if newer {
+        state
+            .installed
+            .insert(target.line.clone(), target.version.clone());
     }
 }

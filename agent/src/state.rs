@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
-pub const SCHEMA: u32 = 1;
+/// 2: signed desired states (issue 4) — the counter, the target release and installed versions.
+pub const SCHEMA: u32 = 2;
 const FILE: &str = "state.json";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,13 +21,40 @@ pub struct State {
     pub schema: u32,
     /// Grows with every agent start; with `seq` it orders this agent's reports.
     pub epoch: u64,
-    /// The last desired state the agent accepted.
+    /// The last desired state the agent accepted, exactly as it arrived (signed).
     pub desired: Option<DesiredState>,
+    /// The highest desired-state counter accepted (D4): a replayed older one is refused.
+    #[serde(default)]
+    pub last_counter: Option<u64>,
+    /// The verified release the accepted desired state names: what the agent works towards.
+    #[serde(default)]
+    pub target: Option<Target>,
+    /// The highest version installed per release line (M5: no downgrade without an override).
+    #[serde(default)]
+    pub installed: std::collections::BTreeMap<String, String>,
     pub reported: ReportedState,
     /// Artifacts the car holds, by name: the id (hex) of each one's chunk index. The previous
     /// version of an artifact is the base the twin makes deltas against.
     #[serde(default)]
     pub artifacts: std::collections::BTreeMap<String, String>,
+}
+
+/// A verified release, as much of it as the agent needs after verification.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// sha256 of the release manifest (M6).
+    pub release: String,
+    pub line: String,
+    pub version: String,
+    pub artifacts: Vec<cardeploy_release::Artifact>,
+}
+
+impl Target {
+    /// `line@version`, how people name a release.
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.line, self.version)
+    }
 }
 
 impl Default for State {
@@ -35,6 +63,9 @@ impl Default for State {
             schema: SCHEMA,
             epoch: 0,
             desired: None,
+            last_counter: None,
+            target: None,
+            installed: std::collections::BTreeMap::new(),
             reported: ReportedState::idle(),
             artifacts: std::collections::BTreeMap::new(),
         }
@@ -131,22 +162,27 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cardeploy_protocol::{CarId, Phase};
+    use cardeploy_protocol::Phase;
 
     fn sample() -> State {
         State {
             schema: SCHEMA,
             epoch: 4,
-            desired: Some(DesiredState {
-                car_id: CarId::new("VIN1").unwrap(),
-                counter: 2,
-                release: "app@1.0.0".into(),
-                issued_at: 1,
-                artifacts: vec![cardeploy_protocol::ArtifactRef {
+            desired: None,
+            last_counter: Some(2),
+            target: Some(Target {
+                release: "ef".repeat(32),
+                line: "app".into(),
+                version: "1.0.0".into(),
+                artifacts: vec![cardeploy_release::Artifact {
+                    kind: cardeploy_release::ArtifactKind::RaucBundle,
                     name: "rootfs".into(),
+                    digest: "cd".repeat(32),
+                    size: 10,
                     index: "ab".repeat(32),
                 }],
             }),
+            installed: [("app".to_owned(), "1.0.0".to_owned())].into(),
             reported: ReportedState {
                 phase: Phase::Applied,
                 desired_counter: Some(2),
