@@ -22,14 +22,17 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cardeploy_pki::{FleetPki, write_file};
+use cardeploy_release::{Artifact, ArtifactKind};
 use cardeploy_testkit::FaultProxy;
 use cardeploy_testkit::procs::{TwinProcess, arg, http, peak_rss_kib, start_twin};
+use cardeploy_testkit::signing::{COMPATIBLE, Signer};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Bench {
     work: PathBuf,
     twin: TwinProcess,
+    signer: Signer,
     ca: cardeploy_pki::FleetCa,
     agent_bin: PathBuf,
 }
@@ -96,8 +99,9 @@ fn car(bench: &Bench, id: &str, twin_port: u16, seed: Option<&Path>) -> Car {
         &config,
         format!(
             "car_id = \"{id}\"\ntwin = \"localhost:{twin_port}\"\nca = \"{}\"\ncert = \"car.pem\"\nkey = \"car.key\"\n\
-             state_dir = \"state\"\nheartbeat_secs = 10\n{seeds}",
-            bench.work.join("twin/pki/ca.pem").display()
+             state_dir = \"state\"\nheartbeat_secs = 10\nroot = \"{}\"\ncompatible = \"{COMPATIBLE}\"\n{seeds}",
+            bench.work.join("twin/pki/ca.pem").display(),
+            bench.signer.root_path().display()
         ),
     )
     .unwrap();
@@ -127,18 +131,37 @@ fn stop(mut child: Child) {
 
 /// Tell the car to run `release` (one artifact, `rootfs`) and wait until it has it.
 fn run(bench: &Bench, car: &Car, release: &str, index: &str) -> f64 {
+    // A signed release with the one artifact (registered once; the same digest again is a no-op).
+    let (status, view) = api(bench, "GET", &format!("/api/v1/indexes/{index}"), None);
+    assert_eq!(status, 200, "{view}");
+    let artifact = Artifact {
+        kind: ArtifactKind::RaucBundle,
+        name: "rootfs".into(),
+        digest: view["artifact"].as_str().unwrap().to_owned(),
+        size: view["size"].as_u64().unwrap(),
+        index: index.to_owned(),
+    };
+    let (line, major) = release.split_once('@').unwrap();
+    let mut manifest = bench
+        .signer
+        .manifest(line, &format!("{major}.0.0"), vec![artifact]);
+    manifest.created = 0;
+    let digest = bench
+        .signer
+        .publish_to(&bench.twin.api, &bench.twin.token, &manifest);
+    let label = format!("{line}@{major}.0.0");
     let started = Instant::now();
     let (status, body) = api(
         bench,
         "PUT",
         &format!("/api/v1/cars/{}/desired", car.id),
-        Some(json!({"release": release, "artifacts": [{"name": "rootfs", "index": index}]})),
+        Some(json!({ "release": digest })),
     );
     assert_eq!(status, 200, "{body}");
     loop {
         let (_, view) = api(bench, "GET", &format!("/api/v1/cars/{}", car.id), None);
         let state = &view["reported"]["state"];
-        if state["phase"] == "applied" && state["release"] == release {
+        if state["phase"] == "applied" && state["release"] == label.as_str() {
             return started.elapsed().as_secs_f64();
         }
         assert!(state["phase"] != "failed", "fetch failed: {view}");
@@ -225,8 +248,11 @@ async fn main() {
     let pki = FleetPki::generate("bench fleet", &["localhost".into()]).unwrap();
     pki.write(&work.join("twin/pki")).unwrap();
     let twin = start_twin(&twin_bin, &work.join("twin"), 10);
+    let signer = Signer::for_twin(&work.join("twin"));
+    signer.push_root_to(&twin.api, &twin.token);
     let bench = Bench {
         work: work.clone(),
+        signer,
         twin,
         ca: pki.ca,
         agent_bin,

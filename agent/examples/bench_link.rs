@@ -23,6 +23,7 @@ use cardeploy_protocol::{
     self as protocol, CarId, DesiredState, Hello, ReportedState, SetupData, route,
 };
 use cardeploy_testkit::procs::{arg, http, rss_kib, start_twin};
+use cardeploy_testkit::signing::Signer;
 use cardeploy_testkit::{Fault, FaultProxy};
 use futures::StreamExt;
 use serde_json::json;
@@ -155,10 +156,9 @@ async fn main() {
                 let id = car.id.clone();
                 tokio::spawn(async move {
                     while let Some(Ok(bytes)) = stream.next().await {
-                        let desired: DesiredState = protocol::decode("desired", &bytes).unwrap();
-                        if desired.counter >= 1 {
-                            arrivals.lock().unwrap().insert(id.clone(), Instant::now());
-                        }
+                        // Every message on the stream is a signed desired state.
+                        let _: DesiredState = protocol::decode("desired", &bytes).unwrap();
+                        arrivals.lock().unwrap().insert(id.clone(), Instant::now());
                     }
                 });
                 requester
@@ -188,7 +188,13 @@ async fn main() {
             let api = twin.api.clone();
             let token = twin.token.clone();
             let ids: Vec<String> = cars[..count].iter().map(|c| c.id.clone()).collect();
+            let data = data.clone();
             let sent: Vec<(String, Instant)> = tokio::task::spawn_blocking(move || {
+                // One signed release; the twin signs a desired state per car naming it.
+                let signer = Signer::for_twin(&data);
+                signer.push_root_to(&api, &token);
+                let release =
+                    signer.publish_to(&api, &token, &signer.manifest("bench", "1.0.0", vec![]));
                 let agent = http();
                 let mut sent = Vec::new();
                 for id in ids {
@@ -196,7 +202,7 @@ async fn main() {
                     let r = agent
                         .put(&format!("{api}/api/v1/cars/{id}/desired"))
                         .header("Authorization", &format!("Bearer {token}"))
-                        .send_json(json!({"release": "bench@1.0.0"}))
+                        .send_json(json!({ "release": release }))
                         .unwrap();
                     assert_eq!(r.status().as_u16(), 200);
                     sent.push((id, t0));

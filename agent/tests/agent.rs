@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Agent, Env, call, until};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_connects_applies_desired_state_and_persists_it() {
@@ -22,27 +22,26 @@ async fn the_agent_connects_applies_desired_state_and_persists_it() {
     })
     .await;
 
-    let (status, _) = call(
-        &twin,
-        "PUT",
-        "/api/v1/cars/VIN-E2E/desired",
-        Some(json!({"release": "hello@1.0.0"})),
-    )
-    .await;
-    assert_eq!(status, 200);
+    env.desire(&twin, "VIN-E2E", "hello", "1.0.0", vec![]).await;
     until(&twin, "VIN-E2E", "the desired state to be applied", |v| {
         v["reported"]["state"]["phase"] == "applied"
             && v["reported"]["state"]["release"] == "hello@1.0.0"
     })
     .await;
     let state: Value = serde_json::from_slice(&std::fs::read(env.state_file()).unwrap()).unwrap();
-    assert_eq!(state["desired"]["release"], "hello@1.0.0");
-    assert_eq!(state["desired"]["counter"], 1);
+    assert_eq!(state["target"]["line"], "hello");
+    assert_eq!(state["target"]["version"], "1.0.0");
+    assert_eq!(state["last_counter"], 1);
+    assert_eq!(state["installed"]["hello"], "1.0.0");
 
     // The twin can ask the car directly.
     let (status, live) = call(&twin, "GET", "/api/v1/cars/VIN-E2E/inspect", None).await;
     assert_eq!(status, 200, "{live}");
-    assert_eq!(live["desired"]["release"], "hello@1.0.0");
+    assert_eq!(live["reported"]["release"], "hello@1.0.0");
+    assert!(
+        live["desired"]["desired"]["signatures"].is_array(),
+        "{live}"
+    );
 
     let (took, ok) = agent.terminate();
     assert!(ok, "the agent exited with an error on SIGTERM");
@@ -63,13 +62,7 @@ async fn the_agent_keeps_working_offline_and_comes_back_after_restarts_on_either
         v["connected"] == true
     })
     .await;
-    call(
-        &twin,
-        "PUT",
-        "/api/v1/cars/VIN-RST/desired",
-        Some(json!({"release": "a@1.0.0"})),
-    )
-    .await;
+    env.desire(&twin, "VIN-RST", "a", "1.0.0", vec![]).await;
     until(&twin, "VIN-RST", "a@1.0.0", |v| {
         v["reported"]["state"]["release"] == "a@1.0.0"
     })
@@ -86,13 +79,7 @@ async fn the_agent_keeps_working_offline_and_comes_back_after_restarts_on_either
 
     // While the car is offline the operator moves on; the car gets it when it is back.
     let twin = env.twin().await;
-    call(
-        &twin,
-        "PUT",
-        "/api/v1/cars/VIN-RST/desired",
-        Some(json!({"release": "a@2.0.0"})),
-    )
-    .await;
+    env.desire(&twin, "VIN-RST", "a", "2.0.0", vec![]).await;
     until(
         &twin,
         "VIN-RST",
@@ -112,7 +99,8 @@ async fn the_agent_keeps_working_offline_and_comes_back_after_restarts_on_either
     })
     .await;
     let state: Value = serde_json::from_slice(&std::fs::read(env.state_file()).unwrap()).unwrap();
-    assert_eq!(state["desired"]["counter"], 2);
+    assert_eq!(state["last_counter"], 2);
+    assert_eq!(state["installed"]["a"], "2.0.0");
     assert_eq!(state["epoch"], epoch_before["epoch"].as_u64().unwrap() + 1);
     let (_, events) = call(&twin, "GET", "/api/v1/cars/VIN-RST/events?limit=100", None).await;
     let applied_v2 = events
@@ -129,7 +117,7 @@ async fn the_agent_keeps_working_offline_and_comes_back_after_restarts_on_either
 async fn a_bad_configuration_is_a_clear_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
-    std::fs::write(&config, "car_id = \"../x\"\ntwin = \"h:1\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nstate_dir = \"s\"\n").unwrap();
+    std::fs::write(&config, "car_id = \"../x\"\ntwin = \"h:1\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\nstate_dir = \"s\"\nroot = \"root.json\"\ncompatible = \"x\"\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_cardeploy-agent"))
         .arg("--config")
         .arg(&config)
@@ -140,7 +128,7 @@ async fn a_bad_configuration_is_a_clear_error_not_a_panic() {
     assert!(stderr.contains("invalid car id"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
-    std::fs::write(&config, "car_id = \"ok\"\ntwin = \"localhost:1\"\nca = \"missing.pem\"\ncert = \"b\"\nkey = \"c\"\nstate_dir = \"s\"\n").unwrap();
+    std::fs::write(&config, "car_id = \"ok\"\ntwin = \"localhost:1\"\nca = \"missing.pem\"\ncert = \"b\"\nkey = \"c\"\nstate_dir = \"s\"\nroot = \"root.json\"\ncompatible = \"x\"\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_cardeploy-agent"))
         .arg("--config")
         .arg(&config)
@@ -177,13 +165,7 @@ async fn the_aarch64_agent_connects_and_reports_under_qemu_user() {
         v["connected"] == true && v["reported"]["state"]["phase"] == "idle"
     })
     .await;
-    call(
-        &twin,
-        "PUT",
-        "/api/v1/cars/VIN-ARM64/desired",
-        Some(json!({"release": "arm@1.0.0"})),
-    )
-    .await;
+    env.desire(&twin, "VIN-ARM64", "arm", "1.0.0", vec![]).await;
     until(
         &twin,
         "VIN-ARM64",

@@ -13,10 +13,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cardeploy_chunks::{Assembler, ChunkIndex, Params, chunk_bytes};
+use cardeploy_release::{Artifact, ArtifactKind};
 use cardeploy_testkit::{Fault, FaultProxy, workspace_bin};
 use cardeploy_twin::Running;
 use common::{Agent, Env, call, until};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Compressible pseudo-random bytes, like files in an image.
 fn corpus(seed: u64, len: usize) -> Vec<u8> {
@@ -94,15 +95,26 @@ fn push(twin: &Running, env: &Env, file: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-async fn desire(twin: &Running, car: &str, release: &str, index: &str) {
-    let (status, body) = call(
-        twin,
-        "PUT",
-        &format!("/api/v1/cars/{car}/desired"),
-        Some(json!({"release": release, "artifacts": [{"name": "rootfs", "index": index}]})),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
+/// Sign a release `line@N.0.0` whose one artifact `rootfs` is the pushed index, and make it the
+/// car's desired state.
+async fn desire(env: &Env, twin: &Running, car: &str, release: &str, index: &str) {
+    let (status, view) = call(twin, "GET", &format!("/api/v1/indexes/{index}"), None).await;
+    assert_eq!(status, 200, "{view}");
+    let artifact = Artifact {
+        kind: ArtifactKind::RaucBundle,
+        name: "rootfs".into(),
+        digest: view["artifact"].as_str().unwrap().to_owned(),
+        size: view["size"].as_u64().unwrap(),
+        index: index.to_owned(),
+    };
+    let (line, version) = label(release);
+    env.desire(twin, car, line, &version, vec![artifact]).await;
+}
+
+/// `os@2` → ("os", "2.0.0"): releases carry semantic versions.
+fn label(release: &str) -> (&str, String) {
+    let (line, major) = release.split_once('@').unwrap();
+    (line, format!("{major}.0.0"))
 }
 
 async fn applied(twin: &Running, car: &str, release: &str, within: Duration) -> Value {
@@ -110,7 +122,8 @@ async fn applied(twin: &Running, car: &str, release: &str, within: Duration) -> 
     loop {
         let (_, view) = call(twin, "GET", &format!("/api/v1/cars/{car}"), None).await;
         let state = &view["reported"]["state"];
-        if state["phase"] == "applied" && state["release"] == release {
+        let (line, version) = label(release);
+        if state["phase"] == "applied" && state["release"] == format!("{line}@{version}") {
             return view;
         }
         assert!(state["phase"] != "failed", "the fetch failed: {view}");
@@ -177,7 +190,7 @@ async fn an_update_travels_as_deltas_against_the_running_slot() {
     })
     .await;
 
-    desire(&twin, "VIN-DELTA", "os@1", &v1).await;
+    desire(&env, &twin, "VIN-DELTA", "os@1", &v1).await;
     applied(&twin, "VIN-DELTA", "os@1", Duration::from_secs(60)).await;
     assert_eq!(
         twin.served().chunks.load(Ordering::Relaxed),
@@ -186,7 +199,7 @@ async fn an_update_travels_as_deltas_against_the_running_slot() {
     );
     assert_eq!(std::fs::read(artifact_file(&env, &v1)).unwrap(), old);
 
-    desire(&twin, "VIN-DELTA", "os@2", &v2).await;
+    desire(&env, &twin, "VIN-DELTA", "os@2", &v2).await;
     let view = applied(&twin, "VIN-DELTA", "os@2", Duration::from_secs(120)).await;
     assert_eq!(std::fs::read(artifact_file(&env, &v2)).unwrap(), new);
     assert!(
@@ -272,7 +285,7 @@ async fn sigkill_during_a_download_never_corrupts_the_store_and_costs_at_most_a_
             &format!("window_chunks = {WINDOW}\nprefetch = false\n"),
         )
         .await;
-    desire(&twin, "VIN-KILL", "app@1", &index).await;
+    desire(&env, &twin, "VIN-KILL", "app@1", &index).await;
     let mut rng = fastrand::Rng::with_seed(7);
     let mut kills = 0;
     let mut good = 0;
@@ -326,7 +339,7 @@ async fn cut_stalled_and_reset_connections_resume_where_they_stopped() {
         v["connected"] == true
     })
     .await;
-    desire(&twin, "VIN-FAULT", "app@1", &index).await;
+    desire(&env, &twin, "VIN-FAULT", "app@1", &index).await;
 
     let faults = [
         (size / 5, Fault::Reset, Duration::from_millis(300)),
@@ -359,7 +372,7 @@ async fn cut_stalled_and_reset_connections_resume_where_they_stopped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_index_beyond_the_cars_size_limit_fails_the_release_with_a_clear_reason() {
+async fn an_artifact_beyond_the_cars_size_limit_is_refused_before_any_download() {
     let env = Env::new();
     let twin = env.twin().await;
     let data = corpus(4, 3 << 20);
@@ -380,16 +393,29 @@ async fn an_index_beyond_the_cars_size_limit_fails_the_release_with_a_clear_reas
         v["connected"] == true
     })
     .await;
-    desire(&twin, "VIN-LIMIT", "os@9", &index).await;
-    let view = until(&twin, "VIN-LIMIT", "the release to fail", |v| {
-        v["reported"]["state"]["phase"] == "failed"
-    })
-    .await;
-    let why = view["reported"]["state"]["last_error"].as_str().unwrap();
+    desire(&env, &twin, "VIN-LIMIT", "os@9", &index).await;
+    // M3: the release declares a size above the car's limit; refused before a byte moves.
+    let started = Instant::now();
+    let why = loop {
+        let (_, events) = call(&twin, "GET", "/api/v1/cars/VIN-LIMIT/events?limit=50", None).await;
+        let refused = events.as_array().unwrap().iter().find_map(|e| {
+            (e["kind"] == "refused").then(|| e["message"].as_str().unwrap().to_owned())
+        });
+        if let Some(why) = refused {
+            break why;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no refusal: {events}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
-        why.contains("more than the limit of 1048576 bytes"),
+        why.contains("more than this car accepts (1048576)"),
         "the reason names the limit: {why}"
     );
+    let (_, view) = call(&twin, "GET", "/api/v1/cars/VIN-LIMIT", None).await;
+    assert_eq!(view["reported"]["state"]["phase"], "idle", "{view}");
     assert_eq!(
         twin.served().chunks.load(Ordering::Relaxed),
         0,

@@ -7,12 +7,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cardeploy_testkit::signing::{COMPATIBLE, Signer};
 use cardeploy_testkit::{TestPki, rest};
 use cardeploy_twin::{Config, Running};
 use serde_json::{Value, json};
 
 pub struct Env {
     pub pki: TestPki,
+    /// Root and release keys, made when the twin first starts (the root names its director key).
+    pub signer: std::sync::OnceLock<Signer>,
     pub data: tempfile::TempDir,
     pub car_dir: tempfile::TempDir,
     pub cars_port: u16,
@@ -24,6 +27,7 @@ impl Env {
     pub fn new() -> Self {
         Self {
             pki: TestPki::new(),
+            signer: std::sync::OnceLock::new(),
             data: tempfile::tempdir().unwrap(),
             car_dir: tempfile::tempdir().unwrap(),
             cars_port: free_port(),
@@ -38,7 +42,35 @@ impl Env {
         config.cert = Some(self.pki.twin_cert());
         config.key = Some(self.pki.twin_key());
         config.heartbeat_secs = 1;
-        cardeploy_twin::start(config).await.unwrap()
+        let twin = cardeploy_twin::start(config).await.unwrap();
+        if self.signer.get().is_none() {
+            let signer = Signer::for_twin(self.data.path());
+            signer.push_root(twin.api_addr, &twin.operator_token).await;
+            let _ = self.signer.set(signer);
+        }
+        twin
+    }
+
+    pub fn signer(&self) -> &Signer {
+        self.signer
+            .get()
+            .expect("start the twin first: the root names its director key")
+    }
+
+    /// Sign `line@version` with `artifacts`, register it and make it `car`'s desired state.
+    pub async fn desire(
+        &self,
+        twin: &Running,
+        car: &str,
+        line: &str,
+        version: &str,
+        artifacts: Vec<cardeploy_release::Artifact>,
+    ) -> Value {
+        let signer = self.signer();
+        let release = signer.manifest(line, version, artifacts);
+        signer
+            .desire(twin.api_addr, &twin.operator_token, car, &release)
+            .await
     }
 
     /// Issue and register the car, write its agent.toml.
@@ -70,7 +102,9 @@ impl Env {
             &config,
             format!(
                 "car_id = \"{car}\"\ntwin = \"{twin_addr}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
-                 state_dir = \"state\"\nheartbeat_secs = 1\nreconnect_base_ms = 100\nreconnect_cap_secs = 1\n{extra}",
+                 state_dir = \"state\"\nheartbeat_secs = 1\nreconnect_base_ms = 100\nreconnect_cap_secs = 1\n\
+                 root = \"{root}\"\ncompatible = \"{COMPATIBLE}\"\n{extra}",
+                root = self.signer().root_path().display(),
                 ca = self.pki.ca().display(),
                 cert = files.cert.display(),
                 key = files.key.display(),

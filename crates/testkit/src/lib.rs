@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod procs;
+pub mod signing;
+pub mod threats;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
