@@ -12,6 +12,7 @@ pub struct ApiArgs {
     /// The twin's operator API.
     #[arg(
         long,
+        visible_alias = "twin",
         env = "CARDEPLOY_API",
         default_value = "http://127.0.0.1:7080",
         global = true
@@ -23,6 +24,35 @@ pub struct ApiArgs {
     /// Read the operator token from this file instead.
     #[arg(long, env = "CARDEPLOY_TOKEN_FILE", global = true, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+}
+
+/// The twin answered with an error status. Kept as a type so a command can add a hint for the
+/// statuses it expects (`err.downcast_ref::<HttpError>()`).
+#[derive(Debug)]
+pub struct HttpError {
+    pub what: String,
+    pub status: u16,
+    /// The twin's `{"error": "..."}` text, or the raw body.
+    pub message: String,
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = ureq::http::StatusCode::from_u16(self.status)
+            .map_or_else(|_| self.status.to_string(), |s| s.to_string());
+        write!(f, "{}: {status}: {}", self.what, self.message)
+    }
+}
+
+impl std::error::Error for HttpError {}
+
+/// Append to `e` what to do about it, if the twin answered with one of the statuses in `hints`.
+pub fn with_hint(e: anyhow::Error, hints: &[(u16, &str)]) -> anyhow::Error {
+    let status = e.downcast_ref::<HttpError>().map(|h| h.status);
+    match hints.iter().find(|(s, _)| Some(*s) == status) {
+        Some((_, hint)) => anyhow::anyhow!("{e:#}\n  {hint}"),
+        None => e,
+    }
 }
 
 pub struct Api {
@@ -78,7 +108,12 @@ impl Api {
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
             .unwrap_or(body);
-        bail!("{what}: {status}: {message}")
+        Err(HttpError {
+            what: what.to_owned(),
+            status: status.as_u16(),
+            message,
+        }
+        .into())
     }
 
     pub fn get<T: DeserializeOwned>(&self, what: &str, path: &str) -> anyhow::Result<T> {

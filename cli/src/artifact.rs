@@ -1,10 +1,11 @@
 //! `cardeploy artifact`: chunk a file (an OS rootfs image, a container layer tar) the way cars
 //! do, and push to the twin only the chunks it does not have yet.
 
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use cardeploy_chunks::{Digest, Params, chunk_file, chunk_reader};
+use cardeploy_chunks::{ChunkIndex, Digest, Params, chunk_file, chunk_reader};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
@@ -34,7 +35,8 @@ pub enum Command {
     },
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
+/// A byte progress bar on stderr (hidden when stderr is not a terminal).
+pub(crate) fn bar(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
         ProgressStyle::with_template(
@@ -74,19 +76,45 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn push(file: &std::path::Path, level: i32, args: &ApiArgs) -> anyhow::Result<()> {
+fn push(file: &Path, level: i32, args: &ApiArgs) -> anyhow::Result<()> {
     let api = Api::new(args)?;
+    let index = push_file(&api, file, level)?;
+    println!("{}", index.id());
+    Ok(())
+}
+
+/// Chunk `file` the way cars do, with a progress bar labelled `label`.
+pub(crate) fn chunk(file: &Path, label: &str) -> anyhow::Result<ChunkIndex> {
     let size = std::fs::metadata(file)
         .with_context(|| format!("reading {}", file.display()))?
         .len();
-    let scan = bar(size, "chunking");
+    let scan = bar(size, label);
     let index = chunk_file(file, Params::DEFAULT, |c| {
         scan.inc(c.data.len() as u64);
         Ok(())
     })
     .with_context(|| format!("chunking {}", file.display()))?;
     scan.finish_and_clear();
+    Ok(index)
+}
 
+/// Chunk `file` and push it: the chunks the twin lacks, then the chunk index.
+pub(crate) fn push_file(api: &Api, file: &Path, level: i32) -> anyhow::Result<ChunkIndex> {
+    let index = chunk(file, "chunking")?;
+    push_index(api, file, &file.display().to_string(), &index, level)?;
+    Ok(index)
+}
+
+/// Push an artifact already chunked into `index`: ask the twin which chunks it lacks, upload
+/// those (cut again from `file`, which must still match `index`), then PUT the index.
+/// `label` names the artifact in what is printed.
+pub(crate) fn push_index(
+    api: &Api,
+    file: &Path,
+    label: &str,
+    index: &ChunkIndex,
+    level: i32,
+) -> anyhow::Result<()> {
     let mut ids: Vec<String> = index.chunks.iter().map(|c| c.id.hex()).collect();
     ids.sort();
     ids.dedup();
@@ -95,13 +123,13 @@ fn push(file: &std::path::Path, level: i32, args: &ApiArgs) -> anyhow::Result<()
         "/api/v1/chunks/missing",
         &json!({ "chunks": ids }),
     )?;
-    let missing: std::collections::HashSet<Digest> = answer
+    let missing: HashSet<Digest> = answer
         .get("missing")
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(|v| v.as_str()?.parse().ok()).collect())
         .unwrap_or_default();
     let missing_bytes: u64 = {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         index
             .chunks
             .iter()
@@ -110,15 +138,14 @@ fn push(file: &std::path::Path, level: i32, args: &ApiArgs) -> anyhow::Result<()
             .sum()
     };
     eprintln!(
-        "{}: {} chunks, {} of them ({:.1} MiB) not on the twin yet",
-        file.display(),
+        "{label}: {} chunks, {} of them ({:.1} MiB) not on the twin yet",
         index.chunks.len(),
         missing.len(),
         missing_bytes as f64 / 1048576.0
     );
 
     if !missing.is_empty() {
-        upload(file, &index, &missing, missing_bytes, level, &api)?;
+        upload(file, index, &missing, missing_bytes, level, api)?;
     }
 
     let id = index.id();
@@ -128,22 +155,21 @@ fn push(file: &std::path::Path, level: i32, args: &ApiArgs) -> anyhow::Result<()
         &index.encode(),
     )?;
     eprintln!(
-        "pushed: {} bytes in {} chunks",
+        "{label}: pushed {} bytes in {} chunks",
         view.get("size")
             .and_then(Value::as_u64)
             .unwrap_or(index.size),
         index.chunks.len()
     );
-    println!("{id}");
     Ok(())
 }
 
 /// Compress and upload the missing chunks on every core: one thread cuts the file again (memory:
 /// a few chunks in flight), the others compress at `level` and PUT.
 fn upload(
-    file: &std::path::Path,
-    index: &cardeploy_chunks::ChunkIndex,
-    missing: &std::collections::HashSet<Digest>,
+    file: &Path,
+    index: &ChunkIndex,
+    missing: &HashSet<Digest>,
     missing_bytes: u64,
     level: i32,
     api: &Api,
@@ -180,7 +206,7 @@ fn upload(
                 }
             }));
         }
-        let mut sent = std::collections::HashSet::new();
+        let mut sent = HashSet::new();
         let cut = std::fs::File::open(file)
             .with_context(|| format!("opening {}", file.display()))
             .and_then(|f| {

@@ -13,8 +13,9 @@ use crate::api::{Api, ApiArgs};
 pub enum Command {
     /// Issue a car's certificate, write its agent configuration, register it with the twin.
     ///
-    /// Writes OUT/ca.pem, OUT/car.pem, OUT/car.key (0600) and OUT/agent.toml: copy OUT to the
-    /// car's /etc/cardeploy, or run `cardeploy-agent --config OUT/agent.toml` for a test.
+    /// Writes OUT/ca.pem, OUT/car.pem, OUT/car.key (0600), OUT/root.json (the root of trust the
+    /// car pins) and OUT/agent.toml: copy OUT to the car's /etc/cardeploy, or run
+    /// `cardeploy-agent --config OUT/agent.toml` for a test.
     Add {
         /// The car id, e.g. its VIN: 1-64 characters of A-Z a-z 0-9 . _ -
         car_id: String,
@@ -31,6 +32,14 @@ pub enum Command {
         /// the twin certificate's names.
         #[arg(long, default_value = "localhost:7443")]
         twin: String,
+        /// The root of trust the car pins (version 1, from `cardeploy root init`): the car
+        /// verifies every release and desired state against it and the rotations that follow.
+        #[arg(long, value_name = "ROOT.json")]
+        root: PathBuf,
+        /// The car's hardware, as RAUC's `compatible` names it: releases for other hardware
+        /// are refused.
+        #[arg(long)]
+        compatible: String,
         /// Heartbeat interval written into agent.toml, seconds.
         #[arg(long, default_value_t = 10)]
         heartbeat_secs: u64,
@@ -63,16 +72,22 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Set what one car should run (until deployments exist); a connected car gets it at once.
+    /// Set what one car should run (until deployments exist): the twin signs a desired state
+    /// naming a release it holds (`cardeploy release push`); a connected car gets it at once and
+    /// verifies it before acting.
     SetDesired {
         car_id: String,
-        /// A release reference, name@version.
+        /// The release: its digest (what `cardeploy release push` printed) or LINE@VERSION.
         #[arg(long)]
         release: String,
-        /// An artifact the car must fetch: NAME=INDEX, where INDEX is what
-        /// `cardeploy artifact push` printed. Repeat for several.
-        #[arg(long = "artifact", value_name = "NAME=INDEX")]
-        artifacts: Vec<String>,
+        /// How long the signed desired state stays valid, seconds [default: the twin's
+        /// desired_ttl_secs]. A car refuses an expired one (freeze protection).
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+        /// A root-signed downgrade override (JSON envelope), when the release is older than what
+        /// the car runs.
+        #[arg(long, value_name = "FILE")]
+        downgrade: Option<PathBuf>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -123,11 +138,27 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             pki,
             out,
             twin,
+            root,
+            compatible,
             heartbeat_secs,
             no_register,
             api,
         } => {
             let car = CarId::new(car_id)?;
+            let root_bytes = std::fs::read(&root)
+                .with_context(|| format!("reading the root {}", root.display()))?;
+            // Checked here so that a car never ships with a root it cannot use.
+            cardeploy_release::TrustedRoot::pinned(&root_bytes).with_context(|| {
+                format!(
+                    "{} is not a valid root (make one with `cardeploy root init`)",
+                    root.display()
+                )
+            })?;
+            if compatible.is_empty() || compatible.contains(['"', '\\', '\n']) {
+                bail!(
+                    "--compatible {compatible:?}: give RAUC's compatible string, e.g. cardeploy-qemuarm64"
+                );
+            }
             let attributes = parse_attrs(&attrs)?;
             let out = out.unwrap_or_else(|| PathBuf::from("cars").join(car.as_str()));
             if out.join("car.key").exists() {
@@ -156,6 +187,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             write_file(&out.join("ca.pem"), ca.cert_pem(), false)?;
             write_file(&out.join("car.pem"), &issued.cert_pem, false)?;
             write_file(&out.join("car.key"), &issued.key_pem, true)?;
+            std::fs::write(out.join("root.json"), &root_bytes)
+                .with_context(|| format!("writing {}", out.join("root.json").display()))?;
             let config = format!(
                 "# cardeploy-agent configuration for car {car}, written by `cardeploy car add`.\n\
                  # Relative paths are relative to this file.\n\
@@ -165,6 +198,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                  cert = \"car.pem\"\n\
                  key = \"car.key\"\n\
                  state_dir = \"state\"\n\
+                 root = \"root.json\"\n\
+                 compatible = \"{compatible}\"\n\
                  heartbeat_secs = {heartbeat_secs}\n"
             );
             write_file(&out.join("agent.toml"), &config, false)?;
@@ -244,28 +279,33 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::SetDesired {
             car_id,
             release,
-            artifacts,
+            ttl_secs,
+            downgrade,
             api,
         } => {
             let car = CarId::new(car_id)?;
-            let artifacts = artifacts
-                .iter()
-                .map(|a| {
-                    let (name, index) = a.split_once('=').ok_or_else(|| {
-                        anyhow::anyhow!("--artifact {a:?}: expected NAME=INDEX, e.g. rootfs=3f2a…")
-                    })?;
-                    Ok(json!({ "name": name, "index": index }))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut body = json!({ "release": release });
+            if let Some(ttl) = ttl_secs {
+                body["ttl_secs"] = json!(ttl);
+            }
+            if let Some(file) = downgrade {
+                let text =
+                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                body["downgrade"] = serde_json::from_slice(&text)
+                    .with_context(|| format!("{} is not a JSON envelope", file.display()))?;
+            }
             let desired: Value = Api::new(&api)?.put(
                 "setting the desired state",
                 &format!("/api/v1/cars/{car}/desired"),
-                &json!({ "release": release, "artifacts": artifacts }),
+                &body,
             )?;
             println!(
-                "car {car}: desired #{} = {}",
+                "car {car}: desired #{} = {}@{} ({}), signed by the twin, valid until {}",
                 text(field(&desired, &["counter"])),
-                text(field(&desired, &["release"]))
+                text(field(&desired, &["line"])),
+                text(field(&desired, &["version"])),
+                text(field(&desired, &["release"])),
+                text(field(&desired, &["expires"]))
             );
             Ok(())
         }

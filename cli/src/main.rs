@@ -5,6 +5,7 @@ mod artifact;
 mod car;
 mod keys;
 mod pki;
+mod release;
 mod root;
 
 use std::process::ExitCode;
@@ -16,9 +17,19 @@ use clap::{Parser, Subcommand};
 /// Typical first run:
 ///   cardeploy pki init --dir data/pki
 ///   cardeploy-twin serve --data data &
+///   export CARDEPLOY_TOKEN_FILE=data/operator.token
+///   cardeploy keys gen keys/root-1 && cardeploy keys gen keys/release
+///   cardeploy root director --out keys/director.pub
+///   cardeploy root init --root-key keys/root-1.pub --release-key keys/release.pub \
+///     --director-key keys/director.pub --sign-with keys/root-1.key --out root.json
+///   cardeploy root push root.json
 ///   cardeploy car add VIN0001 --attr model=tx7 --pki data/pki --out cars/VIN0001
 ///   cardeploy-agent --config cars/VIN0001/agent.toml &
-///   cardeploy car set-desired VIN0001 --release infotainment@1.0.0
+///   cardeploy release create --line ecu-main --version 1.0.0 --os rootfs.raucb \
+///     --image oci/infotainment --manifests k8s/ --out releases/1.0.0
+///   cardeploy release sign releases/1.0.0 --key keys/release.key
+///   cardeploy release push releases/1.0.0      (prints the release digest)
+///   cardeploy car set-desired VIN0001 --release DIGEST
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, verbatim_doc_comment)]
 struct Cli {
@@ -37,12 +48,15 @@ enum Command {
     /// Signing keys (ed25519) for the root, release and director roles.
     #[command(subcommand)]
     Keys(keys::Command),
-    /// The root of trust: which keys sign for which role; init, rotate, verify.
+    /// The root of trust: which keys sign for which role; init, rotate, verify, push.
     #[command(subcommand)]
     Root(root::Command),
     /// Artifacts: chunk a file and push only the chunks the twin lacks.
     #[command(subcommand)]
     Artifact(artifact::Command),
+    /// Releases: create from a RAUC bundle, OCI images and manifests; sign, verify, push.
+    #[command(subcommand)]
+    Release(release::Command),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +66,7 @@ fn main() -> ExitCode {
         Command::Artifact(command) => artifact::run(command),
         Command::Keys(command) => keys::run(command),
         Command::Root(command) => root::run(command),
+        Command::Release(command) => release::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,9 +4,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use cardeploy_release::{Envelope, ROOT_TYPE, Role, Roles, Root, SigningKey, TrustedRoot, sign};
+use cardeploy_release::{
+    Envelope, PublicKey, ROOT_TYPE, Role, Roles, Root, SigningKey, TrustedRoot, sign,
+};
 use clap::Subcommand;
 
+use crate::api::{Api, ApiArgs, with_hint};
 use crate::keys::{load_private, load_public};
 
 #[derive(Subcommand, Debug)]
@@ -48,6 +51,34 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         previous: Option<PathBuf>,
     },
+    /// Give roots to the twin, oldest first: root version 1, then each rotation
+    ///
+    /// The twin keeps the chain, verifies every step as a car will, and refuses a root that
+    /// does not name its director key (it could not sign desired states under it).
+    ///
+    /// Example: cardeploy root push root-v1.json root-v2.json --twin http://twin:7080
+    #[command(verbatim_doc_comment)]
+    Push {
+        /// Root envelopes written by `root init` / `root rotate`, oldest first.
+        #[arg(value_name = "ROOT.json", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Fetch the twin's director public key into a .pub file, for `root init --director-key`.
+    ///
+    /// The director key is the twin's online key: it signs each car's desired state. The file
+    /// has the format `keys gen` writes.
+    ///
+    /// The key comes over the operator API: on a network you do not trust, compare the key id
+    /// printed here with the one on the twin's host before signing a root with it.
+    Director {
+        /// Where to write the public key, e.g. keys/director.pub.
+        #[arg(long, value_name = "FILE.pub")]
+        out: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -69,7 +100,7 @@ pub struct RoleArgs {
     expires_days: u64,
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -135,9 +166,11 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             let root = build(1, &roles)?;
             let bytes = write_signed(&root, &sign_with, &out)?;
             // Read it back the way a car will before anyone ships it.
-            let trusted = TrustedRoot::pinned(&bytes, now()).with_context(|| {
-                format!("the root written to {} does not verify", out.display())
-            })?;
+            let trusted = TrustedRoot::pinned(&bytes)
+                .and_then(|t| t.fresh(now()).cloned())
+                .with_context(|| {
+                    format!("the root written to {} does not verify", out.display())
+                })?;
             describe(&trusted);
             Ok(())
         }
@@ -150,11 +183,13 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             let trusted = TrustedRoot::pinned(
                 &std::fs::read(&current)
                     .with_context(|| format!("reading {}", current.display()))?,
-                now(),
             )?;
             let next = build(trusted.root().version + 1, &roles)?;
             let bytes = write_signed(&next, &sign_with, &out)?;
-            let rotated = trusted.rotate(&bytes, now()).with_context(|| {
+            let rotated = trusted
+                .rotate(&bytes)
+                .and_then(|r| r.fresh(now()).cloned())
+                .with_context(|| {
                 format!(
                     "{} does not rotate from {}: sign with the threshold of the current root keys and of the new ones",
                     out.display(),
@@ -178,11 +213,11 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             let trusted = match previous {
                 Some(prev) => TrustedRoot::pinned(
                     &std::fs::read(&prev).with_context(|| format!("reading {}", prev.display()))?,
-                    now(),
                 )?
-                .rotate(&bytes, now())?,
-                None => TrustedRoot::pinned(&bytes, now())?,
+                .rotate(&bytes)?,
+                None => TrustedRoot::pinned(&bytes)?,
             };
+            trusted.fresh(now())?;
             let env = Envelope::from_json(&bytes)?;
             if env.signatures.is_empty() {
                 bail!("{} carries no signatures", file.display());
@@ -190,5 +225,91 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             describe(&trusted);
             Ok(())
         }
+        Command::Push { files, api } => push(&files, &api),
+        Command::Director { out, api } => director(&out, &api),
     }
+}
+
+/// Send each root to the twin in order; stop at the first it refuses.
+fn push(files: &[PathBuf], args: &ApiArgs) -> anyhow::Result<()> {
+    // Read and check the shape of every file before sending any, so a typo in the last name does
+    // not leave the twin half-way through a chain.
+    let mut roots = Vec::new();
+    for file in files {
+        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let env = Envelope::from_json(&bytes)
+            .with_context(|| format!("{} is not a signed root", file.display()))?;
+        if env.payload_type != ROOT_TYPE {
+            bail!(
+                "{} is a {}, not a root (`cardeploy root init` writes roots)",
+                file.display(),
+                env.payload_type
+            );
+        }
+        let version = TrustedRoot::peek_version(&bytes)
+            .with_context(|| format!("{} is not a root document", file.display()))?;
+        let body: serde_json::Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not JSON", file.display()))?;
+        roots.push((file, version, body));
+    }
+    let api = Api::new(args)?;
+    for (file, version, body) in roots {
+        let answer: Result<serde_json::Value, _> =
+            api.post("pushing the root", "/api/v1/roots", &body);
+        let answer = answer
+            .with_context(|| format!("{} (version {version})", file.display()))
+            .map_err(|e| {
+                with_hint(
+                    e,
+                    &[
+                        (
+                            409,
+                            "the root must name the twin's director key: fetch it with `cardeploy root director --out director.pub` and make a root with `--director-key director.pub`",
+                        ),
+                        (
+                            422,
+                            "roots must chain: push them oldest first, each one version above the twin's latest, and check each with `cardeploy root verify`",
+                        ),
+                    ],
+                )
+            })?;
+        let accepted = answer
+            .get("version")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(version);
+        println!(
+            "root version {accepted} accepted by the twin ({})",
+            file.display()
+        );
+    }
+    Ok(())
+}
+
+/// What `GET /api/v1/director` answers.
+#[derive(serde::Deserialize)]
+struct DirectorKey {
+    keyid: String,
+    public: PublicKey,
+}
+
+fn director(out: &std::path::Path, args: &ApiArgs) -> anyhow::Result<()> {
+    let api = Api::new(args)?;
+    let key: DirectorKey = api.get("fetching the twin's director key", "/api/v1/director")?;
+    let id = key.public.id();
+    if id.as_str() != key.keyid {
+        bail!(
+            "the twin names its director key {} but the key it sent has id {id}: not writing it",
+            key.keyid
+        );
+    }
+    let public = serde_json::to_string_pretty(&key.public)?;
+    cardeploy_pki::write_file(out, &format!("{public}\n"), false)?;
+    println!("{id}");
+    eprintln!(
+        "wrote {}; the line above is the director key id. Name it in the root: \
+         `cardeploy root init ... --director-key {}` (or `root rotate` for an existing root)",
+        out.display(),
+        out.display()
+    );
+    Ok(())
 }

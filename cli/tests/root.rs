@@ -90,8 +90,9 @@ fn keys_root_init_and_rotation_round_trip_through_the_library() {
         &init.iter().map(String::as_str).collect::<Vec<_>>(),
     ));
     assert!(said.contains("root version 1 valid"), "{said}");
-    let v1 = TrustedRoot::pinned(&std::fs::read(d.join("root-v1.json")).unwrap(), now()).unwrap();
+    let v1 = TrustedRoot::pinned(&std::fs::read(d.join("root-v1.json")).unwrap()).unwrap();
     assert_eq!(v1.root().roles.root.threshold, 2);
+    assert!(v1.fresh(now()).is_ok(), "a new root is valid for a while");
 
     // Rotate root-3 out and root-4 in. Signed by root-4 and root-1 only: one old key short.
     let mut rotate: Vec<String> = vec![
@@ -142,7 +143,7 @@ fn keys_root_init_and_rotation_round_trip_through_the_library() {
         &full.iter().map(String::as_str).collect::<Vec<_>>(),
     ));
     let v2 = v1
-        .rotate(&std::fs::read(d.join("root-v2.json")).unwrap(), now())
+        .rotate(&std::fs::read(d.join("root-v2.json")).unwrap())
         .unwrap();
     assert_eq!(v2.root().version, 2);
     let said = ok(cardeploy(
