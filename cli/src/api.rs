@@ -12,7 +12,6 @@ pub struct ApiArgs {
     /// The twin's operator API.
     #[arg(
         long,
-        visible_alias = "twin",
         env = "CARDEPLOY_API",
         default_value = "http://127.0.0.1:7080",
         global = true

@@ -155,11 +155,12 @@ pub(crate) fn push_index(
         &index.encode(),
     )?;
     eprintln!(
-        "{label}: pushed {} bytes in {} chunks",
+        "{label}: on the twin ({} bytes in {} chunks; {} chunks uploaded now, the rest were there)",
         view.get("size")
             .and_then(Value::as_u64)
             .unwrap_or(index.size),
-        index.chunks.len()
+        index.chunks.len(),
+        missing.len()
     );
     Ok(())
 }

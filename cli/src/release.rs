@@ -124,6 +124,9 @@ pub enum Command {
         /// zstd level of uploaded chunks (what cars receive when no delta is smaller).
         #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
         level: i32,
+        /// The twin's operator API, e.g. http://twin.example.com:7080 (same as --api).
+        #[arg(long, value_name = "URL")]
+        twin: Option<String>,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -167,7 +170,17 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Sign { input, keys, out } => sign(&input, &keys, out),
         Command::Verify { envelope, roots } => verify(&envelope, &roots),
         Command::Inspect { envelope, json } => inspect(&envelope, json),
-        Command::Push { input, level, api } => push(&input, level, &api),
+        Command::Push {
+            input,
+            level,
+            twin,
+            mut api,
+        } => {
+            if let Some(url) = twin {
+                api.api = url;
+            }
+            push(&input, level, &api)
+        }
     }
 }
 

@@ -539,7 +539,7 @@ fn create_refuses_a_version_that_is_not_semver_and_an_unsafe_line() {
 }
 
 #[test]
-fn root_push_sends_to_the_twin_given_with_twin() {
+fn root_push_sends_to_the_twin_given_with_api() {
     let fleet = Fleet::new();
     let err = fails(cardeploy(
         fleet.path(),
@@ -547,7 +547,7 @@ fn root_push_sends_to_the_twin_given_with_twin() {
             "root",
             "push",
             "root.json",
-            "--twin",
+            "--api",
             NO_TWIN,
             "--token",
             "t",
@@ -563,7 +563,7 @@ fn root_push_sends_to_the_twin_given_with_twin() {
             "root",
             "push",
             "release.pub",
-            "--twin",
+            "--api",
             NO_TWIN,
             "--token",
             "t",
@@ -623,7 +623,7 @@ fn root_push_posts_the_envelope_and_explains_a_refusal() {
     let (url, twin) = twin_answering("200 OK", json!({"version": 1}).to_string());
     let said = ok(cardeploy(
         d,
-        &["root", "push", "root.json", "--twin", &url, "--token", "t"],
+        &["root", "push", "root.json", "--api", &url, "--token", "t"],
     ));
     assert!(said.contains("root version 1 accepted"), "{said}");
     let request = twin.join().unwrap();
@@ -642,7 +642,7 @@ fn root_push_posts_the_envelope_and_explains_a_refusal() {
     );
     let err = fails(cardeploy(
         d,
-        &["root", "push", "root.json", "--twin", &url, "--token", "t"],
+        &["root", "push", "root.json", "--api", &url, "--token", "t"],
     ));
     twin.join().unwrap();
     assert!(
@@ -667,7 +667,7 @@ fn root_director_writes_the_key_as_keys_gen_does() {
             "director",
             "--out",
             "fetched.pub",
-            "--twin",
+            "--api",
             &url,
             "--token",
             "t",
@@ -692,7 +692,7 @@ fn root_director_writes_the_key_as_keys_gen_does() {
             "director",
             "--out",
             "lying.pub",
-            "--twin",
+            "--api",
             &url,
             "--token",
             "t",

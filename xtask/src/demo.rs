@@ -11,6 +11,8 @@ use serde_json::Value;
 use crate::{cargo, root, run};
 
 const CAR: &str = "DEMO-CAR-1";
+/// The demo car's hardware, as RAUC's `compatible` would name it.
+const COMPATIBLE: &str = "cardeploy-demo";
 
 struct Daemon {
     name: &'static str,
@@ -108,16 +110,43 @@ impl Cli {
     }
 }
 
-/// `cardeploy artifact push FILE` → the index id it prints.
-fn push(cli: &Cli, file: &Path) -> anyhow::Result<String> {
+/// `cardeploy release create` (with `extra` inputs) + `release sign` with the offline release
+/// key + `release push` → the release digest it prints.
+fn release(
+    cli: &Cli,
+    data: &Path,
+    line: &str,
+    version: &str,
+    extra: &[&str],
+) -> anyhow::Result<String> {
+    let dir = data.join("releases").join(format!("{line}-{version}"));
+    let dir_arg = dir.display().to_string();
+    let mut create = vec![
+        "release",
+        "create",
+        "--line",
+        line,
+        "--version",
+        version,
+        "--compatible",
+        COMPATIBLE,
+        "--out",
+        &dir_arg,
+    ];
+    create.extend_from_slice(extra);
+    run(cli.cmd().args(&create).current_dir(data))?;
+    run(cli
+        .cmd()
+        .args(["release", "sign", &dir_arg, "--key", "keys/release.key"])
+        .current_dir(data))?;
     let out = cli
         .cmd()
-        .args(["artifact", "push", "--level", "9"])
-        .arg(file)
-        .stderr(std::process::Stdio::inherit())
+        .args(["release", "push", &dir_arg, "--level", "9"])
+        .current_dir(data)
+        .stderr(Stdio::inherit())
         .output()?;
     if !out.status.success() {
-        bail!("cardeploy artifact push {} failed", file.display());
+        bail!("cardeploy release push {dir_arg} failed");
     }
     Ok(String::from_utf8(out.stdout)?.trim().to_owned())
 }
@@ -218,8 +247,41 @@ pub fn main() -> anyhow::Result<()> {
         cli.api
     );
 
+    step(
+        "signing keys and the root of trust: offline root and release keys, the twin's director key",
+    );
+    std::fs::create_dir_all(data.join("keys"))?;
+    for name in ["keys/root", "keys/release"] {
+        run(cli.cmd().args(["keys", "gen", name]).current_dir(&data))?;
+    }
+    run(cli
+        .cmd()
+        .args(["root", "director", "--out", "keys/director.pub"])
+        .current_dir(&data))?;
+    run(cli
+        .cmd()
+        .args([
+            "root",
+            "init",
+            "--root-key",
+            "keys/root.pub",
+            "--release-key",
+            "keys/release.pub",
+            "--director-key",
+            "keys/director.pub",
+            "--sign-with",
+            "keys/root.key",
+            "--out",
+            "root.json",
+        ])
+        .current_dir(&data))?;
+    run(cli
+        .cmd()
+        .args(["root", "push", "root.json"])
+        .current_dir(&data))?;
+
     step(&format!(
-        "cardeploy car add {CAR}: issue its certificate, register it with the twin"
+        "cardeploy car add {CAR}: issue its certificate, pin the root, register it with the twin"
     ));
     let car_dir = data.join("cars").join(CAR);
     run(cli
@@ -232,9 +294,13 @@ pub fn main() -> anyhow::Result<()> {
             "model=tx7",
             "--attr",
             "region=eu",
+            "--compatible",
+            COMPATIBLE,
             "--pki",
         ])
         .arg(twin_data.join("pki"))
+        .arg("--root")
+        .arg(data.join("root.json"))
         .arg("--out")
         .arg(&car_dir)
         .args([
@@ -261,23 +327,42 @@ pub fn main() -> anyhow::Result<()> {
     println!("  car connected and reported 'idle' after {took:?}");
     run(cli.cmd().args(["car", "list"]))?;
 
-    step("cardeploy car set-desired: the operator changes what the car should run");
+    step("a signed release: cardeploy release create, sign (offline release key), push");
+    let k8s = data.join("k8s");
+    std::fs::create_dir_all(&k8s)?;
+    std::fs::write(
+        k8s.join("infotainment.yaml"),
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: infotainment\n",
+    )?;
+    let app = release(
+        &cli,
+        &data,
+        "infotainment",
+        "1.0.0",
+        &["--manifests", "k8s"],
+    )?;
+    run(cli
+        .cmd()
+        .args(["release", "inspect"])
+        .arg(data.join("releases/infotainment-1.0.0/release.signed.json")))?;
+
+    step("cardeploy car set-desired: the twin signs a desired state naming the release");
     let set = Instant::now();
     run(cli
         .cmd()
-        .args(["car", "set-desired", CAR, "--release", "infotainment@1.0.0"]))?;
-    cli.until("the car to apply infotainment@1.0.0", |v| {
+        .args(["car", "set-desired", CAR, "--release", &app]))?;
+    cli.until("the car to verify and apply infotainment@1.0.0", |v| {
         v["reported"]["state"]["phase"] == "applied"
             && v["reported"]["state"]["release"] == "infotainment@1.0.0"
     })?;
     println!(
-        "  the twin pushed it, the car persisted and reported it: {:?} end to end (CLI polling included)",
+        "  the car verified root, release and desired state, fetched and recorded it: {:?} end to end (CLI polling included)",
         set.elapsed()
     );
     let state: Value = serde_json::from_slice(&std::fs::read(car_dir.join("state/state.json"))?)?;
     println!(
-        "  car's persisted state: desired #{} {}",
-        state["desired"]["counter"], state["desired"]["release"]
+        "  car's persisted state: desired #{}, installed {}",
+        state["last_counter"], state["installed"]
     );
 
     step("an OS image update as chunks: the car fetches only what its running slot lacks");
@@ -296,34 +381,72 @@ pub fn main() -> anyhow::Result<()> {
     config.push_str(&format!("seeds = [\"{}\"]\n", slot.display()));
     std::fs::write(car_dir.join("agent.toml"), config)?;
     let agent = start_agent()?;
-    let index_v1 = push(&cli, &v1)?;
-    let index_v2 = push(&cli, &v2)?;
+    let os1 = release(
+        &cli,
+        &data,
+        "os",
+        "1.0.0",
+        &["--os", "images/rootfs-v1.img"],
+    )?;
+    let os2 = release(
+        &cli,
+        &data,
+        "os",
+        "2.0.0",
+        &["--os", "images/rootfs-v2.img"],
+    )?;
     run(cli
         .cmd()
-        .args(["car", "set-desired", CAR, "--release", "os@1", "--artifact"])
-        .arg(format!("rootfs={index_v1}")))?;
-    cli.until("the car to hold os@1", |v| {
-        v["reported"]["state"]["phase"] == "applied" && v["reported"]["state"]["release"] == "os@1"
+        .args(["car", "set-desired", CAR, "--release", &os1]))?;
+    cli.until("the car to hold os@1.0.0", |v| {
+        v["reported"]["state"]["phase"] == "applied"
+            && v["reported"]["state"]["release"] == "os@1.0.0"
     })?;
     let set = Instant::now();
     run(cli
         .cmd()
-        .args(["car", "set-desired", CAR, "--release", "os@2", "--artifact"])
-        .arg(format!("rootfs={index_v2}")))?;
-    cli.until("the car to hold os@2", |v| {
-        v["reported"]["state"]["phase"] == "applied" && v["reported"]["state"]["release"] == "os@2"
+        .args(["car", "set-desired", CAR, "--release", &os2]))?;
+    cli.until("the car to hold os@2.0.0", |v| {
+        v["reported"]["state"]["phase"] == "applied"
+            && v["reported"]["state"]["release"] == "os@2.0.0"
     })?;
     let view = cli.show()?;
     let p = &view["progress"];
     let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / 1048576.0;
     println!(
-        "  os@2 ({:.1} MiB) assembled and verified in {:?}: {:.1} MiB reused from the running slot, \
-         {:.2} MiB of changed chunks carried by {:.3} MiB on the wire (deltas against os@1)",
+        "  os@2.0.0 ({:.1} MiB) assembled and verified in {:?}: {:.1} MiB reused from the running slot, \
+         {:.2} MiB of changed chunks carried by {:.3} MiB on the wire (deltas against os@1.0.0)",
         mib(&p["planned_bytes"]),
         set.elapsed(),
         mib(&p["seed_bytes"]),
         mib(&p["fetch_bytes"]),
         mib(&p["wire_bytes"]),
+    );
+
+    step("anti-rollback: os@1.0.0 again, properly signed, is refused by the car");
+    run(cli
+        .cmd()
+        .args(["car", "set-desired", CAR, "--release", &os1]))?;
+    let started = Instant::now();
+    loop {
+        let out = cli.cmd().args(["car", "events", CAR]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.contains("refused") && l.contains("downgrade"))
+        {
+            println!("  {line}");
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("the car did not refuse the downgrade; see demo-data/agent.log");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let view = cli.show()?;
+    println!(
+        "  the car still runs {}",
+        view["reported"]["state"]["release"]
     );
 
     step("cardeploy car inspect: the twin asks the car over the same connection");

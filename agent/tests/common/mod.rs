@@ -16,6 +16,8 @@ pub struct Env {
     pub pki: TestPki,
     /// Root and release keys, made when the twin first starts (the root names its director key).
     pub signer: std::sync::OnceLock<Signer>,
+    /// Set to leave the root to the test (e.g. made with the CLI).
+    pub no_root: std::sync::OnceLock<bool>,
     pub data: tempfile::TempDir,
     pub car_dir: tempfile::TempDir,
     pub cars_port: u16,
@@ -28,6 +30,7 @@ impl Env {
         Self {
             pki: TestPki::new(),
             signer: std::sync::OnceLock::new(),
+            no_root: std::sync::OnceLock::new(),
             data: tempfile::tempdir().unwrap(),
             car_dir: tempfile::tempdir().unwrap(),
             cars_port: free_port(),
@@ -43,7 +46,7 @@ impl Env {
         config.key = Some(self.pki.twin_key());
         config.heartbeat_secs = 1;
         let twin = cardeploy_twin::start(config).await.unwrap();
-        if self.signer.get().is_none() {
+        if self.signer.get().is_none() && !self.no_root.get().copied().unwrap_or(false) {
             let signer = Signer::for_twin(self.data.path());
             signer.push_root(twin.api_addr, &twin.operator_token).await;
             let _ = self.signer.set(signer);
@@ -88,6 +91,19 @@ impl Env {
         twin_addr: &str,
         extra: &str,
     ) -> PathBuf {
+        let root = self.signer().root_path();
+        self.car_config(twin, car, twin_addr, &root, extra).await
+    }
+
+    /// Register `car` and write its agent.toml pinning `root`.
+    pub async fn car_config(
+        &self,
+        twin: &Running,
+        car: &str,
+        twin_addr: &str,
+        root: &Path,
+        extra: &str,
+    ) -> PathBuf {
         let files = self.pki.car(car);
         let (status, body) = call(
             twin,
@@ -104,7 +120,7 @@ impl Env {
                 "car_id = \"{car}\"\ntwin = \"{twin_addr}\"\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
                  state_dir = \"state\"\nheartbeat_secs = 1\nreconnect_base_ms = 100\nreconnect_cap_secs = 1\n\
                  root = \"{root}\"\ncompatible = \"{COMPATIBLE}\"\n{extra}",
-                root = self.signer().root_path().display(),
+                root = root.display(),
                 ca = self.pki.ca().display(),
                 cert = files.cert.display(),
                 key = files.key.display(),
