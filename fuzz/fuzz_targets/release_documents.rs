@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use cardeploy_release::{
-    CarContext, DESIRED_TYPE, RELEASE_TYPE, ROOT_TYPE, Role, Roles, Root, SigningKey, TrustedRoot,
+    CarContext, CheckedRelease, DESIRED_TYPE, RELEASE_TYPE, ROOT_TYPE, Role, Roles, Root, SigningKey, TrustedRoot,
     check_desired, check_release, sign,
 };
 use libfuzzer_sys::fuzz_target;
@@ -40,16 +40,49 @@ fn fleet() -> &'static Fleet {
     })
 }
 
-fuzz_target!(|data: &[u8]| {
-    let f = fleet();
-    let car = CarContext {
+fn car() -> CarContext {
+    CarContext {
         car_id: "VIN1".into(),
         compatible: "board".into(),
         now: 1_800_000_000,
         last_counter: Some(3),
         installed: [("ecu".to_owned(), semver::Version::new(1, 0, 0))].into(),
         max_artifact_bytes: 1 << 30,
+    }
+}
+
+/// A release every car check accepts: the desired-state half of the input is checked against it.
+fn good_release() -> &'static (cardeploy_release::Envelope, CheckedRelease) {
+    static GOOD: OnceLock<(cardeploy_release::Envelope, CheckedRelease)> = OnceLock::new();
+    GOOD.get_or_init(|| {
+        let f = fleet();
+        let payload = br#"{"line":"ecu","version":"1.2.0","compatible":"board","created":1,"artifacts":[]}"#;
+        let env = sign(RELEASE_TYPE, payload, &[&f.keys[1]]);
+        let checked = check_release(&f.root, &env, &car(), None).unwrap();
+        (env, checked)
+    })
+}
+
+// The first byte picks the document: even → the bytes are a release manifest, odd → a desired
+// state for a fixed valid release (so the desired-state checks are reached on every run, not
+// only when the fuzzer happens to build a valid manifest first).
+fuzz_target!(|data: &[u8]| {
+    let Some((&selector, data)) = data.split_first() else {
+        return;
     };
+    let f = fleet();
+    let car = car();
+    if selector & 1 == 1 {
+        let (_, checked) = good_release();
+        let desired = sign(DESIRED_TYPE, data, &[&f.keys[2]]);
+        if let Ok(d) = check_desired(&f.root, &desired, &car, checked) {
+            assert_eq!(d.car_id, "VIN1");
+            assert!(d.counter > 3);
+            assert!(d.expires > car.now);
+            assert_eq!(d.release, checked.digest);
+        }
+        return;
+    }
     let release = sign(RELEASE_TYPE, data, &[&f.keys[1]]);
     if let Ok(checked) = check_release(&f.root, &release, &car, None) {
         assert_eq!(checked.release.compatible, "board");
@@ -61,10 +94,5 @@ fuzz_target!(|data: &[u8]| {
                 .iter()
                 .all(|a| !a.name.contains('/'))
         );
-        let desired = sign(DESIRED_TYPE, data, &[&f.keys[2]]);
-        if let Ok(d) = check_desired(&f.root, &desired, &car, &checked) {
-            assert_eq!(d.car_id, "VIN1");
-            assert!(d.counter > 3);
-        }
     }
 });

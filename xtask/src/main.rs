@@ -53,6 +53,18 @@ fn main() {
             }
         }
         Some("bench") => bench::run(&args[1..]),
+        Some("fixtures") => run(cargo()
+            .args([
+                "run",
+                "--locked",
+                "-q",
+                "-p",
+                "cardeploy-testkit",
+                "--example",
+                "threat_fixtures",
+                "--",
+            ])
+            .arg(root().join("tests/data"))),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -62,6 +74,7 @@ fn main() {
                  cross        build the aarch64 agent with Debian's toolchain\n  \
                  deps         install prerequisites only\n  \
                  fuzz         every fuzz target for --seconds N (default 60; nightly + cargo-fuzz)\n  \
+                 fixtures     write the signed-metadata threat fixtures to tests/data (commit them)\n  \
                  bench link   link benchmarks: memory per car, push latency, dead peers, agent RSS\n  \
                  bench delta  delta transfer on real data vs zstd, xdelta3, bsdiff, casync, RAUC-style\n               \
                  block hashes [--fresh: measure the external tools again]"
