@@ -1,7 +1,8 @@
 //! The pipeline round trip with the real binaries: `cardeploy keys gen`, `root director`,
 //! `root init`, `root push`, `release create`, `release sign`, `release push`, `car set-desired`
 //! — and the real agent verifies the release and the twin's desired state, fetches the artifact
-//! and records the release; then refuses a downgrade and takes a root rotation.
+//! and records the release; then refuses a downgrade, takes it with a root-signed override, and
+//! takes a root rotation.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -254,6 +255,50 @@ async fn a_release_signed_with_the_cli_is_verified_and_recorded_by_the_car() {
     let state: Value = serde_json::from_slice(&std::fs::read(env.state_file()).unwrap()).unwrap();
     assert_eq!(state["last_counter"], 1);
 
+    // With an override the root keys signed, the same downgrade is taken.
+    cardeploy(
+        dir,
+        &twin,
+        &env,
+        &[
+            "root",
+            "allow-downgrade",
+            "--line",
+            "os",
+            "--version",
+            "1.0.0",
+            "--sign-with",
+            "keys/root.key",
+            "--out",
+            "allow.json",
+        ],
+    );
+    cardeploy(
+        dir,
+        &twin,
+        &env,
+        &[
+            "car",
+            "set-desired",
+            "VIN-CLI",
+            "--release",
+            "os@1.0.0",
+            "--downgrade",
+            "allow.json",
+        ],
+    );
+    until(&twin, "VIN-CLI", "the allowed downgrade to os@1.0.0", |v| {
+        v["reported"]["state"]["phase"] == "applied"
+            && v["reported"]["state"]["release"] == "os@1.0.0"
+    })
+    .await;
+    let state: Value = serde_json::from_slice(&std::fs::read(env.state_file()).unwrap()).unwrap();
+    assert_eq!(state["last_counter"], 3);
+    assert_eq!(
+        state["installed"]["os"], "2.0.0",
+        "the highest version installed stays the anti-rollback mark"
+    );
+
     // The release key is rotated: root version 2 names a new one. The car, pinned to version 1,
     // takes the rotation from the next desired state and then accepts releases signed by the
     // new key.
@@ -314,5 +359,5 @@ async fn a_release_signed_with_the_cli_is_verified_and_recorded_by_the_car() {
     drop(_agent);
     let state: Value = serde_json::from_slice(&std::fs::read(env.state_file()).unwrap()).unwrap();
     assert_eq!(state["installed"]["os"], "3.0.0");
-    assert_eq!(state["last_counter"], 3);
+    assert_eq!(state["last_counter"], 4);
 }

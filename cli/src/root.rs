@@ -65,6 +65,31 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Allow cars to install an older version of a release line (e.g. back from a bad release):
+    /// a downgrade override signed by the root keys, valid for --hours.
+    ///
+    /// Cars refuse a version below the one they run on the same line unless an override names
+    /// exactly that line and version. Give it with the desired state:
+    ///   cardeploy root allow-downgrade --line os --version 1.4.0 --sign-with keys/root.key \
+    ///     --out allow-os-1.4.0.json
+    ///   cardeploy car set-desired CAR --release os@1.4.0 --downgrade allow-os-1.4.0.json
+    #[command(verbatim_doc_comment)]
+    AllowDowngrade {
+        /// The release line.
+        #[arg(long)]
+        line: String,
+        /// The exact older version allowed.
+        #[arg(long)]
+        version: String,
+        /// Hours until the override expires.
+        #[arg(long, default_value_t = 24)]
+        hours: u64,
+        /// A private root key to sign with (repeat: the root role's threshold of them).
+        #[arg(long = "sign-with", value_name = "KEY", required = true)]
+        sign_with: Vec<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Fetch the twin's director public key into a .pub file, for `root init --director-key`.
     ///
     /// The director key is the twin's online key: it signs each car's desired state. The file
@@ -227,6 +252,40 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Push { files, api } => push(&files, &api),
         Command::Director { out, api } => director(&out, &api),
+        Command::AllowDowngrade {
+            line,
+            version,
+            hours,
+            sign_with,
+            out,
+        } => {
+            semver::Version::parse(&version)
+                .with_context(|| format!("--version {version}: not a semantic version"))?;
+            let doc = cardeploy_release::DowngradeOverride {
+                line: line.clone(),
+                version: version.clone(),
+                expires: now() + hours.saturating_mul(3600),
+            };
+            let keys: Vec<SigningKey> = sign_with
+                .iter()
+                .map(|p| load_private(p))
+                .collect::<Result<_, _>>()?;
+            let refs: Vec<&SigningKey> = keys.iter().collect();
+            let envelope = sign(
+                cardeploy_release::OVERRIDE_TYPE,
+                &serde_json::to_vec_pretty(&doc)?,
+                &refs,
+            );
+            std::fs::write(&out, envelope.to_json())
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {}: cars may install {line}@{version} below what they run, until {} (unix). Next:\n  cardeploy car set-desired CAR --release {line}@{version} --downgrade {}",
+                out.display(),
+                doc.expires,
+                out.display()
+            );
+            Ok(())
+        }
     }
 }
 
