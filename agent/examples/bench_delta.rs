@@ -22,10 +22,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cardeploy_pki::{FleetPki, write_file};
-use cardeploy_release::{Artifact, ArtifactKind};
+use cardeploy_release::ArtifactKind;
 use cardeploy_testkit::FaultProxy;
 use cardeploy_testkit::procs::{TwinProcess, arg, http, peak_rss_kib, start_twin};
-use cardeploy_testkit::signing::{COMPATIBLE, Signer};
+use cardeploy_testkit::signing::{COMPATIBLE, Signer, artifact_from_view};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -134,13 +134,7 @@ fn run(bench: &Bench, car: &Car, release: &str, index: &str) -> f64 {
     // A signed release with the one artifact (registered once; the same digest again is a no-op).
     let (status, view) = api(bench, "GET", &format!("/api/v1/indexes/{index}"), None);
     assert_eq!(status, 200, "{view}");
-    let artifact = Artifact {
-        kind: ArtifactKind::RaucBundle,
-        name: "rootfs".into(),
-        digest: view["artifact"].as_str().unwrap().to_owned(),
-        size: view["size"].as_u64().unwrap(),
-        index: index.to_owned(),
-    };
+    let artifact = artifact_from_view(ArtifactKind::RaucBundle, "rootfs", index, &view);
     let (line, major) = release.split_once('@').unwrap();
     let mut manifest = bench
         .signer

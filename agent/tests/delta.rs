@@ -13,7 +13,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cardeploy_chunks::{Assembler, ChunkIndex, Params, chunk_bytes};
-use cardeploy_release::{Artifact, ArtifactKind};
+use cardeploy_release::ArtifactKind;
+use cardeploy_testkit::signing::artifact_from_view;
 use cardeploy_testkit::{Fault, FaultProxy, workspace_bin};
 use cardeploy_twin::Running;
 use common::{Agent, Env, call, until};
@@ -100,13 +101,7 @@ fn push(twin: &Running, env: &Env, file: &Path) -> String {
 async fn desire(env: &Env, twin: &Running, car: &str, release: &str, index: &str) {
     let (status, view) = call(twin, "GET", &format!("/api/v1/indexes/{index}"), None).await;
     assert_eq!(status, 200, "{view}");
-    let artifact = Artifact {
-        kind: ArtifactKind::RaucBundle,
-        name: "rootfs".into(),
-        digest: view["artifact"].as_str().unwrap().to_owned(),
-        size: view["size"].as_u64().unwrap(),
-        index: index.to_owned(),
-    };
+    let artifact = artifact_from_view(ArtifactKind::RaucBundle, "rootfs", index, &view);
     let (line, version) = label(release);
     env.desire(twin, car, line, &version, vec![artifact]).await;
 }

@@ -198,19 +198,7 @@ fn parse_line(s: &str) -> Result<String, String> {
 /// The rule of docs/release-format.md M3 (names become file names on the car), checked here so
 /// `create` refuses what the twin and the cars would.
 fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{name}` is not a safe name (1-64 of A-Z a-z 0-9 - _ ., starting alphanumeric)"
-        ))
-    }
+    cardeploy_release::safe_name("name", name).map_err(|e| e.to_string())
 }
 
 fn kind_name(kind: ArtifactKind) -> &'static str {

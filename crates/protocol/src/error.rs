@@ -13,8 +13,4 @@ pub enum Error {
     },
     #[error("invalid attribute {key:?}: {why}")]
     InvalidAttribute { key: String, why: &'static str },
-    #[error(
-        "invalid artifact name {name:?}: use 1-64 characters of A-Z a-z 0-9 - _ . starting alphanumeric"
-    )]
-    InvalidArtifactName { name: String },
 }

@@ -81,24 +81,6 @@ pub struct DesiredState {
     pub downgrade: Option<Envelope>,
 }
 
-/// Check an artifact name: 1-64 characters of A-Z a-z 0-9 - _ ., starting alphanumeric (it
-/// becomes a file name on the car).
-pub fn validate_artifact_name(name: &str) -> Result<(), Error> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && name.as_bytes()[0].is_ascii_alphanumeric();
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidArtifactName {
-            name: name.to_owned(),
-        })
-    }
-}
-
 /// `artifact.index` request; the answer is the index's binary encoding (docs/delta.md).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

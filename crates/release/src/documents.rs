@@ -111,8 +111,9 @@ fn hex64(what: &str, s: &str) -> Result<(), Error> {
     }
 }
 
-/// Names become file names on the car: 1–64 of A–Z a–z 0–9 - _ ., starting alphanumeric.
-fn safe_name(what: &str, name: &str) -> Result<(), Error> {
+/// M3's rule for names (release lines, artifacts, workloads), which become file names on the car:
+/// 1–64 of A–Z a–z 0–9 - _ ., starting alphanumeric. `what` names the field in the error.
+pub fn safe_name(what: &str, name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.as_bytes()[0].is_ascii_alphanumeric()

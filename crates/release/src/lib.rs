@@ -17,7 +17,7 @@ mod sign;
 pub use documents::{
     Artifact, ArtifactKind, CarContext, CheckedRelease, DESIRED_TYPE, Desired, DowngradeOverride,
     OVERRIDE_TYPE, RELEASE_TYPE, Release, Workload, check_artifact, check_desired, check_release,
-    sha256_hex, verify_release,
+    safe_name, sha256_hex, verify_release,
 };
 pub use envelope::{Envelope, MAX_ENVELOPE_BYTES, MAX_SIGNATURES, Signature, Verified, pae};
 pub use error::Error;

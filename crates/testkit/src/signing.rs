@@ -72,6 +72,23 @@ pub fn artifact(kind: ArtifactKind, name: &str, index: &ChunkIndex) -> Artifact 
     }
 }
 
+/// A release artifact declared from the twin's view of its chunk index
+/// (`GET /api/v1/indexes/{index}`).
+pub fn artifact_from_view(
+    kind: ArtifactKind,
+    name: &str,
+    index: &str,
+    view: &serde_json::Value,
+) -> Artifact {
+    Artifact {
+        kind,
+        name: name.to_owned(),
+        digest: view["artifact"].as_str().unwrap().to_owned(),
+        size: view["size"].as_u64().unwrap(),
+        index: index.to_owned(),
+    }
+}
+
 impl Signer {
     /// Keys for the root and release roles; `director` is the twin's key
     /// (`<data_dir>/director.pub`).
