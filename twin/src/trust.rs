@@ -197,6 +197,12 @@ impl Trust {
             .chain
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Pushing a chain again (`cardeploy root push root-1.json root-2.json` after a rotation)
+        // is not an error: a root already held is simply acknowledged.
+        let envelope = Envelope::from_json(bytes)?;
+        if let Some(i) = chain.envelopes.iter().position(|e| *e == envelope) {
+            return Ok(i as u64 + 1);
+        }
         let next = match &chain.trusted {
             None => {
                 let root = TrustedRoot::pinned(bytes)?;
@@ -225,7 +231,7 @@ impl Trust {
                 "could not store the root: {e}"
             )))
         })?;
-        chain.envelopes.push(Envelope::from_json(bytes)?);
+        chain.envelopes.push(envelope);
         chain.trusted = Some(next);
         tracing::info!(version, "root accepted");
         Ok(version)

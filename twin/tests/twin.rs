@@ -217,6 +217,8 @@ async fn the_twin_takes_only_releases_signed_under_its_root() {
     );
 
     signer.push_root(twin.api_addr, &twin.operator_token).await;
+    // The same root again is acknowledged, not an error (a chain pushed again after a rotation).
+    signer.push_root(twin.api_addr, &twin.operator_token).await;
     // Signed by a key that is not the release role's (the root key): refused.
     let wrong = cardeploy_release::sign(
         cardeploy_release::RELEASE_TYPE,
