@@ -116,6 +116,8 @@ pub struct CarView {
     pub reported: Option<ReportedRecord>,
     /// The last download progress the car reported since the twin started.
     pub progress: Option<FetchProgress>,
+    /// The last OS installation progress the car reported since the twin started.
+    pub install: Option<protocol::InstallProgress>,
 }
 
 async fn add_car(
@@ -151,9 +153,12 @@ async fn view(twin: &Twin, car: CarRecord) -> Result<CarView, ApiError> {
         Some(stored) => Some(desired_view(twin, &stored).await?),
         None => None,
     };
-    let progress = twin.fleet.with_car(&car.id, |live| live.progress.clone());
+    let (progress, install) = twin.fleet.with_car(&car.id, |live| {
+        (live.progress.clone(), live.install.clone())
+    });
     Ok(CarView {
         progress,
+        install,
         connected: twin.fleet.connected(&car.id).is_some(),
         id: car.id,
         attributes: car.attributes,

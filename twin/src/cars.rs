@@ -25,6 +25,8 @@ pub(crate) struct Live {
     pub session: Option<(u64, Requester)>,
     /// The last download progress the car reported.
     pub progress: Option<protocol::FetchProgress>,
+    /// The last OS installation progress the car reported.
+    pub install: Option<protocol::InstallProgress>,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +44,7 @@ impl Fleet {
             desired: watch::Sender::new(None),
             session: None,
             progress: None,
+            install: None,
         });
         f(live)
     }
@@ -374,6 +377,18 @@ impl CarResponder {
                     self.twin
                         .fleet
                         .with_car(&self.car, |live| live.progress = Some(p));
+                }
+            }
+            ReportBody::Install { progress: p } => {
+                if self.twin.db.mark_seq(&self.car, epoch, seq, now).await? {
+                    let message = format!("{} {}%: {}", p.release, p.percentage, p.message);
+                    self.twin
+                        .db
+                        .event(&self.car, now, "install", &message)
+                        .await?;
+                    self.twin
+                        .fleet
+                        .with_car(&self.car, |live| live.install = Some(p));
                 }
             }
         }

@@ -344,6 +344,7 @@ async fn repeated_reports_are_stored_once_and_reported_state_survives_a_twin_res
         desired_counter: Some(1),
         release: Some("app@2.0.0".into()),
         last_error: None,
+        os: None,
     };
     let report = Report {
         epoch: 1,

@@ -126,7 +126,8 @@ pub struct FetchProgress {
     pub done: bool,
 }
 
-/// Where the agent stands with the desired state.
+/// Where the agent stands with the desired state. A release that carries an OS bundle goes
+/// through the A/B phases (docs/state-machines.md); one without goes from `fetching` to `applied`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
@@ -138,6 +139,19 @@ pub enum Phase {
     Applied,
     /// The last desired state could not be applied; see `last_error`.
     Failed,
+    /// The OS bundle is on the car; its digest is checked again before RAUC sees it.
+    Verifying,
+    /// RAUC is writing the bundle into the inactive slot.
+    Installing,
+    /// The new slot is written and primary; the car waits for its reboot policy to allow a reboot.
+    PendingReboot,
+    /// The car runs the new slot, not yet committed: the health gate decides.
+    Trial,
+    /// The new slot passed the health gate and is marked good.
+    Committed,
+    /// The car is back on the previous slot; `last_error` says why (boot or health failure).
+    /// The release is never installed again on its own.
+    RolledBack,
 }
 
 /// What the agent says the car runs.
@@ -149,6 +163,9 @@ pub struct ReportedState {
     pub desired_counter: Option<u64>,
     pub release: Option<String>,
     pub last_error: Option<String>,
+    /// The A/B system as RAUC sees it, on cars whose agent manages the OS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<OsReport>,
 }
 
 impl ReportedState {
@@ -158,8 +175,48 @@ impl ReportedState {
             desired_counter: None,
             release: None,
             last_error: None,
+            os: None,
         }
     }
+}
+
+/// The car's A/B slots and the OS update in progress.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OsReport {
+    /// Bootname of the slot the car runs (`A`, `B`).
+    pub booted: String,
+    /// Bootname of the slot the bootloader starts next time, when known.
+    pub primary: Option<String>,
+    /// The agent's OS update state (docs/state-machines.md), e.g. `trial`, `rolled-back`.
+    pub update: String,
+    /// The release the OS update state is about (`line@version`).
+    pub release: Option<String>,
+    pub slots: Vec<SlotReport>,
+}
+
+/// One slot as RAUC reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotReport {
+    pub name: String,
+    pub bootname: Option<String>,
+    /// `booted`, `active` or `inactive`.
+    pub state: String,
+    /// `good` or `bad`, when the bootloader knows.
+    pub boot_status: Option<String>,
+    /// The version of the bundle last installed into the slot.
+    pub bundle_version: Option<String>,
+}
+
+/// RAUC's progress while it installs a bundle.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstallProgress {
+    /// `line@version` being installed.
+    pub release: String,
+    pub percentage: i32,
+    pub message: String,
 }
 
 /// `car.report` payload: fire-and-forget, so it carries a sequence number the twin deduplicates
@@ -183,6 +240,8 @@ pub enum ReportBody {
     Event { kind: String, message: String },
     /// A download's progress.
     Progress { progress: FetchProgress },
+    /// An OS installation's progress (RAUC's own steps and percentage).
+    Install { progress: InstallProgress },
 }
 
 /// `car.heartbeat` request and answer: nothing but liveness.

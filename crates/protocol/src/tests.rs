@@ -52,6 +52,7 @@ fn reports_round_trip_through_json() {
                 desired_counter: Some(4),
                 release: Some("infotainment@1.2.0".into()),
                 last_error: None,
+                os: None,
             },
         },
     };
