@@ -34,8 +34,14 @@ pub struct Config {
     /// read-only). Every release and desired state is verified against it and the rotations
     /// the twin sends (docs/release-format.md).
     pub root: PathBuf,
-    /// This hardware's RAUC `compatible`: releases for other hardware are refused (M4).
-    pub compatible: String,
+    /// This hardware's RAUC `compatible`: releases for other hardware are refused (M4). With
+    /// `[os]` it is read from RAUC and may be left out (if given, it must match RAUC's).
+    #[serde(default)]
+    pub compatible: Option<String>,
+    /// OS updates through RAUC (docs/state-machines.md). Without it, an OS bundle is fetched
+    /// and verified but not installed.
+    #[serde(default)]
+    pub os: Option<crate::os::OsConfig>,
     /// Heartbeat interval until the twin says otherwise, seconds.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,
@@ -116,6 +122,11 @@ impl Config {
             why: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(os) = &mut config.os
+            && os.boot_id_file.is_relative()
+        {
+            os.boot_id_file = base.join(&os.boot_id_file);
+        }
         for p in [
             &mut config.ca,
             &mut config.cert,
@@ -166,6 +177,15 @@ impl Config {
         }
         if self.request_deadline_secs == 0 {
             return Err(bad("request_deadline_secs must be above 0".into()));
+        }
+        match (&self.compatible, &self.os) {
+            (None, None) => {
+                return Err(bad(
+                    "compatible is missing: give this hardware's RAUC compatible, or add [os] to read it from RAUC".into(),
+                ));
+            }
+            (_, Some(os)) => os.validate().map_err(bad)?,
+            _ => {}
         }
         if !self.twin.contains(':') {
             return Err(bad(format!(

@@ -34,6 +34,12 @@ pub enum Error {
     Refused(#[from] cardeploy_release::Error),
     #[error("fetch: {0}")]
     Fetch(String),
+    #[error(
+        "compatible = {configured:?} in the agent's configuration, but RAUC says {rauc:?}: remove it from agent.toml (RAUC's system.conf is the authority) or fix one of them"
+    )]
+    Compatible { configured: String, rauc: String },
+    #[error("RAUC: {0}")]
+    Rauc(#[from] cardeploy_rauc::Error),
     #[error(transparent)]
     Link(#[from] cardeploy_link::Error),
     #[error("twin answered {what} with something unreadable: {source}")]

@@ -8,11 +8,12 @@
 mod config;
 mod error;
 mod fetch;
+pub mod os;
 mod state;
 pub mod verify;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -50,7 +51,20 @@ struct Agent {
     roots: verify::Roots,
     /// The root in force: the pinned one or the newest rotation accepted.
     trusted: Mutex<cardeploy_release::TrustedRoot>,
+    /// This hardware's RAUC `compatible` (from RAUC when the agent manages the OS).
+    compatible: String,
+    /// The OS driver's shared part, when `[os]` is configured.
+    os: Option<Arc<os::driver::OsRuntime>>,
+    /// The connection of the current session, for reports from tasks outside it.
+    link: Mutex<Option<Requester>>,
+    /// Serialises read-modify-persist of the state between the session and the OS driver.
+    writer: tokio::sync::Mutex<()>,
+    /// The twin answered a hello since the agent started (the health gate asks).
+    reached: AtomicBool,
 }
+
+/// Events kept while offline, oldest dropped first.
+const BACKLOG_KEPT: usize = 256;
 
 /// The work a desired state asks for, run alongside the session's other duties.
 type Job = std::pin::Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
@@ -66,6 +80,155 @@ impl Agent {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Read-modify-persist under the writer lock; `f` says whether it changed anything (nothing
+    /// is written otherwise). The in-memory state changes only once the file is durable.
+    async fn update<R>(&self, f: impl FnOnce(&mut State) -> (bool, R)) -> Result<R, String> {
+        let _writer = self.writer.lock().await;
+        let mut next = self.state().clone();
+        let (changed, result) = f(&mut next);
+        if changed {
+            self.persist(&next).await?;
+            *self.state() = next;
+        }
+        Ok(result)
+    }
+
+    /// Report from anywhere: sent on the current session, if any. Offline, events wait for the
+    /// next hello (which carries the reported state anyway); progress is dropped.
+    async fn emit(&self, body: ReportBody) {
+        let link = self
+            .link
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match (link, body) {
+            (Some(link), body) => self.report(&link, body).await,
+            (None, ReportBody::Event { kind, message }) => {
+                let mut backlog = self
+                    .backlog
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if backlog.len() >= BACKLOG_KEPT {
+                    backlog.remove(0);
+                }
+                backlog.push((kind, message));
+            }
+            (None, _) => {}
+        }
+    }
+
+    async fn notice(&self, kind: &str, message: String) {
+        self.emit(ReportBody::Event {
+            kind: kind.to_owned(),
+            message,
+        })
+        .await;
+    }
+
+    /// A session ended: reports from other tasks wait for the next one.
+    fn after_session<T>(&self, result: T) -> T {
+        *self
+            .link
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        result
+    }
+
+    fn twin_reached(&self) -> bool {
+        self.reached.load(Ordering::SeqCst)
+    }
+
+    fn wake_os(&self) {
+        if let Some(os) = &self.os {
+            os.wake.notify_one();
+        }
+    }
+
+    /// The OS release the target names, when the agent manages the OS.
+    fn wanted(&self, state: &State) -> Option<os::machine::Wanted> {
+        self.os.as_ref()?;
+        os::driver::wanted(self, state)
+    }
+
+    /// The target's OS bundle on disk and its declaration.
+    fn target_bundle(&self) -> Option<(std::path::PathBuf, cardeploy_release::Artifact)> {
+        let state = self.state();
+        let artifact = state
+            .target
+            .as_ref()?
+            .artifacts
+            .iter()
+            .find(|a| a.kind == cardeploy_release::ArtifactKind::RaucBundle)?
+            .clone();
+        let id = artifact.index.parse().ok()?;
+        Some((self.fetcher.artifact_path(&artifact.name, &id), artifact))
+    }
+
+    /// Drop an artifact from what the car holds (found damaged): the next plan fetches it.
+    async fn forget_artifact(&self, name: &str) {
+        let forgotten = self
+            .update(|s| (s.artifacts.remove(name).is_some(), ()))
+            .await;
+        if let Err(why) = forgotten {
+            tracing::error!("could not persist forgetting {name}: {why}");
+        }
+    }
+
+    /// Persist a new OS state (and the slots RAUC reports), then report it if anything the twin
+    /// sees changed.
+    /// Returns false when the state could not be persisted: the effect must not run then.
+    async fn os_transition(&self, next: os::OsUpdate, slots: Option<protocol::OsReport>) -> bool {
+        let updated = self
+            .update(|s| {
+                let before = s.clone();
+                let moved = s.os.update != next;
+                if moved {
+                    if os::machine::refuses(&next)
+                        && let Some(release) = next.release()
+                    {
+                        s.os.refuse(&release.digest);
+                    }
+                    if let os::OsUpdate::Committed { release, .. } = &next
+                        && let Some((line, version)) = release.label.split_once('@')
+                    {
+                        record_version(s, line, version);
+                    }
+                }
+                s.os.update = next.clone();
+                match slots {
+                    Some(report) => s.reported.os = Some(report),
+                    None => {
+                        if let Some(report) = &mut s.reported.os {
+                            report.update = next.name().to_owned();
+                            report.release = next.release().map(|r| r.label.clone());
+                        }
+                    }
+                }
+                sync_phase(s, self.os.is_some());
+                let changed = *s != before;
+                (changed, (moved, s.reported != before.reported))
+            })
+            .await;
+        match updated {
+            Ok((moved, reported)) => {
+                if moved {
+                    tracing::info!(state = next.name(), release = ?next.release().map(|r| &r.label),
+                        problem = ?next.problem(), "OS update");
+                    os::driver::failpoint(&next);
+                }
+                if reported {
+                    let state = self.state().reported.clone();
+                    self.emit(ReportBody::State { state }).await;
+                }
+            }
+            Err(why) => {
+                tracing::error!("could not persist the OS state {}: {why}", next.name());
+                return false;
+            }
+        }
+        true
     }
 
     async fn report(&self, link: &Requester, body: ReportBody) {
@@ -109,7 +272,7 @@ impl Agent {
     fn car_context(&self, state: &State) -> CarContext {
         CarContext {
             car_id: self.config.car_id.to_string(),
-            compatible: self.config.compatible.clone(),
+            compatible: self.compatible.clone(),
             now: now_secs(),
             last_counter: state.last_counter,
             installed: state
@@ -171,12 +334,15 @@ impl Agent {
                 }
                 other => other?,
             };
-            let mut next = self.state().clone();
-            let previous = next
-                .artifacts
-                .insert(artifact.name.clone(), artifact.index.clone());
-            self.persist(&next).await.map_err(Error::Fetch)?;
-            *self.state() = next;
+            let previous = self
+                .update(|s| {
+                    let previous = s
+                        .artifacts
+                        .insert(artifact.name.clone(), artifact.index.clone());
+                    (true, previous)
+                })
+                .await
+                .map_err(Error::Fetch)?;
             // The previous version was the base of this download; the new one is the base of
             // the next.
             if let Some(old) = previous.and_then(|h| h.parse().ok())
@@ -202,26 +368,37 @@ impl Agent {
             Err(e @ Error::Link(_)) => return Err(e),
             Err(e) => Some(e.to_string()),
         };
-        let mut next = self.state().clone();
-        match &outcome {
-            None => {
-                next.reported.phase = Phase::Applied;
-                next.reported.last_error = None;
-                record_installed(&mut next);
-            }
-            Some(why) => {
-                tracing::error!("fetch failed: {why}");
-                next.reported.phase = Phase::Failed;
-                next.reported.last_error = Some(why.clone());
-            }
-        }
-        if let Err(why) = self.persist(&next).await {
-            tracing::error!("could not persist the fetch outcome: {why}");
-        }
-        let reported = next.reported.clone();
-        *self.state() = next;
-        self.report(link, ReportBody::State { state: reported })
+        let os = self.os.is_some();
+        let updated = self
+            .update(|next| {
+                match &outcome {
+                    // An OS release goes on to the OS driver: installed means committed there.
+                    None if os && self.wanted(next).is_some() => {
+                        next.reported.phase = Phase::Verifying;
+                        next.reported.last_error = None;
+                    }
+                    None => {
+                        next.reported.phase = Phase::Applied;
+                        next.reported.last_error = None;
+                        record_installed(next);
+                    }
+                    Some(why) => {
+                        tracing::error!("fetch failed: {why}");
+                        next.reported.phase = Phase::Failed;
+                        next.reported.last_error = Some(why.clone());
+                    }
+                }
+                (true, next.reported.clone())
+            })
             .await;
+        match updated {
+            Ok(reported) => {
+                self.report(link, ReportBody::State { state: reported })
+                    .await;
+            }
+            Err(why) => tracing::error!("could not persist the fetch outcome: {why}"),
+        }
+        self.wake_os();
         Ok(())
     }
 
@@ -265,63 +442,80 @@ impl Agent {
 
         let counter = accepted.desired.counter;
         let checked = accepted.release;
-        let mut next = self.state().clone();
-        next.desired = Some(message);
-        next.last_counter = Some(counter);
-        let same = next
-            .target
-            .as_ref()
-            .is_some_and(|t| t.release == checked.digest)
-            && next.reported.phase != Phase::Failed;
-        let mut fetch = false;
-        if same {
-            // The same release signed again (a refresh before expiry): only the counter moves.
-            next.reported.desired_counter = Some(counter);
-        } else {
-            let target = Target {
-                release: checked.digest.clone(),
-                line: checked.release.line.clone(),
-                version: checked.release.version.clone(),
-                artifacts: checked.release.artifacts.clone(),
-            };
-            let phase = if self.needs_fetch(&target, &next.artifacts) {
-                Phase::Fetching
-            } else {
-                Phase::Applied
-            };
-            next.reported = ReportedState {
-                phase,
-                desired_counter: Some(counter),
-                release: Some(target.label()),
-                last_error: None,
-            };
-            next.target = Some(target);
-            if phase == Phase::Applied {
-                record_installed(&mut next);
-            }
-            fetch = phase == Phase::Fetching;
-        }
+        let managed_os = self.os.is_some();
         // Persist before anything else happens: after a crash the agent knows what it accepted,
         // and a replay of an older counter stays refused.
-        if let Err(why) = self.persist(&next).await {
-            tracing::error!(counter, "could not persist desired state: {why}");
-            let reported = {
-                let mut state = self.state();
-                state.reported.phase = Phase::Failed;
-                state.reported.last_error =
-                    Some(format!("could not persist desired #{counter}: {why}"));
-                state.reported.clone()
-            };
-            self.report(link, ReportBody::State { state: reported })
-                .await;
-            return false;
-        }
+        let updated = self
+            .update(|next| {
+                next.desired = Some(message);
+                next.last_counter = Some(counter);
+                let same = next
+                    .target
+                    .as_ref()
+                    .is_some_and(|t| t.release == checked.digest)
+                    && next.reported.phase != Phase::Failed;
+                if same {
+                    // The same release signed again (a refresh before expiry): only the counter
+                    // moves.
+                    next.reported.desired_counter = Some(counter);
+                    return (true, false);
+                }
+                let target = Target {
+                    release: checked.digest.clone(),
+                    line: checked.release.line.clone(),
+                    version: checked.release.version.clone(),
+                    artifacts: checked.release.artifacts.clone(),
+                };
+                let fetch = self.needs_fetch(&target, &next.artifacts);
+                let os_release = managed_os
+                    && target
+                        .artifacts
+                        .iter()
+                        .any(|a| a.kind == cardeploy_release::ArtifactKind::RaucBundle);
+                let phase = match (fetch, os_release) {
+                    (true, _) => Phase::Fetching,
+                    // The OS driver takes it from here (and corrects the phase when its own
+                    // state says more, e.g. a release rolled back before).
+                    (false, true) => Phase::Verifying,
+                    (false, false) => Phase::Applied,
+                };
+                next.reported = ReportedState {
+                    phase,
+                    desired_counter: Some(counter),
+                    release: Some(target.label()),
+                    last_error: None,
+                    os: next.reported.os.take(),
+                };
+                next.target = Some(target);
+                if phase == Phase::Applied {
+                    record_installed(next);
+                }
+                sync_phase(next, managed_os);
+                (true, fetch)
+            })
+            .await;
+        let fetch = match updated {
+            Ok(fetch) => fetch,
+            Err(why) => {
+                tracing::error!(counter, "could not persist desired state: {why}");
+                let reported = {
+                    let mut state = self.state();
+                    state.reported.phase = Phase::Failed;
+                    state.reported.last_error =
+                        Some(format!("could not persist desired #{counter}: {why}"));
+                    state.reported.clone()
+                };
+                self.report(link, ReportBody::State { state: reported })
+                    .await;
+                return false;
+            }
+        };
+        let reported = self.state().reported.clone();
         tracing::info!(counter, release = %checked.digest, line = %checked.release.line,
-            version = %checked.release.version, phase = ?next.reported.phase, "desired state verified and accepted");
-        let reported = next.reported.clone();
-        *self.state() = next;
+            version = %checked.release.version, phase = ?reported.phase, "desired state verified and accepted");
         self.report(link, ReportBody::State { state: reported })
             .await;
+        self.wake_os();
         fetch
     }
 
@@ -362,6 +556,13 @@ impl Agent {
                 source,
             })?;
         *hello_ok = true;
+        self.reached.store(true, Ordering::SeqCst);
+        *self
+            .link
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(link.clone());
+        // The health gate may be waiting for the twin.
+        self.wake_os();
         if reply.car_id != self.config.car_id {
             tracing::warn!(configured = %self.config.car_id, certificate = %reply.car_id,
                 "the twin knows this car by another id: check car_id in the configuration");
@@ -510,7 +711,40 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let roots = verify::Roots::new(&config.state_dir)?;
     let trusted = roots.load(&config.root)?;
     tracing::info!(root = trusted.root().version, "root of trust loaded");
+    tokio::pin!(shutdown);
+    // With [os], RAUC is the authority on what this hardware is.
+    let (rauc, compatible) = match &config.os {
+        Some(os_config) => {
+            let rauc = tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                rauc = os::driver::connect(os_config) => rauc,
+            };
+            let from_rauc = rauc.compatible().await?;
+            if let Some(configured) = &config.compatible
+                && *configured != from_rauc
+            {
+                return Err(Error::Compatible {
+                    configured: configured.clone(),
+                    rauc: from_rauc,
+                });
+            }
+            tracing::info!(compatible = %from_rauc, booted = ?rauc.boot_slot().await.ok(), "RAUC found");
+            (Some(rauc), from_rauc)
+        }
+        None => (None, config.compatible.clone().unwrap_or_default()),
+    };
+    let os_runtime = config.os.clone().map(|os_config| {
+        Arc::new(os::driver::OsRuntime {
+            config: os_config,
+            wake: tokio::sync::Notify::new(),
+        })
+    });
     let agent = Arc::new(Agent {
+        compatible,
+        os: os_runtime.clone(),
+        link: Mutex::new(None),
+        writer: tokio::sync::Mutex::new(()),
+        reached: AtomicBool::new(false),
         roots,
         trusted: Mutex::new(trusted),
         fetcher,
@@ -521,13 +755,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         started: Instant::now(),
         backlog: Mutex::new(backlog),
     });
-    tokio::pin!(shutdown);
+    let driver = match (os_runtime, rauc) {
+        (Some(runtime), Some(rauc)) => Some(tokio::spawn(os::driver::drive(
+            agent.clone(),
+            runtime,
+            rauc,
+        ))),
+        _ => None,
+    };
     loop {
         let mut hello_ok = false;
         let options = agent.options(&security, heartbeat);
         tokio::select! {
             () = &mut shutdown => break,
-            result = agent.session(options, &mut hello_ok) => match result {
+            result = agent.session(options, &mut hello_ok) => match agent.after_session(result) {
                 Ok(hb) => {
                     heartbeat = hb;
                     tracing::warn!("connection to the twin lost");
@@ -545,6 +786,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             () = tokio::time::sleep(delay) => {}
         }
     }
+    if let Some(driver) = driver {
+        driver.abort();
+    }
     tracing::info!("agent stopped");
     Ok(())
 }
@@ -552,13 +796,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// The target release is on the car: its version becomes the line's installed version if it is
 /// the highest (M5 compares against it).
 fn record_installed(state: &mut State) {
-    let Some(target) = &state.target else {
-        return;
-    };
-    let newer = match state.installed.get(&target.line) {
+    if let Some(target) = state.target.clone() {
+        record_version(state, &target.line, &target.version);
+    }
+}
+
+fn record_version(state: &mut State, line: &str, version: &str) {
+    let newer = match state.installed.get(line) {
         Some(have) => match (
             have.parse::<semver::Version>(),
-            target.version.parse::<semver::Version>(),
+            version.parse::<semver::Version>(),
         ) {
             (Ok(have), Ok(new)) => new > have,
             _ => true,
@@ -566,8 +813,25 @@ fn record_installed(state: &mut State) {
         None => true,
     };
     if newer {
-        state
-            .installed
-            .insert(target.line.clone(), target.version.clone());
+        state.installed.insert(line.to_owned(), version.to_owned());
     }
+}
+
+/// When the OS machine works on the target release, its state is what the twin sees.
+fn sync_phase(state: &mut State, managed_os: bool) {
+    if !managed_os {
+        return;
+    }
+    let Some(target) = &state.target else {
+        return;
+    };
+    if state.os.update.release().map(|r| &r.digest) != Some(&target.release) {
+        return;
+    }
+    // Fetching belongs to the fetch job (it knows about fetch errors).
+    if matches!(state.os.update, os::OsUpdate::Fetching { .. }) {
+        return;
+    }
+    state.reported.phase = state.os.update.phase();
+    state.reported.last_error = state.os.update.problem();
 }

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::Error;
 
 /// 2: signed desired states (issue 4) — the counter, the target release and installed versions.
-pub const SCHEMA: u32 = 2;
+/// 3: the OS update state (`os`); a schema-2 file loads with an idle OS state.
+pub const SCHEMA: u32 = 3;
 const FILE: &str = "state.json";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +38,9 @@ pub struct State {
     /// version of an artifact is the base the twin makes deltas against.
     #[serde(default)]
     pub artifacts: std::collections::BTreeMap<String, String>,
+    /// The OS update (A/B through RAUC) and the releases this car will not install again.
+    #[serde(default)]
+    pub os: crate::os::OsRecord,
 }
 
 /// A verified release, as much of it as the agent needs after verification.
@@ -68,6 +72,7 @@ impl Default for State {
             installed: std::collections::BTreeMap::new(),
             reported: ReportedState::idle(),
             artifacts: std::collections::BTreeMap::new(),
+            os: crate::os::OsRecord::default(),
         }
     }
 }
@@ -122,7 +127,10 @@ impl Store {
             });
         }
         match serde_json::from_slice::<State>(&bytes) {
-            Ok(state) => Ok((state, None)),
+            Ok(mut state) => {
+                state.schema = SCHEMA;
+                Ok((state, None))
+            }
             Err(source) => {
                 let stamp = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -188,8 +196,10 @@ mod tests {
                 desired_counter: Some(2),
                 release: Some("app@1.0.0".into()),
                 last_error: None,
+                os: None,
             },
             artifacts: [("rootfs".to_owned(), "ab".repeat(32))].into(),
+            os: crate::os::OsRecord::default(),
         }
     }
 
