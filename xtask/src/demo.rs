@@ -10,17 +10,17 @@ use serde_json::Value;
 
 use crate::{cargo, root, run};
 
-const CAR: &str = "DEMO-CAR-1";
+pub(crate) const CAR: &str = "DEMO-CAR-1";
 /// The demo car's hardware, as RAUC's `compatible` would name it.
-const COMPATIBLE: &str = "cardeploy-demo";
+pub(crate) const COMPATIBLE: &str = "cardeploy-demo";
 
-struct Daemon {
+pub(crate) struct Daemon {
     name: &'static str,
     child: Child,
 }
 
 impl Daemon {
-    fn start(name: &'static str, cmd: &mut Command, log: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn start(name: &'static str, cmd: &mut Command, log: &Path) -> anyhow::Result<Self> {
         let file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = cmd
@@ -32,7 +32,7 @@ impl Daemon {
     }
 
     /// SIGTERM and wait: both daemons must stop cleanly.
-    fn stop(mut self) -> anyhow::Result<()> {
+    pub(crate) fn stop(mut self) -> anyhow::Result<()> {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let started = Instant::now();
@@ -65,18 +65,18 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn step(text: &str) {
+pub(crate) fn step(text: &str) {
     println!("\n== {text}");
 }
 
-struct Cli {
+pub(crate) struct Cli {
     bin: PathBuf,
     api: String,
     token_file: PathBuf,
 }
 
 impl Cli {
-    fn cmd(&self) -> Command {
+    pub(crate) fn cmd(&self) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.env("CARDEPLOY_API", &self.api)
             .env("CARDEPLOY_TOKEN_FILE", &self.token_file);
@@ -84,7 +84,11 @@ impl Cli {
     }
 
     fn show(&self) -> anyhow::Result<Value> {
-        let out = self.cmd().args(["car", "show", CAR]).output()?;
+        self.show_car(CAR)
+    }
+
+    pub(crate) fn show_car(&self, car: &str) -> anyhow::Result<Value> {
+        let out = self.cmd().args(["car", "show", car]).output()?;
         if !out.status.success() {
             bail!(
                 "cardeploy car show: {}",
@@ -112,7 +116,7 @@ impl Cli {
 
 /// `cardeploy release create` (with `extra` inputs) + `release sign` with the offline release
 /// key + `release push` → the release digest it prints.
-fn release(
+pub(crate) fn release(
     cli: &Cli,
     data: &Path,
     line: &str,
@@ -448,6 +452,8 @@ pub fn main() -> anyhow::Result<()> {
         "  the car still runs {}",
         view["reported"]["state"]["release"]
     );
+
+    crate::demo_os::main(&cli, &data, &bin, &twin_data.join("pki"), cars_port)?;
 
     step("cardeploy car inspect: the twin asks the car over the same connection");
     run(cli.cmd().args(["car", "inspect", CAR]))?;

@@ -14,6 +14,7 @@ mod bench_delta;
 mod delta_inputs;
 mod delta_tools;
 mod demo;
+mod demo_os;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,6 +32,17 @@ const APT_CROSS: &[&str] = &[
     "gcc-aarch64-linux-gnu",
     "libc6-dev-arm64-cross",
     "qemu-user-static",
+];
+
+/// RAUC on the host for the OS tests and the demo: a real `rauc service` on a private bus with
+/// file-backed slots (docs/state-machines.md, crates/testkit/src/rauc.rs).
+const APT_RAUC: &[&str] = &[
+    "rauc",
+    "rauc-service",
+    "squashfs-tools",
+    "dbus",
+    "e2fsprogs",
+    "openssl",
 ];
 
 fn main() {
@@ -135,7 +147,7 @@ fn as_root() -> bool {
 
 /// apt packages (with arm64 multiarch for the aarch64 standard library) and the Python venv.
 fn deps(cross_too: bool) -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = Vec::new();
+    let mut missing: Vec<&str> = APT_RAUC.iter().copied().filter(|p| !installed(p)).collect();
     if cross_too {
         missing.extend(APT_CROSS.iter().filter(|p| !installed(p)));
     }
@@ -282,6 +294,10 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // CONVENTIONS §9: the docs build without warnings (broken intra-doc links included).
+    run(cargo()
+        .args(["doc", "--workspace", "--no-deps", "--locked"])
+        .env("RUSTDOCFLAGS", "-D warnings"))?;
     // The aarch64 agent is built once per run and tested under qemu-user by agent/tests/cross.rs.
     let aarch64 = cross()?;
     run(cargo()
