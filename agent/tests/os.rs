@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cardeploy_release::ArtifactKind;
-use cardeploy_testkit::rauc::{RaucSystem, Signer as BundleSigner, unavailable};
+use cardeploy_testkit::rauc::{RaucSystem, Signer as BundleSigner};
 use cardeploy_testkit::signing::{COMPATIBLE, artifact_from_view};
 use cardeploy_testkit::workspace_bin;
 use cardeploy_twin::Running;
@@ -38,11 +38,7 @@ const CAR: &str = "VIN-OS";
 const DEADLINE: u64 = 6;
 
 fn skip() -> bool {
-    if let Some(why) = unavailable() {
-        eprintln!("SKIPPED: the RAUC tests need {why}");
-        return true;
-    }
-    false
+    cardeploy_testkit::rauc::skipped()
 }
 
 impl Car {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cardeploy_rauc::{Error, InstallArgs, MarkSlot, MarkState, Progress, Rauc, SlotState};
-use cardeploy_testkit::rauc::{RaucSystem, Signer, unavailable};
+use cardeploy_testkit::rauc::{RaucSystem, Signer};
 
 const COMPATIBLE: &str = "cardeploy-test-car";
 const LIMIT: Duration = Duration::from_secs(60);
@@ -24,9 +24,7 @@ const SLOW: Duration = Duration::from_millis(500);
 /// (it captures only `eprintln!`), so the reason shows even when the test "passes".
 macro_rules! skip_without_rauc {
     () => {
-        if let Some(why) = unavailable() {
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+        if cardeploy_testkit::rauc::skipped() {
             return;
         }
     };

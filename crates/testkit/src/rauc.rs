@@ -62,6 +62,19 @@ pub fn unavailable() -> Option<String> {
     (!why.is_empty()).then(|| why.join("; "))
 }
 
+/// For tests: true (after saying so on the real stderr, which the test harness does not capture)
+/// when RAUC tests cannot run here.
+pub fn skipped() -> bool {
+    match unavailable() {
+        Some(why) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: the RAUC tests need {why}");
+            true
+        }
+        None => false,
+    }
+}
+
 /// A private dbus-daemon with `rauc service` on it. Drop stops both and unmounts whatever RAUC
 /// left mounted under the temp dir.
 #[derive(Debug)]
