@@ -176,6 +176,20 @@ impl Agent {
         }
     }
 
+    /// Remember that the booted slot was marked good in boot `boot_id`.
+    async fn confirm_boot(&self, boot_id: &str) {
+        let saved = self
+            .update(|s| {
+                let changed = s.os.confirmed_boot.as_deref() != Some(boot_id);
+                s.os.confirmed_boot = Some(boot_id.to_owned());
+                (changed, ())
+            })
+            .await;
+        if let Err(why) = saved {
+            tracing::error!("could not persist the boot confirmation: {why}");
+        }
+    }
+
     /// Persist a new OS state (and the slots RAUC reports), then report it if anything the twin
     /// sees changed.
     /// Returns false when the state could not be persisted: the effect must not run then.

@@ -73,8 +73,19 @@ pub(crate) async fn connect(config: &OsConfig) -> Rauc {
 /// What RAUC and the system say, beyond the pure facts: for reports.
 struct Observed {
     facts: Facts,
+    /// `VERSION_ID` of the running system's os-release.
+    version: Option<String>,
     slots: Vec<SlotStatus>,
     primary: Option<String>,
+}
+
+/// `VERSION_ID` from an os-release file, if there is one.
+fn os_version(path: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix("VERSION_ID=")?;
+        Some(value.trim().trim_matches('"').to_owned())
+    })
 }
 
 fn read_boot_id(config: &OsConfig) -> Result<String, Error> {
@@ -134,7 +145,10 @@ async fn observe(
             now,
             reboot: policy::reboot_gate(&config.reboot, now, parked),
             health: health.clone(),
+            // Filled in by the caller, which holds the state.
+            boot_confirmed: false,
         },
+        version: os_version(&config.os_release),
         slots,
         primary,
     })
@@ -143,6 +157,7 @@ async fn observe(
 fn os_report(observed: &Observed, update: &OsUpdate) -> OsReport {
     OsReport {
         booted: observed.facts.booted.clone(),
+        version: observed.version.clone(),
         primary: observed.primary.clone(),
         update: update.name().to_owned(),
         release: update.release().map(|r| r.label.clone()),
@@ -175,7 +190,7 @@ pub(crate) async fn drive(agent: Arc<Agent>, runtime: Arc<OsRuntime>, rauc: Rauc
             None => connect(config).await,
         };
         rauc = Some(client.clone());
-        let observed = match observe(&client, config, &health, last.as_ref()).await {
+        let mut observed = match observe(&client, config, &health, last.as_ref()).await {
             Ok(o) => {
                 if rauc_down {
                     agent.notice("rauc", "RAUC answers again".to_owned()).await;
@@ -200,6 +215,8 @@ pub(crate) async fn drive(agent: Arc<Agent>, runtime: Arc<OsRuntime>, rauc: Rauc
         };
         let (current, refused, wanted) = {
             let state = agent.state();
+            observed.facts.boot_confirmed =
+                state.os.confirmed_boot.as_deref() == Some(observed.facts.boot_id.as_str());
             (
                 state.os.update.clone(),
                 state.os.refused.clone(),
@@ -286,9 +303,23 @@ async fn perform(
                 Err(e) => Outcome::EffectFailed(format!("marking the booted slot active: {e}")),
             }
         }
+        Action::ConfirmBoot => {
+            match rauc.mark(MarkState::Good, MarkSlot::Booted).await {
+                Ok(m) => {
+                    tracing::info!(slot = %m.slot, "this boot is healthy; {}", m.message);
+                    agent.confirm_boot(&observed.facts.boot_id).await;
+                }
+                Err(e) => {
+                    tracing::warn!("could not mark the booted slot good: {e}");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+            return None;
+        }
         Action::MarkGood => match rauc.mark(MarkState::Good, MarkSlot::Booted).await {
             Ok(m) => {
                 tracing::info!(slot = %m.slot, "slot marked good: {}", m.message);
+                agent.confirm_boot(&observed.facts.boot_id).await;
                 Outcome::MarkedGood
             }
             Err(e) => Outcome::EffectFailed(format!("marking the booted slot good: {e}")),
@@ -335,6 +366,15 @@ async fn perform(
         Action::CheckHealth { deadline } => {
             *health = check_health(agent, config).await;
             match health {
+                // A settled slot is checked without a deadline, quietly.
+                Health::Pending(missing) if deadline == u64::MAX => {
+                    tracing::debug!("this boot is not confirmed yet: waiting for {missing}");
+                    sleep_or_wake(
+                        &runtime.wake,
+                        Duration::from_secs(config.health.interval_secs),
+                    )
+                    .await;
+                }
                 Health::Pending(missing) => {
                     let left = deadline.saturating_sub(now_secs());
                     tracing::info!("health gate: waiting for {missing} ({left} s left)");

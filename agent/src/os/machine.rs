@@ -105,6 +105,11 @@ pub struct OsRecord {
     /// reason retrying cannot fix). Newest last; bounded by [`REFUSED_KEPT`].
     #[serde(default)]
     pub refused: Vec<String>,
+    /// The boot id in which the booted slot was last marked good. Boot-counting bootloaders
+    /// (U-Boot's `BOOT_x_LEFT`) count every boot down until someone marks the slot good: the
+    /// agent does that once per boot, after the health checks pass.
+    #[serde(default)]
+    pub confirmed_boot: Option<String>,
 }
 
 /// How many refused release digests are remembered.
@@ -160,6 +165,8 @@ pub struct Facts {
     pub now: u64,
     pub reboot: RebootGate,
     pub health: Health,
+    /// The booted slot was marked good in this boot already.
+    pub boot_confirmed: bool,
 }
 
 /// Limits that break loops.
@@ -201,6 +208,9 @@ pub enum Action {
     MarkOtherBad,
     /// The state changed and must be reported; no other effect.
     Report,
+    /// `Mark good booted` outside an update: this boot of a settled slot is healthy (resets the
+    /// bootloader's boot counter).
+    ConfirmBoot,
 }
 
 /// The next state (persist it first) and the effect to perform.
@@ -334,7 +344,7 @@ pub fn decide(
         return start(w, refused);
     }
     match current {
-        OsUpdate::Idle => stay(Action::Wait),
+        OsUpdate::Idle => settled(current, facts),
         OsUpdate::Fetching { .. } => match wanted {
             Some(w) if w.ready => step(
                 OsUpdate::Verifying {
@@ -558,12 +568,24 @@ pub fn decide(
                 )
             }
         }
-        OsUpdate::Committed { .. } | OsUpdate::RolledBack { .. } => stay(Action::Wait),
+        OsUpdate::Committed { .. } | OsUpdate::RolledBack { .. } => settled(current, facts),
         OsUpdate::Failed { retry, counter, .. } => match wanted {
             Some(w) if *retry && w.counter > *counter => start(w, refused),
-            _ => stay(Action::Wait),
+            _ => settled(current, facts),
         },
     }
+}
+
+/// No update under way: confirm this boot once the health checks pass, then wait.
+fn settled(current: &OsUpdate, facts: &Facts) -> Step {
+    let action = match (&facts.health, facts.boot_confirmed) {
+        (_, true) => Action::Wait,
+        (Health::Pass, false) => Action::ConfirmBoot,
+        // No deadline: an unhealthy settled slot is simply not confirmed, and the bootloader
+        // falls back once its tries are spent.
+        (_, false) => Action::CheckHealth { deadline: u64::MAX },
+    };
+    step(current.clone(), action)
 }
 
 fn unknown_slot(

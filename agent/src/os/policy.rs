@@ -33,6 +33,9 @@ pub struct OsConfig {
     /// The kernel's boot id: a different value means the car rebooted.
     #[serde(default = "default_boot_id_file")]
     pub boot_id_file: PathBuf,
+    /// The running system's os-release: its `VERSION_ID` is reported as the OS version.
+    #[serde(default = "default_os_release")]
+    pub os_release: PathBuf,
     /// D-Bus address of RAUC's bus; the system bus when unset.
     #[serde(default)]
     pub rauc_bus: Option<String>,
@@ -117,6 +120,9 @@ fn default_reboot_command() -> Vec<String> {
 }
 fn default_boot_id_file() -> PathBuf {
     PathBuf::from("/proc/sys/kernel/random/boot_id")
+}
+fn default_os_release() -> PathBuf {
+    PathBuf::from("/etc/os-release")
 }
 fn default_install_timeout() -> u64 {
     1800

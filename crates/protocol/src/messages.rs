@@ -186,6 +186,9 @@ impl ReportedState {
 pub struct OsReport {
     /// Bootname of the slot the car runs (`A`, `B`).
     pub booted: String,
+    /// The running system's version (`VERSION_ID` of its os-release), when it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// Bootname of the slot the bootloader starts next time, when known.
     pub primary: Option<String>,
     /// The agent's OS update state (docs/state-machines.md), e.g. `trial`, `rolled-back`.

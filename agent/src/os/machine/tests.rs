@@ -31,6 +31,7 @@ fn facts(boot: &str, booted: &str) -> Facts {
         now: 1000,
         reboot: RebootGate::Allowed,
         health: Health::Pending("not checked yet".into()),
+        boot_confirmed: true,
     }
 }
 
@@ -80,6 +81,29 @@ fn a_release_not_yet_on_the_car_is_fetched_first() {
     let s = decide_now(&OsUpdate::Idle, Some(&wanted(2, false)), &facts("b1", "A"));
     assert_eq!(s.next, OsUpdate::Fetching { release: rel(2) });
     assert_eq!(s.action, Action::Report);
+}
+
+#[test]
+fn every_boot_of_a_settled_slot_is_confirmed_once_healthy() {
+    let mut f = facts("b1", "A");
+    f.boot_confirmed = false;
+    let committed = OsUpdate::Committed {
+        release: rel(1),
+        slot: "A".into(),
+    };
+    for state in [OsUpdate::Idle, committed.clone()] {
+        assert_eq!(
+            decide_now(&state, None, &f).action,
+            Action::CheckHealth { deadline: u64::MAX }
+        );
+    }
+    f.health = Health::Pass;
+    assert_eq!(
+        decide_now(&committed, None, &f),
+        step(committed.clone(), Action::ConfirmBoot)
+    );
+    f.boot_confirmed = true;
+    assert_eq!(decide_now(&committed, None, &f).action, Action::Wait);
 }
 
 #[test]
