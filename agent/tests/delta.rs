@@ -8,14 +8,13 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cardeploy_chunks::{Assembler, ChunkIndex, Params, chunk_bytes};
 use cardeploy_release::ArtifactKind;
 use cardeploy_testkit::signing::artifact_from_view;
-use cardeploy_testkit::{Fault, FaultProxy, workspace_bin};
+use cardeploy_testkit::{Fault, FaultProxy};
 use cardeploy_twin::Running;
 use common::{Agent, Env, call, until};
 use serde_json::Value;
@@ -79,21 +78,7 @@ fn pushed_noise(twin: &Running, env: &Env, seed: u64) -> (Vec<u8>, String, Chunk
 
 /// `cardeploy artifact push FILE` against the twin; returns the index id it prints.
 fn push(twin: &Running, env: &Env, file: &Path) -> String {
-    let out = Command::new(workspace_bin("cardeploy"))
-        .args(["artifact", "push", "--level", "3"])
-        .arg(file)
-        .arg("--api")
-        .arg(format!("http://{}", twin.api_addr))
-        .arg("--token-file")
-        .arg(env.data.path().join("operator.token"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cardeploy artifact push failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    common::push_artifact(twin, env, file, 3)
 }
 
 /// Sign a release `line@N.0.0` whose one artifact `rootfs` is the pushed index, and make it the

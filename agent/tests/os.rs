@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use cardeploy_release::ArtifactKind;
 use cardeploy_testkit::rauc::{RaucSystem, Signer as BundleSigner};
 use cardeploy_testkit::signing::{COMPATIBLE, artifact_from_view};
-use cardeploy_testkit::workspace_bin;
 use cardeploy_twin::Running;
 use common::{Agent, Env, call};
 use serde_json::Value;
@@ -109,8 +108,9 @@ impl Car {
             .unwrap_or(0)
     }
 
-    /// Power off (SIGKILL: no chance to write anything) and boot `slot`.
-    fn reboot_into(&mut self, slot: &str) {
+    /// Power off (SIGKILL: no chance to write anything) and come up on `slot` with a new boot
+    /// id, without an agent yet.
+    fn power_cycle(&mut self, slot: &str) {
         if let Some(mut agent) = self.agent.take() {
             let _ = agent.0.kill();
             let _ = agent.0.wait();
@@ -122,6 +122,11 @@ impl Car {
             format!("boot-{}\n", self.boots),
         )
         .unwrap();
+    }
+
+    /// Power off and boot `slot`.
+    fn reboot_into(&mut self, slot: &str) {
+        self.power_cycle(slot);
         self.start();
     }
 
@@ -138,7 +143,7 @@ impl Car {
                 signer,
             )
             .unwrap();
-        let index = push(&self.twin, &self.env, &bundle);
+        let index = common::push_artifact(&self.twin, &self.env, &bundle, 3);
         let (status, view) =
             call(&self.twin, "GET", &format!("/api/v1/indexes/{index}"), None).await;
         assert_eq!(status, 200, "{view}");
@@ -193,25 +198,6 @@ impl Car {
     }
 }
 
-/// `cardeploy artifact push FILE`; returns the index id.
-fn push(twin: &Running, env: &Env, file: &Path) -> String {
-    let out = Command::new(workspace_bin("cardeploy"))
-        .args(["artifact", "push"])
-        .arg(file)
-        .arg("--api")
-        .arg(format!("http://{}", twin.api_addr))
-        .arg("--token-file")
-        .arg(env.data.path().join("operator.token"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cardeploy artifact push failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 /// A file inside an ext4 image, without mounting it.
 fn debugfs_cat(image: &Path, path: &str) -> String {
     let out = Command::new("debugfs")
@@ -223,8 +209,11 @@ fn debugfs_cat(image: &Path, path: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn events(view: &Value) -> String {
-    view.to_string()
+fn last_error(view: &Value) -> String {
+    view["reported"]["state"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,7 +253,7 @@ async fn an_os_release_is_installed_into_the_other_slot_and_committed_after_the_
         None,
     )
     .await;
-    let log = events(&log);
+    let log = log.to_string();
     for phase in [
         "Verifying",
         "Installing",
@@ -297,10 +286,7 @@ async fn a_slot_that_fails_the_health_gate_is_marked_bad_and_the_car_rolls_back(
     // The bootloader starts A again.
     car.reboot_into("A");
     let view = car.phase("rolled-back", Duration::from_secs(30)).await;
-    let error = view["reported"]["state"]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let error = last_error(&view);
     assert!(error.contains("health failure"), "{view}");
     assert!(error.contains(&format!("{DEADLINE} s")), "{view}");
     assert_eq!(view["reported"]["state"]["os"]["booted"], "A");
@@ -328,10 +314,7 @@ async fn a_slot_that_never_boots_is_reported_as_a_boot_failure() {
     // The bootloader ran out of tries on B and started A.
     car.reboot_into("A");
     let view = car.phase("rolled-back", Duration::from_secs(30)).await;
-    let error = view["reported"]["state"]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let error = last_error(&view);
     assert!(error.contains("boot failure"), "{view}");
     // The agent marks the failed slot bad so it is never tried again.
     let started = Instant::now();
@@ -451,13 +434,7 @@ async fn an_agent_killed_at_every_state_finishes_the_update_after_restart() {
         } else {
             car.reboot_requested(1).await;
             // Power off, then the first boot of B runs an agent that dies at `crash`.
-            if let Some(mut agent) = car.agent.take() {
-                let _ = agent.0.kill();
-                let _ = agent.0.wait();
-            }
-            car.rauc.restart("B").unwrap();
-            std::fs::write(car.dir.path().join("boot_id"), "boot-2\n").unwrap();
-            car.boots = 2;
+            car.power_cycle("B");
             car.start_crashing_after(crash);
             car.wait_exit();
             assert_eq!(
@@ -492,13 +469,7 @@ async fn a_health_failure_survives_an_agent_killed_after_marking_bad() {
     car.start();
     car.deploy("2.0.0", COMPATIBLE, BundleSigner::Trusted).await;
     car.reboot_requested(1).await;
-    if let Some(mut agent) = car.agent.take() {
-        let _ = agent.0.kill();
-        let _ = agent.0.wait();
-    }
-    car.rauc.restart("B").unwrap();
-    std::fs::write(car.dir.path().join("boot_id"), "boot-2\n").unwrap();
-    car.boots = 2;
+    car.power_cycle("B");
     car.start_crashing_after("marked-bad");
     car.wait_exit();
     // Persisted, but RAUC was not told yet: the restarted agent marks and reboots.

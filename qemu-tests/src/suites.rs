@@ -21,11 +21,12 @@ const HEALTH_DEADLINE: u64 = 25;
 const BOOT: Duration = Duration::from_secs(120);
 const UPDATE: Duration = Duration::from_secs(300);
 
-/// The agent's OS configuration inside the guest.
+/// The agent's OS configuration inside the guest. No seeds: a RAUC bundle is a compressed
+/// squashfs, so the raw slot shares no chunks with it; deltas come from the previous bundle in
+/// the agent's store instead.
 fn agent_extra() -> String {
     format!(
-        "seeds = [\"/dev/vda3\", \"/dev/vda4\"]\n\
-         [os]\n\
+        "[os]\n\
          reboot_command = [\"busybox\", \"reboot\", \"-f\"]\n\
          [os.health]\n\
          deadline_secs = {HEALTH_DEADLINE}\n\

@@ -398,10 +398,7 @@ pub fn decide(
                 if wanted.is_none_or(|w| w.release != *release) {
                     return stay(Action::Abandon);
                 }
-                return match &facts.reboot {
-                    RebootGate::Allowed => stay(Action::Reboot),
-                    RebootGate::NotYet(why) => stay(Action::WaitReboot(why.clone())),
-                };
+                return stay(reboot_when_allowed(facts));
             }
             // The car rebooted.
             if facts.booted == *to {
@@ -531,14 +528,11 @@ pub fn decide(
             marked,
         } => {
             if *boot_id == facts.boot_id {
-                return if !*marked {
-                    stay(Action::MarkBad)
+                return stay(if *marked {
+                    reboot_when_allowed(facts)
                 } else {
-                    match &facts.reboot {
-                        RebootGate::Allowed => stay(Action::Reboot),
-                        RebootGate::NotYet(why) => stay(Action::WaitReboot(why.clone())),
-                    }
-                };
+                    Action::MarkBad
+                });
             }
             if facts.booted == *from {
                 step(
@@ -573,6 +567,13 @@ pub fn decide(
             Some(w) if *retry && w.counter > *counter => start(w, refused),
             _ => settled(current, facts),
         },
+    }
+}
+
+fn reboot_when_allowed(facts: &Facts) -> Action {
+    match &facts.reboot {
+        RebootGate::Allowed => Action::Reboot,
+        RebootGate::NotYet(why) => Action::WaitReboot(why.clone()),
     }
 }
 

@@ -135,6 +135,26 @@ impl Env {
     }
 }
 
+/// `cardeploy artifact push FILE` (zstd `level`) against the twin; returns the index id it
+/// prints.
+pub fn push_artifact(twin: &Running, env: &Env, file: &Path, level: u32) -> String {
+    let out = Command::new(cardeploy_testkit::workspace_bin("cardeploy"))
+        .args(["artifact", "push", "--level", &level.to_string()])
+        .arg(file)
+        .arg("--api")
+        .arg(format!("http://{}", twin.api_addr))
+        .arg("--token-file")
+        .arg(env.data.path().join("operator.token"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cardeploy artifact push failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 pub struct Agent(pub Child);
 
 impl Agent {
