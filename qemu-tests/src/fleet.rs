@@ -73,7 +73,8 @@ impl Fleet {
                 .args(["--cars-listen", &format!("127.0.0.1:{cars_port}")])
                 .args(["--api-listen", &format!("127.0.0.1:{api_port}")])
                 .args(["--heartbeat-secs", "2"])
-                .stdout(Stdio::null())
+                .env("RUST_LOG", "info")
+                .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()
                 .context("starting cardeploy-twin")?,
@@ -211,7 +212,8 @@ impl Fleet {
         run(self.cli().args(["car", "events", car]))
     }
 
-    /// Poll the twin's view of `car` until `check` holds.
+    /// Poll the twin's view of `car` until `check` holds, printing each change of phase and
+    /// RAUC's install progress on the way.
     pub fn until(
         &self,
         car: &str,
@@ -220,11 +222,17 @@ impl Fleet {
         check: impl Fn(&Value) -> bool,
     ) -> anyhow::Result<Value> {
         let started = Instant::now();
+        let mut last = String::new();
         loop {
-            if let Ok(view) = self.show(car)
-                && check(&view)
-            {
-                return Ok(view);
+            if let Ok(view) = self.show(car) {
+                let line = progress_line(&view);
+                if line != last {
+                    println!("  [{:>6.1} s] {line}", started.elapsed().as_secs_f64());
+                    last = line;
+                }
+                if check(&view) {
+                    return Ok(view);
+                }
             }
             if started.elapsed() > within {
                 let last = self.show(car).map(|v| v.to_string()).unwrap_or_default();
@@ -251,6 +259,46 @@ impl Drop for Fleet {
             let _ = twin.wait();
         }
     }
+}
+
+/// One line of what the twin says about a car: connection, phase, release, slot, progress.
+pub fn progress_line(view: &Value) -> String {
+    let state = &view["reported"]["state"];
+    let mut line = format!(
+        "{} {} {}",
+        if view["connected"] == true {
+            "online "
+        } else {
+            "offline"
+        },
+        state["phase"].as_str().unwrap_or("-"),
+        state["release"].as_str().unwrap_or("-"),
+    );
+    if let Some(slot) = state["os"]["booted"].as_str() {
+        line.push_str(&format!(
+            " (booted {slot}, OS {})",
+            state["os"]["version"].as_str().unwrap_or("?")
+        ));
+    }
+    if state["phase"] == "fetching" {
+        let p = &view["progress"];
+        line.push_str(&format!(
+            " fetched {}/{} B",
+            p["fetched_bytes"].as_u64().unwrap_or(0),
+            p["fetch_bytes"].as_u64().unwrap_or(0)
+        ));
+    }
+    if state["phase"] == "installing" {
+        line.push_str(&format!(
+            " RAUC {}%: {}",
+            view["install"]["percentage"],
+            view["install"]["message"].as_str().unwrap_or("")
+        ));
+    }
+    if let Some(error) = state["last_error"].as_str() {
+        line.push_str(&format!(" — {error}"));
+    }
+    line
 }
 
 /// The reported phase in a twin view.

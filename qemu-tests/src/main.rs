@@ -23,12 +23,15 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = (|| {
-        let image = cardeploy_qemu_tests::machine::Image::load(&cli.image)?;
-        if cli.work.exists() {
-            std::fs::remove_dir_all(&cli.work)?;
+    let result = (|| -> anyhow::Result<()> {
+        // The fleet runs commands in its own directory: every path must be absolute.
+        let image = cardeploy_qemu_tests::machine::Image::load(&std::path::absolute(&cli.image)?)?;
+        let bin = std::path::absolute(&cli.bin)?;
+        let work = std::path::absolute(&cli.work)?;
+        if work.exists() {
+            std::fs::remove_dir_all(&work)?;
         }
-        cardeploy_qemu_tests::suites::run(&image, &cli.bin, &cli.work, &cli.suites)
+        cardeploy_qemu_tests::suites::run(&image, &bin, &work, &cli.suites)
     })();
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -51,6 +51,10 @@ pub(crate) struct Artifacts {
 
 /// Target bytes before a chunk used as its dictionary when it has no good old version.
 const CONTEXT_BYTES: u32 = 512 << 10;
+/// zstd level of the quick trial that decides whether a delta is worth the configured level.
+const PROBE_LEVEL: i32 = 3;
+/// A trial delta must beat the whole frame by this much (per mille) to be made properly.
+const PROBE_GAIN_PERMILLE: usize = 900;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -188,6 +192,12 @@ impl Artifacts {
             None => None,
         };
         let mut encoder = DeltaEncoder::new(self.delta_level);
+        // Most changed chunks of compressed artifacts (RAUC bundles, OCI layers) have no useful
+        // reference: a cheap trial at a low level finds that out, so the expensive level (an
+        // 8 MiB dictionary at level 19 takes about a second per chunk) is spent only where it
+        // pays.
+        let mut probe = DeltaEncoder::new(PROBE_LEVEL);
+        let started = std::time::Instant::now();
         let mut out = Vec::with_capacity(request.chunks.len());
         for &p in &request.chunks {
             let c = target.chunks[p as usize];
@@ -209,16 +219,23 @@ impl Artifacts {
                 continue;
             };
             let whole_len = whole_frame.data.len();
+            let promising = |trial: usize| trial * 1000 < whole_len * PROBE_GAIN_PERMILLE;
             let mut frame = match planner.reference(p as usize) {
                 Some(r) => {
-                    let delta = encoder.delta(c.id, &raw, r, || {
+                    let dictionary = || {
                         let chunks = base_index.chunks
                             [r.start as usize..(r.start + r.count) as usize]
                             .iter()
                             .map(|b| self.store.get(&b.id))
                             .collect::<Result<Vec<_>, _>>()?;
                         Ok(reference_dictionary(chunks))
-                    })?;
+                    };
+                    let trial = probe.delta(c.id, &raw, r, dictionary)?;
+                    let delta = if promising(trial.data.len()) {
+                        encoder.delta(c.id, &raw, r, dictionary)?
+                    } else {
+                        trial
+                    };
                     if delta.data.len() < whole_frame.data.len() {
                         delta
                     } else {
@@ -232,7 +249,12 @@ impl Artifacts {
             if p > 0 && frame.data.len() * 10 >= whole_len * 7 {
                 let preceding = self.preceding(&target, p as usize, CONTEXT_BYTES)?;
                 if !preceding.is_empty() {
-                    let context = encoder.context(c.id, &raw, &preceding)?;
+                    let trial = probe.context(c.id, &raw, &preceding)?;
+                    let context = if promising(trial.data.len()) {
+                        encoder.context(c.id, &raw, &preceding)?
+                    } else {
+                        trial
+                    };
                     if context.data.len() < frame.data.len() {
                         frame = context;
                     }
@@ -244,6 +266,11 @@ impl Artifacts {
             let bytes = frame.encode();
             cache(&cached, &bytes);
             out.push(bytes);
+        }
+        // Deltas cost CPU once per (base, chunk); a slow window is worth knowing about.
+        if started.elapsed() > std::time::Duration::from_secs(2) {
+            tracing::info!(chunks = out.len(), raw = raw_total, took = ?started.elapsed(),
+                base = request.base.as_deref().unwrap_or("-"), "slow chunk window");
         }
         self.served
             .chunks

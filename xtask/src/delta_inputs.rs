@@ -46,7 +46,7 @@ const FS_HASH_SEED: &str = "5eed5eed-ca4d-4e91-8d1a-00000000e4c0";
 
 const DEBIAN: &str = "http://deb.debian.org/debian";
 const DEBIAN_SECURITY: &str = "http://deb.debian.org/debian-security";
-const MERGED_USR_HOOK: &str = "/usr/share/mmdebstrap/hooks/merged-usr/setup00.sh";
+pub(crate) const MERGED_USR_HOOK: &str = "/usr/share/mmdebstrap/hooks/merged-usr/setup00.sh";
 
 /// apt packages the bench needs on the host (input building and the measured tools).
 const APT_HOST: &[&str] = &[
@@ -217,7 +217,7 @@ pub(crate) fn prerequisites() -> anyhow::Result<PathBuf> {
 // ---------------------------------------------------------------------------------------------
 // root filesystems
 
-fn sources(updates: bool) -> Vec<String> {
+pub(crate) fn sources(updates: bool) -> Vec<String> {
     let mut lines = vec![format!("deb {DEBIAN} bookworm main")];
     if updates {
         lines.push(format!("deb {DEBIAN} bookworm-updates main"));
@@ -806,7 +806,7 @@ fn read_package_section(provenance: &Path, title: &str) -> anyhow::Result<Packag
 }
 
 /// stdout of a command that must succeed.
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot run {}", describe(cmd)))?;

@@ -4,6 +4,7 @@
 //! - `cargo xtask demo`   the main job: a twin, a car, a desired-state change seen end to end
 //! - `cargo xtask test`   every test: fmt, clippy -D warnings, unit/integration, interop, aarch64
 //! - `cargo xtask cross`  the aarch64 agent (Debian's rustc-web + gcc-aarch64-linux-gnu)
+//! - `cargo xtask image`  the aarch64 A/B qemu disk image and RAUC bundles (images/README.md)
 //! - `cargo xtask deps`   only install prerequisites
 //! - `cargo xtask fuzz --seconds N`  every fuzz target (nightly, cargo-fuzz installed if missing)
 //! - `cargo xtask bench link`  link benchmarks (memory per car, push latency, dead peers, RSS)
@@ -15,6 +16,7 @@ mod delta_inputs;
 mod delta_tools;
 mod demo;
 mod demo_os;
+mod image;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -53,6 +55,10 @@ fn main() {
         Some("cross") => cross().map(|bin| {
             println!("aarch64 agent: {}", bin.display());
         }),
+        Some("qemu-test") => qemu_test(&args[1..]),
+        Some("image") => image::main(&args[1..]).map(|dir| {
+            println!("image: {}", dir.display());
+        }),
         Some("deps") => deps(true),
         Some("fuzz") => {
             let seconds = match args.iter().position(|a| a == "--seconds") {
@@ -84,6 +90,8 @@ fn main() {
                  demo         the main job: twin + car + desired state end to end\n  \
                  test         every test (fmt, clippy, tests, interop, aarch64 under qemu-user)\n  \
                  cross        build the aarch64 agent with Debian's toolchain\n  \
+                 image        the aarch64 A/B qemu disk image + RAUC bundles in target/image [--agent PATH]\n  \
+                 qemu-test    the qemu-aarch64 system tests (image, twin, suites) [SUITE...]\n  \
                  deps         install prerequisites only\n  \
                  fuzz         every fuzz target for --seconds N (default 60; nightly + cargo-fuzz)\n  \
                  fixtures     write the signed-metadata threat fixtures to tests/data (commit them)\n  \
@@ -277,6 +285,31 @@ fn fuzz(seconds: u64) -> anyhow::Result<()> {
             .current_dir(root()))?;
     }
     Ok(())
+}
+
+/// The qemu-aarch64 system tests (qemu-tests/): the image (`cargo xtask image`, which builds the
+/// aarch64 agent once), the host binaries, then the suites in order. `suites` picks some by name.
+fn qemu_test(suites: &[String]) -> anyhow::Result<()> {
+    let image = image::main(&[])?;
+    run(cargo().args([
+        "build",
+        "--locked",
+        "-p",
+        "cardeploy-twin",
+        "-p",
+        "cardeploy",
+        "-p",
+        "cardeploy-qemu-tests",
+    ]))?;
+    let bin = root().join("target/debug");
+    run(Command::new(bin.join("cardeploy-qemu-tests"))
+        .arg("--image")
+        .arg(&image)
+        .arg("--bin")
+        .arg(&bin)
+        .arg("--work")
+        .arg(root().join("target/qemu-tests"))
+        .args(suites))
 }
 
 fn test() -> anyhow::Result<()> {
