@@ -123,6 +123,19 @@ impl Fleet {
         Ok(fleet)
     }
 
+    /// A fleet whose twin already runs (started by someone else, e.g. the demo) with the same
+    /// layout under `dir`: `keys/release.key`, `root.json`, `twin/pki`, `twin/operator.token`.
+    pub fn attach(bin: &Path, dir: &Path, api: &str, cars_port: u16) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            bin: bin.to_owned(),
+            api: api.to_owned(),
+            token_file: dir.join("twin/operator.token"),
+            cars_port,
+            twin: None,
+        }
+    }
+
     /// The `cardeploy` CLI pointed at this twin.
     pub fn cli(&self) -> Command {
         let mut command = Command::new(self.bin.join("cardeploy"));

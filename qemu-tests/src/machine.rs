@@ -204,6 +204,30 @@ impl Machine {
         self.powered_on = None;
     }
 
+    /// A position in the console output, for [`Machine::last_since`].
+    pub fn mark(&self) -> usize {
+        self.console
+            .lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// The last console line after `mark` that contains `needle`.
+    pub fn last_since(&self, mark: usize, needle: &str) -> Option<String> {
+        let lines = self
+            .console
+            .lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        lines
+            .iter()
+            .skip(mark)
+            .rev()
+            .find(|l| l.contains(needle))
+            .cloned()
+    }
+
     /// Wait until a console line of the current boot (or of later boots: a guest reboot resets
     /// the machine within the same qemu process) contains `needle`; returns that line.
     pub fn wait_for(&mut self, needle: &str, within: Duration) -> anyhow::Result<String> {

@@ -17,7 +17,8 @@ struct Cli {
     /// Scratch directory: disks, console logs, the twin's data.
     #[arg(long, value_name = "DIR", default_value = "target/qemu-tests")]
     work: PathBuf,
-    /// Suites to run (default: all, in order): boot, update, boot-failure, health-failure.
+    /// Suites to run (default: all, in order): boot, update, boot-failure, health-failure,
+    /// power-cut. Later suites start from where earlier ones left the car.
     suites: Vec<String>,
 }
 

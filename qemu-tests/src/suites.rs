@@ -54,11 +54,18 @@ pub struct World {
     pub image: Image,
     pub fleet: Fleet,
     pub car: Machine,
+    /// The release line the suites publish to (`os`; the demo's twin already has an `os`).
+    pub line: String,
 }
 
 impl World {
     pub fn new(image: &Image, bin: &Path, work: &Path) -> anyhow::Result<Self> {
         let fleet = Fleet::start(bin, &work.join("fleet"))?;
+        Self::with_fleet(image, fleet, work)
+    }
+
+    /// A new qemu car (`CAR`) registered with `fleet`; its disk and console log go to `work`.
+    pub fn with_fleet(image: &Image, fleet: Fleet, work: &Path) -> anyhow::Result<Self> {
         let files = fleet.add_car(CAR, COMPATIBLE, &agent_extra())?;
         let data = files.parent().context("car files have a parent")?;
         let car = Machine::provision(image, CAR, &work.join("cars"), data)?;
@@ -66,13 +73,14 @@ impl World {
             image: image.clone(),
             fleet,
             car,
+            line: "os".into(),
         })
     }
 
     fn deploy(&self, version: &str, bundle: &str) -> anyhow::Result<Instant> {
-        let digest = self
-            .fleet
-            .release_os("os", version, COMPATIBLE, &self.image.file(bundle))?;
+        let digest =
+            self.fleet
+                .release_os(&self.line, version, COMPATIBLE, &self.image.file(bundle))?;
         let at = Instant::now();
         self.fleet.set_desired(CAR, &digest)?;
         Ok(at)
@@ -205,7 +213,8 @@ pub fn health_failure(world: &mut World) -> anyhow::Result<Vec<Measure>> {
     let view = world
         .fleet
         .until(CAR, "a rollback after a health failure", UPDATE, |v| {
-            phase(v) == "rolled-back" && v["reported"]["state"]["release"] == "os@4.0.0"
+            phase(v) == "rolled-back"
+                && v["reported"]["state"]["release"] == format!("{}@4.0.0", world.line).as_str()
         })?;
     let error = view["reported"]["state"]["last_error"]
         .as_str()
@@ -224,6 +233,97 @@ pub fn health_failure(world: &mut World) -> anyhow::Result<Vec<Measure>> {
     Ok(out)
 }
 
+/// Rounds of the power-cut suite (`CARDEPLOY_QEMU_POWER_CUTS` overrides).
+const POWER_CUTS: u64 = 10;
+/// Cuts land uniformly within this long after the deployment: download, install, reboot and
+/// the first boot of the new slot all fall inside it (the update suite measures ~20 s).
+const CUT_WINDOW_MS: u64 = 30_000;
+
+/// power cut: a deployment, then qemu is killed (no shutdown) at a random moment; the car must
+/// boot a good slot and the agent finish the update or abandon it cleanly. Seeded: round k uses
+/// seed k, so a failure is reproduced by running the suite again.
+pub fn power_cut(world: &mut World) -> anyhow::Result<Vec<Measure>> {
+    let mut out = Vec::new();
+    let rounds = std::env::var("CARDEPLOY_QEMU_POWER_CUTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(POWER_CUTS);
+    let mut committed = 0;
+    for k in 0..rounds {
+        let mut rng = fastrand::Rng::with_seed(k);
+        let cut = Duration::from_millis(rng.u64(0..CUT_WINDOW_MS));
+        // Two good bundles in turn: each round has something to download and install.
+        let bundle = if k % 2 == 0 {
+            "os-5.0.0.raucb"
+        } else {
+            "os-2.0.0.raucb"
+        };
+        let version = format!("10.{k}.0");
+        let label = format!("{}@{version}", world.line);
+        let console = world.car.mark();
+        let deployed = world.deploy(&version, bundle)?;
+        let mut seen = String::from("-");
+        while deployed.elapsed() < cut {
+            if let Ok(view) = world.fleet.show(CAR) {
+                seen = format!("{} {}", phase(&view), view["reported"]["state"]["release"]);
+            }
+            std::thread::sleep(
+                Duration::from_millis(200).min(cut.saturating_sub(deployed.elapsed())),
+            );
+        }
+        // The console knows better than the twin whether the new slot was already booting.
+        if let Some(boot) = world.car.last_since(console, "CARDEPLOY-UBOOT") {
+            seen = format!("{seen}; rebooted: {boot}");
+        }
+        world.car.power_cut();
+        println!("  round {k}: power cut {cut:.1?} after deployment (twin last heard: {seen})");
+        world.car.power_on()?;
+        let line = world.car.wait_for("CARDEPLOY-BOOT", BOOT)?;
+        println!("  round {k}: {line}");
+        let view = world
+            .fleet
+            .until(CAR, &format!("{label} to end"), UPDATE, |v| {
+                v["reported"]["state"]["release"] == label.as_str()
+                    && matches!(phase(v), "committed" | "rolled-back" | "failed")
+            })?;
+        let state = &view["reported"]["state"];
+        let booted = booted_slot(&view).unwrap_or("?").to_owned();
+        let slot_ok = World::os(&view)["slots"]
+            .as_array()
+            .and_then(|slots| slots.iter().find(|s| s["bootname"] == booted.as_str()))
+            .is_some_and(|s| s["boot_status"] == "good");
+        ensure!(
+            slot_ok,
+            "round {k}: the car runs slot {booted}, which is not marked good: {view}"
+        );
+        match phase(&view) {
+            "committed" => committed += 1,
+            other => ensure!(
+                state["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+                "round {k}: {other} without a reason: {view}"
+            ),
+        }
+        measure(
+            &mut out,
+            format!("round {k} (cut at {cut:.1?}, during \"{seen}\")"),
+            format!(
+                "{} on slot {booted} after {:.1?}",
+                phase(&view),
+                deployed.elapsed()
+            ),
+        );
+    }
+    measure(
+        &mut out,
+        "power cuts",
+        format!(
+            "{rounds} rounds: {committed} committed, {} abandoned cleanly",
+            rounds - committed
+        ),
+    );
+    Ok(out)
+}
+
 /// Every suite, by name, in order.
 pub type Suite = fn(&mut World) -> anyhow::Result<Vec<Measure>>;
 pub const SUITES: &[(&str, Suite)] = &[
@@ -231,6 +331,7 @@ pub const SUITES: &[(&str, Suite)] = &[
     ("update", update),
     ("boot-failure", boot_failure),
     ("health-failure", health_failure),
+    ("power-cut", power_cut),
 ];
 
 /// Run `names` (all when empty) in order; stops at the first failure.

@@ -453,7 +453,7 @@ pub fn main() -> anyhow::Result<()> {
         view["reported"]["state"]["release"]
     );
 
-    crate::demo_os::main(&cli, &data, &bin, &twin_data.join("pki"), cars_port)?;
+    crate::demo_qemu::main(&data, &bin, &cli.api, cars_port)?;
 
     step("cardeploy car inspect: the twin asks the car over the same connection");
     run(cli.cmd().args(["car", "inspect", CAR]))?;

@@ -9,7 +9,8 @@
 //!   environment for boot counting), 3 `rootfs-a`, 4 `rootfs-b` (ext4 slots), 5 `data` (ext4).
 //! - `layout.json`: partition offsets, the U-Boot binary and the qemu command line.
 //! - `rootfs-1.0.0.ext4`: slot A's content.
-//! - `os-2.0.0.raucb`, `os-3.0.0-bootfail.raucb`, `os-4.0.0-healthfail.raucb`: plain bundles.
+//! - `os-2.0.0.raucb`, `os-3.0.0-bootfail.raucb`, `os-4.0.0-healthfail.raucb`, `os-5.0.0.raucb`:
+//!   plain bundles.
 //! - `versions.txt`: every Debian package used, with version and architecture.
 //!
 //! The pieces that are not code (boot script, inittab, rcS, system.conf, fw_env.config, the
@@ -172,6 +173,13 @@ const RELEASES: &[Release] = &[
         healthy: false,
         boots: true,
         description: "test release: boots, but /etc/cardeploy/healthy is missing",
+    },
+    Release {
+        version: "5.0.0",
+        bundle: Some("os-5.0.0.raucb"),
+        healthy: true,
+        boots: true,
+        description: "another good update (the power-cut suite alternates it with 2.0.0)",
     },
 ];
 

@@ -15,7 +15,7 @@ mod bench_delta;
 mod delta_inputs;
 mod delta_tools;
 mod demo;
-mod demo_os;
+mod demo_qemu;
 mod image;
 
 use std::path::{Path, PathBuf};
@@ -88,7 +88,8 @@ fn main() {
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
                  demo         the main job: twin + car + desired state end to end\n  \
-                 test         every test (fmt, clippy, tests, interop, aarch64 under qemu-user)\n  \
+                 test         every test (fmt, clippy, docs, tests, interop, aarch64 under qemu-user,\n               \
+                 the qemu-aarch64 system tests, fuzzing)\n  \
                  cross        build the aarch64 agent with Debian's toolchain\n  \
                  image        the aarch64 A/B qemu disk image + RAUC bundles in target/image [--agent PATH]\n  \
                  qemu-test    the qemu-aarch64 system tests (image, twin, suites) [SUITE...]\n  \
@@ -146,7 +147,7 @@ fn installed(package: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
-fn as_root() -> bool {
+pub(crate) fn as_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -291,6 +292,11 @@ fn fuzz(seconds: u64) -> anyhow::Result<()> {
 /// aarch64 agent once), the host binaries, then the suites in order. `suites` picks some by name.
 fn qemu_test(suites: &[String]) -> anyhow::Result<()> {
     let image = image::main(&[])?;
+    qemu_suites(&image, suites)
+}
+
+/// Build the host binaries the suites drive and run the suites against the image in `image`.
+fn qemu_suites(image: &Path, suites: &[String]) -> anyhow::Result<()> {
     run(cargo().args([
         "build",
         "--locked",
@@ -304,7 +310,7 @@ fn qemu_test(suites: &[String]) -> anyhow::Result<()> {
     let bin = root().join("target/debug");
     run(Command::new(bin.join("cardeploy-qemu-tests"))
         .arg("--image")
-        .arg(&image)
+        .arg(image)
         .arg("--bin")
         .arg(&bin)
         .arg("--work")
@@ -337,6 +343,9 @@ fn test() -> anyhow::Result<()> {
         .args(["test", "--workspace", "--locked"])
         .env("CARDEPLOY_PYTHON", &python)
         .env("CARDEPLOY_AARCH64_AGENT", &aarch64))?;
+    // Tier 4: the qemu-aarch64 system tests, on an image holding the agent built above.
+    let image = image::main(&["--agent".to_owned(), aarch64.display().to_string()])?;
+    qemu_suites(&image, &[])?;
     // Every parser of untrusted input, fuzzed for a bounded time; a crash fails the run.
     fuzz(FUZZ_SECONDS_IN_TEST)?;
     println!("xtask test: all checks passed");
