@@ -95,6 +95,21 @@ impl World {
         Ok(since.elapsed())
     }
 
+    /// Follow the deployment of `version` on the twin (fetch and install progress) until RAUC has
+    /// written the slot.
+    fn installed(&self, version: &str) -> anyhow::Result<()> {
+        let label = format!("{}@{version}", self.line);
+        self.fleet
+            .until(CAR, &format!("{label} to be installed"), UPDATE, |v| {
+                v["reported"]["state"]["release"] == label.as_str()
+                    && !matches!(
+                        phase(v),
+                        "fetching" | "verifying" | "installing" | "applied"
+                    )
+            })?;
+        Ok(())
+    }
+
     fn os(view: &Value) -> &Value {
         &view["reported"]["state"]["os"]
     }
@@ -144,6 +159,7 @@ fn booted_slot(view: &Value) -> Option<&str> {
 pub fn update(world: &mut World) -> anyhow::Result<Vec<Measure>> {
     let mut out = Vec::new();
     let deployed = world.deploy("2.0.0", "os-2.0.0.raucb")?;
+    world.installed("2.0.0")?;
     world.car.wait_for("CARDEPLOY-UBOOT slot=B", UPDATE)?;
     let rebooted = Instant::now();
     let took = world.booted("B", rebooted)?;
@@ -180,6 +196,7 @@ pub fn update(world: &mut World) -> anyhow::Result<Vec<Measure>> {
 pub fn boot_failure(world: &mut World) -> anyhow::Result<Vec<Measure>> {
     let mut out = Vec::new();
     let deployed = world.deploy("3.0.0", "os-3.0.0-bootfail.raucb")?;
+    world.installed("3.0.0")?;
     world.car.wait_for("CARDEPLOY-UBOOT slot=A", UPDATE)?;
     world.booted("B", Instant::now())?;
     let view = world
@@ -208,6 +225,7 @@ pub fn boot_failure(world: &mut World) -> anyhow::Result<Vec<Measure>> {
 pub fn health_failure(world: &mut World) -> anyhow::Result<Vec<Measure>> {
     let mut out = Vec::new();
     let deployed = world.deploy("4.0.0", "os-4.0.0-healthfail.raucb")?;
+    world.installed("4.0.0")?;
     world.booted("A", Instant::now())?;
     world.booted("B", Instant::now())?;
     let view = world
