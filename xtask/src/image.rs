@@ -108,8 +108,8 @@ const MACHINE_ID: &str = "c0de0000ca4d4e918d1a00000000a64e";
 const BOOT_MIB: u64 = 8;
 const ENV_MIB: u64 = 1;
 const SLOT_MIB: u64 = 160;
-// The agent keeps the new and the previous bundle (about 35 MiB each) and its state here.
-const DATA_MIB: u64 = 256;
+// The agent keeps the new and the previous bundle (about 110 MiB each, uncompressed) and its state here.
+const DATA_MIB: u64 = 512;
 const PARTITIONS: &[(&str, u64, &str)] = &[
     ("boot", BOOT_MIB, LINUX_FS),
     ("uboot-env", ENV_MIB, UBOOT_ENV),
@@ -889,6 +889,9 @@ impl Release {
 }
 
 /// An ext4 image of `mib` MiB holding `tree` (mkfs.ext4 -d, no loop device).
+/// The file-system UUID of every slot image (see `make_ext4`).
+const FS_UUID: &str = "c4d0e1a2-5b6c-4d7e-8f90-a1b2c3d4e5f6";
+
 fn make_ext4(tree: &Path, image: &Path, mib: u64, label: &str) -> anyhow::Result<()> {
     if image.exists() {
         fs::remove_file(image)?;
@@ -897,8 +900,14 @@ fn make_ext4(tree: &Path, image: &Path, mib: u64, label: &str) -> anyhow::Result
         .and_then(|f| f.set_len(mib * MIB))
         .with_context(|| format!("cannot create {}", image.display()))?;
     let epoch = SOURCE_DATE_EPOCH.to_string();
+    // One UUID and directory-hash seed for every release: metadata checksums are seeded by the
+    // UUID, so with a random one every inode and group descriptor would differ between two
+    // releases of the same tree, and the car could reuse none of them from its running slot.
+    let extended = format!("root_owner=0:0,hash_seed={FS_UUID}");
     run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", label, "-E", "root_owner=0:0", "-d"])
+        .args([
+            "-q", "-F", "-L", label, "-U", FS_UUID, "-E", &extended, "-d",
+        ])
         .arg(tree)
         .arg(image)
         .env("E2FSPROGS_FAKE_TIME", &epoch)
@@ -1031,6 +1040,10 @@ fn bundle(
         .with_context(|| format!("cannot put {} into the bundle", image.display()))?;
     run(Command::new("rauc")
         .arg("bundle")
+        // Uncompressed squashfs: the slot image's bytes appear as they are in the bundle, so the
+        // car finds most of its chunks in the slot it runs (a seed) and fetches only the rest —
+        // the delta. Compressed, every bundle would be new bytes to the car.
+        .arg("--mksquashfs-args=-noI -noId -noD -noF -noX")
         .arg(format!("--cert={}", keys.signing_cert.display()))
         .arg(format!("--key={}", keys.signing_key.display()))
         .arg(format!("--keyring={}", keys.ca_cert.display()))
@@ -1142,7 +1155,7 @@ fn write_disk(work: &Path, disk: &Path, factory: &Path) -> anyhow::Result<Vec<Pa
 }
 
 /// The initial boot-counting environment: BOOT_ORDER="A B", BOOT_A_LEFT=BOOT_B_LEFT=3, in two
-/// copies of U-Boot's redundant format ([crc32][flags][data]); the first one is current.
+/// copies of U-Boot's redundant format (`[crc32][flags][data]`); the first one is current.
 fn write_environment(work: &Path, image: &Path) -> anyhow::Result<()> {
     let text = work.join("uboot-env.txt");
     fs::write(
