@@ -73,6 +73,17 @@ impl Car {
         self.agent = Some(Agent::start(&self.config));
     }
 
+    /// A car whose health checks pass or not, running its agent, with os@2.0.0 installed into
+    /// slot B and a reboot asked for.
+    async fn installed(healthy: bool) -> Self {
+        let mut car = Self::new().await;
+        car.healthy(healthy);
+        car.start();
+        car.deploy("2.0.0", COMPATIBLE, BundleSigner::Trusted).await;
+        car.reboot_requested(1).await;
+        car
+    }
+
     fn start_crashing_after(&mut self, state: &str) {
         let mut command = Command::new(env!("CARGO_BIN_EXE_cardeploy-agent"));
         command.env("CARDEPLOY_AGENT_CRASH_AFTER", state);
@@ -271,11 +282,7 @@ async fn a_slot_that_fails_the_health_gate_is_marked_bad_and_the_car_rolls_back(
     if skip() {
         return;
     }
-    let mut car = Car::new().await;
-    car.healthy(false);
-    car.start();
-    car.deploy("2.0.0", COMPATIBLE, BundleSigner::Trusted).await;
-    car.reboot_requested(1).await;
+    let mut car = Car::installed(false).await;
     car.reboot_into("B");
     car.phase("trial", Duration::from_secs(30)).await;
     // The deadline passes; the agent marks B bad and asks for a reboot.
@@ -306,11 +313,7 @@ async fn a_slot_that_never_boots_is_reported_as_a_boot_failure() {
     if skip() {
         return;
     }
-    let mut car = Car::new().await;
-    car.healthy(true);
-    car.start();
-    car.deploy("2.0.0", COMPATIBLE, BundleSigner::Trusted).await;
-    car.reboot_requested(1).await;
+    let mut car = Car::installed(true).await;
     // The bootloader ran out of tries on B and started A.
     car.reboot_into("A");
     let view = car.phase("rolled-back", Duration::from_secs(30)).await;
@@ -464,11 +467,7 @@ async fn a_health_failure_survives_an_agent_killed_after_marking_bad() {
     if skip() {
         return;
     }
-    let mut car = Car::new().await;
-    car.healthy(false);
-    car.start();
-    car.deploy("2.0.0", COMPATIBLE, BundleSigner::Trusted).await;
-    car.reboot_requested(1).await;
+    let mut car = Car::installed(false).await;
     car.power_cycle("B");
     car.start_crashing_after("marked-bad");
     car.wait_exit();

@@ -57,6 +57,9 @@ pub struct World {
     pub car: Machine,
     /// The release line the suites publish to (`os`; the demo's twin already has an `os`).
     pub line: String,
+    /// How long the update suite's deployment took to commit: the power-cut suite spreads its
+    /// cuts over that span.
+    pub update_took: Option<Duration>,
 }
 
 impl World {
@@ -75,6 +78,7 @@ impl World {
             fleet,
             car,
             line: "os".into(),
+            update_took: None,
         })
     }
 
@@ -174,6 +178,7 @@ pub fn update(world: &mut World) -> anyhow::Result<Vec<Measure>> {
         .until(CAR, "os@2.0.0 committed on B", UPDATE, |v| {
             phase(v) == "committed" && booted_slot(v) == Some("B")
         })?;
+    world.update_took = Some(deployed.elapsed());
     measure(
         &mut out,
         "deployment → committed",
@@ -254,9 +259,9 @@ pub fn health_failure(world: &mut World) -> anyhow::Result<Vec<Measure>> {
 
 /// Rounds of the power-cut suite (`CARDEPLOY_QEMU_POWER_CUTS` overrides).
 const POWER_CUTS: u64 = 10;
-/// Cuts land uniformly within this long after the deployment: download, install, reboot and
-/// the first boot of the new slot all fall inside it (the update suite measures ~32 s).
-const CUT_WINDOW_MS: u64 = 36_000;
+/// The span cuts are spread over when the update suite did not run first (it measures the real
+/// one: download, install, reboot and the first boot of the new slot).
+const CUT_WINDOW: Duration = Duration::from_secs(40);
 
 /// power cut: a deployment, then qemu is killed (no shutdown) at a random moment; the car must
 /// boot a good slot and the agent finish the update or abandon it cleanly. Seeded: round k uses
@@ -268,9 +273,12 @@ pub fn power_cut(world: &mut World) -> anyhow::Result<Vec<Measure>> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(POWER_CUTS);
     let mut committed = 0;
+    // Stratified: round k cuts somewhere in the k-th of `rounds` equal parts of the update, so
+    // every stage (download, install, reboot, first boot of the new slot) gets its cuts.
+    let window = world.update_took.unwrap_or(CUT_WINDOW);
     for k in 0..rounds {
         let mut rng = fastrand::Rng::with_seed(k);
-        let cut = Duration::from_millis(rng.u64(0..CUT_WINDOW_MS));
+        let cut = window.mul_f64((k as f64 + rng.f64()) / rounds as f64);
         // Two good bundles in turn: each round has something to download and install.
         let bundle = if k % 2 == 0 {
             "os-5.0.0.raucb"

@@ -74,6 +74,21 @@ fn big_bundle(system: &RaucSystem, out: &Path) {
         .expect("build the big bundle");
 }
 
+/// A small good bundle in the system's directory.
+fn small_bundle(system: &RaucSystem) -> std::path::PathBuf {
+    let bundle = system.dir().join("good.raucb");
+    system
+        .bundle(
+            &bundle,
+            COMPATIBLE,
+            "2.0.0",
+            &[("x", b"x")],
+            Signer::Trusted,
+        )
+        .unwrap();
+    bundle
+}
+
 /// A file's content inside an ext4 image, read without mounting it.
 fn ext4_file(image: &Path, file: &str) -> Vec<u8> {
     let out = Command::new("debugfs")
@@ -390,16 +405,7 @@ async fn a_second_install_while_one_runs_is_busy() {
     skip_without_rauc!();
     within(async {
         let (system, rauc) = start("A").await;
-        let bundle = system.dir().join("good.raucb");
-        system
-            .bundle(
-                &bundle,
-                COMPATIBLE,
-                "2.0.0",
-                &[("x", b"x")],
-                Signer::Trusted,
-            )
-            .unwrap();
+        let bundle = small_bundle(&system);
         // The first installation must still run when the second one asks.
         system.slow_bootloader(SLOW).unwrap();
 
@@ -436,16 +442,7 @@ async fn a_deadline_too_short_is_a_timeout() {
     skip_without_rauc!();
     within(async {
         let (system, rauc) = start("A").await;
-        let bundle = system.dir().join("good.raucb");
-        system
-            .bundle(
-                &bundle,
-                COMPATIBLE,
-                "2.0.0",
-                &[("x", b"x")],
-                Signer::Trusted,
-            )
-            .unwrap();
+        let bundle = small_bundle(&system);
         system.slow_bootloader(SLOW).unwrap();
         let deadline = Duration::from_millis(300);
         let r = rauc
