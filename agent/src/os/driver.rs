@@ -396,12 +396,26 @@ async fn perform(
         tracing::warn!("{why}");
         agent.notice("install", why.clone()).await;
     }
+    // These outcomes changed the slots (primary, boot status): report them as they are now, not
+    // as they were observed before the effect.
+    let slots_changed = matches!(
+        outcome,
+        Outcome::Installed { .. } | Outcome::Abandoned | Outcome::MarkedGood | Outcome::MarkedBad
+    );
     let next = machine::apply(&current, outcome, counter);
     let follow = matches!(
         (&current, &next),
         (OsUpdate::Verifying { .. }, OsUpdate::Installing { .. })
     );
-    if !agent.os_transition(next, None).await {
+    let fresh = if slots_changed {
+        observe(rauc, config, health, Some(observed))
+            .await
+            .ok()
+            .map(|now| os_report(&now, &next))
+    } else {
+        None
+    };
+    if !agent.os_transition(next, fresh).await {
         return None;
     }
     // Verified → install at once: deciding again would count an interrupted install.
