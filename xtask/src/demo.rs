@@ -10,17 +10,17 @@ use serde_json::Value;
 
 use crate::{cargo, root, run};
 
-pub(crate) const CAR: &str = "DEMO-CAR-1";
+const CAR: &str = "DEMO-CAR-1";
 /// The demo car's hardware, as RAUC's `compatible` would name it.
-pub(crate) const COMPATIBLE: &str = "cardeploy-demo";
+const COMPATIBLE: &str = "cardeploy-demo";
 
-pub(crate) struct Daemon {
+struct Daemon {
     name: &'static str,
     child: Child,
 }
 
 impl Daemon {
-    pub(crate) fn start(name: &'static str, cmd: &mut Command, log: &Path) -> anyhow::Result<Self> {
+    fn start(name: &'static str, cmd: &mut Command, log: &Path) -> anyhow::Result<Self> {
         let file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = cmd
@@ -32,7 +32,7 @@ impl Daemon {
     }
 
     /// SIGTERM and wait: both daemons must stop cleanly.
-    pub(crate) fn stop(mut self) -> anyhow::Result<()> {
+    fn stop(mut self) -> anyhow::Result<()> {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let started = Instant::now();
@@ -69,14 +69,14 @@ pub(crate) fn step(text: &str) {
     println!("\n== {text}");
 }
 
-pub(crate) struct Cli {
+struct Cli {
     bin: PathBuf,
     api: String,
     token_file: PathBuf,
 }
 
 impl Cli {
-    pub(crate) fn cmd(&self) -> Command {
+    fn cmd(&self) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.env("CARDEPLOY_API", &self.api)
             .env("CARDEPLOY_TOKEN_FILE", &self.token_file);
@@ -84,11 +84,7 @@ impl Cli {
     }
 
     fn show(&self) -> anyhow::Result<Value> {
-        self.show_car(CAR)
-    }
-
-    pub(crate) fn show_car(&self, car: &str) -> anyhow::Result<Value> {
-        let out = self.cmd().args(["car", "show", car]).output()?;
+        let out = self.cmd().args(["car", "show", CAR]).output()?;
         if !out.status.success() {
             bail!(
                 "cardeploy car show: {}",
@@ -116,7 +112,7 @@ impl Cli {
 
 /// `cardeploy release create` (with `extra` inputs) + `release sign` with the offline release
 /// key + `release push` → the release digest it prints.
-pub(crate) fn release(
+fn release(
     cli: &Cli,
     data: &Path,
     line: &str,
