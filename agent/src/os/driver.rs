@@ -458,7 +458,7 @@ fn check_file(
 ) -> Result<(), String> {
     use std::io::Read;
     let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut hasher = cardeploy_chunks::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
@@ -469,14 +469,9 @@ fn check_file(
             break;
         }
         size += n as u64;
-        context.update(&buf[..n]);
+        hasher.update(&buf[..n]);
     }
-    let digest: String = context
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = hasher.finish().hex();
     if size != artifact.size || digest != artifact.digest {
         return Err(format!(
             "{} has {size} bytes with sha256 {digest}; the release declares {} bytes with sha256 {}",
