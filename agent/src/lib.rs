@@ -8,6 +8,7 @@
 mod config;
 mod error;
 mod fetch;
+pub mod notify;
 pub mod os;
 mod state;
 pub mod verify;
@@ -61,6 +62,8 @@ struct Agent {
     writer: tokio::sync::Mutex<()>,
     /// The twin answered a hello since the agent started (the health gate asks).
     reached: AtomicBool,
+    /// systemd, when it started the agent with `Type=notify`.
+    notify: notify::Notifier,
 }
 
 /// Events kept while offline, oldest dropped first.
@@ -583,6 +586,8 @@ impl Agent {
         }
         let heartbeat = Duration::from_secs(reply.heartbeat_secs.clamp(1, 3600));
         tracing::info!(twin = %self.config.twin, car = %reply.car_id, "connected to the twin");
+        self.notify
+            .status(&format!("connected to the twin {}", self.config.twin));
         let backlog = std::mem::take(
             &mut *self
                 .backlog
@@ -695,6 +700,7 @@ impl Responder for Inspect {
 
 /// Run the agent until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let notify = notify::Notifier::from_env();
     let store = Store::new(&config.state_dir)?;
     let (mut state, warning) = store.load()?;
     let mut backlog = Vec::new();
@@ -725,10 +731,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let roots = verify::Roots::new(&config.state_dir)?;
     let trusted = roots.load(&config.root)?;
     tracing::info!(root = trusted.root().version, "root of trust loaded");
+    // Whichever wait the signal interrupts, systemd hears at once that the exit is wanted.
+    let shutdown = {
+        let notify = notify.clone();
+        async move {
+            shutdown.await;
+            notify.stopping();
+        }
+    };
     tokio::pin!(shutdown);
     // With [os], RAUC is the authority on what this hardware is.
     let (rauc, compatible) = match &config.os {
         Some(os_config) => {
+            notify.status("waiting for RAUC");
             let rauc = tokio::select! {
                 () = &mut shutdown => return Ok(()),
                 rauc = os::driver::connect(os_config) => rauc,
@@ -759,6 +774,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         link: Mutex::new(None),
         writer: tokio::sync::Mutex::new(()),
         reached: AtomicBool::new(false),
+        notify: notify.clone(),
         roots,
         trusted: Mutex::new(trusted),
         fetcher,
@@ -777,6 +793,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ))),
         _ => None,
     };
+    // Started: state loaded, OS driver running. The twin may be out of reach for hours and the
+    // car works offline, so readiness does not wait for it.
+    notify.ready(&format!(
+        "started, connecting to the twin {}",
+        agent.config.twin
+    ));
+    let watchdog = notify.start_watchdog();
+    // Said once per stretch offline, not at every attempt.
+    let mut said_offline = false;
     loop {
         let mut hello_ok = false;
         let options = agent.options(&security, heartbeat);
@@ -792,6 +817,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         if hello_ok {
             backoff.reset();
+            said_offline = false;
+        }
+        if !said_offline {
+            notify.status("offline, reconnecting to the twin");
+            said_offline = true;
         }
         let delay = backoff.next_delay();
         tracing::info!(?delay, "reconnecting");
@@ -803,6 +833,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Some(driver) = driver {
         driver.abort();
     }
+    drop(watchdog);
     tracing::info!("agent stopped");
     Ok(())
 }

@@ -1,0 +1,452 @@
+//! systemd's notify protocol (sd_notify(3)), so that a unit with `Type=notify` and `WatchdogSec=`
+//! knows when the agent is up, that it is still alive, and when it is stopping.
+//!
+//! Written by hand instead of taking the `sd-notify` crate: the protocol is one datagram of
+//! `KEY=VALUE` lines per state change, sent to the socket `$NOTIFY_SOCKET` names (a path, or an
+//! abstract socket when it starts with `@`). std's `UnixDatagram` does that in about forty lines;
+//! a crate for them would be one more dependency on the car to audit and update.
+//!
+//! What the agent sends:
+//! - `READY=1` (with a `STATUS=`) once it has loaded its configuration and state and started its
+//!   tasks, before the twin is reached: the car must work offline;
+//! - `STATUS=` when the connection to the twin comes or goes;
+//! - `WATCHDOG=1` every `$WATCHDOG_USEC / 2`, when systemd asks for a watchdog
+//!   (`$WATCHDOG_PID` unset or this process, as `sd_watchdog_enabled` decides);
+//! - `STOPPING=1` when shutdown begins (SIGTERM).
+//!
+//! Without `$NOTIFY_SOCKET` (busybox init in the qemu image, tests, a shell) every call does
+//! nothing. Nothing here is fatal: a bad watchdog variable is a warning and no pings, and of the
+//! send errors only the first is a warning (the rest are debug, so a gone socket does not flood
+//! the journal).
+
+use std::ffi::OsStr;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// The shortest ping interval: `WATCHDOG_USEC=1` would otherwise make the ping task spin.
+const MIN_PING: Duration = Duration::from_millis(1);
+
+/// What `$WATCHDOG_USEC` and `$WATCHDOG_PID` ask of this process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchdogEnv {
+    /// `WATCHDOG_USEC` is unset: the unit has no watchdog.
+    Off,
+    /// `WATCHDOG_PID` names another process: the watchdog is someone else's (we inherited the
+    /// variables from a parent that systemd watches).
+    OtherProcess { pid: u32 },
+    /// Send `WATCHDOG=1` every `interval` (half the timeout, as sd_watchdog_enabled(3) advises).
+    Ping { interval: Duration },
+    /// A variable that is not what systemd writes: warn, and no watchdog.
+    Invalid {
+        variable: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+impl WatchdogEnv {
+    /// Decide from the variables' values, as `sd_watchdog_enabled` does: the timeout first, then
+    /// the pid. Pure, so tests need not touch the process environment.
+    pub fn from_vars(usec: Option<&OsStr>, pid: Option<&OsStr>, our_pid: u32) -> Self {
+        let Some(usec) = usec else {
+            return Self::Off;
+        };
+        let timeout = match decimal(usec) {
+            Some(0) => {
+                return Self::invalid("WATCHDOG_USEC", usec, "a timeout of zero");
+            }
+            Some(usec) => usec,
+            None => {
+                return Self::invalid("WATCHDOG_USEC", usec, "not a number of microseconds");
+            }
+        };
+        if let Some(pid) = pid {
+            match decimal(pid).map(u32::try_from) {
+                Some(Ok(pid)) if pid != 0 => {
+                    if pid != our_pid {
+                        return Self::OtherProcess { pid };
+                    }
+                }
+                _ => return Self::invalid("WATCHDOG_PID", pid, "not a process id"),
+            }
+        }
+        Self::Ping {
+            interval: Duration::from_micros(timeout / 2).max(MIN_PING),
+        }
+    }
+
+    /// From this process's environment.
+    pub fn from_env() -> Self {
+        Self::from_vars(
+            std::env::var_os("WATCHDOG_USEC").as_deref(),
+            std::env::var_os("WATCHDOG_PID").as_deref(),
+            std::process::id(),
+        )
+    }
+
+    fn invalid(variable: &'static str, value: &OsStr, why: &'static str) -> Self {
+        Self::Invalid {
+            variable,
+            value: value.to_string_lossy().into_owned(),
+            why,
+        }
+    }
+}
+
+/// Only ASCII digits (no sign, no blanks), as systemd writes them.
+fn decimal(value: &OsStr) -> Option<u64> {
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(bytes).ok()?.parse().ok()
+}
+
+/// The agent's line to systemd; cheap to clone. Does nothing when systemd did not ask.
+#[derive(Clone, Debug, Default)]
+pub struct Notifier {
+    socket: Option<Arc<Socket>>,
+    /// The ping interval, when the watchdog is on.
+    watchdog: Option<Duration>,
+}
+
+#[derive(Debug)]
+struct Socket {
+    socket: UnixDatagram,
+    to: SocketAddr,
+    /// `$NOTIFY_SOCKET` as given, for messages.
+    name: String,
+    /// A send failed before: later failures are logged at debug level only.
+    failed: AtomicBool,
+}
+
+impl Notifier {
+    /// From `$NOTIFY_SOCKET`, `$WATCHDOG_USEC` and `$WATCHDOG_PID`. Problems are warnings: the
+    /// agent runs on without telling systemd.
+    pub fn from_env() -> Self {
+        let Some(name) = std::env::var_os("NOTIFY_SOCKET") else {
+            return Self::default();
+        };
+        Self::new(&name, WatchdogEnv::from_env())
+    }
+
+    /// Notify the socket `name` (a path, or `@` and an abstract name); ping as `watchdog` says.
+    pub fn new(name: &OsStr, watchdog: WatchdogEnv) -> Self {
+        let socket = match Socket::open(name) {
+            Ok(socket) => socket,
+            Err(why) => {
+                tracing::warn!(
+                    "NOTIFY_SOCKET={}: {why}; not notifying systemd",
+                    name.to_string_lossy()
+                );
+                return Self::default();
+            }
+        };
+        let watchdog = match watchdog {
+            WatchdogEnv::Ping { interval } => Some(interval),
+            WatchdogEnv::Off | WatchdogEnv::OtherProcess { .. } => None,
+            WatchdogEnv::Invalid {
+                variable,
+                value,
+                why,
+            } => {
+                tracing::warn!(
+                    "{variable}={value:?} is {why}; no watchdog pings (check WatchdogSec= in the unit)"
+                );
+                None
+            }
+        };
+        Self {
+            socket: Some(Arc::new(socket)),
+            watchdog,
+        }
+    }
+
+    /// Startup is complete; `status` says what the agent does now.
+    pub fn ready(&self, status: &str) {
+        self.send(&format!("READY=1\nSTATUS={}", one_line(status)));
+    }
+
+    /// A line for `systemctl status`.
+    pub fn status(&self, status: &str) {
+        self.send(&format!("STATUS={}", one_line(status)));
+    }
+
+    /// Shutdown has begun: systemd shows the unit as deactivating and expects the exit.
+    pub fn stopping(&self) {
+        self.send("STOPPING=1\nSTATUS=stopping");
+    }
+
+    /// The ping interval, when the watchdog is on.
+    pub fn watchdog_interval(&self) -> Option<Duration> {
+        // Only set together with the socket (see `new`).
+        self.watchdog
+    }
+
+    /// Start pinging, when systemd asked for it; the pings stop when the returned guard drops.
+    /// Call on the agent's runtime.
+    pub fn start_watchdog(&self) -> Option<Watchdog> {
+        let interval = self.watchdog_interval()?;
+        let notifier = self.clone();
+        tracing::info!(?interval, "systemd watchdog on");
+        // The pings come from a task on the agent's own runtime, not from a thread of their own:
+        // if that runtime is wedged (a blocking call on its thread, a task that never yields),
+        // the pings stop and systemd restarts the agent. That is what the watchdog is for; a
+        // separate thread would keep pinging for a dead agent.
+        Some(Watchdog(tokio::spawn(async move {
+            loop {
+                notifier.send("WATCHDOG=1");
+                tokio::time::sleep(interval).await;
+            }
+        })))
+    }
+
+    fn send(&self, message: &str) {
+        if let Some(socket) = &self.socket {
+            socket.send(message);
+        }
+    }
+}
+
+/// The watchdog ping task; aborted when dropped, so it never outlives `run`.
+#[derive(Debug)]
+pub struct Watchdog(tokio::task::JoinHandle<()>);
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Socket {
+    fn open(name: &OsStr) -> Result<Self, String> {
+        let bytes = name.as_bytes();
+        let to = match bytes.first() {
+            Some(b'@') => SocketAddr::from_abstract_name(&bytes[1..]),
+            Some(b'/') => SocketAddr::from_pathname(name),
+            _ => {
+                return Err(
+                    "not an absolute path or an @abstract socket (the forms this agent speaks)"
+                        .to_owned(),
+                );
+            }
+        }
+        .map_err(|e| format!("not a usable socket address: {e}"))?;
+        let socket = UnixDatagram::unbound().map_err(|e| format!("cannot make a socket: {e}"))?;
+        // A datagram to a receiver whose queue is full would block the runtime's thread; better
+        // to lose that one message (and log it).
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| format!("cannot make the socket non-blocking: {e}"))?;
+        Ok(Self {
+            socket,
+            to,
+            name: name.to_string_lossy().into_owned(),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    fn send(&self, message: &str) {
+        let what = message.lines().next().unwrap_or_default();
+        match self.socket.send_to_addr(message.as_bytes(), &self.to) {
+            Ok(_) => {}
+            Err(e) if !self.failed.swap(true, Ordering::Relaxed) => tracing::warn!(
+                socket = %self.name,
+                "could not tell systemd {what}: {e} (further failures are logged at debug level)"
+            ),
+            Err(e) => tracing::debug!(socket = %self.name, "could not tell systemd {what}: {e}"),
+        }
+    }
+}
+
+/// The protocol is one `KEY=VALUE` per line: a newline in a status would end it early.
+fn one_line(text: &str) -> String {
+    text.replace(['\n', '\r'], " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(usec: Option<&str>, pid: Option<&str>) -> WatchdogEnv {
+        WatchdogEnv::from_vars(usec.map(OsStr::new), pid.map(OsStr::new), 4242)
+    }
+
+    fn invalid(variable: &str) -> impl Fn(&WatchdogEnv) -> bool + '_ {
+        move |e| matches!(e, WatchdogEnv::Invalid { variable: v, .. } if *v == variable)
+    }
+
+    #[test]
+    fn a_watchdog_timeout_for_this_process_pings_at_half_of_it() {
+        let half = WatchdogEnv::Ping {
+            interval: Duration::from_millis(100),
+        };
+        assert_eq!(env(Some("200000"), None), half);
+        assert_eq!(env(Some("200000"), Some("4242")), half);
+        assert_eq!(
+            env(Some("30000000"), None),
+            WatchdogEnv::Ping {
+                interval: Duration::from_secs(15)
+            }
+        );
+    }
+
+    #[test]
+    fn no_watchdog_timeout_means_no_watchdog_whatever_the_pid_says() {
+        assert_eq!(env(None, None), WatchdogEnv::Off);
+        assert_eq!(env(None, Some("4242")), WatchdogEnv::Off);
+        assert_eq!(env(None, Some("garbage")), WatchdogEnv::Off);
+    }
+
+    #[test]
+    fn a_watchdog_meant_for_another_process_is_not_pinged() {
+        assert_eq!(
+            env(Some("200000"), Some("1")),
+            WatchdogEnv::OtherProcess { pid: 1 }
+        );
+    }
+
+    #[test]
+    fn zero_or_non_numeric_watchdog_timeouts_are_invalid() {
+        let usec = invalid("WATCHDOG_USEC");
+        for value in [
+            "0",
+            "",
+            "abc",
+            "-5",
+            "+5",
+            " 200000",
+            "1.5",
+            "99999999999999999999",
+        ] {
+            let decided = env(Some(value), None);
+            assert!(usec(&decided), "WATCHDOG_USEC={value:?} gave {decided:?}");
+        }
+        // The timeout is judged first, as sd_watchdog_enabled does.
+        assert!(usec(&env(Some("0"), Some("1"))));
+    }
+
+    #[test]
+    fn a_watchdog_pid_that_is_no_pid_is_invalid() {
+        let pid = invalid("WATCHDOG_PID");
+        for value in ["0", "", "x", "-1", "4294967296"] {
+            let decided = env(Some("200000"), Some(value));
+            assert!(pid(&decided), "WATCHDOG_PID={value:?} gave {decided:?}");
+        }
+    }
+
+    #[test]
+    fn a_tiny_watchdog_timeout_does_not_make_the_pings_spin() {
+        assert_eq!(
+            env(Some("1"), None),
+            WatchdogEnv::Ping { interval: MIN_PING }
+        );
+    }
+
+    #[test]
+    fn an_invalid_watchdog_or_one_for_another_process_starts_no_pings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let _receiver = UnixDatagram::bind(&path).unwrap();
+        for watchdog in [
+            env(Some("0"), None),
+            env(Some("abc"), None),
+            env(Some("200000"), Some("1")),
+            env(None, None),
+        ] {
+            let notifier = Notifier::new(path.as_os_str(), watchdog.clone());
+            assert_eq!(notifier.watchdog_interval(), None, "{watchdog:?}");
+        }
+        let notifier = Notifier::new(path.as_os_str(), env(Some("200000"), None));
+        assert_eq!(
+            notifier.watchdog_interval(),
+            Some(Duration::from_millis(100))
+        );
+    }
+
+    #[test]
+    fn without_a_notify_socket_nothing_is_sent_and_no_watchdog_runs() {
+        let notifier = Notifier::default();
+        assert_eq!(notifier.watchdog_interval(), None);
+        notifier.ready("up");
+        notifier.stopping();
+    }
+
+    fn received(receiver: &UnixDatagram) -> String {
+        let mut buf = [0u8; 512];
+        let n = receiver.recv(&mut buf).unwrap();
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn each_state_is_one_datagram_of_key_value_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let receiver = UnixDatagram::bind(&path).unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let notifier = Notifier::new(path.as_os_str(), WatchdogEnv::Off);
+        notifier.ready("offline,\nretrying");
+        notifier.status("connected to the twin");
+        notifier.stopping();
+        assert_eq!(received(&receiver), "READY=1\nSTATUS=offline, retrying");
+        assert_eq!(received(&receiver), "STATUS=connected to the twin");
+        assert_eq!(received(&receiver), "STOPPING=1\nSTATUS=stopping");
+    }
+
+    #[test]
+    fn an_at_sign_names_an_abstract_socket() {
+        let name = format!("cardeploy-notify-test-{}", std::process::id());
+        let receiver =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+                .unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let notifier = Notifier::new(OsStr::new(&format!("@{name}")), WatchdogEnv::Off);
+        notifier.ready("up");
+        assert_eq!(received(&receiver), "READY=1\nSTATUS=up");
+    }
+
+    #[test]
+    fn a_socket_that_is_gone_or_malformed_is_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = Notifier::new(dir.path().join("absent").as_os_str(), WatchdogEnv::Off);
+        gone.ready("up");
+        gone.stopping();
+        let relative = Notifier::new(OsStr::new("run/notify"), WatchdogEnv::Off);
+        assert!(relative.socket.is_none());
+        relative.ready("up");
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_task_pings_until_its_guard_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let receiver = UnixDatagram::bind(&path).unwrap();
+        receiver.set_nonblocking(true).unwrap();
+        let drain = || {
+            let mut pings = 0;
+            let mut buf = [0u8; 64];
+            while let Ok(n) = receiver.recv(&mut buf) {
+                assert_eq!(&buf[..n], b"WATCHDOG=1");
+                pings += 1;
+            }
+            pings
+        };
+        let notifier = Notifier::new(path.as_os_str(), env(Some("200000"), None));
+        let watchdog = notifier.start_watchdog().unwrap();
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        drop(watchdog);
+        // Every 100 ms from the start: 4 on an idle machine, other counts on a busy one.
+        let pings = drain();
+        assert!(pings >= 2, "{pings} pings in 350 ms");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(drain(), 0, "pings after the guard dropped");
+    }
+}
