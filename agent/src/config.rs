@@ -113,35 +113,50 @@ fn default_deadline() -> u64 {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut config: Self = toml::from_str(&text).map_err(|e| Error::Config {
-            path: path.to_owned(),
-            why: e.to_string(),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        if let Some(os) = &mut config.os
-            && os.boot_id_file.is_relative()
-        {
-            os.boot_id_file = base.join(&os.boot_id_file);
+        Self::from_files(std::slice::from_ref(&path.to_path_buf()))
+    }
+
+    /// Reads several files as one configuration, later files overriding earlier ones key by key
+    /// (tables merge, any other value replaces). An image ships the settings every car shares and
+    /// provisioning adds the car's identity in a second file, so neither is rewritten on the car.
+    /// A relative path is relative to the file that names it.
+    pub fn from_files(paths: &[PathBuf]) -> Result<Self, Error> {
+        let Some(last) = paths.last() else {
+            return Err(Error::Config {
+                path: PathBuf::new(),
+                why: "no configuration file given".to_owned(),
+            });
+        };
+        let mut merged = toml::Table::new();
+        for path in paths {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let mut table: toml::Table = toml::from_str(&text).map_err(|e| Error::Config {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+            absolutize(&mut table, path.parent().unwrap_or(Path::new(".")));
+            merge(&mut merged, table);
         }
-        for p in [
-            &mut config.ca,
-            &mut config.cert,
-            &mut config.key,
-            &mut config.state_dir,
-            &mut config.root,
-        ]
-        .into_iter()
-        .chain(config.seeds.iter_mut())
-        {
-            if p.is_relative() {
-                *p = base.join(&*p);
+        // Errors about the whole (a missing key, a wrong type) name every file that contributed.
+        let named = || {
+            if paths.len() == 1 {
+                last.clone()
+            } else {
+                let all: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+                PathBuf::from(all.join(" + "))
             }
-        }
-        config.validate(path)?;
+        };
+        let config: Self =
+            toml::Value::Table(merged)
+                .try_into()
+                .map_err(|e: toml::de::Error| Error::Config {
+                    path: named(),
+                    why: e.to_string(),
+                })?;
+        config.validate(&named())?;
         Ok(config)
     }
 
@@ -194,5 +209,117 @@ impl Config {
             )));
         }
         Ok(())
+    }
+}
+
+/// The keys that hold paths, top level and under `[os]`: made absolute against the directory of
+/// the file that sets them, before files are merged.
+const PATH_KEYS: &[&str] = &["ca", "cert", "key", "state_dir", "root"];
+const OS_PATH_KEYS: &[&str] = &["boot_id_file"];
+
+fn absolutize(table: &mut toml::Table, base: &Path) {
+    let fix = |value: &mut toml::Value| {
+        if let toml::Value::String(s) = value
+            && Path::new(s.as_str()).is_relative()
+        {
+            *s = base.join(s.as_str()).display().to_string();
+        }
+    };
+    for key in PATH_KEYS {
+        if let Some(value) = table.get_mut(*key) {
+            fix(value);
+        }
+    }
+    if let Some(toml::Value::Array(seeds)) = table.get_mut("seeds") {
+        seeds.iter_mut().for_each(fix);
+    }
+    if let Some(toml::Value::Table(os)) = table.get_mut("os") {
+        for key in OS_PATH_KEYS {
+            if let Some(value) = os.get_mut(*key) {
+                fix(value);
+            }
+        }
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(old)), toml::Value::Table(new)) => merge(old, new),
+            (_, value) => {
+                into.insert(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_car_file_layered_on_the_image_file_makes_one_configuration() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (etc, data) = (tmp.path().join("etc"), tmp.path().join("data"));
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&data).unwrap();
+        let image = write(
+            &etc,
+            "agent.toml",
+            "twin = \"twin.example:7443\"\nca = \"fleet-ca.pem\"\nroot = \"/etc/cardeploy/root.json\"\n\
+             state_dir = \"/data/cardeploy/state\"\nheartbeat_secs = 10\n\
+             [os.health]\ndeadline_secs = 300\nunits = [\"k3s.service\"]\n",
+        );
+        let car = write(
+            &data,
+            "car.toml",
+            "car_id = \"VIN0001\"\ncert = \"car.pem\"\nkey = \"car.key\"\nheartbeat_secs = 5\n\
+             [os.health]\ndeadline_secs = 200\n",
+        );
+        let config = Config::from_files(&[image, car]).unwrap();
+        assert_eq!(config.car_id.as_str(), "VIN0001");
+        // Each relative path is relative to the file that names it.
+        assert_eq!(config.ca, etc.join("fleet-ca.pem"));
+        assert_eq!(config.cert, data.join("car.pem"));
+        assert_eq!(config.key, data.join("car.key"));
+        assert_eq!(config.root, PathBuf::from("/etc/cardeploy/root.json"));
+        // The later file wins key by key; tables merge instead of replacing each other.
+        assert_eq!(config.heartbeat_secs, 5);
+        let health = &config.os.as_ref().unwrap().health;
+        assert_eq!(health.deadline_secs, 200);
+        assert_eq!(health.units, vec!["k3s.service".to_owned()]);
+    }
+
+    #[test]
+    fn a_key_missing_from_every_layer_names_all_the_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let image = write(
+            tmp.path(),
+            "agent.toml",
+            "twin = \"t:1\"\nca = \"a\"\nroot = \"r\"\nstate_dir = \"s\"\n",
+        );
+        let car = write(tmp.path(), "car.toml", "cert = \"c\"\nkey = \"k\"\n");
+        let err = Config::from_files(&[image.clone(), car.clone()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("car_id"), "{err}");
+        assert!(err.contains(&image.display().to_string()), "{err}");
+        assert!(err.contains(&car.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn a_missing_layer_is_an_error_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("car.toml");
+        let err = Config::from_files(std::slice::from_ref(&missing))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&missing.display().to_string()), "{err}");
     }
 }

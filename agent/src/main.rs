@@ -10,9 +10,11 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// The agent's TOML configuration.
+    /// The agent's TOML configuration. Repeat it to layer files: later files override earlier
+    /// ones key by key, e.g. the image's /etc/cardeploy/agent.toml, then the car's identity
+    /// written at provisioning (/data/cardeploy/car.toml).
     #[arg(long, value_name = "FILE", default_value = "/etc/cardeploy/agent.toml")]
-    config: PathBuf,
+    config: Vec<PathBuf>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -23,7 +25,7 @@ async fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    let config = match cardeploy_agent::Config::from_file(&cli.config) {
+    let config = match cardeploy_agent::Config::from_files(&cli.config) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("cardeploy-agent: {e}");
