@@ -123,7 +123,7 @@ const UBOOT_ENV: &str = "3DE21764-95BD-54BD-A5C3-4ABE786F38A8";
 const MIB: u64 = 1 << 20;
 
 /// One copy of the U-Boot environment (header included); copies at 0 and ENV_COPY on
-/// partition 2. images/boot/boot.cmd and images/rootfs/etc/fw_env.config say the same.
+/// partition 2. The boot script (BOOT_SCRIPT) and images/rootfs/etc/fw_env.config say the same.
 const ENV_COPY: u64 = 0x10000;
 const BOOT_TRIES: u32 = 3;
 
@@ -370,6 +370,12 @@ fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
 
 fn images_dir() -> PathBuf {
     root().join("images")
+}
+
+/// The boot script and U-Boot's flash environment live in the Yocto layer: the dev image and the
+/// Yocto image boot the same way, from one copy.
+fn boot_dir() -> PathBuf {
+    root().join("meta-cardeploy/recipes-bsp/cardeploy-boot/files")
 }
 
 fn read_image_file(relative: &str) -> anyhow::Result<String> {
@@ -1108,14 +1114,14 @@ fn write_disk(work: &Path, disk: &Path, factory: &Path) -> anyhow::Result<Vec<Pa
     // 1 boot: boot.scr (and its source, for people reading the disk).
     let boot = work.join("boot");
     fresh_dir(&boot)?;
-    fs::copy(images_dir().join("boot/boot.cmd"), boot.join("boot.cmd"))?;
+    fs::copy(boot_dir().join("boot.cmd"), boot.join("boot.cmd"))?;
     run(Command::new("mkimage")
         .args(["-A", "arm64", "-O", "linux", "-T", "script", "-C", "none"])
         .args(["-n", "cardeploy A/B boot"])
         .arg("-d")
         .arg(boot.join("boot.cmd"))
         .arg(boot.join("boot.scr")))
-    .context("mkimage (u-boot-tools) could not compile images/boot/boot.cmd")?;
+    .context("mkimage (u-boot-tools) could not compile meta-cardeploy/recipes-bsp/cardeploy-boot/files/boot.cmd")?;
     let boot_img = work.join("boot.ext4");
     make_ext4(&boot, &boot_img, BOOT_MIB, "boot")?;
 
@@ -1183,7 +1189,7 @@ fn write_environment(work: &Path, image: &Path) -> anyhow::Result<()> {
     fs::write(image, partition).with_context(|| format!("cannot write {}", image.display()))
 }
 
-/// The read-only flash bank with U-Boot's tuned environment (images/boot/uboot-flash-env.txt).
+/// The read-only flash bank with U-Boot's tuned environment (uboot-flash-env.txt beside the boot script).
 fn write_flash(work: &Path, flash: &Path) -> anyhow::Result<()> {
     let env = work.join("uboot-flash-env.bin");
     run(Command::new("mkenvimage")
@@ -1191,8 +1197,8 @@ fn write_flash(work: &Path, flash: &Path) -> anyhow::Result<()> {
         .arg(format!("{FLASH_ENV_SIZE:#x}"))
         .arg("-o")
         .arg(&env)
-        .arg(images_dir().join("boot/uboot-flash-env.txt")))
-    .context("mkenvimage (u-boot-tools) failed on images/boot/uboot-flash-env.txt")?;
+        .arg(boot_dir().join("uboot-flash-env.txt")))
+    .context("mkenvimage (u-boot-tools) failed on meta-cardeploy/recipes-bsp/cardeploy-boot/files/uboot-flash-env.txt")?;
     let mut bank = fs::read(&env)?;
     bank.resize(usize::try_from(FLASH_BANK)?, 0);
     fs::write(flash, bank).with_context(|| format!("cannot write {}", flash.display()))

@@ -1,6 +1,7 @@
-# cardeploy qemu image: A/B boot with RAUC's U-Boot boot counting (images/README.md).
-# Compiled to boot.scr with `mkimage -A arm64 -T script -C none`; U-Boot's distro boot finds it
-# on partition 1.
+# cardeploy: A/B boot with RAUC's U-Boot boot counting. One script for both images: the Yocto
+# image (meta-cardeploy, recipe cardeploy-boot) and the Debian-based qemu test image
+# (images/README.md). Compiled to boot.scr with `mkimage -A arm64 -T script -C none`; U-Boot's
+# bootcmd (uboot-flash-env.txt) loads it from partition 1.
 #
 # The boot-counting environment lives on partition 2 ("uboot-env") in two redundant copies of
 # 0x10000 bytes each, at offsets 0x0 and 0x10000: [crc32 4][flags 1][name=value\0...\0\0].
@@ -133,10 +134,15 @@ fi
 echo "CARDEPLOY-UBOOT slot=${cd_slot} left=${cd_left}"
 setenv bootargs "console=ttyAMA0 rauc.slot=${cd_slot} root=/dev/vda${cd_part} ro panic=-1 quiet"
 if ext4load virtio 0:${cd_part} ${cd_kernel} /boot/Image; then
+  # Debian's kernel needs its initramfs (virtio and ext4 are modules there); a Yocto kernel has
+  # them built in and its slots carry no initrd.img.
   if ext4load virtio 0:${cd_part} ${cd_initrd} /boot/initrd.img; then
     booti ${cd_kernel} ${cd_initrd}:${filesize} ${fdtcontroladdr}
+  else
+    booti ${cd_kernel} - ${fdtcontroladdr}
   fi
 fi
-# Only reached when the slot has no kernel or initramfs: the tries count down to the other slot.
+# Only reached when the slot has no kernel or it does not start: the tries count down to the
+# other slot.
 echo "cardeploy: slot ${cd_slot} does not boot, resetting"
 reset
