@@ -6,6 +6,9 @@
 //! - `cargo xtask cross`  the aarch64 agent (Debian's rustc-web + gcc-aarch64-linux-gnu)
 //! - `cargo xtask image`  the aarch64 A/B qemu disk image and RAUC bundles (images/README.md)
 //! - `cargo xtask deps`   only install prerequisites
+//! - `cargo xtask crates-inc [--check]`  meta-cardeploy's crate list from Cargo.lock
+//! - `cargo xtask yocto-lint`  the layer's checks (crates.inc, oelint-adv, kas schema)
+//! - `cargo xtask yocto-parse --layers DIR`  bitbake -p / -g against the wrynose layers, offline
 //! - `cargo xtask fuzz --seconds N`  every fuzz target (nightly, cargo-fuzz installed if missing)
 //! - `cargo xtask bench link`  link benchmarks (memory per car, push latency, dead peers, RSS)
 //! - `cargo xtask bench delta` delta transfer against zstd, xdelta3, bsdiff, casync, block hashes
@@ -17,6 +20,7 @@ mod delta_tools;
 mod demo;
 mod demo_qemu;
 mod image;
+mod yocto;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -60,6 +64,9 @@ fn main() {
             println!("image: {}", dir.display());
         }),
         Some("deps") => deps(true),
+        Some("crates-inc") => yocto::crates_inc(&args[1..]),
+        Some("yocto-lint") => yocto::lint(),
+        Some("yocto-parse") => yocto::parse(&args[1..]),
         Some("fuzz") => {
             let seconds = match args.iter().position(|a| a == "--seconds") {
                 Some(i) => args.get(i + 1).and_then(|s| s.parse().ok()),
@@ -94,6 +101,9 @@ fn main() {
                  image        the aarch64 A/B qemu disk image + RAUC bundles in target/image [--agent PATH]\n  \
                  qemu-test    the qemu-aarch64 system tests (image, twin, suites) [SUITE...]\n  \
                  deps         install prerequisites only\n  \
+                 crates-inc   write meta-cardeploy's cardeploy-agent-crates.inc from Cargo.lock [--check]\n  \
+                 yocto-lint   the layer's checks: crates.inc fresh, oelint-adv, kas schema\n  \
+                 yocto-parse  bitbake -p and -g with the real wrynose layers, offline (--layers DIR)\n  \
                  fuzz         every fuzz target for --seconds N (default 60; nightly + cargo-fuzz)\n  \
                  fixtures     write the signed-metadata threat fixtures to tests/data (commit them)\n  \
                  bench link   link benchmarks: memory per car, push latency, dead peers, agent RSS\n  \
@@ -186,7 +196,7 @@ fn deps(cross_too: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn which(program: &str) -> Option<PathBuf> {
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join(program))
@@ -324,6 +334,8 @@ fn test() -> anyhow::Result<()> {
         venv()?
     };
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    // The Yocto layer: crate list fresh, oelint-adv clean, kas files valid (seconds, PyPI only).
+    yocto::lint()?;
     run(cargo().args([
         "clippy",
         "--workspace",
