@@ -354,6 +354,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<()> {
     let script = root().join("meta-cardeploy/scripts/bitbake-parse");
     let started = Instant::now();
     run(Command::new(&script)
+        .env("KAS_PIN", KAS)
         .arg(&layers)
         .arg(root())
         .arg(&user)
