@@ -6,8 +6,9 @@ DESCRIPTION = "A verity RAUC bundle of cardeploy-image for slot class rootfs, wi
 SECTION = "base"
 LICENSE = "MIT"
 
-# The version cars see: the release's version and the bundle's. Bump it for every update.
-PV = "1.0.0"
+# The version cars see: the release's, the bundle's and the image's os-release VERSION_ID (the
+# one the agent reports). Bump CARDEPLOY_OS_VERSION for every update.
+PV = "${CARDEPLOY_OS_VERSION}"
 
 inherit bundle cardeploy_release
 
