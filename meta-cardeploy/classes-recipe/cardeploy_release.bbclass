@@ -19,12 +19,11 @@ CARDEPLOY_RELEASE_KEY ??= ""
 do_cardeploy_release[doc] = "Makes the cardeploy release (chunk indexes, release.json) of the bundle"
 do_cardeploy_release[depends] += "cardeploy-cli-native:do_populate_sysroot"
 do_cardeploy_release[dirs] = "${B}"
-do_cardeploy_release[cleandirs] = "${B}/cardeploy-release"
 do_cardeploy_release[file-checksums] += "${@'${CARDEPLOY_RELEASE_KEY}:False' if d.getVar('CARDEPLOY_RELEASE_KEY') else ''}"
 
 do_cardeploy_release() {
-    # cleandirs made it; `release create` wants to make it itself.
-    rmdir ${B}/cardeploy-release
+    # `release create` makes the directory itself and refuses an existing one.
+    rm -rf ${B}/cardeploy-release
     cardeploy release create \
         --line "${CARDEPLOY_RELEASE_LINE}" \
         --version "${CARDEPLOY_RELEASE_VERSION}" \

@@ -204,22 +204,45 @@ pub(crate) fn which(program: &str) -> Option<PathBuf> {
     })
 }
 
-/// `.venv` with rsocket-py, for the interoperability test.
+/// `.venv` with rsocket-py, for the interoperability test; returns its python.
 pub fn venv() -> anyhow::Result<PathBuf> {
-    let venv = root().join(".venv");
+    Ok(python_venv(".venv", &[RSOCKET_PY])?.join("bin/python"))
+}
+
+/// A venv at `name` in the checkout with the pinned packages `pins` (`name==version`), made or
+/// completed when one is missing; returns its directory.
+pub(crate) fn python_venv(name: &str, pins: &[&str]) -> anyhow::Result<PathBuf> {
+    let venv = root().join(name);
     let python = venv.join("bin/python");
-    let ready = Command::new(&python)
-        .args(["-c", "import rsocket"])
+    // pip freeze spells names with '_' where PyPI has '-' (oelint_adv==…).
+    let have = Command::new(&python)
+        .args(["-m", "pip", "freeze"])
         .output()
-        .is_ok_and(|o| o.status.success());
-    if !ready {
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .to_lowercase()
+                .replace('-', "_")
+        })
+        .unwrap_or_default();
+    let missing: Vec<&str> = pins
+        .iter()
+        .copied()
+        .filter(|pin| {
+            !have
+                .lines()
+                .any(|l| l == pin.to_lowercase().replace('-', "_"))
+        })
+        .collect();
+    if !missing.is_empty() {
         let base = which("python3").unwrap_or_else(|| PathBuf::from("/usr/bin/python3"));
         if !python.exists() {
             run(Command::new(&base).args(["-m", "venv"]).arg(&venv))?;
         }
-        run(Command::new(&python).args(["-m", "pip", "install", "-q", RSOCKET_PY]))?;
+        run(Command::new(&python)
+            .args(["-m", "pip", "install", "-q"])
+            .args(&missing))?;
     }
-    Ok(python)
+    Ok(venv)
 }
 
 /// Build the aarch64 agent with Debian's rustc-web; returns the binary.

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
-use crate::{root, run, which};
+use crate::{python_venv, root, run};
 
 const LAYER: &str = "meta-cardeploy";
 /// The recipe whose `update_crates` task writes the file (the CLI recipe requires the same one).
@@ -197,37 +197,11 @@ fn md5sum(data: &[u8]) -> anyhow::Result<String> {
         .to_owned())
 }
 
-/// `.venv-yocto` with oelint-adv and kas, pinned.
-fn venv() -> anyhow::Result<PathBuf> {
-    let venv = root().join(".venv-yocto");
-    let python = venv.join("bin/python");
-    let want = [OELINT, KAS];
-    let have = Command::new(&python)
-        .args(["-m", "pip", "freeze"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_lowercase())
-        .unwrap_or_default();
-    let missing: Vec<&str> = want
-        .iter()
-        .copied()
-        .filter(|pin| !have.contains(&pin.replace('-', "_")) && !have.contains(pin))
-        .collect();
-    if !missing.is_empty() {
-        let base = which("python3").unwrap_or_else(|| PathBuf::from("/usr/bin/python3"));
-        if !python.exists() {
-            run(Command::new(&base).args(["-m", "venv"]).arg(&venv))?;
-        }
-        run(Command::new(&python)
-            .args(["-m", "pip", "install", "-q"])
-            .args(&missing))?;
-    }
-    Ok(venv)
-}
-
 /// `cargo xtask yocto-lint`: the crates.inc and license checks, oelint-adv, the kas schema.
 pub fn lint() -> anyhow::Result<()> {
     crates_inc(&["--check".to_owned()])?;
-    let venv = venv()?;
+    // oelint-adv and kas, pinned, in a venv of their own.
+    let venv = python_venv(".venv-yocto", &[OELINT, KAS])?;
     let layer = root().join(LAYER);
     let mut files = Vec::new();
     collect(&layer, &mut files)?;
