@@ -11,6 +11,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::bounds::Bounds;
 use crate::conn::{CloseSignal, ConnOptions, Io, LinkConnection};
 use crate::requester::Requester;
 use crate::router::{MIME_COMPOSITE, Responder, Router};
@@ -67,7 +68,7 @@ fn host_of(addr: &str) -> Result<&str, Error> {
 
 struct Dial {
     options: ClientOptions,
-    close: CloseSignal,
+    bounds: Arc<Bounds>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -122,7 +123,7 @@ impl Transport for Dial {
                 we_open_odd_streams: true,
                 setup_token: None,
             },
-            self.close.clone(),
+            self.bounds.clone(),
             self.shutdown.clone(),
             addr,
         ))
@@ -133,11 +134,12 @@ impl Transport for Dial {
 pub async fn connect(options: &ClientOptions) -> Result<Requester, Error> {
     host_of(&options.addr)?;
     let close = CloseSignal::new();
+    let bounds = Arc::new(Bounds::new(close.clone(), &options.limits, true, false));
     // The client has no process-wide shutdown of its own: closing the requester ends it.
     let (_never, shutdown) = watch::channel(false);
     let dial = Dial {
         options: options.clone(),
-        close: close.clone(),
+        bounds: bounds.clone(),
         shutdown,
     };
     let on_close = {
@@ -160,12 +162,14 @@ pub async fn connect(options: &ClientOptions) -> Result<Requester, Error> {
     if let Some(responder) = options.responder.clone() {
         let max_payload = options.limits.max_payload;
         let peer_label = options.addr.clone();
+        let bounds = bounds.clone();
         builder = builder.acceptor(Box::new(move || {
             Box::new(Router {
                 responder,
                 metadata_mime: MIME_COMPOSITE.to_owned(),
                 max_payload,
                 peer_label,
+                bounds,
             }) as Box<dyn RSocket>
         }));
     }

@@ -10,10 +10,14 @@
 //!   id, under which the TLS-authenticated identity waits (see `server.rs`), so a car can never
 //!   claim another car's identity in SETUP;
 //! - **writes after a close** → frames sent after the connection ended are discarded instead of
-//!   failing, because rsocket_rust panics in spawned tasks when a send fails mid-stream.
+//!   failing, because rsocket_rust panics in spawned tasks when a send fails mid-stream;
+//! - **a peer that breaks the protocol or asks for too much** → every frame read is judged by
+//!   `guard.rs` before rsocket_rust sees it, every frame written too; answers count against the
+//!   outbound budget of `bounds.rs` until written, and a peer that takes no bytes for
+//!   [`Limits::send_stall`](crate::Limits::send_stall) is dropped.
 
-use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::channel::mpsc;
@@ -25,7 +29,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use crate::bounds::{Bounds, LogLimiter};
 use crate::codec::{Decoded, FrameCodec};
+use crate::guard::{Inbound, answer_bytes};
 
 /// Anything we can run frames over: TCP, or TLS over TCP.
 pub trait Io: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static {}
@@ -88,32 +94,33 @@ pub struct ConnOptions {
 /// The receive buffer starts small: most frames on an idle car are heartbeats, and the twin holds
 /// thousands of connections.
 const READ_BUFFER: usize = 1024;
-/// Frames queued to the writer; rsocket_rust's own queue in front of it is unbounded, this one
-/// just decouples the TLS writes.
+/// Frames queued to the writer; rsocket_rust's own queue in front of it is unbounded and bounded
+/// from outside (`bounds.rs`), this one just decouples the TLS writes.
 const WRITE_QUEUE: usize = 32;
-/// Peers may interleave fragmented payloads on this many streams at once.
-const MAX_FRAGMENTING_STREAMS: usize = 8;
+
+/// Peers whose frames broke the protocol, logged at a limited rate.
+static MISBEHAVING: LogLimiter = LogLimiter::new();
 
 pub struct LinkConnection {
     pub(crate) io: Box<dyn Io>,
     pub(crate) options: ConnOptions,
-    pub(crate) close: CloseSignal,
+    pub(crate) bounds: Arc<Bounds>,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) peer_label: String,
 }
 
 impl LinkConnection {
-    pub fn new(
+    pub(crate) fn new(
         io: Box<dyn Io>,
         options: ConnOptions,
-        close: CloseSignal,
+        bounds: Arc<Bounds>,
         shutdown: watch::Receiver<bool>,
         peer_label: String,
     ) -> Self {
         Self {
             io,
             options,
-            close,
+            bounds,
             shutdown,
             peer_label,
         }
@@ -143,17 +150,6 @@ fn error_frame(stream_id: u32, code: u32, message: String) -> Frame {
         .build()
 }
 
-fn is_fragmentable(body: &Body) -> bool {
-    matches!(
-        body,
-        Body::RequestResponse(_)
-            | Body::RequestFNF(_)
-            | Body::RequestStream(_)
-            | Body::RequestChannel(_)
-            | Body::Payload(_)
-    )
-}
-
 /// Rebuild a SETUP frame with our metadata in place of the peer's.
 fn rewrite_setup(setup: frame::Setup, flag: u16, token: u64) -> Frame {
     let mut builder = frame::Setup::builder(0, flag & !Frame::FLAG_METADATA)
@@ -175,6 +171,18 @@ fn rewrite_setup(setup: frame::Setup, flag: u16, token: u64) -> Frame {
     builder.build()
 }
 
+/// A KEEPALIVE without its data: rsocket_rust echoes the data of every KEEPALIVE that asks for
+/// an answer, and nothing in the protocol needs it, so a peer cannot make us send its bytes back.
+fn without_data(frame: Frame) -> Frame {
+    let flag = frame.get_flag();
+    match frame.get_body() {
+        Body::Keepalive(k) => frame::Keepalive::builder(0, flag)
+            .set_last_received_position(k.get_last_received_position())
+            .build(),
+        other => Frame::new(0, other, flag),
+    }
+}
+
 /// Marks the connection closed however the read side ends, also when rsocket_rust drops it.
 struct CloseOnDrop(CloseSignal);
 impl Drop for CloseOnDrop {
@@ -183,17 +191,71 @@ impl Drop for CloseOnDrop {
     }
 }
 
+/// Write one frame and whatever else is queued behind it, then flush; all of it within the stall
+/// deadline. Frames without a stream to go to are dropped here (see `guard.rs`), and the answer
+/// bytes of every frame leave the outbound budget once written or dropped.
+async fn write_batch<W>(
+    writer: &mut FramedWrite<W, FrameCodec>,
+    first: Frame,
+    rx: &mut mpsc::Receiver<Frame>,
+    bounds: &Bounds,
+    we_open_odd: bool,
+) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut next = Some(first);
+    while let Some(frame) = next.take() {
+        let bytes = answer_bytes(&frame, we_open_odd);
+        let send = bounds.streams().outbound(&frame);
+        let fed = if send {
+            tokio::time::timeout(bounds.send_stall, writer.feed(frame)).await
+        } else {
+            Ok(Ok(()))
+        };
+        bounds.outbound.release(bytes);
+        match fed {
+            Ok(result) => result?,
+            Err(_) => return Err(stalled(bounds.send_stall)),
+        }
+        next = rx.try_recv().ok();
+    }
+    match tokio::time::timeout(bounds.send_stall, writer.flush()).await {
+        Ok(result) => result,
+        Err(_) => Err(stalled(bounds.send_stall)),
+    }
+}
+
+fn stalled(after: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("the peer took no bytes for {after:?}"),
+    )
+}
+
+fn warn_misbehaving(peer: &str, why: &str) {
+    if let Some(suppressed) = MISBEHAVING.allow(Instant::now()) {
+        if suppressed > 0 {
+            tracing::warn!(%peer, suppressed, "dropping a peer that broke the protocol: {why}");
+        } else {
+            tracing::warn!(%peer, "dropping a peer that broke the protocol: {why}");
+        }
+    }
+}
+
 impl Connection for LinkConnection {
     fn split(self) -> (Box<FrameSink>, Box<FrameStream>) {
         let LinkConnection {
             io,
             options,
-            close,
+            bounds,
             shutdown,
             peer_label,
         } = self;
+        let close = bounds.close.clone();
         let (read_half, write_half) = tokio::io::split(io);
         let (tx, mut rx) = mpsc::channel::<Frame>(WRITE_QUEUE);
+        let we_open_odd = options.we_open_odd_streams;
 
         // Writer: owns the write half; after a close it drains and discards, see module docs.
         {
@@ -201,6 +263,8 @@ impl Connection for LinkConnection {
             let mut shutdown = shutdown.clone();
             let close = close.clone();
             let max_frame = options.max_frame;
+            let bounds = bounds.clone();
+            let peer_label = peer_label.clone();
             tokio::spawn(async move {
                 let mut writer = FramedWrite::new(write_half, FrameCodec::new(max_frame));
                 let mut open = true;
@@ -209,21 +273,17 @@ impl Connection for LinkConnection {
                         next = rx.next() => {
                             let Some(frame) = next else { break };
                             if !open {
+                                bounds.outbound.release(answer_bytes(&frame, we_open_odd));
                                 continue;
                             }
-                            let mut result = writer.feed(frame).await;
-                            // Batch whatever else is queued into the same flush.
-                            while result.is_ok() {
-                                match rx.try_recv() {
-                                    Ok(frame) => result = writer.feed(frame).await,
-                                    _ => break,
+                            let written =
+                                write_batch(&mut writer, frame, &mut rx, &bounds, we_open_odd).await;
+                            if let Err(e) = written {
+                                if e.kind() == std::io::ErrorKind::TimedOut {
+                                    tracing::warn!(peer = %peer_label, "{e}; dropping the connection");
+                                } else {
+                                    tracing::debug!(error = %e, "write failed; closing the connection");
                                 }
-                            }
-                            if result.is_ok() {
-                                result = writer.flush().await;
-                            }
-                            if let Err(e) = result {
-                                tracing::debug!(error = %e, "write failed; closing the connection");
                                 open = false;
                                 close.close();
                             }
@@ -231,12 +291,12 @@ impl Connection for LinkConnection {
                         _ = closed_or_shutdown(&mut close_rx, &mut shutdown), if open => {
                             open = false;
                             close.close();
-                            let _ = writer.close().await;
+                            let _ = tokio::time::timeout(bounds.send_stall, writer.close()).await;
                         }
                     }
                 }
                 if open {
-                    let _ = writer.close().await;
+                    let _ = tokio::time::timeout(bounds.send_stall, writer.close()).await;
                 }
             });
         }
@@ -252,8 +312,6 @@ impl Connection for LinkConnection {
             let mut close_rx = close.subscribe();
             let mut shutdown = shutdown;
             let mut inject = inject;
-            let mut fragmenting: HashMap<u32, usize> = HashMap::new();
-            let mut dropping: HashSet<u32> = HashSet::new();
             loop {
                 let next = tokio::select! {
                     next = tokio::time::timeout(options.idle_timeout, reader.next()) => next,
@@ -270,91 +328,82 @@ impl Connection for LinkConnection {
                         break;
                     }
                     Ok(Some(Err(e))) => {
-                        tracing::warn!(peer = %peer_label, error = %e, "connection failed");
+                        warn_misbehaving(&peer_label, &e.to_string());
                         break;
                     }
                     Ok(Some(Ok(decoded))) => decoded,
                 };
-                let frame = match decoded {
+                let (stream_id, verdict, frame) = match decoded {
                     Decoded::Oversized { stream_id, len } => {
-                        let message = format!(
-                            "frame of {len} bytes exceeds the {}-byte limit; payloads are limited to {} bytes",
-                            options.max_frame, options.max_payload
-                        );
                         tracing::warn!(peer = %peer_label, stream_id, len, "refused an oversized frame");
-                        refuse(&mut inject, stream_id, &options, message.clone());
+                        let verdict = bounds
+                            .streams()
+                            .oversized(stream_id, (options.max_frame, options.max_payload));
+                        (stream_id, verdict, None)
+                    }
+                    Decoded::Frame(frame) => {
+                        let verdict = bounds.streams().inbound(&frame, Instant::now());
+                        (frame.get_stream_id(), verdict, Some(frame))
+                    }
+                };
+                match verdict {
+                    Inbound::Malformed(why) => {
+                        warn_misbehaving(&peer_label, &why);
+                        break;
+                    }
+                    Inbound::Drop => continue,
+                    Inbound::Reject { message, local } => {
+                        tracing::debug!(peer = %peer_label, stream_id, "refused a stream: {message}");
+                        let refusal = error_frame(stream_id, ERR_REJECTED, message.clone());
+                        if inject.try_send(refusal).is_err() {
+                            // The peer learns from the closed stream instead.
+                            bounds.streams().refusal_dropped(stream_id);
+                        }
+                        if local {
+                            // rsocket_rust already holds fragments of it: an ERROR drops them.
+                            yield Ok(error_frame(stream_id, ERR_REJECTED, message));
+                        }
+                        continue;
+                    }
+                    Inbound::Cancel { message } => {
+                        tracing::warn!(peer = %peer_label, stream_id, "cancelled our request: {message}");
+                        let _ = inject.try_send(frame::Cancel::builder(stream_id, 0).build());
+                        // Fails our request and drops the fragments rsocket_rust holds.
                         yield Ok(error_frame(stream_id, ERR_REJECTED, message));
                         continue;
                     }
-                    Decoded::Frame(frame) => frame,
-                };
-                let sid = frame.get_stream_id();
-                let follows = frame.get_flag() & Frame::FLAG_FOLLOW != 0;
-                if is_fragmentable(frame.get_body_ref()) {
-                    if dropping.contains(&sid) {
-                        if !follows {
-                            dropping.remove(&sid);
+                    Inbound::Pass { completes_fnf } => {
+                        let Some(frame) = frame else { continue };
+                        if completes_fnf {
+                            // Read no further until the responder has room for one more.
+                            let permit = tokio::select! {
+                                permit = bounds.fire_and_forget.clone().acquire_owned() => permit,
+                                _ = closed_or_shutdown(&mut close_rx, &mut shutdown) => break,
+                            };
+                            match permit {
+                                Ok(permit) => permit.forget(),
+                                Err(_) => break,
+                            }
                         }
-                        continue;
-                    }
-                    let so_far = fragmenting.get(&sid).copied().unwrap_or(0);
-                    let total = so_far + rsocket_rust::utils::Writeable::len(&frame);
-                    let too_many = so_far == 0 && follows && fragmenting.len() >= MAX_FRAGMENTING_STREAMS;
-                    if total > options.max_frame.max(options.max_payload) + 1024 || too_many {
-                        fragmenting.remove(&sid);
-                        if follows {
-                            dropping.insert(sid);
-                        }
-                        let message = if too_many {
-                            format!("more than {MAX_FRAGMENTING_STREAMS} fragmented payloads at once")
-                        } else {
-                            format!("fragmented payload exceeds the {}-byte limit", options.max_payload)
+                        let frame = match (options.setup_token, frame.get_body_ref()) {
+                            (Some(token), Body::Setup(_)) => {
+                                let flag = frame.get_flag();
+                                match frame.get_body() {
+                                    Body::Setup(setup) => rewrite_setup(setup, flag, token),
+                                    _ => continue,
+                                }
+                            }
+                            (_, Body::Keepalive(k)) if k.get_data().is_some_and(|d| !d.is_empty()) => {
+                                without_data(frame)
+                            }
+                            _ => frame,
                         };
-                        tracing::warn!(peer = %peer_label, stream_id = sid, "{message}");
-                        refuse(&mut inject, sid, &options, message.clone());
-                        // Locally, an ERROR both fails our own request on that stream and drops
-                        // the fragments rsocket_rust's joiner already holds.
-                        yield Ok(error_frame(sid, ERR_REJECTED, message));
-                        continue;
-                    }
-                    if follows {
-                        fragmenting.insert(sid, total);
-                    } else {
-                        fragmenting.remove(&sid);
+                        yield Ok(frame);
                     }
                 }
-                let frame = match (options.setup_token, frame.get_body_ref()) {
-                    (Some(token), Body::Setup(_)) => {
-                        let flag = frame.get_flag();
-                        match frame.get_body() {
-                            Body::Setup(setup) => rewrite_setup(setup, flag, token),
-                            _ => continue,
-                        }
-                    }
-                    _ => frame,
-                };
-                yield Ok(frame);
             }
         };
         let sink = tx.sink_map_err(|e| RSocketError::Other(e.into()));
         (Box::new(sink), Box::new(Box::pin(frames)))
     }
-}
-
-/// Tell the peer we refused its stream: an ERROR for a stream it opened, a CANCEL for one we
-/// opened (a peer may not be sent an ERROR for its answer to our request).
-fn refuse(
-    inject: &mut mpsc::Sender<Frame>,
-    stream_id: u32,
-    options: &ConnOptions,
-    message: String,
-) {
-    let ours = (stream_id % 2 == 1) == options.we_open_odd_streams;
-    let frame = if ours {
-        frame::Cancel::builder(stream_id, 0).build()
-    } else {
-        error_frame(stream_id, ERR_REJECTED, message)
-    };
-    // Best effort: if the write queue is full the peer learns from the closed stream instead.
-    let _ = inject.try_send(frame);
 }

@@ -14,15 +14,19 @@
 //! | no resumption | not needed: data transfer resumes by content (chunks already stored are not fetched again) |
 //! | METADATA_PUSH on a non-zero stream id | never sent; received ones are ignored |
 //! | panics when sending on a closed connection | the writer discards frames after a close instead of failing |
+//! | trusts its peer: `unreachable!()` on a PAYLOAD or ERROR for a request the peer opened, any number of open streams | `guard`: every frame checked against the open streams before rsocket_rust sees it; a peer that breaks the protocol is dropped, one that opens more than [`Limits::max_streams`] is refused with `REJECTED` |
+//! | unbounded queues toward a slow reader and from a fire-and-forget flood | `bounds`: answers wait for room in [`Limits::max_queued`], a peer that reads nothing for [`Limits::send_stall`] is dropped, at most [`Limits::max_pending_fnf`] fire-and-forget requests are read ahead |
 //!
 //! Tests: `cargo test -p cardeploy-link` runs unit tests and `tests/link.rs`, which runs real
 //! TLS connections on loopback, through a fault-injecting proxy for the dead-peer cases.
 
 pub mod backoff;
+mod bounds;
 mod client;
 mod codec;
 mod conn;
 mod error;
+mod guard;
 mod requester;
 mod router;
 mod server;
@@ -37,7 +41,8 @@ pub use requester::{Requester, Window};
 pub use router::{MIME_COMPOSITE, MIME_ROUTING, Responder, route_metadata, route_of};
 pub use server::{Acceptor, LinkServer, Peer, ServerOptions, ServerSecurity, ServerStats, Session};
 
-/// Size limits of the link.
+/// What one connection may cost: sizes, streams, queued bytes, and how long a peer may stop
+/// reading. The same on both ends; the twin's come from its configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Largest payload (data) of one request or answer.
@@ -47,6 +52,17 @@ pub struct Limits {
     pub max_frame: usize,
     /// Fragment size we send.
     pub mtu: usize,
+    /// Request-response and request-stream requests the peer may have open with us at once;
+    /// more are refused with ERROR `REJECTED`.
+    pub max_streams: usize,
+    /// Answer bytes queued for the peer and not yet written to its socket; answers wait for
+    /// room, so a peer that stops reading costs at most this (plus one answer per stream).
+    pub max_queued: usize,
+    /// Fire-and-forget requests read but not yet handled; the reader waits beyond this, so a
+    /// flood slows the sender down instead of filling memory.
+    pub max_pending_fnf: usize,
+    /// A peer that takes no bytes for this long while we have some to send is dropped.
+    pub send_stall: std::time::Duration,
 }
 
 pub const MAX_PAYLOAD: usize = 1024 * 1024;
@@ -57,6 +73,10 @@ impl Default for Limits {
             max_payload: MAX_PAYLOAD,
             max_frame: MAX_PAYLOAD + 4096,
             mtu: 64 * 1024,
+            max_streams: 8,
+            max_queued: 2 * MAX_PAYLOAD,
+            max_pending_fnf: 16,
+            send_stall: std::time::Duration::from_secs(60),
         }
     }
 }

@@ -12,6 +12,7 @@ use rsocket_rust::prelude::{Flux, Payload, RSocket};
 use rsocket_rust::utils::Writeable;
 
 use crate::Refusal;
+use crate::bounds::Bounds;
 
 pub const MIME_COMPOSITE: &str = "message/x.rsocket.composite-metadata.v0";
 pub const MIME_ROUTING: &str = "message/x.rsocket.routing.v0";
@@ -84,6 +85,13 @@ pub(crate) struct Router {
     pub metadata_mime: String,
     pub max_payload: usize,
     pub peer_label: String,
+    /// The connection's bounds: answers wait here for room in its outbound budget.
+    pub bounds: Arc<Bounds>,
+}
+
+/// The connection ended while an answer waited for room in the outbound budget.
+fn gone() -> Refusal {
+    Refusal::new("the connection closed")
 }
 
 impl Router {
@@ -122,13 +130,25 @@ impl RSocket for Router {
                 tracing::warn!(peer = %self.peer_label, "dropped a fire-and-forget request: {refusal}")
             }
         }
+        // The reader took a permit before it passed this request on.
+        self.bounds.fire_and_forget_done();
         Ok(())
     }
 
     async fn request_response(&self, req: Payload) -> rsocket_rust::Result<Option<Payload>> {
         let (route, data) = self.open(req).map_err(anyhow_refusal)?;
         match self.responder.request_response(&route, data).await {
-            Ok(answer) => Ok(Some(reply(answer))),
+            Ok(answer) => {
+                if !self
+                    .bounds
+                    .outbound
+                    .reserve(answer.len(), &self.bounds.close)
+                    .await
+                {
+                    return Err(anyhow_refusal(gone()));
+                }
+                Ok(Some(reply(answer)))
+            }
             Err(refusal) => Err(anyhow_refusal(refusal)),
         }
     }
@@ -136,19 +156,29 @@ impl RSocket for Router {
     fn request_stream(&self, req: Payload) -> Flux<rsocket_rust::Result<Payload>> {
         match self.open(req) {
             Ok((route, data)) => {
-                let mut failed = false;
-                // rsocket_rust keeps polling after an error item, sending one ERROR per item;
-                // stop at the first. (It still sends a COMPLETE after the ERROR, which peers
-                // ignore for a stream that already ended.)
-                let stream = self
-                    .responder
-                    .request_stream(&route, data)
-                    .take_while(move |item| {
-                        let go = !failed;
-                        failed |= item.is_err();
-                        futures::future::ready(go)
-                    })
-                    .map(|item| item.map(reply).map_err(anyhow_refusal));
+                let mut inner = self.responder.request_stream(&route, data);
+                let bounds = self.bounds.clone();
+                // rsocket_rust polls a stream as fast as it yields and queues every item
+                // unbounded; each item waits for room in the outbound budget instead. It also
+                // keeps polling after an error item, sending one ERROR per item: stop at the
+                // first. (The COMPLETE it sends after the ERROR is dropped by the writer.)
+                let stream = async_stream::stream! {
+                    while let Some(item) = inner.next().await {
+                        match item {
+                            Ok(bytes) => {
+                                if !bounds.outbound.reserve(bytes.len(), &bounds.close).await {
+                                    yield Err(anyhow_refusal(gone()));
+                                    break;
+                                }
+                                yield Ok(reply(bytes));
+                            }
+                            Err(refusal) => {
+                                yield Err(anyhow_refusal(refusal));
+                                break;
+                            }
+                        }
+                    }
+                };
                 Box::pin(stream)
             }
             Err(refusal) => Box::pin(futures::stream::once(futures::future::ready(Err(

@@ -14,6 +14,7 @@ use rsocket_rust::prelude::{RSocket, RSocketFactory, ServerTransport, SetupPaylo
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::bounds::Bounds;
 use crate::conn::{CloseSignal, ConnOptions, Io, LinkConnection};
 use crate::requester::Requester;
 use crate::router::{Responder, Router};
@@ -99,7 +100,7 @@ pub struct ServerStats {
 struct Pending {
     peer: Peer,
     remote: SocketAddr,
-    close: CloseSignal,
+    bounds: Arc<Bounds>,
 }
 
 struct Ctx {
@@ -238,7 +239,7 @@ fn accept(
         setup_data: setup.data().cloned().unwrap_or_default(),
         requester: Requester {
             socket: Arc::from(requester),
-            close: pending.close.clone(),
+            close: pending.bounds.close.clone(),
             deadline: ctx.options.request_deadline,
             max_payload: ctx.options.limits.max_payload,
         },
@@ -251,12 +252,13 @@ fn accept(
                 metadata_mime,
                 max_payload: ctx.options.limits.max_payload,
                 peer_label,
+                bounds: pending.bounds,
             }))
         }
         Err(refusal) => {
             tracing::warn!(peer = %peer_label, "refused SETUP: {refusal}");
             // Give the REJECTED_SETUP error frame time to leave before the connection closes.
-            let close = pending.close;
+            let close = pending.bounds.close.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 close.close();
@@ -363,13 +365,15 @@ impl Transport for Accepted {
         };
         let conn_id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
         let close = CloseSignal::new();
+        let limits = ctx.options.limits;
+        let bounds = Arc::new(Bounds::new(close.clone(), &limits, false, true));
         if let Ok(mut pending) = ctx.pending.lock() {
             pending.insert(
                 conn_id,
                 Pending {
                     peer: peer.clone(),
                     remote,
-                    close: close.clone(),
+                    bounds: bounds.clone(),
                 },
             );
         }
@@ -390,7 +394,6 @@ impl Transport for Accepted {
             Peer::Authenticated(id) => id.clone(),
             Peer::Unauthenticated => remote.to_string(),
         };
-        let limits = ctx.options.limits;
         Ok(LinkConnection::new(
             io,
             ConnOptions {
@@ -400,7 +403,7 @@ impl Transport for Accepted {
                 we_open_odd_streams: false,
                 setup_token: Some(conn_id),
             },
-            close,
+            bounds,
             ctx.shutdown.clone(),
             label,
         ))

@@ -415,6 +415,7 @@ async fn an_oversized_payload_from_a_careless_peer_is_refused_and_the_connection
             max_payload: 8 * 1024 * 1024,
             max_frame: 9 * 1024 * 1024,
             mtu,
+            ..Limits::default()
         };
         let link = connect(&options).await.unwrap();
         let err = link
