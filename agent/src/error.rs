@@ -35,6 +35,15 @@ pub enum Error {
     #[error("fetch: {0}")]
     Fetch(String),
     #[error(
+        "the disk holding {} is full: this update needs {} more there and {} are free; it goes on by itself once there is room",
+        path.display(), human(*needed), human(*free)
+    )]
+    DiskFull {
+        path: PathBuf,
+        needed: u64,
+        free: u64,
+    },
+    #[error(
         "compatible = {configured:?} in the agent's configuration, but RAUC says {rauc:?}: remove it from agent.toml (RAUC's system.conf is the authority) or fix one of them"
     )]
     Compatible { configured: String, rauc: String },
@@ -48,4 +57,18 @@ pub enum Error {
         #[source]
         source: cardeploy_protocol::Error,
     },
+}
+
+/// Bytes as a person reads them: 812 B, 40.2 KiB, 3.91 MiB, 1.20 GiB.
+pub(crate) fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if bytes < 1024 {
+        format!("{bytes} B")
+    } else if b < 1048576.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else if b < 1073741824.0 {
+        format!("{:.2} MiB", b / 1048576.0)
+    } else {
+        format!("{:.2} GiB", b / 1073741824.0)
+    }
 }

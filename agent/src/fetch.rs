@@ -12,9 +12,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cardeploy_chunks::transit::{DeltaDecoder, Encoding, Frame, reference_dictionary};
-use cardeploy_chunks::{Assembler, ChunkIndex, Digest, Plan, Seed, Source};
+use cardeploy_chunks::{Assembler, ChunkIndex, Digest, INDEX_HEADER_BYTES, Plan, Seed, Source};
 use cardeploy_link::{Requester, Window};
-use cardeploy_protocol::{self as protocol, ChunksRequest, FetchProgress, IndexRequest, route};
+use cardeploy_protocol::{
+    self as protocol, ChunksRequest, DesiredPageRequest, DesiredState, FetchProgress, IndexRequest,
+    MAX_DESIRED_BYTES, PagedDesired, route,
+};
 use cardeploy_release::Artifact;
 
 use crate::{Config, Error};
@@ -84,10 +87,7 @@ impl Fetcher {
                 ),
             }
         }
-        let request = protocol::encode(&IndexRequest { index: id.hex() });
-        let bytes = link
-            .request_response(route::ARTIFACT_INDEX, Bytes::from(request))
-            .await?;
+        let bytes = self.index_pages(link, id).await?;
         let index = ChunkIndex::decode_expecting(&bytes, id, self.max_artifact)?;
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, &bytes)
@@ -96,10 +96,158 @@ impl Fetcher {
         Ok(index)
     }
 
+    /// An index's encoding from the twin, page by page: the first page's header says how long
+    /// the whole is (and that the artifact it describes is within the car's limit) before more
+    /// is asked for, so an index of any size arrives and none larger than announced is kept.
+    async fn index_pages(&self, link: &Requester, id: &Digest) -> Result<Vec<u8>, Error> {
+        let page = |offset: u64| {
+            let request = protocol::encode(&IndexRequest {
+                index: id.hex(),
+                offset: (offset > 0).then_some(offset),
+            });
+            link.request_response(route::ARTIFACT_INDEX, Bytes::from(request))
+        };
+        let mut bytes = page(0).await?.to_vec();
+        if bytes.len() < INDEX_HEADER_BYTES {
+            return Err(cardeploy_chunks::Error::IndexMalformed(format!(
+                "the first page of index {id} is {} bytes, shorter than a header",
+                bytes.len()
+            ))
+            .into());
+        }
+        let total = ChunkIndex::encoded_len(&bytes, self.max_artifact)?;
+        let total = usize::try_from(total).map_err(|_| {
+            cardeploy_chunks::Error::IndexMalformed(format!("index {id} of {total} bytes"))
+        })?;
+        bytes.reserve(total.saturating_sub(bytes.len()));
+        while bytes.len() < total {
+            let next = page(bytes.len() as u64).await?;
+            if next.is_empty() || bytes.len() + next.len() > total {
+                return Err(cardeploy_chunks::Error::IndexMalformed(format!(
+                    "index {id}: a page of {} bytes at offset {} does not fit its {total}-byte length",
+                    next.len(),
+                    bytes.len()
+                ))
+                .into());
+            }
+            bytes.extend_from_slice(&next);
+        }
+        if bytes.len() > total {
+            return Err(cardeploy_chunks::Error::IndexMalformed(format!(
+                "index {id}: {} bytes arrived for a {total}-byte encoding",
+                bytes.len()
+            ))
+            .into());
+        }
+        Ok(bytes)
+    }
+
+    /// One chunk, whole (no base offered, so the twin sends no delta).
+    async fn whole_chunk(
+        &self,
+        link: &Requester,
+        index: &Digest,
+        position: usize,
+        len: u32,
+    ) -> Result<Bytes, Error> {
+        let body = protocol::encode(&ChunksRequest {
+            index: index.hex(),
+            base: None,
+            chunks: vec![u32::try_from(position).unwrap_or(u32::MAX)],
+        });
+        let raw = u64::from(len);
+        let limit = Window {
+            max_items: 1,
+            max_bytes: usize::try_from(raw + raw / 64 + 128).unwrap_or(usize::MAX),
+        };
+        let mut frames = link
+            .request_window_within(
+                route::ARTIFACT_CHUNKS,
+                Bytes::from(body),
+                limit,
+                self.window_deadline,
+            )
+            .await?;
+        frames.pop().ok_or_else(|| {
+            Error::Fetch(format!(
+                "asked the twin for chunk {position} whole, got nothing"
+            ))
+        })
+    }
+
     /// Fetch one artifact. `base` is the index of the previous version the car holds (its
     /// assembled file or its running slot); it is offered to the twin only if every one of its
-    /// chunks can be read here, because the twin's deltas may refer to any of them.
+    /// chunks can be read here, because the twin's deltas may refer to any of them. A full disk
+    /// is [`Error::DiskFull`], saying how much room the artifact still needs.
     pub async fn fetch(
+        &self,
+        link: &Requester,
+        artifact: &Artifact,
+        base: Option<Digest>,
+        progress: impl FnMut(&FetchProgress),
+    ) -> Result<PathBuf, Error> {
+        match self.fetch_one(link, artifact, base, progress).await {
+            Err(e) if disk_full(&e) => {
+                let id: Digest = artifact.index.parse()?;
+                let mut name = self
+                    .artifact_path(&artifact.name, &id)
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_owned();
+                name.push(".partial");
+                let have = std::fs::metadata(self.artifacts.join(name)).map_or(0, |m| m.len());
+                Err(Error::DiskFull {
+                    path: self.artifacts.clone(),
+                    needed: artifact.size.saturating_sub(have),
+                    free: free_bytes(&self.artifacts),
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// Remove the partial files of artifacts `keep` does not name: a replaced desired state's
+    /// unfinished downloads (they are no seed for anything).
+    pub fn prune_partials(&self, keep: &[Artifact]) {
+        let wanted: Vec<PathBuf> = keep
+            .iter()
+            .filter_map(|a| {
+                let id: Digest = a.index.parse().ok()?;
+                let mut name = self.artifact_path(&a.name, &id).file_name()?.to_owned();
+                name.push(".partial");
+                Some(self.artifacts.join(name))
+            })
+            .collect();
+        let Ok(dir) = std::fs::read_dir(&self.artifacts) else {
+            return;
+        };
+        for path in dir.filter_map(Result::ok).map(|e| e.path()) {
+            if path.extension().is_some_and(|e| e == "partial") && !wanted.contains(&path) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), "removed the partial download of a replaced desired state")
+                    }
+                    Err(e) => tracing::warn!("could not remove {}: {e}", path.display()),
+                }
+            }
+        }
+    }
+
+    /// Wait until the artifacts' disk has `needed` bytes free, checking every `every`.
+    pub async fn room_for(&self, needed: u64, every: Duration) {
+        loop {
+            let dir = self.artifacts.clone();
+            let free = tokio::task::spawn_blocking(move || free_bytes(&dir))
+                .await
+                .unwrap_or(0);
+            if free >= needed {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    async fn fetch_one(
         &self,
         link: &Requester,
         artifact: &Artifact,
@@ -243,53 +391,51 @@ impl Fetcher {
             let (mut asm, mut decoder) = state
                 .take()
                 .ok_or_else(|| Error::Fetch("assembler lost".into()))?;
-            let (index, seeds, plan, base, window) = (
-                index.clone(),
-                seeds.clone(),
-                plan.clone(),
-                base.clone(),
-                window.clone(),
-            );
-            state = Some(
-                blocking(move || {
-                    // In order: everything local before a fetched chunk is appended first, so a
-                    // context frame finds the bytes before it in the partial file.
-                    for (bytes, (pos, want, len)) in frames.iter().zip(&window) {
-                        append_until(&mut asm, &index, &plan, &seeds, *pos)?;
-                        let frame = Frame::decode(bytes)?;
-                        frame.expect(want, *len)?;
-                        if matches!(frame.encoding, Encoding::Delta(_)) && base.is_none() {
-                            return Err(Error::Fetch(format!(
-                                "chunk {} came as a delta, but no base was offered",
-                                frame.id
-                            )));
-                        }
-                        let base_len = base.as_ref().map_or(0, |b| b.chunks.len());
-                        let raw = decoder.decode(
-                            &frame,
-                            base_len,
-                            |r| {
-                                let Some(b) = &base else {
-                                    return Err(cardeploy_chunks::Error::Unplanned(frame.id));
-                                };
-                                let range =
-                                    &b.chunks[r.start as usize..(r.start + r.count) as usize];
-                                let mut parts = Vec::with_capacity(range.len());
-                                for c in range {
-                                    parts.push(read_seed(&seeds, &c.id)?);
-                                }
-                                Ok(reference_dictionary(parts))
-                            },
-                            |n| asm.preceding(n),
-                        )?;
-                        asm.append(&frame.id, &raw)?;
-                    }
-                    drop(frames);
-                    asm.sync()?;
-                    Ok((asm, decoder))
+            let mut frames = frames;
+            let mut wire = wire;
+            // A frame that fails on the car is asked for again whole, and the window goes on
+            // from it: a bad delta never blocks an update.
+            let mut from = 0;
+            loop {
+                let (index, seeds, plan, base, todo, sent) = (
+                    index.clone(),
+                    seeds.clone(),
+                    plan.clone(),
+                    base.clone(),
+                    window[from..].to_vec(),
+                    frames[from..].to_vec(),
+                );
+                let (a, d, applied) = blocking(move || {
+                    let applied = apply(
+                        &mut asm,
+                        &mut decoder,
+                        Local {
+                            index: &index,
+                            plan: &plan,
+                            seeds: &seeds,
+                            base: base.as_deref(),
+                        },
+                        &todo,
+                        &sent,
+                    );
+                    Ok((asm, decoder, applied))
                 })
-                .await?,
-            );
+                .await?;
+                (asm, decoder) = (a, d);
+                match applied? {
+                    Applied::All => break,
+                    Applied::Again { at, why } => {
+                        let k = from + at;
+                        let (pos, want, len) = window[k];
+                        tracing::warn!(chunk = %want, "its delta failed on the car ({why}); asking for it whole");
+                        let whole = self.whole_chunk(link, &id, pos, len).await?;
+                        wire += whole.len() as u64;
+                        frames[k] = whole;
+                        from = k;
+                    }
+                }
+            }
+            state = Some((asm, decoder));
             if !self.prefetch {
                 in_flight = windows.get(n + 1).map(|w| request(w));
             }
@@ -320,6 +466,165 @@ impl Fetcher {
             fetched = report.fetched_bytes, wire = report.wire_bytes, "artifact assembled and verified");
         Ok(out)
     }
+}
+
+/// Bytes free for an unprivileged writer on the file system holding `dir` (0 when unknown).
+fn free_bytes(dir: &Path) -> u64 {
+    nix::sys::statvfs::statvfs(dir).map_or(0, |s| {
+        u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size()))
+    })
+}
+
+/// Whether `e` is, at its root, a write that found no space left on the device.
+fn disk_full(e: &Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(nix::libc::ENOSPC)
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// A `car.desired` stream item: the desired state itself, or — when it is too large for one
+/// payload — read page by page and checked against the digest the item announced.
+pub(crate) async fn desired_item(link: &Requester, item: &[u8]) -> Result<DesiredState, Error> {
+    let whole = match protocol::decode::<DesiredState>("desired state", item) {
+        Ok(state) => return Ok(state),
+        Err(e) => e,
+    };
+    let Ok(PagedDesired { paged }) = protocol::decode::<PagedDesired>("desired state", item) else {
+        return Err(Error::Protocol {
+            what: "car.desired",
+            source: whole,
+        });
+    };
+    if paged.size > MAX_DESIRED_BYTES {
+        return Err(Error::Fetch(format!(
+            "a desired state of {} bytes is announced; this agent reads at most {MAX_DESIRED_BYTES}",
+            paged.size
+        )));
+    }
+    let size = paged.size as usize;
+    let mut bytes = Vec::with_capacity(size);
+    while bytes.len() < size {
+        let request = protocol::encode(&DesiredPageRequest {
+            digest: paged.digest.clone(),
+            offset: bytes.len() as u64,
+        });
+        let page = link
+            .request_response(route::CAR_DESIRED_PAGE, Bytes::from(request))
+            .await?;
+        if page.is_empty() || bytes.len() + page.len() > size {
+            return Err(Error::Fetch(format!(
+                "a page of {} bytes at offset {} does not fit the announced {size}-byte desired state",
+                page.len(),
+                bytes.len()
+            )));
+        }
+        bytes.extend_from_slice(&page);
+    }
+    if Digest::of(&bytes).hex() != paged.digest {
+        return Err(Error::Fetch(format!(
+            "the pages of desired state {} do not hash to it",
+            paged.digest
+        )));
+    }
+    protocol::decode("desired state", &bytes).map_err(|source| Error::Protocol {
+        what: "car.desired.page",
+        source,
+    })
+}
+
+/// What the car has locally while it applies a window.
+struct Local<'a> {
+    index: &'a ChunkIndex,
+    plan: &'a Plan,
+    seeds: &'a [Seed],
+    base: Option<&'a ChunkIndex>,
+}
+
+/// How far a window got.
+enum Applied {
+    All,
+    /// The frame at `at` is a delta that did not decode to its chunk: ask for it whole.
+    Again {
+        at: usize,
+        why: String,
+    },
+}
+
+/// Whether a decoding error is the frame's fault (a bad delta), as opposed to the car's own
+/// seeds or disk.
+fn frame_fault(e: &cardeploy_chunks::Error) -> bool {
+    use cardeploy_chunks::Error as E;
+    matches!(
+        e,
+        E::ChunkDigest { .. }
+            | E::TransitMalformed(_)
+            | E::DeltaReference { .. }
+            | E::DeltaReferenceTooLarge { .. }
+    )
+}
+
+/// Decode `frames` (one per `window` entry) and append them in order with every local chunk
+/// before them — so a context frame finds the bytes before it in the partial file — then sync.
+fn apply(
+    asm: &mut Assembler,
+    decoder: &mut DeltaDecoder,
+    local: Local<'_>,
+    window: &[(usize, Digest, u32)],
+    frames: &[Bytes],
+) -> Result<Applied, Error> {
+    let Local {
+        index,
+        plan,
+        seeds,
+        base,
+    } = local;
+    for (at, (bytes, (pos, want, len))) in frames.iter().zip(window).enumerate() {
+        append_until(asm, index, plan, seeds, *pos)?;
+        let frame = Frame::decode(bytes)?;
+        frame.expect(want, *len)?;
+        let delta = !matches!(frame.encoding, Encoding::Whole);
+        if matches!(frame.encoding, Encoding::Delta(_)) && base.is_none() {
+            return Err(Error::Fetch(format!(
+                "chunk {} came as a delta, but no base was offered",
+                frame.id
+            )));
+        }
+        let decoded = decoder.decode(
+            &frame,
+            base.map_or(&[][..], |b| &b.chunks),
+            |r| {
+                let Some(b) = base else {
+                    return Err(cardeploy_chunks::Error::Unplanned(frame.id));
+                };
+                let range = &b.chunks[r.start as usize..(r.start + r.count) as usize];
+                let mut parts = Vec::with_capacity(range.len());
+                for c in range {
+                    parts.push(read_seed(seeds, &c.id)?);
+                }
+                Ok(reference_dictionary(parts))
+            },
+            |n| asm.preceding(n),
+        );
+        match decoded {
+            Ok(raw) => asm.append(&frame.id, &raw)?,
+            Err(e) if delta && frame_fault(&e) => {
+                return Ok(Applied::Again {
+                    at,
+                    why: e.to_string(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    asm.sync()?;
+    Ok(Applied::All)
 }
 
 /// Append the local chunks before position `upto`: from the partial file itself or a seed.

@@ -68,6 +68,8 @@ struct Agent {
 
 /// Events kept while offline, oldest dropped first.
 const BACKLOG_KEPT: usize = 256;
+/// How often a fetch stopped by a full disk checks for room again.
+const DISK_RECHECK: Duration = Duration::from_secs(5);
 
 /// The work a desired state asks for, run alongside the session's other duties.
 type Job = std::pin::Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
@@ -378,11 +380,35 @@ impl Agent {
     }
 
     /// A fetch job ended: record the outcome. Link errors end the session instead (the next
-    /// session resumes the fetch).
-    async fn fetched(&self, link: &Requester, result: Result<(), Error>) -> Result<(), Error> {
+    /// session resumes the fetch). A full disk leaves the fetch pending with the reason
+    /// reported; the returned byte count is the room to wait for before it goes on.
+    async fn fetched(
+        &self,
+        link: &Requester,
+        result: Result<(), Error>,
+    ) -> Result<Option<u64>, Error> {
         let outcome = match result {
             Ok(()) => None,
             Err(e @ Error::Link(_)) => return Err(e),
+            Err(e @ Error::DiskFull { needed, .. }) => {
+                let why = e.to_string();
+                tracing::error!("{why}");
+                let updated = self
+                    .update(|next| {
+                        next.reported.phase = Phase::Fetching;
+                        next.reported.last_error = Some(why.clone());
+                        (true, next.reported.clone())
+                    })
+                    .await;
+                match updated {
+                    Ok(reported) => {
+                        self.report(link, ReportBody::State { state: reported })
+                            .await;
+                    }
+                    Err(why) => tracing::error!("could not persist the fetch outcome: {why}"),
+                }
+                return Ok(Some(needed));
+            }
             Err(e) => Some(e.to_string()),
         };
         let os = self.os.is_some();
@@ -416,7 +442,7 @@ impl Agent {
             Err(why) => tracing::error!("could not persist the fetch outcome: {why}"),
         }
         self.wake_os();
-        Ok(())
+        Ok(None)
     }
 
     /// Take a desired state: verify, persist, then report. Returns true when artifacts must be
@@ -527,6 +553,10 @@ impl Agent {
                 return false;
             }
         };
+        // Downloads of a replaced desired state are never finished: their partial files go.
+        if let Some(target) = self.state().target.clone() {
+            self.fetcher.prune_partials(&target.artifacts);
+        }
         let reported = self.state().reported.clone();
         tracing::info!(counter, release = %checked.digest, line = %checked.release.line,
             version = %checked.release.version, phase = ?reported.phase, "desired state verified and accepted");
@@ -628,7 +658,7 @@ impl Agent {
         loop {
             tokio::select! {
                 item = desired.next() => match item {
-                    Some(Ok(bytes)) => match protocol::decode::<DesiredState>("desired state", &bytes) {
+                    Some(Ok(bytes)) => match fetch::desired_item(&link, &bytes).await {
                         // A newer desired state replaces a fetch in progress; what that fetch
                         // already stored stays in the chunk store and counts for the next plan.
                         Ok(state) => if self.consider(&link, state).await {
@@ -656,9 +686,22 @@ impl Agent {
                     }
                 }, if job.is_some() => {
                     job = None;
-                    if let Err(e) = self.fetched(&link, result).await {
-                        link.close();
-                        return Err(e);
+                    match self.fetched(&link, result).await {
+                        Ok(None) => {}
+                        // The disk is full: the fetch goes on once there is room for it.
+                        Ok(Some(needed)) => {
+                            let agent = self.clone();
+                            let link = link.clone();
+                            job = Some(Box::pin(async move {
+                                agent.fetcher.room_for(needed, DISK_RECHECK).await;
+                                tracing::info!("there is room again; the fetch goes on");
+                                agent.fetch_all(link).await
+                            }));
+                        }
+                        Err(e) => {
+                            link.close();
+                            return Err(e);
+                        }
                     }
                 }
             }

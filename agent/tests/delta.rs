@@ -403,3 +403,158 @@ async fn an_artifact_beyond_the_cars_size_limit_is_refused_before_any_download()
     );
     assert!(!artifact_file(&env, &index).exists());
 }
+
+/// An artifact made of exactly these chunks (the index is crafted, so chunk boundaries are
+/// where the test wants them), uploaded to the twin; returns its index.
+async fn crafted(twin: &Running, chunks: &[Vec<u8>]) -> ChunkIndex {
+    let data = chunks.concat();
+    let index = ChunkIndex {
+        params: Params::DEFAULT,
+        size: data.len() as u64,
+        artifact: cardeploy_chunks::Digest::of(&data),
+        chunks: chunks
+            .iter()
+            .map(|c| cardeploy_chunks::ChunkRef {
+                id: cardeploy_chunks::Digest::of(c),
+                len: c.len() as u32,
+            })
+            .collect(),
+    };
+    for c in chunks {
+        let id = cardeploy_chunks::Digest::of(c);
+        let (status, body) = cardeploy_testkit::rest_bytes(
+            twin.api_addr,
+            &twin.operator_token,
+            &format!("/api/v1/chunks/{id}"),
+            zstd::bulk::compress(c, 3).unwrap(),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = cardeploy_testkit::rest_bytes(
+        twin.api_addr,
+        &twin.operator_token,
+        &format!("/api/v1/indexes/{}", index.id()),
+        index.encode(),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    index
+}
+
+/// `app@N.0.0` with one OCI layer `app` made of `index`, as `car`'s desired state.
+async fn desire_app(env: &Env, twin: &Running, car: &str, major: u32, index: &ChunkIndex) {
+    let artifact = cardeploy_testkit::signing::artifact(ArtifactKind::OciLayer, "app", index);
+    env.desire(twin, car, "app", &format!("{major}.0.0"), vec![artifact])
+        .await;
+}
+
+async fn app_applied(twin: &Running, car: &str, major: u32) {
+    let started = Instant::now();
+    loop {
+        let (_, view) = call(twin, "GET", &format!("/api/v1/cars/{car}"), None).await;
+        let state = &view["reported"]["state"];
+        if state["phase"] == "applied" && state["release"] == format!("app@{major}.0.0") {
+            return;
+        }
+        assert!(state["phase"] != "failed", "the fetch failed: {view}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "timed out waiting for app@{major}.0.0 on {car}: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two releases that both hold the same new chunk after different bytes, fetched against the same
+/// base: the frame made for one (a delta against its own preceding bytes) must never reach a car
+/// fetching the other, and a cached frame that was damaged on disk is made again, not served.
+#[tokio::test]
+async fn one_new_chunk_in_two_releases_over_one_base_reaches_both_cars_and_a_damaged_delta_is_made_again()
+ {
+    let env = Env::new();
+    let twin = env.twin().await;
+    let kib = |n: usize| n << 10;
+    // The base: incompressible, so no delta against it ever pays. Its chunks are cut the way a
+    // car cuts its seeds, so the car finds all of them and offers it as the base.
+    let b_bytes = noise(100, kib(256));
+    let b_index = chunk_bytes(&b_bytes, Params::DEFAULT);
+    let offsets = b_index.offsets();
+    let b: Vec<Vec<u8>> = (0..b_index.chunks.len())
+        .map(|i| b_bytes[offsets[i] as usize..offsets[i + 1] as usize].to_vec())
+        .collect();
+    // Text before the shared chunk: different in the two targets.
+    let p1 = corpus(1, kib(128));
+    let p2 = corpus(2, kib(128));
+    // The shared chunk X is the second half of p1 with a few bytes changed: right after p1 a
+    // delta against the preceding bytes makes it almost free, right after p2 it does not.
+    let mut x = p1[kib(64)..].to_vec();
+    for at in [100, 20_000, 50_000] {
+        x[at] ^= 0x5a;
+    }
+    let base = crafted(&twin, &b).await;
+    assert_eq!(base, b_index);
+    // The targets start like the base (all but its last chunk, which may be short).
+    let shared = &b[..b.len() - 1];
+    let target = |p: &[u8], x: Vec<u8>| {
+        let mut chunks = shared.to_vec();
+        chunks.extend([p[..kib(64)].to_vec(), p[kib(64)..].to_vec(), x]);
+        chunks
+    };
+    let t1 = crafted(&twin, &target(&p1, x.clone())).await;
+    let t2 = crafted(&twin, &target(&p2, x)).await;
+    let at = shared.len() + 2;
+    assert_eq!(t1.chunks[at].id, t2.chunks[at].id, "the same chunk at the same place");
+
+    // Car 1 runs the base, then fetches T1: X travels as a context frame, made and cached.
+    let car1 = env.car(&twin, "VIN-T1").await;
+    let _agent1 = Agent::start(&car1);
+    desire_app(&env, &twin, "VIN-T1", 1, &base).await;
+    app_applied(&twin, "VIN-T1", 1).await;
+    desire_app(&env, &twin, "VIN-T1", 2, &t1).await;
+    app_applied(&twin, "VIN-T1", 2).await;
+    assert!(
+        twin.served().deltas.load(Ordering::Relaxed) >= 1,
+        "X should have travelled as a delta"
+    );
+    let cached = env.data.path().join(format!(
+        "chunks/deltas/{}.{}/{at}",
+        t1.id().hex(),
+        base.id().hex()
+    ));
+    let frame = std::fs::read(&cached).expect("the delta for T1's shared chunk is cached");
+    assert_eq!(frame[0], b'C', "a context frame");
+
+    // Damage it on disk: the next car fetching T1 gets a good frame, made again.
+    let mut damaged = frame.clone();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0xff;
+    damaged[50] ^= 0xff;
+    std::fs::write(&cached, &damaged).unwrap();
+    let dir2 = tempfile::tempdir().unwrap();
+    let car2 = env.another_car(&twin, "VIN-T1B", dir2.path()).await;
+    let _agent2 = Agent::start(&car2);
+    desire_app(&env, &twin, "VIN-T1B", 1, &base).await;
+    app_applied(&twin, "VIN-T1B", 1).await;
+    desire_app(&env, &twin, "VIN-T1B", 2, &t1).await;
+    app_applied(&twin, "VIN-T1B", 2).await;
+    assert_eq!(twin.served().repaired.load(Ordering::Relaxed), 1);
+    assert_eq!(std::fs::read(&cached).unwrap(), frame, "made again, the same");
+
+    // Car 3 runs the base, then fetches T2: X must come for T2, not T1's frame.
+    let dir3 = tempfile::tempdir().unwrap();
+    let car3 = env.another_car(&twin, "VIN-T2", dir3.path()).await;
+    let _agent3 = Agent::start(&car3);
+    desire_app(&env, &twin, "VIN-T2", 1, &base).await;
+    app_applied(&twin, "VIN-T2", 1).await;
+    let before = twin.served().chunks.load(Ordering::Relaxed);
+    desire_app(&env, &twin, "VIN-T2", 3, &t2).await;
+    app_applied(&twin, "VIN-T2", 3).await;
+    // Exactly the three chunks it lacked: none had to be asked for again after a bad delta.
+    assert_eq!(twin.served().chunks.load(Ordering::Relaxed) - before, 3);
+    for (dir, index) in [(env.car_dir.path(), &t1), (dir2.path(), &t1), (dir3.path(), &t2)] {
+        let file = dir.join(format!("state/artifacts/app@{}", &index.id().hex()[..16]));
+        let bytes = std::fs::read(&file).unwrap();
+        assert_eq!(cardeploy_chunks::Digest::of(&bytes), index.artifact);
+    }
+}

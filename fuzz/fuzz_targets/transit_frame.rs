@@ -2,7 +2,7 @@
 //! context) never panic and never yield bytes that do not hash to the frame's id.
 #![no_main]
 
-use cardeploy_chunks::Digest;
+use cardeploy_chunks::{ChunkRef, Digest};
 use cardeploy_chunks::transit::{DeltaDecoder, Frame};
 use libfuzzer_sys::fuzz_target;
 
@@ -12,9 +12,16 @@ fuzz_target!(|data: &[u8]| {
     };
     assert_eq!(Frame::decode(&frame.encode()).ok(), Some(frame.clone()));
     let reference = b"cdref\0\0\0 some base bytes the car holds".to_vec();
+    // A base of four 4 MiB chunks: references of one or two pass the size check, more do not.
+    let base: Vec<ChunkRef> = (0u8..4)
+        .map(|i| ChunkRef {
+            id: Digest::of(&[i]),
+            len: 4 << 20,
+        })
+        .collect();
     let decoded = DeltaDecoder::new().decode(
         &frame,
-        4,
+        &base,
         |_| Ok(reference.clone()),
         |n| Ok(vec![0x5a; n.min(4096) as usize]),
     );

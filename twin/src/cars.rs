@@ -7,14 +7,14 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use cardeploy_link::{Acceptor, Peer, Refusal, Requester, Responder, Session};
 use cardeploy_protocol::{
-    self as protocol, CarId, ChunksRequest, DesiredState, Heartbeat, Hello, HelloReply,
-    IndexRequest, Report, ReportBody, SetupData, route,
+    self as protocol, CarId, DesiredState, Heartbeat, Hello, HelloReply, Report, ReportBody,
+    SetupData, route,
 };
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::watch;
 
-use crate::Twin;
+use crate::{Twin, fetching};
 
 /// What the twin knows live about one car (the database has the rest).
 #[derive(Debug)]
@@ -27,6 +27,10 @@ pub(crate) struct Live {
     pub progress: Option<protocol::FetchProgress>,
     /// The last OS installation progress the car reported.
     pub install: Option<protocol::InstallProgress>,
+    /// The chunk indexes the car may read, once worked out (`fetching.rs`).
+    pub readable: Option<Arc<std::collections::HashSet<cardeploy_chunks::Digest>>>,
+    /// Held by the car's delta job while it runs: one at a time per car.
+    pub delta_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +49,8 @@ impl Fleet {
             session: None,
             progress: None,
             install: None,
+            readable: None,
+            delta_turn: Arc::default(),
         });
         f(live)
     }
@@ -160,6 +166,7 @@ struct CarResponder {
 const ROUTES: &[&str] = &[
     route::CAR_HELLO,
     route::CAR_DESIRED,
+    route::CAR_DESIRED_PAGE,
     route::CAR_REPORT,
     route::CAR_HEARTBEAT,
     route::ARTIFACT_INDEX,
@@ -188,6 +195,8 @@ impl Responder for CarResponder {
                     .event(&self.car, now, "connected", &message)
                     .await
                     .map_err(|e| internal(&self.car, e))?;
+                // The release it runs may have changed while it was away.
+                self.twin.forget_readable(&self.car);
                 self.refresh_desired()
                     .await
                     .map_err(|e| internal(&self.car, e))?;
@@ -195,28 +204,28 @@ impl Responder for CarResponder {
                     .twin
                     .fleet
                     .with_car(&self.car, |live| live.desired.borrow().clone());
-                Ok(Bytes::from(protocol::encode(&HelloReply {
+                let reply = HelloReply {
                     car_id: self.car.clone(),
                     desired,
                     heartbeat_secs: self.twin.config.heartbeat_secs,
-                })))
+                };
+                let mut answer = protocol::encode(&reply);
+                if answer.len() as u64 > protocol::PAGE_BYTES {
+                    // Too large for one payload: the car.desired stream announces it by pages.
+                    answer = protocol::encode(&HelloReply {
+                        desired: None,
+                        ..reply
+                    });
+                }
+                Ok(Bytes::from(answer))
             }
             route::CAR_HEARTBEAT => {
                 let _: Heartbeat =
                     protocol::decode("car.heartbeat request", &data).map_err(refuse)?;
                 Ok(Bytes::from(protocol::encode(&Heartbeat {})))
             }
-            route::ARTIFACT_INDEX => {
-                let request: IndexRequest =
-                    protocol::decode("artifact.index request", &data).map_err(refuse)?;
-                let twin = self.twin.clone();
-                let bytes =
-                    tokio::task::spawn_blocking(move || twin.artifacts.index_bytes(&request.index))
-                        .await
-                        .map_err(refuse)?
-                        .map_err(refuse)?;
-                Ok(Bytes::from(bytes))
-            }
+            route::ARTIFACT_INDEX => fetching::index_page(&self.twin, &self.car, &data).await,
+            route::CAR_DESIRED_PAGE => fetching::desired_page(&self.twin, &self.car, &data),
             other => Err(Refusal::unknown_route(other, ROUTES)),
         }
     }
@@ -244,13 +253,16 @@ impl Responder for CarResponder {
         data: Bytes,
     ) -> BoxStream<'static, Result<Bytes, Refusal>> {
         if route == route::ARTIFACT_CHUNKS {
-            return self.chunks(data);
+            return fetching::chunks(self.twin.clone(), self.car.clone(), data);
         }
         if route != route::CAR_DESIRED {
             let refusal = Refusal::unknown_route(route, ROUTES);
             return futures::stream::once(async move { Err(refusal) }).boxed();
         }
-        if let Err(e) = protocol::decode::<Heartbeat>("car.desired request", &data) {
+        // No message is defined for the request: empty data or `{}`.
+        if !data.is_empty()
+            && let Err(e) = protocol::decode::<Heartbeat>("car.desired request", &data)
+        {
             let refusal = refuse(e);
             return futures::stream::once(async move { Err(refusal) }).boxed();
         }
@@ -263,7 +275,7 @@ impl Responder for CarResponder {
             loop {
                 let current = desired.borrow_and_update().clone();
                 if let Some(state) = current {
-                    yield Ok(Bytes::from(protocol::encode(&state)));
+                    yield Ok(fetching::desired_item(&state));
                 }
                 tokio::select! {
                     changed = desired.changed() => if changed.is_err() { break },
@@ -296,37 +308,6 @@ impl CarResponder {
         Ok(())
     }
 
-    /// `artifact.chunks`: the window is encoded off the runtime, then streamed frame by frame.
-    /// The car asks for the next window only after writing this one, so memory on both sides is
-    /// one window.
-    fn chunks(&self, data: Bytes) -> BoxStream<'static, Result<Bytes, Refusal>> {
-        let twin = self.twin.clone();
-        let car = self.car.clone();
-        async_stream::stream! {
-            let request: ChunksRequest = match protocol::decode("artifact.chunks request", &data) {
-                Ok(r) => r,
-                Err(e) => {
-                    yield Err(refuse(e));
-                    return;
-                }
-            };
-            let frames = tokio::task::spawn_blocking(move || twin.artifacts.frames(&request)).await;
-            match frames {
-                Ok(Ok(frames)) => {
-                    for frame in frames {
-                        yield Ok(Bytes::from(frame));
-                    }
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(%car, "artifact.chunks refused: {e}");
-                    yield Err(refuse(e));
-                }
-                Err(e) => yield Err(refuse(e)),
-            }
-        }
-        .boxed()
-    }
-
     async fn store_report(&self, report: Report) -> Result<(), crate::Error> {
         let epoch = i64::try_from(report.epoch).unwrap_or(i64::MAX);
         let seq = i64::try_from(report.seq).unwrap_or(i64::MAX);
@@ -340,6 +321,7 @@ impl CarResponder {
                     .await?
                 {
                     tracing::debug!(car = %self.car, ?state.phase, "reported state");
+                    self.twin.forget_readable(&self.car);
                     let message = format!(
                         "{:?}: release {} (desired #{})",
                         state.phase,

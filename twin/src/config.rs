@@ -41,6 +41,43 @@ pub struct Config {
     /// of it left.
     #[serde(default = "default_desired_ttl")]
     pub desired_ttl_secs: u64,
+    /// Requests one car may have open at once (request-response and request-stream); more are
+    /// refused with RSocket ERROR `REJECTED`.
+    #[serde(default = "default_max_streams")]
+    pub max_streams_per_car: usize,
+    /// Answer bytes queued for one car and not yet taken by it; answers wait for room beyond.
+    #[serde(default = "default_max_queued")]
+    pub max_queued_bytes_per_car: usize,
+    /// A car that takes no bytes for this long while the twin has some for it is dropped, seconds.
+    #[serde(default = "default_send_stall")]
+    pub send_stall_secs: u64,
+    /// Threads that make deltas; each car has at most one delta job in flight.
+    #[serde(default = "default_delta_workers")]
+    pub delta_workers: usize,
+    /// Size cap of the delta cache, bytes; least recently used (target, base) pairs go first.
+    #[serde(default = "default_delta_cache")]
+    pub delta_cache_bytes: u64,
+}
+
+fn default_max_streams() -> usize {
+    cardeploy_link::Limits::default().max_streams
+}
+
+fn default_max_queued() -> usize {
+    cardeploy_link::Limits::default().max_queued
+}
+
+fn default_send_stall() -> u64 {
+    cardeploy_link::Limits::default().send_stall.as_secs()
+}
+
+fn default_delta_workers() -> usize {
+    // Leave a core to the cars' connections and the API.
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+fn default_delta_cache() -> u64 {
+    4 << 30
 }
 
 fn default_desired_ttl() -> u64 {
@@ -81,6 +118,11 @@ impl Config {
             max_artifact_bytes: default_max_artifact(),
             delta_level: default_delta_level(),
             desired_ttl_secs: default_desired_ttl(),
+            max_streams_per_car: default_max_streams(),
+            max_queued_bytes_per_car: default_max_queued(),
+            send_stall_secs: default_send_stall(),
+            delta_workers: default_delta_workers(),
+            delta_cache_bytes: default_delta_cache(),
         }
     }
 
@@ -104,6 +146,15 @@ impl Config {
                 why: format!(
                     "heartbeat_secs = {} is out of range; use 1..=3600",
                     self.heartbeat_secs
+                ),
+            });
+        }
+        if self.max_streams_per_car < 2 || self.delta_workers == 0 || self.send_stall_secs == 0 {
+            return Err(Error::Config {
+                path: path.to_owned(),
+                why: format!(
+                    "max_streams_per_car = {} (at least 2: a car holds car.desired open while it asks for more), delta_workers = {} and send_stall_secs = {} (at least 1)",
+                    self.max_streams_per_car, self.delta_workers, self.send_stall_secs
                 ),
             });
         }

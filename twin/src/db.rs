@@ -51,7 +51,22 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_car ON events(car_id, id);
+-- The releases each car was sent (desired states), newest SENT_KEPT: what it may read.
+CREATE TABLE IF NOT EXISTS sent_releases (
+    car_id TEXT NOT NULL REFERENCES cars(id),
+    release TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (car_id, release)
+);
+-- Twins from before this table: what they signed counts as sent.
+INSERT OR IGNORE INTO sent_releases (car_id, release, at)
+    SELECT car_id, json_extract(document, '$.release'), 0 FROM signed_desired;
 ";
+
+/// Releases remembered per car as sent: a car may read the artifacts of these (and of the one it
+/// runs). Bounded so that no car's record grows with the years; a base older than the last
+/// `SENT_KEPT` releases is no longer offered anyway (the car keeps one version per artifact).
+pub const SENT_KEPT: i64 = 32;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct CarRecord {
@@ -495,6 +510,44 @@ impl Db {
                 message: row.get(2),
             })
             .collect())
+    }
+
+    /// Remember that `car` was sent `release`, keeping the newest [`SENT_KEPT`].
+    pub async fn record_sent(&self, car: &CarId, release: &str, now: i64) -> Result<(), Error> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(db("record a sent release"))?;
+        sqlx::query(
+            "INSERT INTO sent_releases (car_id, release, at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(car_id, release) DO UPDATE SET at = excluded.at",
+        )
+        .bind(car.as_str())
+        .bind(release)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("record a sent release"))?;
+        sqlx::query(
+            "DELETE FROM sent_releases WHERE car_id = ?1 AND release NOT IN (
+                SELECT release FROM sent_releases WHERE car_id = ?1 ORDER BY at DESC LIMIT ?2)",
+        )
+        .bind(car.as_str())
+        .bind(SENT_KEPT)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("record a sent release"))?;
+        tx.commit().await.map_err(db("record a sent release"))
+    }
+
+    /// The releases `car` was sent, newest first.
+    pub async fn sent_releases(&self, car: &CarId) -> Result<Vec<String>, Error> {
+        sqlx::query_scalar("SELECT release FROM sent_releases WHERE car_id = ? ORDER BY at DESC")
+            .bind(car.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("read sent releases"))
     }
 
     pub async fn close(&self) {

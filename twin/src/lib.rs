@@ -10,9 +10,10 @@ mod cars;
 mod config;
 mod db;
 mod error;
+mod fetching;
 mod trust;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -44,6 +45,10 @@ pub struct Twin {
     operator_token: String,
     artifacts: artifacts::Artifacts,
     trust: trust::Trust,
+    /// The chunk indexes of each release's artifacts, by release digest (what cars may read).
+    release_indexes: Mutex<HashMap<String, Arc<Vec<cardeploy_chunks::Digest>>>>,
+    /// Permits of the delta pool (`delta_workers`).
+    delta_pool: Arc<tokio::sync::Semaphore>,
 }
 
 impl Twin {
@@ -114,6 +119,9 @@ impl Twin {
                 }
             })
             .await?;
+        // The car may read this release's artifacts from now on.
+        self.db.record_sent(car, release, cars::now()).await?;
+        self.forget_readable(car);
         let message = self.compose(&stored).await?;
         self.fleet
             .with_car(car, |live| live.desired.send_replace(Some(message)));
@@ -145,6 +153,11 @@ impl Running {
     /// What `artifact.chunks` has sent since start.
     pub fn served(&self) -> &ServedStats {
         &self.twin.artifacts.served
+    }
+
+    /// Bytes the delta cache holds.
+    pub fn delta_cache_bytes(&self) -> u64 {
+        self.twin.artifacts.cache_bytes()
     }
 
     /// Cars with an open connection right now.
@@ -231,10 +244,25 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         known: Mutex::new(HashSet::new()),
         artifacts: artifacts::Artifacts::open(&config)?,
         trust: trust::Trust::open(&config.data_dir)?,
+        release_indexes: Mutex::new(HashMap::new()),
+        delta_pool: Arc::new(tokio::sync::Semaphore::new(config.delta_workers.max(1))),
         config,
     });
     for car in twin.db.cars().await? {
         twin.register(&car);
+    }
+    {
+        // Deltas for a (target, base) pair whose index is gone are never served again.
+        let twin = twin.clone();
+        let freed = tokio::task::spawn_blocking(move || {
+            let store = twin.artifacts.store();
+            twin.artifacts.retain_deltas(|index| store.has_index(index))
+        })
+        .await
+        .unwrap_or(0);
+        if freed > 0 {
+            tracing::info!(freed, "delta cache: removed pairs whose index is gone");
+        }
     }
     for (car, stored) in twin.db.all_desired().await? {
         let message = twin.compose(&stored).await?;
@@ -266,6 +294,12 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         security,
         ServerOptions {
             heartbeat: Duration::from_secs(config.heartbeat_secs),
+            limits: cardeploy_link::Limits {
+                max_streams: config.max_streams_per_car,
+                max_queued: config.max_queued_bytes_per_car,
+                send_stall: Duration::from_secs(config.send_stall_secs),
+                ..cardeploy_link::Limits::default()
+            },
             ..ServerOptions::default()
         },
     )

@@ -606,6 +606,24 @@ async fn chunk_requests_outside_the_index_or_the_window_limits_are_refused() {
             .await
         }
     };
+    // Before the car is sent a release naming the index, it may not read it.
+    let err = ask(vec![0], id.clone()).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("not an artifact of a release this car was sent or runs"),
+        "{err}"
+    );
+    let (status, body) = publish(&env, &twin, "rootfs", &index).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = api_async(
+        &twin,
+        "PUT",
+        "/api/v1/cars/VIN-WIN/desired",
+        Some(json!({"release": body["digest"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
     let frames = ask(vec![0, 1], id.clone()).await.unwrap();
     assert_eq!(frames.len(), 2);
     let frame = cardeploy_chunks::transit::Frame::decode(&frames[1]).unwrap();
@@ -617,7 +635,7 @@ async fn chunk_requests_outside_the_index_or_the_window_limits_are_refused() {
     let err = ask(vec![0; 65], id.clone()).await.unwrap_err();
     assert!(err.to_string().contains("1 to 64"), "{err}");
     let err = ask(vec![0], "00".repeat(32)).await.unwrap_err();
-    assert!(err.to_string().contains("no chunk index"), "{err}");
+    assert!(err.to_string().contains("not an artifact"), "{err}");
 
     let bytes = link
         .request_response(

@@ -104,6 +104,26 @@ impl Env {
         root: &Path,
         extra: &str,
     ) -> PathBuf {
+        self.car_config_in(self.car_dir.path(), twin, car, twin_addr, root, extra)
+            .await
+    }
+
+    /// One more car on the same twin, its agent.toml and state under `dir`.
+    pub async fn another_car(&self, twin: &Running, car: &str, dir: &Path) -> PathBuf {
+        let root = self.signer().root_path();
+        let addr = format!("localhost:{}", self.cars_port);
+        self.car_config_in(dir, twin, car, &addr, &root, "").await
+    }
+
+    async fn car_config_in(
+        &self,
+        dir: &Path,
+        twin: &Running,
+        car: &str,
+        twin_addr: &str,
+        root: &Path,
+        extra: &str,
+    ) -> PathBuf {
         let files = self.pki.car(car);
         let (status, body) = call(
             twin,
@@ -113,7 +133,7 @@ impl Env {
         )
         .await;
         assert_eq!(status, 201, "{body}");
-        let config = self.car_dir.path().join("agent.toml");
+        let config = dir.join("agent.toml");
         std::fs::write(
             &config,
             format!(

@@ -59,6 +59,10 @@ pub enum Error {
         len: usize,
     },
     #[error(
+        "chunk {id} came as a delta against more than {limit} bytes of the base; refused before reading any of them"
+    )]
+    DeltaReferenceTooLarge { id: Digest, limit: u64 },
+    #[error(
         "chunk {id} arrived claiming {sent} bytes, its index declares {declared}; refused before decompressing"
     )]
     ChunkLength {

@@ -13,9 +13,9 @@ const VERSION: u8 = 1;
 const HEADER: usize = 4 + 4 + 12 + 8 + 32 + 4;
 const ENTRY: usize = 4 + 32;
 
-/// The largest index encoding accepted (≈ 16 GiB artifact at the default parameters), checked
-/// before any of it is read into memory.
-pub const MAX_INDEX_BYTES: u64 = 8 << 20;
+/// Bytes of an index's header: enough to learn the length of the whole encoding with
+/// [`ChunkIndex::encoded_len`] before reading it.
+pub const INDEX_HEADER_BYTES: usize = HEADER;
 
 /// FastCDC parameters. They are part of every index: a seed must be cut with the same ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -58,6 +58,74 @@ impl Params {
     }
 }
 
+/// What an index's header says.
+struct Header {
+    params: Params,
+    size: u64,
+    artifact: Digest,
+    count: u32,
+}
+
+impl Header {
+    fn parse(bytes: &[u8], max_artifact: u64) -> Result<Self> {
+        let bad = |why: &str| Error::IndexMalformed(why.to_owned());
+        if bytes.len() < HEADER {
+            return Err(bad("shorter than its header"));
+        }
+        if &bytes[0..4] != MAGIC {
+            return Err(bad("not a cardeploy chunk index (bad magic)"));
+        }
+        if bytes[4] != VERSION || bytes[5..8] != [0, 0, 0] {
+            return Err(Error::IndexMalformed(format!(
+                "version {} is not supported (this build reads version {VERSION})",
+                bytes[4]
+            )));
+        }
+        let u32_at =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let params = Params {
+            min: u32_at(8),
+            avg: u32_at(12),
+            max: u32_at(16),
+        }
+        .validate()?;
+        let mut size8 = [0u8; 8];
+        size8.copy_from_slice(&bytes[20..28]);
+        let size = u64::from_le_bytes(size8);
+        if size > max_artifact {
+            return Err(Error::IndexTooLarge {
+                size,
+                limit: max_artifact,
+            });
+        }
+        let mut artifact = [0u8; 32];
+        artifact.copy_from_slice(&bytes[28..60]);
+        let count = u32_at(60);
+        let fewest = size.div_ceil(u64::from(params.max));
+        let most = if size == 0 {
+            0
+        } else {
+            (size - 1) / u64::from(params.min) + 1
+        };
+        if !(fewest..=most).contains(&u64::from(count)) {
+            return Err(Error::IndexMalformed(format!(
+                "{count} chunks cannot make {size} bytes with chunks of {}..={} bytes",
+                params.min, params.max
+            )));
+        }
+        Ok(Self {
+            params,
+            size,
+            artifact: Digest(artifact),
+            count,
+        })
+    }
+
+    fn encoded_len(&self) -> u64 {
+        HEADER as u64 + u64::from(self.count) * ENTRY as u64
+    }
+}
+
 /// One chunk of an artifact.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkRef {
@@ -97,50 +165,31 @@ impl ChunkIndex {
         out
     }
 
+    /// The length of the whole encoding that starts with `header` (at least
+    /// [`INDEX_HEADER_BYTES`] of it), after checking everything the header alone can tell: the
+    /// magic and version, FastCDC's bounds on the parameters, the artifact size against
+    /// `max_artifact` (`IndexTooLarge`), and a chunk count that such a size allows (none above
+    /// `max`, every one but the last at least `min`). A receiver learns how much it is about to
+    /// read, and that it may, before reading it: an index has no fixed size limit, only the
+    /// artifact it describes does.
+    pub fn encoded_len(header: &[u8], max_artifact: u64) -> Result<u64> {
+        Ok(Header::parse(header, max_artifact)?.encoded_len())
+    }
+
     /// Parse an index received from anywhere, refusing one that describes more than
     /// `max_artifact` bytes. Checks every structural rule: chunk lengths within the parameters
     /// (only the last may be shorter than `min`), lengths summing to `size`, no trailing bytes.
     pub fn decode(bytes: &[u8], max_artifact: u64) -> Result<Self> {
-        let bad = |why: &str| Error::IndexMalformed(why.to_owned());
-        if bytes.len() as u64 > MAX_INDEX_BYTES {
-            return Err(Error::IndexMalformed(format!(
-                "{} bytes, more than the limit of {MAX_INDEX_BYTES}",
-                bytes.len()
-            )));
-        }
-        if bytes.len() < HEADER {
-            return Err(bad("shorter than its header"));
-        }
-        if &bytes[0..4] != MAGIC {
-            return Err(bad("not a cardeploy chunk index (bad magic)"));
-        }
-        if bytes[4] != VERSION || bytes[5..8] != [0, 0, 0] {
-            return Err(Error::IndexMalformed(format!(
-                "version {} is not supported (this build reads version {VERSION})",
-                bytes[4]
-            )));
-        }
+        let Header {
+            params,
+            size,
+            artifact,
+            count,
+        } = Header::parse(bytes, max_artifact)?;
         let u32_at =
             |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
-        let params = Params {
-            min: u32_at(8),
-            avg: u32_at(12),
-            max: u32_at(16),
-        }
-        .validate()?;
-        let mut size8 = [0u8; 8];
-        size8.copy_from_slice(&bytes[20..28]);
-        let size = u64::from_le_bytes(size8);
-        if size > max_artifact {
-            return Err(Error::IndexTooLarge {
-                size,
-                limit: max_artifact,
-            });
-        }
-        let mut artifact = [0u8; 32];
-        artifact.copy_from_slice(&bytes[28..60]);
-        let count = u32_at(60) as usize;
-        if bytes.len() != HEADER + count * ENTRY {
+        let count = count as usize;
+        if bytes.len() as u64 != HEADER as u64 + count as u64 * ENTRY as u64 {
             return Err(Error::IndexMalformed(format!(
                 "header says {count} chunks, the body holds {} bytes (truncated or padded)",
                 bytes.len() - HEADER
@@ -174,7 +223,7 @@ impl ChunkIndex {
         Ok(Self {
             params,
             size,
-            artifact: Digest(artifact),
+            artifact,
             chunks,
         })
     }

@@ -33,7 +33,7 @@ pub use assemble::{Assembled, Assembler, assemble};
 pub use chunker::{ChunkCut, chunk_bytes, chunk_file, chunk_reader};
 pub use digest::{Digest, Sha256};
 pub use error::Error;
-pub use index::{ChunkIndex, ChunkRef, MAX_INDEX_BYTES, Params};
+pub use index::{ChunkIndex, ChunkRef, INDEX_HEADER_BYTES, Params};
 pub use plan::{Plan, PlanStats, Source};
 pub use seed::Seed;
 pub use store::{Store, StoreStats};

@@ -95,6 +95,55 @@ fn index_claiming_a_size_beyond_the_limit_is_refused() {
     );
 }
 
+/// A valid index of `size` bytes in chunks of the default average, with made-up chunk ids (no
+/// chunk data is needed to test the index itself).
+pub(crate) fn synthetic_index(size: u64) -> ChunkIndex {
+    let avg = u64::from(Params::DEFAULT.avg);
+    let chunks = (0..size.div_ceil(avg))
+        .map(|i| ChunkRef {
+            id: Digest::of(&i.to_le_bytes()),
+            len: u32::try_from(avg.min(size - i * avg)).unwrap(),
+        })
+        .collect();
+    ChunkIndex {
+        params: Params::DEFAULT,
+        size,
+        artifact: Digest::of(b"sixteen gibibytes"),
+        chunks,
+    }
+}
+
+#[test]
+fn an_index_of_a_16_gib_artifact_decodes_and_its_length_is_known_from_its_header() {
+    let size = 16u64 << 30;
+    let index = synthetic_index(size);
+    let bytes = index.encode();
+    assert!(bytes.len() > 9 << 20, "{} bytes", bytes.len());
+    assert_eq!(
+        ChunkIndex::encoded_len(&bytes[..INDEX_HEADER_BYTES], size).unwrap(),
+        bytes.len() as u64
+    );
+    let back = ChunkIndex::decode_expecting(&bytes, &index.id(), size).unwrap();
+    assert_eq!(back.chunks.len(), 262_144);
+    // One byte less allowed and the header alone refuses it.
+    let err = ChunkIndex::encoded_len(&bytes[..INDEX_HEADER_BYTES], size - 1).unwrap_err();
+    assert!(matches!(err, Error::IndexTooLarge { .. }), "{err}");
+}
+
+#[test]
+fn a_header_whose_chunk_count_cannot_make_its_size_is_refused() {
+    let index = chunk_bytes(&corpus(1, 100_000), SMALL);
+    let mut bytes = index.encode();
+    // More chunks than 100,000 bytes can hold at 1 KiB minimum: a header that would make a
+    // receiver read 36 bytes per claimed chunk.
+    bytes[60..64].copy_from_slice(&1_000_000u32.to_le_bytes());
+    let err = ChunkIndex::encoded_len(&bytes, 1 << 30).unwrap_err();
+    assert!(matches!(err, Error::IndexMalformed(_)), "{err}");
+    bytes[60..64].copy_from_slice(&1u32.to_le_bytes());
+    let err = ChunkIndex::encoded_len(&bytes, 1 << 30).unwrap_err();
+    assert!(matches!(err, Error::IndexMalformed(_)), "{err}");
+}
+
 #[test]
 fn index_with_lengths_that_do_not_add_up_is_refused() {
     let mut index = chunk_bytes(&corpus(1, 100_000), SMALL);
@@ -252,7 +301,7 @@ fn deltas_against_the_base_are_small_and_exact() {
         let back = dec
             .decode(
                 &wire,
-                base.chunks.len(),
+                &base.chunks,
                 |r| {
                     Ok(reference_dictionary(
                         base_chunks[r.start as usize..(r.start + r.count) as usize]
@@ -282,7 +331,7 @@ fn a_tampered_frame_is_refused() {
     let z = zstd::bulk::compress(&corpus(8, 10_000), 3).unwrap();
     let frame = transit::whole(id, 10_000, z);
     let err = DeltaDecoder::new()
-        .decode(&frame, 0, |_| unreachable!(), |_| unreachable!())
+        .decode(&frame, &[], |_| unreachable!(), |_| unreachable!())
         .unwrap_err();
     assert!(matches!(err, Error::ChunkDigest { .. }), "{err}");
 
@@ -292,7 +341,12 @@ fn a_tampered_frame_is_refused() {
         count: 10,
     });
     let err = DeltaDecoder::new()
-        .decode(&delta, 12, |_| unreachable!(), |_| unreachable!())
+        .decode(
+            &delta,
+            &base_of(12, 1 << 16),
+            |_| unreachable!(),
+            |_| unreachable!(),
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -405,7 +459,7 @@ fn new_content_compresses_against_the_bytes_before_it() {
     let back = DeltaDecoder::new()
         .decode(
             &wire,
-            0,
+            &[],
             |_| unreachable!(),
             |n| {
                 assert_eq!(n, 60_000);
@@ -414,4 +468,41 @@ fn new_content_compresses_against_the_bytes_before_it() {
         )
         .unwrap();
     assert_eq!(back, second);
+}
+
+/// `n` base chunks of `len` bytes each (their ids do not matter to a reference check).
+fn base_of(n: usize, len: u32) -> Vec<crate::ChunkRef> {
+    (0..n)
+        .map(|i| crate::ChunkRef {
+            id: Digest::of(&i.to_le_bytes()),
+            len,
+        })
+        .collect()
+}
+
+#[test]
+fn a_delta_against_more_than_the_reference_limit_is_refused_before_reading_the_base() {
+    let raw = corpus(3, 1000);
+    let frame = Frame {
+        id: Digest::of(&raw),
+        raw_len: 1000,
+        encoding: Encoding::Delta(transit::Reference {
+            start: 0,
+            count: 40,
+        }),
+        data: zstd::bulk::compress(&raw, 3).unwrap(),
+    };
+    // 40 chunks of 256 KiB: 10 MiB, above the 8 MiB limit; the dictionary is never asked for.
+    let err = DeltaDecoder::new()
+        .decode(
+            &frame,
+            &base_of(40, 256 << 10),
+            |_| unreachable!(),
+            |_| unreachable!(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::DeltaReferenceTooLarge { limit, .. } if limit == transit::MAX_REFERENCE),
+        "{err}"
+    );
 }

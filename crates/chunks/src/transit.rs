@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 
-use crate::{ChunkIndex, Digest, Error, Result, store::verify};
+use crate::{ChunkIndex, ChunkRef, Digest, Error, Result, store::verify};
 
 /// The largest reference a delta may use: bounds the car's memory (reference + decoder) at
 /// about twice this, whatever the artifact size.
@@ -380,13 +380,15 @@ impl DeltaDecoder {
         Self::default()
     }
 
-    /// The raw bytes of `frame`, verified against its id. `base` checks the reference against
-    /// the base index length; `dictionary` reads the referenced base chunks (from a seed or the
-    /// store) and is called only when the reference changes.
+    /// The raw bytes of `frame`, verified against its id. `base` are the chunks of the base
+    /// index the sender may refer to (empty without one): a reference outside them, or larger
+    /// than [`MAX_REFERENCE`] bytes, is refused before anything is read. `dictionary` reads the
+    /// referenced base chunks (from a seed or the store) and is called only when the reference
+    /// changes; `preceding` returns the target bytes just before the chunk.
     pub fn decode(
         &mut self,
         frame: &Frame,
-        base_len: usize,
+        base: &[ChunkRef],
         dictionary: impl FnOnce(Reference) -> Result<Vec<u8>>,
         preceding: impl FnOnce(u32) -> Result<Vec<u8>>,
     ) -> Result<Vec<u8>> {
@@ -398,14 +400,15 @@ impl DeltaDecoder {
             Encoding::Whole => zstd::bulk::decompress(&frame.data, frame.raw_len as usize),
             Encoding::Delta(r) => {
                 let end = u64::from(r.start) + u64::from(r.count);
-                if r.count == 0 || end > base_len as u64 {
+                if r.count == 0 || end > base.len() as u64 {
                     return Err(Error::DeltaReference {
                         id: frame.id,
                         start: u64::from(r.start),
                         end,
-                        len: base_len,
+                        len: base.len(),
                     });
                 }
+                reference_size(frame.id, &base[r.start as usize..end as usize])?;
                 let reuse = matches!(&self.current, Some((cur, _)) if *cur == r);
                 if !reuse {
                     self.current = None; // free the old reference before reading the new one
@@ -429,6 +432,22 @@ impl DeltaDecoder {
         verify(&frame.id, &raw)?;
         Ok(raw)
     }
+}
+
+/// The bytes of a reference, refused above [`MAX_REFERENCE`] (counted only that far, so a
+/// reference claiming the whole base costs nothing to refuse).
+fn reference_size(id: Digest, chunks: &[ChunkRef]) -> Result<u64> {
+    let mut bytes = 0u64;
+    for c in chunks {
+        bytes += u64::from(c.len);
+        if bytes > MAX_REFERENCE {
+            return Err(Error::DeltaReferenceTooLarge {
+                id,
+                limit: MAX_REFERENCE,
+            });
+        }
+    }
+    Ok(bytes)
 }
 
 fn with_prefix(prefix: &[u8], frame: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {

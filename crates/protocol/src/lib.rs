@@ -19,6 +19,8 @@ pub mod route {
     pub const CAR_HELLO: &str = "car.hello";
     /// request-stream, car → twin: long-lived; the twin pushes each new desired state.
     pub const CAR_DESIRED: &str = "car.desired";
+    /// request-response, car → twin: one page of a desired state too large for one payload.
+    pub const CAR_DESIRED_PAGE: &str = "car.desired.page";
     /// fire-and-forget, car → twin: progress, health, events, sequence-numbered.
     pub const CAR_REPORT: &str = "car.report";
     /// request-response, car → twin: liveness both ways.

@@ -81,11 +81,50 @@ pub struct DesiredState {
     pub downgrade: Option<Envelope>,
 }
 
-/// `artifact.index` request; the answer is the index's binary encoding (docs/delta.md).
+/// `artifact.index` request; the answer is up to [`PAGE_BYTES`] of the index's binary encoding
+/// (docs/delta.md) from `offset` on. An index of any size travels page by page: the first page
+/// holds the header, which says how long the whole encoding is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IndexRequest {
     pub index: String,
+    /// Where the page starts in the encoding; absent means 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+/// Bytes of one page of something too large for one payload (a chunk index, a large desired
+/// state): one payload, less room for the frame headers of its fragments.
+pub const PAGE_BYTES: u64 = (1 << 20) - 4096;
+
+/// The largest desired state a car reads (by pages); a release and its root chain stay far
+/// below it.
+pub const MAX_DESIRED_BYTES: u64 = 16 << 20;
+
+/// An item of the `car.desired` stream standing for a desired state too large for one payload
+/// (a release with thousands of artifacts, a long root chain): the car reads it page by page
+/// with `car.desired.page`. Smaller ones travel as the [`DesiredState`] itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PagedDesired {
+    pub paged: PagedRef,
+}
+
+/// A document read page by page: the sha256 (hex) and length of its encoding.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PagedRef {
+    pub digest: String,
+    pub size: u64,
+}
+
+/// `car.desired.page` request; the answer is up to [`PAGE_BYTES`] of the JSON encoding of the
+/// car's current desired state from `offset` on (binary, no JSON wrapper).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredPageRequest {
+    pub digest: String,
+    pub offset: u64,
 }
 
 /// `artifact.chunks` request: chunks of `index` by position, at most [`MAX_WINDOW_CHUNKS`]

@@ -1,0 +1,377 @@
+//! The delta cache: the frames the twin made for one (target, base) pair, by position, so that
+//! the CPU a delta costs is spent once per pair and not once per car.
+//!
+//! ```text
+//! <data_dir>/chunks/deltas/<target index>.<base index>/<position>   a transit frame, or "W"
+//! ```
+//!
+//! The key is everything a frame depends on. A delta frame depends on the base's bytes (named by
+//! the base index) and a context frame on the target's bytes just before the chunk (named by the
+//! target index and the position), so one chunk at the same place in two targets has two
+//! entries. "W" records that a whole frame from the chunk store was best, without copying it.
+//!
+//! Entries are written atomically (a unique temp name in the entry's directory, fsync, rename),
+//! and the caller checks every frame it reads by decoding it ([`super::window`]); a bad one is
+//! [`DeltaCache::discard`]ed and made again, never served. The cache has a size cap: when it
+//! grows past it, whole pairs are removed, least recently used first. Pairs whose target or base
+//! index is gone are removed by [`DeltaCache::retain`]. Nothing here is needed for correctness:
+//! a lost entry only costs the CPU to make it again.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use cardeploy_chunks::Digest;
+
+/// What is cached for one position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Entry {
+    /// The stored whole frame is the smallest; serve it from the chunk store.
+    Whole,
+    /// An encoded transit frame (a delta or a context frame).
+    Frame(Vec<u8>),
+}
+
+const WHOLE: &[u8] = b"W";
+
+/// One cached frame: the chunk at `position` of `target`, for a car that holds `base`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    pub target: Digest,
+    pub base: Digest,
+    pub position: u32,
+}
+
+#[derive(Debug, Default)]
+struct Pair {
+    bytes: u64,
+    used: u64,
+}
+
+#[derive(Debug, Default)]
+struct Accounts {
+    pairs: HashMap<(Digest, Digest), Pair>,
+    total: u64,
+    clock: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct DeltaCache {
+    root: PathBuf,
+    cap: u64,
+    accounts: Mutex<Accounts>,
+    seq: AtomicU64,
+}
+
+fn parse_pair(name: &str) -> Option<(Digest, Digest)> {
+    let (target, base) = name.split_once('.')?;
+    Some((target.parse().ok()?, base.parse().ok()?))
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+impl DeltaCache {
+    /// Open the cache under `root`, removing what is not an entry: temp files of interrupted
+    /// writes and anything an older layout left behind.
+    pub fn open(root: &Path, cap: u64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(root)?;
+        let mut accounts = Accounts::default();
+        for dir in std::fs::read_dir(root)? {
+            let dir = dir?.path();
+            let pair = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(parse_pair);
+            let Some(pair) = pair.filter(|_| dir.is_dir()) else {
+                remove_any(&dir);
+                continue;
+            };
+            let mut bytes = 0;
+            for entry in std::fs::read_dir(&dir)? {
+                let path = entry?.path();
+                let is_entry = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.parse::<u32>().is_ok());
+                if is_entry {
+                    bytes += file_len(&path);
+                } else {
+                    remove_any(&path);
+                }
+            }
+            accounts.total += bytes;
+            accounts.pairs.insert(pair, Pair { bytes, used: 0 });
+        }
+        let cache = Self {
+            root: root.to_owned(),
+            cap,
+            accounts: Mutex::new(accounts),
+            seq: AtomicU64::new(0),
+        };
+        cache.evict(None);
+        Ok(cache)
+    }
+
+    fn accounts(&self) -> MutexGuard<'_, Accounts> {
+        self.accounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn dir(&self, target: &Digest, base: &Digest) -> PathBuf {
+        self.root.join(format!("{}.{}", target.hex(), base.hex()))
+    }
+
+    fn path(&self, key: &Key) -> PathBuf {
+        self.dir(&key.target, &key.base)
+            .join(key.position.to_string())
+    }
+
+    fn touch(&self, key: &Key) {
+        let mut accounts = self.accounts();
+        accounts.clock += 1;
+        let clock = accounts.clock;
+        accounts
+            .pairs
+            .entry((key.target, key.base))
+            .or_default()
+            .used = clock;
+    }
+
+    /// The entry for `key`, if one is cached. The caller verifies a frame before serving it.
+    pub fn get(&self, key: &Key) -> Option<Entry> {
+        let bytes = std::fs::read(self.path(key)).ok()?;
+        self.touch(key);
+        Some(if bytes == WHOLE {
+            Entry::Whole
+        } else {
+            Entry::Frame(bytes)
+        })
+    }
+
+    /// Cache `entry` for `key`, replacing any older one.
+    pub fn put(&self, key: &Key, entry: &Entry) -> std::io::Result<()> {
+        let bytes = match entry {
+            Entry::Whole => WHOLE,
+            Entry::Frame(frame) => frame.as_slice(),
+        };
+        let dir = self.dir(&key.target, &key.base);
+        std::fs::create_dir_all(&dir)?;
+        let path = self.path(key);
+        let tmp = dir.join(format!(
+            ".{}.{}.{}.tmp",
+            key.position,
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = (|| {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(bytes)?;
+            file.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let replaced = file_len(&path);
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        {
+            let mut accounts = self.accounts();
+            accounts.clock += 1;
+            let clock = accounts.clock;
+            let pair = accounts.pairs.entry((key.target, key.base)).or_default();
+            pair.bytes = (pair.bytes + bytes.len() as u64).saturating_sub(replaced);
+            pair.used = clock;
+            accounts.total = (accounts.total + bytes.len() as u64).saturating_sub(replaced);
+        }
+        self.evict(Some((key.target, key.base)));
+        Ok(())
+    }
+
+    /// Remove an entry found bad; the caller makes it again.
+    pub fn discard(&self, key: &Key) {
+        let path = self.path(key);
+        let len = file_len(&path);
+        if std::fs::remove_file(&path).is_ok() {
+            let mut accounts = self.accounts();
+            accounts.total = accounts.total.saturating_sub(len);
+            if let Some(pair) = accounts.pairs.get_mut(&(key.target, key.base)) {
+                pair.bytes = pair.bytes.saturating_sub(len);
+            }
+        }
+    }
+
+    /// Remove every pair whose target or base `keep` does not name (their index is gone).
+    /// Returns the bytes removed.
+    pub fn retain(&self, keep: impl Fn(&Digest) -> bool) -> u64 {
+        let doomed: Vec<(Digest, Digest)> = self
+            .accounts()
+            .pairs
+            .keys()
+            .filter(|(target, base)| !keep(target) || !keep(base))
+            .copied()
+            .collect();
+        doomed.iter().map(|pair| self.remove_pair(pair)).sum()
+    }
+
+    fn remove_pair(&self, pair: &(Digest, Digest)) -> u64 {
+        let dir = self.dir(&pair.0, &pair.1);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("delta cache: could not remove {}: {e}", dir.display());
+            return 0;
+        }
+        let mut accounts = self.accounts();
+        let bytes = accounts.pairs.remove(pair).map_or(0, |p| p.bytes);
+        accounts.total = accounts.total.saturating_sub(bytes);
+        bytes
+    }
+
+    /// Keep the cache under its cap: remove least recently used pairs, never `current` (the pair
+    /// being filled right now; alone it may exceed the cap, and removing it would only make the
+    /// same work again).
+    fn evict(&self, current: Option<(Digest, Digest)>) {
+        loop {
+            let victim = {
+                let accounts = self.accounts();
+                if accounts.total <= self.cap {
+                    return;
+                }
+                accounts
+                    .pairs
+                    .iter()
+                    .filter(|(pair, _)| Some(**pair) != current)
+                    .min_by_key(|(_, p)| p.used)
+                    .map(|(pair, _)| *pair)
+            };
+            let Some(victim) = victim else { return };
+            let freed = self.remove_pair(&victim);
+            tracing::info!(target = %victim.0, base = %victim.1, freed, "delta cache over its cap: removed the least recently used pair");
+        }
+    }
+
+    /// Bytes the cache holds.
+    pub fn bytes(&self) -> u64 {
+        self.accounts().total
+    }
+}
+
+fn remove_any(path: &Path) {
+    let removed = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    if let Err(e) = removed {
+        tracing::warn!("delta cache: could not remove {}: {e}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(target: u8, base: u8, position: u32) -> Key {
+        Key {
+            target: Digest::of(&[target]),
+            base: Digest::of(&[base]),
+            position,
+        }
+    }
+
+    #[test]
+    fn entries_round_trip_and_one_chunk_in_two_targets_has_two_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DeltaCache::open(dir.path(), 1 << 20).unwrap();
+        cache
+            .put(&key(1, 9, 4), &Entry::Frame(b"for T1".to_vec()))
+            .unwrap();
+        cache
+            .put(&key(2, 9, 4), &Entry::Frame(b"for T2".to_vec()))
+            .unwrap();
+        cache.put(&key(1, 9, 5), &Entry::Whole).unwrap();
+        assert_eq!(
+            cache.get(&key(1, 9, 4)),
+            Some(Entry::Frame(b"for T1".to_vec()))
+        );
+        assert_eq!(
+            cache.get(&key(2, 9, 4)),
+            Some(Entry::Frame(b"for T2".to_vec()))
+        );
+        assert_eq!(cache.get(&key(1, 9, 5)), Some(Entry::Whole));
+        assert_eq!(cache.get(&key(1, 8, 4)), None);
+        assert_eq!(cache.bytes(), 13);
+        cache.discard(&key(1, 9, 4));
+        assert_eq!(cache.get(&key(1, 9, 4)), None);
+        assert_eq!(cache.bytes(), 7);
+    }
+
+    #[test]
+    fn the_least_recently_used_pair_goes_when_the_cap_is_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DeltaCache::open(dir.path(), 250).unwrap();
+        cache
+            .put(&key(1, 9, 0), &Entry::Frame(vec![1; 100]))
+            .unwrap();
+        cache
+            .put(&key(2, 9, 0), &Entry::Frame(vec![2; 100]))
+            .unwrap();
+        // Pair 1 is used again, so pair 2 is the older one when pair 3 arrives.
+        assert!(cache.get(&key(1, 9, 0)).is_some());
+        cache
+            .put(&key(3, 9, 0), &Entry::Frame(vec![3; 100]))
+            .unwrap();
+        assert!(cache.bytes() <= 250, "{}", cache.bytes());
+        assert!(cache.get(&key(2, 9, 0)).is_none());
+        assert!(cache.get(&key(1, 9, 0)).is_some());
+        assert!(cache.get(&key(3, 9, 0)).is_some());
+    }
+
+    #[test]
+    fn opening_counts_what_is_there_and_removes_leftovers_and_the_old_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cache = DeltaCache::open(dir.path(), 1 << 20).unwrap();
+            cache
+                .put(&key(1, 9, 0), &Entry::Frame(vec![1; 10]))
+                .unwrap();
+        }
+        let pair = dir.path().join(format!(
+            "{}.{}",
+            Digest::of(&[1]).hex(),
+            Digest::of(&[9]).hex()
+        ));
+        std::fs::write(pair.join(".0.1.2.tmp"), b"torn").unwrap();
+        let old = dir.path().join(Digest::of(b"old base").hex());
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join(Digest::of(b"chunk").hex()), b"old frame").unwrap();
+        let cache = DeltaCache::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(cache.bytes(), 10);
+        assert!(!old.exists());
+        assert!(!pair.join(".0.1.2.tmp").exists());
+    }
+
+    #[test]
+    fn pairs_whose_index_is_gone_are_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DeltaCache::open(dir.path(), 1 << 20).unwrap();
+        cache
+            .put(&key(1, 9, 0), &Entry::Frame(vec![1; 10]))
+            .unwrap();
+        cache
+            .put(&key(2, 9, 0), &Entry::Frame(vec![2; 20]))
+            .unwrap();
+        let gone = Digest::of(&[2]);
+        assert_eq!(cache.retain(|d| *d != gone), 20);
+        assert!(cache.get(&key(2, 9, 0)).is_none());
+        assert!(cache.get(&key(1, 9, 0)).is_some());
+    }
+}
