@@ -504,7 +504,10 @@ async fn one_new_chunk_in_two_releases_over_one_base_reaches_both_cars_and_a_dam
     let t1 = crafted(&twin, &target(&p1, x.clone())).await;
     let t2 = crafted(&twin, &target(&p2, x)).await;
     let at = shared.len() + 2;
-    assert_eq!(t1.chunks[at].id, t2.chunks[at].id, "the same chunk at the same place");
+    assert_eq!(
+        t1.chunks[at].id, t2.chunks[at].id,
+        "the same chunk at the same place"
+    );
 
     // Car 1 runs the base, then fetches T1: X travels as a context frame, made and cached.
     let car1 = env.car(&twin, "VIN-T1").await;
@@ -539,7 +542,11 @@ async fn one_new_chunk_in_two_releases_over_one_base_reaches_both_cars_and_a_dam
     desire_app(&env, &twin, "VIN-T1B", 2, &t1).await;
     app_applied(&twin, "VIN-T1B", 2).await;
     assert_eq!(twin.served().repaired.load(Ordering::Relaxed), 1);
-    assert_eq!(std::fs::read(&cached).unwrap(), frame, "made again, the same");
+    assert_eq!(
+        std::fs::read(&cached).unwrap(),
+        frame,
+        "made again, the same"
+    );
 
     // Car 3 runs the base, then fetches T2: X must come for T2, not T1's frame.
     let dir3 = tempfile::tempdir().unwrap();
@@ -552,7 +559,11 @@ async fn one_new_chunk_in_two_releases_over_one_base_reaches_both_cars_and_a_dam
     app_applied(&twin, "VIN-T2", 3).await;
     // Exactly the three chunks it lacked: none had to be asked for again after a bad delta.
     assert_eq!(twin.served().chunks.load(Ordering::Relaxed) - before, 3);
-    for (dir, index) in [(env.car_dir.path(), &t1), (dir2.path(), &t1), (dir3.path(), &t2)] {
+    for (dir, index) in [
+        (env.car_dir.path(), &t1),
+        (dir2.path(), &t1),
+        (dir3.path(), &t2),
+    ] {
         let file = dir.join(format!("state/artifacts/app@{}", &index.id().hex()[..16]));
         let bytes = std::fs::read(&file).unwrap();
         assert_eq!(cardeploy_chunks::Digest::of(&bytes), index.artifact);

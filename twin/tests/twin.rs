@@ -5,130 +5,17 @@
 
 use std::time::Duration;
 
-use cardeploy_link::tls::{TlsFiles, client_config};
-use cardeploy_link::{Bytes, ClientOptions, ClientSecurity, Limits, Requester, connect};
+mod common;
+
+use cardeploy_link::Bytes;
 use cardeploy_protocol::{
-    self as protocol, CarId, DesiredState, Hello, HelloReply, Phase, Report, ReportBody,
-    ReportedState, SetupData, route,
+    self as protocol, DesiredState, Phase, Report, ReportBody, ReportedState, route,
 };
 use cardeploy_release::{ArtifactKind, CarContext, TrustedRoot, check_desired, check_release};
 use cardeploy_testkit::signing::Signer;
-use cardeploy_testkit::{CarFiles, TestPki, rest};
-use cardeploy_twin::{Config, Running};
+use common::{Env, api_async, car_link, hello, publish, put_bytes, register, upload_chunks};
 use futures::StreamExt;
 use serde_json::{Value, json};
-
-struct Env {
-    pki: TestPki,
-    data: tempfile::TempDir,
-    signer: std::sync::OnceLock<Signer>,
-}
-
-impl Env {
-    fn new() -> Self {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-        Self {
-            pki: TestPki::new(),
-            data: tempfile::tempdir().unwrap(),
-            signer: std::sync::OnceLock::new(),
-        }
-    }
-
-    fn config(&self) -> Config {
-        let mut config = Config::new(self.data.path());
-        config.cars_listen = "127.0.0.1:0".parse().unwrap();
-        config.api_listen = "127.0.0.1:0".parse().unwrap();
-        config.ca = Some(self.pki.ca());
-        config.cert = Some(self.pki.twin_cert());
-        config.key = Some(self.pki.twin_key());
-        config.heartbeat_secs = 2;
-        config
-    }
-
-    /// The twin with a root naming its director key (what `cardeploy root push` uploads).
-    async fn start(&self) -> Running {
-        let twin = self.start_without_root().await;
-        if self.signer.get().is_none() {
-            let signer = Signer::for_twin(self.data.path());
-            signer.push_root(twin.api_addr, &twin.operator_token).await;
-            let _ = self.signer.set(signer);
-        }
-        twin
-    }
-
-    async fn start_without_root(&self) -> Running {
-        cardeploy_twin::start(self.config()).await.unwrap()
-    }
-
-    fn signer(&self) -> &Signer {
-        self.signer.get().unwrap()
-    }
-}
-
-async fn api_async(
-    twin: &Running,
-    method: &'static str,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    rest(twin.api_addr, &twin.operator_token, method, path, body).await
-}
-
-async fn register(env: &Env, twin: &Running, car: &str) -> CarFiles {
-    let files = env.pki.car(car);
-    let (status, body) = api_async(
-        twin,
-        "POST",
-        "/api/v1/cars",
-        Some(json!({"id": car, "attributes": {"model": "tx7"}, "certificate_pem": files.cert_pem})),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    files
-}
-
-async fn car_link(env: &Env, twin: &Running, files: &CarFiles, claimed_id: &str) -> Requester {
-    let ca = env.pki.ca();
-    let config = client_config(&TlsFiles {
-        ca: &ca,
-        cert: &files.cert,
-        key: &files.key,
-    })
-    .unwrap();
-    connect(&ClientOptions {
-        addr: format!("localhost:{}", twin.cars_addr.port()),
-        security: ClientSecurity::MutualTls(config),
-        heartbeat: Duration::from_secs(2),
-        request_deadline: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(5),
-        limits: Limits::default(),
-        setup_data: Bytes::from(protocol::encode(&SetupData {
-            car_id: CarId::new(claimed_id).unwrap(),
-            agent_version: "test".into(),
-        })),
-        responder: None,
-    })
-    .await
-    .unwrap()
-}
-
-async fn hello(link: &Requester, phase: Phase) -> HelloReply {
-    let hello = Hello {
-        agent_version: "test".into(),
-        reported: ReportedState {
-            phase,
-            ..ReportedState::idle()
-        },
-    };
-    let answer = link
-        .request_response(route::CAR_HELLO, Bytes::from(protocol::encode(&hello)))
-        .await
-        .unwrap();
-    protocol::decode("hello reply", &answer).unwrap()
-}
 
 #[tokio::test]
 async fn a_desired_state_set_through_the_api_reaches_the_connected_car_at_once() {
@@ -472,35 +359,6 @@ async fn the_operator_api_needs_the_token_and_says_what_is_wrong() {
     assert_eq!(status, 400, "{body}");
     let (status, body) = api_async(&twin, "GET", "/api/v1/cars/VIN-4/inspect", None).await;
     assert_eq!(status, 503, "{body}");
-}
-
-async fn put_bytes(twin: &Running, path: &str, body: Vec<u8>) -> (u16, Value) {
-    cardeploy_testkit::rest_bytes(twin.api_addr, &twin.operator_token, path, body).await
-}
-
-/// Register a release whose one artifact is `index` (declared from `chunks`).
-async fn publish(
-    env: &Env,
-    twin: &Running,
-    artifact: &str,
-    chunks: &cardeploy_chunks::ChunkIndex,
-) -> (u16, Value) {
-    let signer = env.signer();
-    let a = cardeploy_testkit::signing::artifact(ArtifactKind::RaucBundle, artifact, chunks);
-    let release = signer.manifest("os", "1.0.0", vec![a]);
-    let body: Value = serde_json::from_slice(&signer.sign_release(&release).to_json()).unwrap();
-    api_async(twin, "POST", "/api/v1/releases", Some(body)).await
-}
-
-/// Upload every chunk of `data` (zstd -3), as `cardeploy artifact push` would.
-async fn upload_chunks(twin: &Running, data: &[u8], index: &cardeploy_chunks::ChunkIndex) {
-    let offsets = index.offsets();
-    for (i, c) in index.chunks.iter().enumerate() {
-        let raw = &data[offsets[i] as usize..offsets[i + 1] as usize];
-        let z = zstd::bulk::compress(raw, 3).unwrap();
-        let (status, body) = put_bytes(twin, &format!("/api/v1/chunks/{}", c.id), z).await;
-        assert_eq!(status, 201, "{body}");
-    }
 }
 
 #[tokio::test]

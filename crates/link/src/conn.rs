@@ -266,37 +266,41 @@ impl Connection for LinkConnection {
             let bounds = bounds.clone();
             let peer_label = peer_label.clone();
             tokio::spawn(async move {
-                let mut writer = FramedWrite::new(write_half, FrameCodec::new(max_frame));
-                let mut open = true;
+                // The write half goes as soon as the connection is over: rsocket_rust keeps its
+                // side of a connection (and so this task, which drains it) alive after the end,
+                // and the socket must not stay open with it.
+                let mut writer = Some(FramedWrite::new(write_half, FrameCodec::new(max_frame)));
                 loop {
                     tokio::select! {
                         next = rx.next() => {
                             let Some(frame) = next else { break };
-                            if !open {
+                            let Some(open) = writer.as_mut() else {
                                 bounds.outbound.release(answer_bytes(&frame, we_open_odd));
                                 continue;
-                            }
+                            };
                             let written =
-                                write_batch(&mut writer, frame, &mut rx, &bounds, we_open_odd).await;
+                                write_batch(open, frame, &mut rx, &bounds, we_open_odd).await;
                             if let Err(e) = written {
                                 if e.kind() == std::io::ErrorKind::TimedOut {
                                     tracing::warn!(peer = %peer_label, "{e}; dropping the connection");
                                 } else {
                                     tracing::debug!(error = %e, "write failed; closing the connection");
                                 }
-                                open = false;
+                                writer = None;
                                 close.close();
                             }
                         }
-                        _ = closed_or_shutdown(&mut close_rx, &mut shutdown), if open => {
-                            open = false;
+                        _ = closed_or_shutdown(&mut close_rx, &mut shutdown), if writer.is_some() => {
                             close.close();
-                            let _ = tokio::time::timeout(bounds.send_stall, writer.close()).await;
+                            // A clean end where the peer still reads; never longer than a stall.
+                            if let Some(mut open) = writer.take() {
+                                let _ = tokio::time::timeout(bounds.send_stall, open.close()).await;
+                            }
                         }
                     }
                 }
-                if open {
-                    let _ = tokio::time::timeout(bounds.send_stall, writer.close()).await;
+                if let Some(mut open) = writer.take() {
+                    let _ = tokio::time::timeout(bounds.send_stall, open.close()).await;
                 }
             });
         }

@@ -1,9 +1,11 @@
 //! Dev-only helpers for tests at the lower tiers of DESIGN.md §10: a fault-injecting TCP proxy,
-//! a throw-away fleet PKI, finding the workspace's binaries, and a real RAUC on a private bus
-//! ([`rauc`]). Never a dependency of a product crate.
+//! a throw-away fleet PKI, finding the workspace's binaries, a real RAUC on a private bus
+//! ([`rauc`]) and a hostile car speaking raw RSocket ([`hostile`]). Never a dependency of a
+//! product crate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod hostile;
 pub mod procs;
 pub mod rauc;
 pub mod signing;

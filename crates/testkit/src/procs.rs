@@ -44,6 +44,63 @@ pub fn start_twin(bin: &Path, data: &Path, heartbeat: u64) -> TwinProcess {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    wait_for_api(api_port);
+    let token = std::fs::read_to_string(data.join("operator.token")).unwrap();
+    TwinProcess {
+        child,
+        cars_port,
+        api: format!("http://127.0.0.1:{api_port}"),
+        token: token.trim().to_owned(),
+    }
+}
+
+/// Start the twin binary with a configuration file: `data` as its data directory, the TLS files
+/// of `pki`, free loopback ports, and `extra` TOML lines (limits under test). Its log goes to
+/// `log`, so a test can look for panics in it.
+pub fn start_twin_configured(
+    bin: &Path,
+    data: &Path,
+    pki: &crate::TestPki,
+    extra: &str,
+    log: &Path,
+) -> TwinProcess {
+    let cars_port = free_port();
+    let api_port = free_port();
+    let config = data.with_extension("toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{data}\"\ncars_listen = \"127.0.0.1:{cars_port}\"\napi_listen = \"127.0.0.1:{api_port}\"\n\
+             ca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n{extra}\n",
+            data = data.display(),
+            ca = pki.ca().display(),
+            cert = pki.twin_cert().display(),
+            key = pki.twin_key().display(),
+        ),
+    )
+    .unwrap();
+    // tracing writes to stdout: both streams go to the log.
+    let out = std::fs::File::create(log).unwrap();
+    let err = out.try_clone().unwrap();
+    let child = Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    wait_for_api(api_port);
+    let token = std::fs::read_to_string(data.join("operator.token")).unwrap();
+    TwinProcess {
+        child,
+        cars_port,
+        api: format!("http://127.0.0.1:{api_port}"),
+        token: token.trim().to_owned(),
+    }
+}
+
+fn wait_for_api(api_port: u16) {
     let started = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", api_port)).is_err() {
         assert!(
@@ -52,13 +109,18 @@ pub fn start_twin(bin: &Path, data: &Path, heartbeat: u64) -> TwinProcess {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let token = std::fs::read_to_string(data.join("operator.token")).unwrap();
-    TwinProcess {
-        child,
-        cars_port,
-        api: format!("http://127.0.0.1:{api_port}"),
-        token: token.trim().to_owned(),
-    }
+}
+
+/// CPU time (user + system) a process has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // The kernel's USER_HZ is 100 on every Linux this runs on.
+    Duration::from_millis(ticks * 10)
 }
 
 fn status_kib(pid: u32, field: &str) -> u64 {

@@ -1,0 +1,158 @@
+//! What the twin's integration tests share: the twin on port 0 with a test PKI and a root, cars
+//! registered through the API, the link's own client as a car.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::time::Duration;
+
+use cardeploy_link::tls::{TlsFiles, client_config};
+use cardeploy_link::{Bytes, ClientOptions, ClientSecurity, Limits, Requester, connect};
+use cardeploy_protocol::{
+    self as protocol, CarId, Hello, HelloReply, Phase, ReportedState, SetupData, route,
+};
+use cardeploy_release::ArtifactKind;
+use cardeploy_testkit::signing::Signer;
+use cardeploy_testkit::{CarFiles, TestPki, rest};
+use cardeploy_twin::{Config, Running};
+use serde_json::{Value, json};
+
+pub struct Env {
+    pub pki: TestPki,
+    pub data: tempfile::TempDir,
+    pub signer: std::sync::OnceLock<Signer>,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        Self {
+            pki: TestPki::new(),
+            data: tempfile::tempdir().unwrap(),
+            signer: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn config(&self) -> Config {
+        let mut config = Config::new(self.data.path());
+        config.cars_listen = "127.0.0.1:0".parse().unwrap();
+        config.api_listen = "127.0.0.1:0".parse().unwrap();
+        config.ca = Some(self.pki.ca());
+        config.cert = Some(self.pki.twin_cert());
+        config.key = Some(self.pki.twin_key());
+        config.heartbeat_secs = 2;
+        config
+    }
+
+    /// The twin with a root naming its director key (what `cardeploy root push` uploads).
+    pub async fn start(&self) -> Running {
+        let twin = self.start_without_root().await;
+        if self.signer.get().is_none() {
+            let signer = Signer::for_twin(self.data.path());
+            signer.push_root(twin.api_addr, &twin.operator_token).await;
+            let _ = self.signer.set(signer);
+        }
+        twin
+    }
+
+    pub async fn start_without_root(&self) -> Running {
+        cardeploy_twin::start(self.config()).await.unwrap()
+    }
+
+    pub fn signer(&self) -> &Signer {
+        self.signer.get().unwrap()
+    }
+}
+
+pub async fn api_async(
+    twin: &Running,
+    method: &'static str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    rest(twin.api_addr, &twin.operator_token, method, path, body).await
+}
+
+pub async fn register(env: &Env, twin: &Running, car: &str) -> CarFiles {
+    let files = env.pki.car(car);
+    let (status, body) = api_async(
+        twin,
+        "POST",
+        "/api/v1/cars",
+        Some(json!({"id": car, "attributes": {"model": "tx7"}, "certificate_pem": files.cert_pem})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    files
+}
+
+pub async fn car_link(env: &Env, twin: &Running, files: &CarFiles, claimed_id: &str) -> Requester {
+    let ca = env.pki.ca();
+    let config = client_config(&TlsFiles {
+        ca: &ca,
+        cert: &files.cert,
+        key: &files.key,
+    })
+    .unwrap();
+    connect(&ClientOptions {
+        addr: format!("localhost:{}", twin.cars_addr.port()),
+        security: ClientSecurity::MutualTls(config),
+        heartbeat: Duration::from_secs(2),
+        request_deadline: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(5),
+        limits: Limits::default(),
+        setup_data: Bytes::from(protocol::encode(&SetupData {
+            car_id: CarId::new(claimed_id).unwrap(),
+            agent_version: "test".into(),
+        })),
+        responder: None,
+    })
+    .await
+    .unwrap()
+}
+
+pub async fn hello(link: &Requester, phase: Phase) -> HelloReply {
+    let hello = Hello {
+        agent_version: "test".into(),
+        reported: ReportedState {
+            phase,
+            ..ReportedState::idle()
+        },
+    };
+    let answer = link
+        .request_response(route::CAR_HELLO, Bytes::from(protocol::encode(&hello)))
+        .await
+        .unwrap();
+    protocol::decode("hello reply", &answer).unwrap()
+}
+
+pub async fn put_bytes(twin: &Running, path: &str, body: Vec<u8>) -> (u16, Value) {
+    cardeploy_testkit::rest_bytes(twin.api_addr, &twin.operator_token, path, body).await
+}
+
+/// Register a release whose one artifact is `index` (declared from `chunks`).
+pub async fn publish(
+    env: &Env,
+    twin: &Running,
+    artifact: &str,
+    chunks: &cardeploy_chunks::ChunkIndex,
+) -> (u16, Value) {
+    let signer = env.signer();
+    let a = cardeploy_testkit::signing::artifact(ArtifactKind::RaucBundle, artifact, chunks);
+    let release = signer.manifest("os", "1.0.0", vec![a]);
+    let body: Value = serde_json::from_slice(&signer.sign_release(&release).to_json()).unwrap();
+    api_async(twin, "POST", "/api/v1/releases", Some(body)).await
+}
+
+/// Upload every chunk of `data` (zstd -3), as `cardeploy artifact push` would.
+pub async fn upload_chunks(twin: &Running, data: &[u8], index: &cardeploy_chunks::ChunkIndex) {
+    let offsets = index.offsets();
+    for (i, c) in index.chunks.iter().enumerate() {
+        let raw = &data[offsets[i] as usize..offsets[i + 1] as usize];
+        let z = zstd::bulk::compress(raw, 3).unwrap();
+        let (status, body) = put_bytes(twin, &format!("/api/v1/chunks/{}", c.id), z).await;
+        assert_eq!(status, 201, "{body}");
+    }
+}
