@@ -123,13 +123,20 @@ impl Artifacts {
         missing.sort();
         missing.dedup();
         if missing.is_empty() {
-            self.store.put_index(&index)?;
-            // Pinned by its own id: the twin keeps every release's chunks until an operator
-            // removes the release.
+            // Durable before the upload is acknowledged, whatever other uploads sync meanwhile.
+            self.store.put_index_durable(&index)?;
+            // Pinned by its own id until the chunk store's gc finds that no release names it
+            // (`housekeeping.rs`).
             self.store.keep(&id.hex(), id)?;
-            self.store.sync()?;
         }
         Ok(missing)
+    }
+
+    /// Forget cached indexes (and the planners made from them) the chunk store's gc removed.
+    pub fn forget_collected(&self) {
+        lock(&self.indexes).retain(|id, _| self.store.has_index(id));
+        lock(&self.planners)
+            .retain(|(target, base), _| self.store.has_index(target) && self.store.has_index(base));
     }
 
     /// Up to `limit` target bytes just before position `p` (whole chunks, nearest first).

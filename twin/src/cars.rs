@@ -27,6 +27,8 @@ pub(crate) struct Live {
     pub progress: Option<protocol::FetchProgress>,
     /// The last OS installation progress the car reported.
     pub install: Option<protocol::InstallProgress>,
+    /// The car's report rate limit (`limits.rs`).
+    pub reports: crate::limits::ReportGate,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +47,7 @@ impl Fleet {
             session: None,
             progress: None,
             install: None,
+            reports: Default::default(),
         });
         f(live)
     }
@@ -143,6 +146,11 @@ impl Acceptor for CarAcceptor {
                 }
             });
         }
+        // Revoked between its handshake and its SETUP: the revocation found no session to close.
+        if !self.twin.is_registered(&car) {
+            requester.close();
+            return Err(Refusal::new(format!("car {car} is revoked")));
+        }
         Ok(Arc::new(CarResponder {
             twin: self.twin.clone(),
             car,
@@ -222,6 +230,9 @@ impl Responder for CarResponder {
     }
 
     async fn fire_and_forget(&self, route: &str, data: Bytes) {
+        if !crate::limits::admit_report(&self.twin, &self.car) {
+            return;
+        }
         if route != route::CAR_REPORT {
             tracing::warn!(car = %self.car, %route, "fire-and-forget on an unknown route dropped");
             return;
