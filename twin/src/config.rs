@@ -288,3 +288,42 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn limits_that_would_switch_a_protection_off_are_refused() {
+        let path = Path::new("twin.toml");
+        Config::new("data").validate(path).unwrap();
+        let refused = |change: fn(&mut Config)| {
+            let mut config = Config::new("data");
+            change(&mut config);
+            config.validate(path).unwrap_err().to_string()
+        };
+        assert!(refused(|c| c.report_rate_per_sec = 0.0).contains("report_rate_per_sec"));
+        assert!(refused(|c| c.report_rate_per_sec = f64::NAN).contains("report_rate_per_sec"));
+        assert!(refused(|c| c.events_per_car = 0).contains("events_per_car = 0"));
+        assert!(refused(|c| c.gc_interval_secs = 0).contains("gc_interval_secs = 0"));
+        assert!(refused(|c| c.max_concurrent_uploads = 0).contains("max_concurrent_uploads"));
+        assert!(refused(|c| c.event_message_max_bytes = 10).contains("at least 64"));
+    }
+
+    #[test]
+    fn a_configuration_file_names_the_new_limits_or_takes_their_defaults() {
+        let config: Config = toml::from_str(
+            "data_dir = \"d\"\nevents_per_car = 50\nreport_rate_per_sec = 0.5\ngc_grace_secs = 600\n",
+        )
+        .unwrap();
+        assert_eq!(config.events_per_car, 50);
+        assert_eq!(config.report_rate_per_sec, 0.5);
+        assert_eq!(config.gc_grace_secs, 600);
+        assert_eq!(config.event_message_max_bytes, 4096);
+        assert_eq!(config.event_max_age_secs, 30 * 86_400);
+        assert_eq!(config.max_concurrent_uploads, 16);
+        assert!(toml::from_str::<Config>("data_dir = \"d\"\nevents_per_cars = 5\n").is_err());
+    }
+}

@@ -314,6 +314,7 @@ pub async fn rest(
         let agent = procs::http();
         let response = match (method, body) {
             ("GET", None) => agent.get(&url).header("Authorization", &auth).call(),
+            ("DELETE", None) => agent.delete(&url).header("Authorization", &auth).call(),
             ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
             ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b),
             (method, body) => panic!("rest(): unsupported {method} with body {body:?}"),

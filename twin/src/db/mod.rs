@@ -501,3 +501,62 @@ async fn migrate(pool: &SqlitePool) -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn counters_and_the_registry_commit_through_a_pool_that_fsyncs_every_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db"), EventLimits::default())
+            .await
+            .unwrap();
+        let synchronous = |pool: &SqlitePool| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>("PRAGMA synchronous")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        // 2 = FULL: in WAL mode the WAL is synced at every commit. 1 = NORMAL: at checkpoints.
+        assert_eq!(synchronous(&db.durable).await, 2);
+        assert_eq!(synchronous(&db.pool).await, 1);
+        let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&db.durable)
+            .await
+            .unwrap();
+        assert_eq!(journal, "wal");
+    }
+
+    #[tokio::test]
+    async fn a_database_of_the_first_schema_is_migrated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        {
+            let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+                .unwrap()
+                .create_if_missing(true);
+            let pool = SqlitePoolOptions::new()
+                .connect_with(options)
+                .await
+                .unwrap();
+            sqlx::raw_sql(SCHEMA).execute(&pool).await.unwrap();
+            sqlx::query("INSERT INTO cars VALUES ('OLD', '{}', 'f', 1)")
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        for _ in 0..2 {
+            let db = Db::open(&path, EventLimits::default()).await.unwrap();
+            let car = db.car(&CarId::new("OLD").unwrap()).await.unwrap().unwrap();
+            assert_eq!(car.revoked_at, None);
+            db.close().await;
+        }
+    }
+}
