@@ -31,7 +31,7 @@ pub(crate) fn check(path: &Path) -> Result<(), Error> {
         return Err(Error::Config {
             path: path.to_owned(),
             why: format!(
-                "mode {:04o} lets group or others at this secret; make it private with `chmod 600 {}` (and replace it if others may have read it)",
+                "mode {:04o} lets group or others read or write this secret; make it private with `chmod 600 {}` (and replace the secret if someone else may have read it)",
                 mode & 0o7777,
                 path.display()
             ),
