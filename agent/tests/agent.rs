@@ -103,7 +103,7 @@ async fn the_agent_keeps_working_offline_and_comes_back_after_restarts_on_either
     assert_eq!(state["installed"]["a"], "2.0.0");
     assert_eq!(state["epoch"], epoch_before["epoch"].as_u64().unwrap() + 1);
     let (_, events) = call(&twin, "GET", "/api/v1/cars/VIN-RST/events?limit=100", None).await;
-    let applied_v2 = events
+    let applied_v2 = events["events"]
         .as_array()
         .unwrap()
         .iter()

@@ -220,7 +220,7 @@ async fn an_update_travels_as_deltas_against_the_running_slot() {
     )
     .await;
     assert!(
-        events
+        events["events"]
             .as_array()
             .unwrap()
             .iter()
@@ -378,7 +378,7 @@ async fn an_artifact_beyond_the_cars_size_limit_is_refused_before_any_download()
     let started = Instant::now();
     let why = loop {
         let (_, events) = call(&twin, "GET", "/api/v1/cars/VIN-LIMIT/events?limit=50", None).await;
-        let refused = events.as_array().unwrap().iter().find_map(|e| {
+        let refused = events["events"].as_array().unwrap().iter().find_map(|e| {
             (e["kind"] == "refused").then(|| e["message"].as_str().unwrap().to_owned())
         });
         if let Some(why) = refused {

@@ -104,7 +104,7 @@ async fn refused(twin: &cardeploy_twin::Running, car: &str, containing: &str) ->
             None,
         )
         .await;
-        let hit = events.as_array().unwrap().iter().find_map(|e| {
+        let hit = events["events"].as_array().unwrap().iter().find_map(|e| {
             let m = e["message"].as_str().unwrap_or("");
             (e["kind"] == "refused" && m.contains(containing)).then(|| m.to_owned())
         });

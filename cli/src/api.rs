@@ -1,6 +1,7 @@
 //! A small blocking client of the twin's operator REST API.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -124,6 +125,15 @@ impl Api {
         self.finish(what, response)
     }
 
+    pub fn delete<T: DeserializeOwned>(&self, what: &str, path: &str) -> anyhow::Result<T> {
+        let response = self
+            .agent
+            .delete(self.url(path))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call();
+        self.finish(what, response)
+    }
+
     pub fn post<T: DeserializeOwned>(
         &self,
         what: &str,
@@ -152,16 +162,34 @@ impl Api {
         self.finish(what, self.put_raw(path, body))
     }
 
+    /// PUT raw bytes. Uploads are what a twin limits (429 when it serves as many as it takes
+    /// at once, 503 when it is restarting): those answers are retried with backoff, the twin's
+    /// `Retry-After` respected, until [`UPLOAD_RETRIES`] tries are spent.
     fn put_raw(
         &self,
         path: &str,
         body: &[u8],
     ) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
-        self.agent
-            .put(self.url(path))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .header("Content-Type", "application/octet-stream")
-            .send(body)
+        let mut attempt = 0;
+        loop {
+            let response = self
+                .agent
+                .put(self.url(path))
+                .header("Authorization", format!("Bearer {}", self.token))
+                .header("Content-Type", "application/octet-stream")
+                .send(body)?;
+            let busy = matches!(response.status().as_u16(), 429 | 503);
+            if !busy || attempt == UPLOAD_RETRIES {
+                return Ok(response);
+            }
+            let retry_after = response
+                .headers()
+                .get("Retry-After")
+                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            std::thread::sleep(retry_delay(attempt, retry_after, fastrand::f64()));
+            attempt += 1;
+        }
     }
 
     /// PUT raw bytes where the answer carries nothing we need.
@@ -187,5 +215,37 @@ impl Api {
             .header("Authorization", format!("Bearer {}", self.token))
             .send_json(body);
         self.finish(what, response)
+    }
+}
+
+/// Tries after the first that a busy twin gets (about a minute of waiting in all).
+pub const UPLOAD_RETRIES: u32 = 10;
+
+/// How long to wait before try `attempt + 1`: exponential from 250 ms, capped at 8 s, with
+/// `jitter` (0..1) spreading the second half so that parallel uploaders do not come back in step;
+/// never sooner than the twin's `Retry-After`.
+pub fn retry_delay(attempt: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
+    let base = Duration::from_millis(250)
+        .saturating_mul(1 << attempt.min(5))
+        .min(Duration::from_secs(8));
+    let spread = base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
+    spread.max(retry_after.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_with_jitter_and_honour_retry_after() {
+        let ms = |attempt, jitter| retry_delay(attempt, None, jitter).as_millis();
+        assert_eq!((ms(0, 0.0), ms(0, 1.0)), (125, 250));
+        assert_eq!((ms(1, 0.0), ms(1, 1.0)), (250, 500));
+        assert_eq!((ms(4, 0.0), ms(4, 1.0)), (2000, 4000));
+        assert_eq!(ms(5, 1.0), 8000, "capped");
+        assert_eq!(ms(9, 1.0), 8000, "stays capped");
+        let told = Some(Duration::from_secs(3));
+        assert_eq!(retry_delay(0, told, 1.0), Duration::from_secs(3));
+        assert_eq!(retry_delay(5, told, 1.0), Duration::from_secs(8));
     }
 }

@@ -118,16 +118,22 @@ pub(crate) fn push_index(
     let mut ids: Vec<String> = index.chunks.iter().map(|c| c.id.hex()).collect();
     ids.sort();
     ids.dedup();
-    let answer: Value = api.post(
-        "asking which chunks the twin lacks",
-        "/api/v1/chunks/missing",
-        &json!({ "chunks": ids }),
-    )?;
-    let missing: HashSet<Digest> = answer
-        .get("missing")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_str()?.parse().ok()).collect())
-        .unwrap_or_default();
+    let mut missing: HashSet<Digest> = HashSet::new();
+    for batch in ids.chunks(MISSING_BATCH) {
+        let answer: Value = api.post(
+            "asking which chunks the twin lacks",
+            "/api/v1/chunks/missing",
+            &json!({ "chunks": batch }),
+        )?;
+        missing.extend(
+            answer
+                .get("missing")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str()?.parse::<Digest>().ok()),
+        );
+    }
     let missing_bytes: u64 = {
         let mut seen = HashSet::new();
         index
@@ -165,8 +171,16 @@ pub(crate) fn push_index(
     Ok(())
 }
 
-/// Compress and upload the missing chunks on every core: one thread cuts the file again (memory:
-/// a few chunks in flight), the others compress at `level` and PUT.
+/// Chunk ids per `POST /api/v1/chunks/missing` (the twin takes at most 10,000).
+const MISSING_BATCH: usize = 10_000;
+
+/// Upload threads at most, whatever the machine: a twin serves a limited number of uploads at
+/// once (16 by default) and answers the rest 429, and other pipelines push to it too.
+const MAX_UPLOAD_THREADS: usize = 8;
+
+/// Compress and upload the missing chunks on up to [`MAX_UPLOAD_THREADS`] cores: one thread
+/// cuts the file again (memory: a few chunks in flight), the others compress at `level` and
+/// PUT (a busy twin's 429 is retried with backoff, see `Api`).
 fn upload(
     file: &Path,
     index: &ChunkIndex,
@@ -175,7 +189,9 @@ fn upload(
     level: i32,
     api: &Api,
 ) -> anyhow::Result<()> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_UPLOAD_THREADS);
     let progress = bar(missing_bytes, "uploading");
     let (tx, rx) = std::sync::mpsc::sync_channel::<(Digest, Vec<u8>)>(workers * 2);
     let rx = std::sync::Mutex::new(rx);

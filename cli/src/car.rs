@@ -66,9 +66,22 @@ pub enum Command {
     /// Show a car's event log, oldest first.
     Events {
         car_id: String,
-        /// How many of the newest events.
-        #[arg(long, default_value_t = 50)]
+        /// How many of the newest events; more than the twin sends in one page (1000) are
+        /// fetched page by page. The twin keeps a limited number per car (its
+        /// `events_per_car`, 1000 by default) for a limited time.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Revoke a car's certificate, e.g. when its ECU or key is lost or stolen.
+    ///
+    /// The twin refuses the certificate from the next TLS handshake on, closes the car's open
+    /// connection at once, and never registers that certificate again. The car's record,
+    /// history and desired-state counter stay: give the car a new certificate with
+    /// `cardeploy car add CAR --out NEW-DIR ...` (same car id) and it carries on.
+    Revoke {
+        car_id: String,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -97,6 +110,36 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+}
+
+/// The most events the twin sends in one page.
+const EVENTS_PAGE: u32 = 1000;
+
+/// The newest `limit` events of `car`, oldest first, page by page back in time.
+fn events(api: &Api, car: &CarId, limit: u32) -> anyhow::Result<Vec<Value>> {
+    let mut pages: Vec<Vec<Value>> = Vec::new();
+    let mut remaining = limit;
+    let mut before: Option<i64> = None;
+    while remaining > 0 {
+        let ask = remaining.min(EVENTS_PAGE);
+        let path = match before {
+            None => format!("/api/v1/cars/{car}/events?limit={ask}"),
+            Some(before) => format!("/api/v1/cars/{car}/events?limit={ask}&before={before}"),
+        };
+        let page: Value = api.get("reading events", &path)?;
+        let events = field(&page, &["events"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        remaining = remaining.saturating_sub(u32::try_from(events.len()).unwrap_or(u32::MAX));
+        let done = events.is_empty();
+        pages.push(events);
+        match field(&page, &["next_before"]).as_i64() {
+            Some(next) if !done => before = Some(next),
+            _ => break,
+        }
+    }
+    Ok(pages.into_iter().rev().flatten().collect())
 }
 
 fn parse_attrs(attrs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
@@ -224,8 +267,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<20} {:<9} {:<8} {:<28} {:<8} ATTRIBUTES",
-                "CAR", "CONNECTED", "PHASE", "RELEASE", "DESIRED"
+                "{:<20} {:<11} {:<9} {:<8} {:<28} {:<8} ATTRIBUTES",
+                "CAR", "CERTIFICATE", "CONNECTED", "PHASE", "RELEASE", "DESIRED"
             );
             for car in &cars {
                 let attrs = field(car, &["attributes"])
@@ -238,8 +281,9 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                     })
                     .unwrap_or_default();
                 println!(
-                    "{:<20} {:<9} {:<8} {:<28} {:<8} {}",
+                    "{:<20} {:<11} {:<9} {:<8} {:<28} {:<8} {}",
                     text(field(car, &["id"])),
+                    text(field(car, &["certificate"])),
                     if field(car, &["connected"]) == &Value::Bool(true) {
                         "yes"
                     } else {
@@ -262,11 +306,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Events { car_id, limit, api } => {
             let car = CarId::new(car_id)?;
-            let events: Vec<Value> = Api::new(&api)?.get(
-                "reading events",
-                &format!("/api/v1/cars/{car}/events?limit={limit}"),
-            )?;
-            for event in events {
+            for event in events(&Api::new(&api)?, &car, limit)? {
                 println!(
                     "{}  {:<12} {}",
                     text(field(&event, &["at"])),
@@ -274,6 +314,21 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                     text(field(&event, &["message"]))
                 );
             }
+            Ok(())
+        }
+        Command::Revoke { car_id, api } => {
+            let car = CarId::new(car_id)?;
+            let view: Value =
+                Api::new(&api)?.delete("revoking the car", &format!("/api/v1/cars/{car}"))?;
+            let fingerprint = text(field(&view, &["fingerprint"]));
+            println!(
+                "car {car}: certificate {}… {}; the twin refuses it from now on and closed the car's connection",
+                fingerprint.get(..16).unwrap_or(&fingerprint),
+                text(field(&view, &["certificate"])),
+            );
+            println!(
+                "the car keeps its record, history and counters: give it a new certificate with `cardeploy car add {car} --out <new dir> ...`"
+            );
             Ok(())
         }
         Command::SetDesired {

@@ -42,7 +42,7 @@ enum Command {
     /// The fleet's certificates: CA and twin.
     #[command(subcommand)]
     Pki(pki::Command),
-    /// Cars: register, list, show, set desired state, inspect.
+    /// Cars: register, list, show, events, set desired state, inspect, revoke.
     #[command(subcommand)]
     Car(car::Command),
     /// Signing keys (ed25519) for the root, release and director roles.

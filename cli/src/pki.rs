@@ -8,8 +8,10 @@ use clap::Subcommand;
 pub enum Command {
     /// Create the fleet CA and the twin's server certificate.
     ///
-    /// Writes ca.pem, ca.key (0600), twin.pem and twin.key (0600) into DIR. Keep ca.key offline
-    /// in production: it is only needed to issue car certificates. Refuses to overwrite a CA.
+    /// Writes ca.pem, ca.key (0600), twin.pem and twin.key (0600) into DIR, creating DIR (and
+    /// missing parents, e.g. the twin's data directory) with mode 0700: the twin refuses to
+    /// start with a key others can read. Keep ca.key offline in production: it is only needed
+    /// to issue car certificates. Refuses to overwrite a CA.
     Init {
         /// Where to write the files, e.g. the twin's DATA/pki.
         #[arg(long, value_name = "DIR")]

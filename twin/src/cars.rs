@@ -31,6 +31,8 @@ pub(crate) struct Live {
     pub readable: Option<Arc<std::collections::HashSet<cardeploy_chunks::Digest>>>,
     /// Held by the car's delta job while it runs: one at a time per car.
     pub delta_turn: Arc<tokio::sync::Mutex<()>>,
+    /// The car's report rate limit (`limits.rs`).
+    pub reports: crate::limits::ReportGate,
 }
 
 #[derive(Debug, Default)]
@@ -51,6 +53,7 @@ impl Fleet {
             install: None,
             readable: None,
             delta_turn: Arc::default(),
+            reports: Default::default(),
         });
         f(live)
     }
@@ -149,6 +152,11 @@ impl Acceptor for CarAcceptor {
                 }
             });
         }
+        // Revoked between its handshake and its SETUP: the revocation found no session to close.
+        if !self.twin.is_registered(&car) {
+            requester.close();
+            return Err(Refusal::new(format!("car {car} is revoked")));
+        }
         Ok(Arc::new(CarResponder {
             twin: self.twin.clone(),
             car,
@@ -231,6 +239,9 @@ impl Responder for CarResponder {
     }
 
     async fn fire_and_forget(&self, route: &str, data: Bytes) {
+        if !crate::limits::admit_report(&self.twin, &self.car) {
+            return;
+        }
         if route != route::CAR_REPORT {
             tracing::warn!(car = %self.car, %route, "fire-and-forget on an unknown route dropped");
             return;

@@ -57,6 +57,48 @@ pub struct Config {
     /// Size cap of the delta cache, bytes; least recently used (target, base) pairs go first.
     #[serde(default = "default_delta_cache")]
     pub delta_cache_bytes: u64,
+
+    /// Bytes of one event message kept; a longer one is cut, with a marker saying so.
+    #[serde(default = "default_event_message_bytes")]
+    pub event_message_max_bytes: usize,
+    /// Characters of one event kind kept.
+    #[serde(default = "default_event_kind_chars")]
+    pub event_kind_max_chars: usize,
+    /// Events kept per car; the oldest go first.
+    #[serde(default = "default_events_per_car")]
+    pub events_per_car: u32,
+    /// Events older than this are removed by a periodic sweep, seconds.
+    #[serde(default = "default_event_max_age")]
+    pub event_max_age_secs: u64,
+    /// How often that sweep runs, seconds.
+    #[serde(default = "default_hourly")]
+    pub event_sweep_secs: u64,
+    /// `car.report` messages one car may send per second, on average. Over the rate (after
+    /// the burst) a report is dropped and counted.
+    #[serde(default = "default_report_rate")]
+    pub report_rate_per_sec: f64,
+    /// Reports one car may send at once before the rate applies.
+    #[serde(default = "default_report_burst")]
+    pub report_burst: u32,
+
+    /// The operator API closes a connection that has not sent a request's headers within this
+    /// many seconds (idle keep-alive connections included).
+    #[serde(default = "default_header_timeout")]
+    pub api_header_timeout_secs: u64,
+    /// A request body must arrive within this many seconds, or the answer is 408.
+    #[serde(default = "default_body_timeout")]
+    pub api_body_timeout_secs: u64,
+    /// Chunk and index uploads served at once; more are answered 429 with `Retry-After`.
+    #[serde(default = "default_max_uploads")]
+    pub max_concurrent_uploads: usize,
+
+    /// How often unreferenced chunks and indexes are collected, seconds.
+    #[serde(default = "default_hourly")]
+    pub gc_interval_secs: u64,
+    /// Chunks and indexes younger than this are never collected, seconds: an upload in
+    /// progress has stored chunks that no index names yet.
+    #[serde(default = "default_gc_grace")]
+    pub gc_grace_secs: u64,
 }
 
 fn default_max_streams() -> usize {
@@ -78,6 +120,50 @@ fn default_delta_workers() -> usize {
 
 fn default_delta_cache() -> u64 {
     4 << 30
+}
+
+fn default_event_message_bytes() -> usize {
+    4096
+}
+
+fn default_event_kind_chars() -> usize {
+    64
+}
+
+fn default_events_per_car() -> u32 {
+    1000
+}
+
+fn default_event_max_age() -> u64 {
+    30 * 86_400
+}
+
+fn default_hourly() -> u64 {
+    3600
+}
+
+fn default_report_rate() -> f64 {
+    5.0
+}
+
+fn default_report_burst() -> u32 {
+    60
+}
+
+fn default_header_timeout() -> u64 {
+    30
+}
+
+fn default_body_timeout() -> u64 {
+    60
+}
+
+fn default_max_uploads() -> usize {
+    16
+}
+
+fn default_gc_grace() -> u64 {
+    86_400
 }
 
 fn default_desired_ttl() -> u64 {
@@ -123,6 +209,18 @@ impl Config {
             send_stall_secs: default_send_stall(),
             delta_workers: default_delta_workers(),
             delta_cache_bytes: default_delta_cache(),
+            event_message_max_bytes: default_event_message_bytes(),
+            event_kind_max_chars: default_event_kind_chars(),
+            events_per_car: default_events_per_car(),
+            event_max_age_secs: default_event_max_age(),
+            event_sweep_secs: default_hourly(),
+            report_rate_per_sec: default_report_rate(),
+            report_burst: default_report_burst(),
+            api_header_timeout_secs: default_header_timeout(),
+            api_body_timeout_secs: default_body_timeout(),
+            max_concurrent_uploads: default_max_uploads(),
+            gc_interval_secs: default_hourly(),
+            gc_grace_secs: default_gc_grace(),
         }
     }
 
@@ -140,14 +238,17 @@ impl Config {
     }
 
     pub fn validate(&self, path: &Path) -> Result<(), Error> {
-        if self.heartbeat_secs == 0 || self.heartbeat_secs > 3600 {
-            return Err(Error::Config {
+        let bad = |why: String| {
+            Err(Error::Config {
                 path: path.to_owned(),
-                why: format!(
-                    "heartbeat_secs = {} is out of range; use 1..=3600",
-                    self.heartbeat_secs
-                ),
-            });
+                why,
+            })
+        };
+        if self.heartbeat_secs == 0 || self.heartbeat_secs > 3600 {
+            return bad(format!(
+                "heartbeat_secs = {} is out of range; use 1..=3600",
+                self.heartbeat_secs
+            ));
         }
         if self.max_streams_per_car < 2 || self.delta_workers == 0 || self.send_stall_secs == 0 {
             return Err(Error::Config {
@@ -159,13 +260,37 @@ impl Config {
             });
         }
         if self.desired_ttl_secs < 60 {
-            return Err(Error::Config {
-                path: path.to_owned(),
-                why: format!(
-                    "desired_ttl_secs = {} is too short for a car to act on; use at least 60",
-                    self.desired_ttl_secs
-                ),
-            });
+            return bad(format!(
+                "desired_ttl_secs = {} is too short for a car to act on; use at least 60",
+                self.desired_ttl_secs
+            ));
+        }
+        // The marker of a cut message takes up to 40 bytes of its own.
+        if self.event_message_max_bytes < 64 {
+            return bad(format!(
+                "event_message_max_bytes = {} leaves no room for a message; use at least 64",
+                self.event_message_max_bytes
+            ));
+        }
+        if !self.report_rate_per_sec.is_finite() || self.report_rate_per_sec <= 0.0 {
+            return bad(format!(
+                "report_rate_per_sec = {} must be a positive number",
+                self.report_rate_per_sec
+            ));
+        }
+        let at_least_one = [
+            ("event_kind_max_chars", self.event_kind_max_chars as u64),
+            ("events_per_car", u64::from(self.events_per_car)),
+            ("event_max_age_secs", self.event_max_age_secs),
+            ("event_sweep_secs", self.event_sweep_secs),
+            ("report_burst", u64::from(self.report_burst)),
+            ("api_header_timeout_secs", self.api_header_timeout_secs),
+            ("api_body_timeout_secs", self.api_body_timeout_secs),
+            ("max_concurrent_uploads", self.max_concurrent_uploads as u64),
+            ("gc_interval_secs", self.gc_interval_secs),
+        ];
+        if let Some((key, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
+            return bad(format!("{key} = 0: use at least 1"));
         }
         Ok(())
     }
@@ -199,5 +324,57 @@ impl Config {
 
     pub fn token_path(&self) -> PathBuf {
         self.data_dir.join("operator.token")
+    }
+
+    /// The director key (`trust.rs` makes it at first start).
+    pub fn director_key_path(&self) -> PathBuf {
+        self.data_dir.join("director.key")
+    }
+
+    pub(crate) fn event_limits(&self) -> crate::db::EventLimits {
+        crate::db::EventLimits {
+            message_bytes: self.event_message_max_bytes,
+            kind_chars: self.event_kind_max_chars,
+            per_car: self.events_per_car,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn limits_that_would_switch_a_protection_off_are_refused() {
+        let path = Path::new("twin.toml");
+        Config::new("data").validate(path).unwrap();
+        let refused = |change: fn(&mut Config)| {
+            let mut config = Config::new("data");
+            change(&mut config);
+            config.validate(path).unwrap_err().to_string()
+        };
+        assert!(refused(|c| c.report_rate_per_sec = 0.0).contains("report_rate_per_sec"));
+        assert!(refused(|c| c.report_rate_per_sec = f64::NAN).contains("report_rate_per_sec"));
+        assert!(refused(|c| c.events_per_car = 0).contains("events_per_car = 0"));
+        assert!(refused(|c| c.gc_interval_secs = 0).contains("gc_interval_secs = 0"));
+        assert!(refused(|c| c.max_concurrent_uploads = 0).contains("max_concurrent_uploads"));
+        assert!(refused(|c| c.event_message_max_bytes = 10).contains("at least 64"));
+    }
+
+    #[test]
+    fn a_configuration_file_names_the_new_limits_or_takes_their_defaults() {
+        let config: Config = toml::from_str(
+            "data_dir = \"d\"\nevents_per_car = 50\nreport_rate_per_sec = 0.5\ngc_grace_secs = 600\n",
+        )
+        .unwrap();
+        assert_eq!(config.events_per_car, 50);
+        assert_eq!(config.report_rate_per_sec, 0.5);
+        assert_eq!(config.gc_grace_secs, 600);
+        assert_eq!(config.event_message_max_bytes, 4096);
+        assert_eq!(config.event_max_age_secs, 30 * 86_400);
+        assert_eq!(config.max_concurrent_uploads, 16);
+        assert!(toml::from_str::<Config>("data_dir = \"d\"\nevents_per_cars = 5\n").is_err());
     }
 }

@@ -3,6 +3,11 @@
 //!
 //! [`start`] runs the real server on the configured (or port-0) addresses and hands back its
 //! addresses, so tests drive the same code as production. `cargo test -p cardeploy-twin`.
+//!
+//! Every car is a potential attacker (a key can be pulled out of an ECU), so nothing a car sends
+//! may grow the twin without bound: event sizes, counts and ages are limited (`db/events.rs`),
+//! reports are rate-limited per car (`limits.rs`), and a revoked certificate is refused at the
+//! next handshake. The operator API bounds every body, time and upload (`api/`).
 
 mod api;
 mod artifacts;
@@ -11,6 +16,9 @@ mod config;
 mod db;
 mod error;
 mod fetching;
+mod housekeeping;
+mod limits;
+mod private;
 mod trust;
 
 use std::collections::{HashMap, HashSet};
@@ -24,8 +32,8 @@ use cardeploy_link::{LinkServer, ServerOptions, ServerSecurity, ServerStats};
 use cardeploy_protocol::{CarId, DesiredState};
 
 pub use api::{
-    CarView, ChunkList, DesiredView, DirectorView, IndexView, MissingChunks, NewCar, ReleaseView,
-    SetDesired,
+    CarView, CertificateState, ChunkList, DesiredView, DirectorView, EventsPage, IndexView,
+    MissingChunks, NewCar, ReleaseView, SetDesired,
 };
 pub use artifacts::ServedStats;
 pub use config::Config;
@@ -49,14 +57,36 @@ pub struct Twin {
     release_indexes: Mutex<HashMap<String, Arc<Vec<cardeploy_chunks::Digest>>>>,
     /// Permits of the delta pool (`delta_workers`).
     delta_pool: Arc<tokio::sync::Semaphore>,
+    /// Chunk and index uploads in progress (`max_concurrent_uploads` permits).
+    uploads: Arc<tokio::sync::Semaphore>,
+    /// Held for reading by everything that relies on a stored chunk or index staying (uploads,
+    /// release registration), for writing by the chunk store's gc.
+    store_gc: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Twin {
+    /// Let `car`'s certificate in (a revoked one stays out).
     fn register(&self, car: &CarRecord) {
+        if car.revoked_at.is_some() {
+            return;
+        }
         self.registry
             .insert(car.fingerprint.clone(), car.id.to_string());
         if let Ok(mut known) = self.known.lock() {
             known.insert(car.id.clone());
+        }
+    }
+
+    /// Keep `car`'s certificate out from the next handshake on, and end its session.
+    fn unregister(&self, car: &CarId, fingerprint: &str) {
+        self.registry.remove(fingerprint);
+        if let Ok(mut known) = self.known.lock() {
+            known.remove(car);
+        }
+        // After `known` changed: a session accepted concurrently either is seen here or sees
+        // the car unknown and refuses itself (`CarAcceptor::accept`).
+        if let Some(requester) = self.fleet.connected(car) {
+            requester.close();
         }
     }
 
@@ -205,6 +235,7 @@ fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 /// The operator token: made once, kept in the data dir with mode 0600.
 fn operator_token(config: &Config) -> Result<String, Error> {
     let path = config.token_path();
+    private::check(&path)?;
     match std::fs::read_to_string(&path) {
         Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
         Ok(_) => {}
@@ -234,8 +265,12 @@ fn operator_token(config: &Config) -> Result<String, Error> {
 
 /// Start the twin: open the database, listen for cars and operators.
 pub async fn start(config: Config) -> Result<Running, Error> {
-    std::fs::create_dir_all(&config.data_dir).map_err(io(&config.data_dir))?;
-    let db = Db::open(&config.db_path()).await?;
+    private::create_dir(&config.data_dir)?;
+    private::check(&config.director_key_path())?;
+    if !config.insecure_plaintext {
+        private::check(&config.key_path())?;
+    }
+    let db = Db::open(&config.db_path(), config.event_limits()).await?;
     let twin = Arc::new(Twin {
         operator_token: operator_token(&config)?,
         db,
@@ -246,23 +281,12 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         trust: trust::Trust::open(&config.data_dir)?,
         release_indexes: Mutex::new(HashMap::new()),
         delta_pool: Arc::new(tokio::sync::Semaphore::new(config.delta_workers.max(1))),
+        uploads: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_uploads)),
+        store_gc: Arc::new(tokio::sync::RwLock::new(())),
         config,
     });
     for car in twin.db.cars().await? {
         twin.register(&car);
-    }
-    {
-        // Deltas for a (target, base) pair whose index is gone are never served again.
-        let twin = twin.clone();
-        let freed = tokio::task::spawn_blocking(move || {
-            let store = twin.artifacts.store();
-            twin.artifacts.retain_deltas(|index| store.has_index(index))
-        })
-        .await
-        .unwrap_or(0);
-        if freed > 0 {
-            tracing::info!(freed, "delta cache: removed pairs whose index is gone");
-        }
     }
     for (car, stored) in twin.db.all_desired().await? {
         let message = twin.compose(&stored).await?;
@@ -326,19 +350,20 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         let stopped = until_stopped(stopped.clone());
         async move { link.serve(acceptor, stopped).await.map_err(Error::from) }
     });
-    let api_task = tokio::spawn({
-        let stopped = until_stopped(stopped.clone());
-        let app = api::router(twin.clone());
-        async move {
-            axum::serve(api_listener, app)
-                .with_graceful_shutdown(stopped)
-                .await
-                .map_err(|source| Error::Listen {
-                    addr: api_addr,
-                    source,
-                })
-        }
-    });
+    let api_task = tokio::spawn(api::serve(
+        api_listener,
+        api::router(twin.clone()),
+        Duration::from_secs(config.api_header_timeout_secs),
+        until_stopped(stopped.clone()),
+    ));
+    let sweep_task = tokio::spawn(housekeeping::sweep_events(
+        twin.clone(),
+        until_stopped(stopped.clone()),
+    ));
+    let gc_task = tokio::spawn(housekeeping::collect_chunks(
+        twin.clone(),
+        until_stopped(stopped.clone()),
+    ));
     tracing::info!(%cars_addr, %api_addr, "twin started");
     Ok(Running {
         cars_addr,
@@ -347,7 +372,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         link_stats,
         twin,
         stop,
-        tasks: vec![link_task, api_task],
+        tasks: vec![link_task, api_task, sweep_task, gc_task],
     })
 }
 

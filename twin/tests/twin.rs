@@ -260,7 +260,7 @@ async fn repeated_reports_are_stored_once_and_reported_state_survives_a_twin_res
     let started = std::time::Instant::now();
     let events = loop {
         let (_, events) = api_async(&twin, "GET", "/api/v1/cars/VIN-3/events", None).await;
-        let states = events
+        let states = events["events"]
             .as_array()
             .unwrap()
             .iter()
@@ -277,7 +277,7 @@ async fn repeated_reports_are_stored_once_and_reported_state_survives_a_twin_res
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, events_after) = api_async(&twin, "GET", "/api/v1/cars/VIN-3/events", None).await;
-    let states = events_after
+    let states = events_after["events"]
         .as_array()
         .unwrap()
         .iter()

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use crate::{ChunkIndex, Digest, Error, Result};
 
@@ -26,7 +27,9 @@ const MAX_CHUNK: usize = fastcdc::v2020::MAXIMUM_MAX;
 /// Writes are atomic (temp file, fsync, rename); [`Store::sync`] makes the renames durable (one
 /// directory fsync per touched directory, so a window of chunks costs a handful of fsyncs, not
 /// one per chunk). A crash loses at most the chunks renamed since the last sync, never corrupts
-/// one: every read decompresses and checks the sha256 against the name.
+/// one: every read decompresses and checks the sha256 against the name. A server that
+/// acknowledges each upload uses [`Store::put_compressed_durable`] and
+/// [`Store::put_index_durable`] instead, which are durable on return by themselves.
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
@@ -95,6 +98,58 @@ impl Store {
             self.write_atomic(&self.chunk_path(id), frame)?;
         }
         Ok(data)
+    }
+
+    /// [`Store::put_compressed`], durable when it returns. This call fsyncs the directories of
+    /// the chunk's own rename itself (also when another writer renamed it first and has not
+    /// synced yet) instead of going through the shared set [`Store::sync`] takes: with that set,
+    /// one caller's sync could find its directory taken by a concurrent sync still in progress
+    /// and return before the rename was durable. A chunk stored already gets its time
+    /// refreshed, because the caller relies on it from now on ([`Store::gc_older_than`]).
+    pub fn put_compressed_durable(&self, id: &Digest, frame: &[u8]) -> Result<Vec<u8>> {
+        let data = decompress(frame).map_err(|e| match e {
+            Error::Zstd(io) => Error::TransitMalformed(format!("chunk {id}: {io}")),
+            other => other,
+        })?;
+        verify(id, &data)?;
+        let path = self.chunk_path(id);
+        if !(self.has(id) && touch(&path).is_ok()) {
+            self.write_atomic(&path, frame)?;
+        }
+        self.sync_parents(&path, 2)?;
+        Ok(data)
+    }
+
+    /// Whether chunk `id` is stored. If it is, and a [`Store::gc_older_than`] with `grace`
+    /// would find it older than half of that, its time is refreshed: whoever asked is told the
+    /// store has it and will name it in an index soon, so it must outlive the next gc.
+    pub fn hold(&self, id: &Digest, grace: Duration) -> Result<bool> {
+        let path = self.chunk_path(id);
+        let modified = match fs::metadata(&path).and_then(|m| m.modified()) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io("cannot read", &path)(e)),
+        };
+        if age(modified) >= grace / 2 {
+            match touch(&path) {
+                Ok(()) => {}
+                // Collected in between: the caller uploads it again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(Error::io("cannot refresh", &path)(e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// fsync the directory holding `path` and `levels - 1` directories above it (a chunk's
+    /// `chunks/<2 hex>/` may itself be new).
+    fn sync_parents(&self, path: &Path, levels: usize) -> Result<()> {
+        for dir in path.ancestors().skip(1).take(levels) {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(Error::io("cannot sync directory", dir))?;
+        }
+        Ok(())
     }
 
     /// The raw bytes of chunk `id`, verified. A chunk that fails verification is moved to
@@ -171,6 +226,27 @@ impl Store {
         Ok(id)
     }
 
+    /// [`Store::put_index`], durable when it returns (see [`Store::put_compressed_durable`]); an
+    /// index stored already gets its time refreshed.
+    pub fn put_index_durable(&self, index: &ChunkIndex) -> Result<Digest> {
+        let bytes = index.encode();
+        let id = Digest::of(&bytes);
+        let path = self.root.join("indexes").join(id.hex());
+        if !(path.is_file() && touch(&path).is_ok()) {
+            self.write_atomic(&path, &bytes)?;
+        }
+        self.sync_parents(&path, 1)?;
+        Ok(id)
+    }
+
+    /// When the index `id` was stored (or last stored again).
+    pub fn index_modified(&self, id: &Digest) -> Result<SystemTime> {
+        let path = self.root.join("indexes").join(id.hex());
+        fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map_err(Error::io("cannot read index", &path))
+    }
+
     /// A kept index, verified against its id.
     pub fn get_index(&self, id: &Digest, max_artifact: u64) -> Result<ChunkIndex> {
         let path = self.root.join("indexes").join(id.hex());
@@ -199,8 +275,11 @@ impl Store {
     /// Pin `index` (already stored with [`Store::put_index`]) under `name`: its chunks survive gc.
     pub fn keep(&self, name: &str, index: &Digest) -> Result<()> {
         check_name(name)?;
-        self.write_atomic(&self.root.join("keep").join(name), index.hex().as_bytes())?;
-        self.sync()
+        let path = self.root.join("keep").join(name);
+        self.write_atomic(&path, index.hex().as_bytes())?;
+        self.sync()?;
+        // `sync` may have found this directory taken by a concurrent sync still in progress.
+        self.sync_parents(&path, 1)
     }
 
     /// Unpin `name`; its chunks go at the next gc unless another kept index needs them.
@@ -250,22 +329,32 @@ impl Store {
 
     /// Remove every chunk and index no kept index needs. Returns what was removed.
     pub fn gc(&self, max_artifact: u64) -> Result<StoreStats> {
+        self.gc_older_than(max_artifact, Duration::ZERO)
+    }
+
+    /// [`Store::gc`], sparing chunks and indexes stored less than `grace` ago: a writer that
+    /// stores chunks first and the index naming them last (an upload in progress) must not
+    /// lose the chunks in between. Returns what was removed.
+    pub fn gc_older_than(&self, max_artifact: u64, grace: Duration) -> Result<StoreStats> {
         let counts = self.refcounts(max_artifact)?;
         let kept_indexes: HashSet<String> =
             self.kept()?.into_iter().map(|(_, d)| d.hex()).collect();
+        let old = |meta: &fs::Metadata| meta.modified().map_or(Duration::ZERO, age) >= grace;
         let mut removed = StoreStats::default();
-        self.walk_chunks(|path, id, len| {
-            if !counts.contains_key(&id) {
+        self.walk_chunks(|path, id, meta| {
+            if !counts.contains_key(&id) && old(meta) {
                 fs::remove_file(path).map_err(Error::io("cannot remove", path))?;
                 removed.chunks += 1;
-                removed.bytes_on_disk += len;
+                removed.bytes_on_disk += meta.len();
             }
             Ok(())
         })?;
         let dir = self.root.join("indexes");
         for entry in fs::read_dir(&dir).map_err(Error::io("cannot list", &dir))? {
             let entry = entry.map_err(Error::io("cannot list", &dir))?;
-            if !kept_indexes.contains(&*entry.file_name().to_string_lossy()) {
+            if !kept_indexes.contains(&*entry.file_name().to_string_lossy())
+                && entry.metadata().is_ok_and(|m| old(&m))
+            {
                 let _ = fs::remove_file(entry.path());
             }
         }
@@ -275,15 +364,18 @@ impl Store {
     /// Chunks and bytes on disk.
     pub fn stats(&self) -> Result<StoreStats> {
         let mut s = StoreStats::default();
-        self.walk_chunks(|_, _, len| {
+        self.walk_chunks(|_, _, meta| {
             s.chunks += 1;
-            s.bytes_on_disk += len;
+            s.bytes_on_disk += meta.len();
             Ok(())
         })?;
         Ok(s)
     }
 
-    fn walk_chunks(&self, mut each: impl FnMut(&Path, Digest, u64) -> Result<()>) -> Result<()> {
+    fn walk_chunks(
+        &self,
+        mut each: impl FnMut(&Path, Digest, &fs::Metadata) -> Result<()>,
+    ) -> Result<()> {
         let top = self.root.join("chunks");
         for sub in fs::read_dir(&top).map_err(Error::io("cannot list", &top))? {
             let sub = sub.map_err(Error::io("cannot list", &top))?.path();
@@ -295,12 +387,28 @@ impl Store {
                 let Ok(id) = entry.file_name().to_string_lossy().parse::<Digest>() else {
                     continue;
                 };
-                let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                each(&entry.path(), id, len)?;
+                // Gone since the listing (a concurrent gc or corruption moved it): skip it.
+                let Ok(meta) = entry.metadata() else { continue };
+                each(&entry.path(), id, &meta)?;
             }
         }
         Ok(())
     }
+}
+
+/// How long ago `time` was; a time in the future (a clock set back) is no time ago.
+fn age(time: SystemTime) -> Duration {
+    SystemTime::now()
+        .duration_since(time)
+        .unwrap_or(Duration::ZERO)
+}
+
+/// Set a file's modification time to now.
+fn touch(path: &Path) -> std::io::Result<()> {
+    File::options()
+        .write(true)
+        .open(path)?
+        .set_modified(SystemTime::now())
 }
 
 fn check_name(name: &str) -> Result<()> {

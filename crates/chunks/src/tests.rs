@@ -217,6 +217,103 @@ fn gc_removes_exactly_the_chunks_no_kept_index_needs() {
     assert!(!store.has_index(&ia.id()));
 }
 
+/// Set a stored file's modification time `secs` into the past.
+fn age_file(path: &std::path::Path, secs: u64) {
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(secs);
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(then)
+        .unwrap();
+}
+
+fn chunk_file(store: &Store, id: &Digest) -> std::path::PathBuf {
+    let hex = id.hex();
+    store.root().join("chunks").join(&hex[..2]).join(hex)
+}
+
+#[test]
+fn gc_with_a_grace_period_spares_what_was_stored_within_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let day = std::time::Duration::from_secs(86_400);
+    let a = corpus(5, 100_000);
+    let ia = chunk_reader(&a[..], SMALL, |c| store.put_raw(&c.id, c.data)).unwrap();
+    let index = store.put_index(&ia).unwrap();
+    // Nothing kept: everything is garbage, but all of it is fresh.
+    let removed = store.gc_older_than(1 << 30, day).unwrap();
+    assert_eq!(removed.chunks, 0);
+    assert!(store.has_index(&index));
+
+    let (old, fresh) = ia.chunks.split_at(ia.chunks.len() / 2);
+    let old_only: std::collections::HashSet<_> = old
+        .iter()
+        .filter(|c| !fresh.iter().any(|f| f.id == c.id))
+        .map(|c| c.id)
+        .collect();
+    for id in &old_only {
+        age_file(&chunk_file(&store, id), 2 * 86_400);
+    }
+    let removed = store.gc_older_than(1 << 30, day).unwrap();
+    assert_eq!(removed.chunks as usize, old_only.len());
+    assert!(old_only.iter().all(|id| !store.has(id)));
+    assert!(fresh.iter().all(|c| store.has(&c.id)));
+    assert!(store.has_index(&index), "the index is fresh");
+
+    age_file(&store.root().join("indexes").join(index.hex()), 2 * 86_400);
+    store.gc_older_than(1 << 30, day).unwrap();
+    assert!(!store.has_index(&index));
+}
+
+#[test]
+fn a_chunk_held_or_stored_again_is_young_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let day = std::time::Duration::from_secs(86_400);
+    let data = corpus(6, 5000);
+    let id = Digest::of(&data);
+    let frame = zstd::bulk::compress(&data, 3).unwrap();
+    assert!(!store.hold(&id, day).unwrap());
+    assert_eq!(store.put_compressed_durable(&id, &frame).unwrap(), data);
+    let path = chunk_file(&store, &id);
+
+    age_file(&path, 2 * 86_400);
+    assert!(store.hold(&id, day).unwrap());
+    assert_eq!(store.gc_older_than(1 << 30, day).unwrap().chunks, 0);
+
+    age_file(&path, 2 * 86_400);
+    store.put_compressed_durable(&id, &frame).unwrap();
+    assert_eq!(store.gc_older_than(1 << 30, day).unwrap().chunks, 0);
+
+    // Held at a quarter of the grace period: still young enough, left as it is.
+    age_file(&path, 86_400 / 4);
+    let before = fs::metadata(&path).unwrap().modified().unwrap();
+    assert!(store.hold(&id, day).unwrap());
+    assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), before);
+
+    let wrong = zstd::bulk::compress(b"other bytes", 3).unwrap();
+    assert!(matches!(
+        store.put_compressed_durable(&id, &wrong),
+        Err(Error::ChunkDigest { .. })
+    ));
+}
+
+#[test]
+fn a_durable_index_put_stores_it_and_refreshes_a_stored_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = corpus(7, 50_000);
+    let ia = chunk_reader(&a[..], SMALL, |c| store.put_raw(&c.id, c.data)).unwrap();
+    let id = store.put_index_durable(&ia).unwrap();
+    assert_eq!(store.get_index(&id, 1 << 30).unwrap(), ia);
+    let path = store.root().join("indexes").join(id.hex());
+    age_file(&path, 2 * 86_400);
+    let aged = store.index_modified(&id).unwrap();
+    store.put_index_durable(&ia).unwrap();
+    assert!(store.index_modified(&id).unwrap() > aged);
+}
+
 #[test]
 fn plan_takes_from_store_then_seed_then_network() {
     let dir = tempfile::tempdir().unwrap();

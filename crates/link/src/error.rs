@@ -20,6 +20,8 @@ pub enum Error {
     },
     #[error("TLS configuration: {0}")]
     TlsConfig(#[from] rustls::Error),
+    #[error("not a car certificate of this fleet: {why}")]
+    ClientCertificate { why: String },
     #[error("TLS client verifier: {0}")]
     Verifier(String),
     #[error("invalid twin address {addr:?}: {why}")]

@@ -16,7 +16,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
 
 use crate::Error;
 
@@ -79,6 +81,64 @@ fn roots(ca: &Path) -> Result<RootCertStore, Error> {
         roots.add(cert)?;
     }
     Ok(roots)
+}
+
+/// Check that `pem` holds a certificate the twin's handshake would take from a car, and return
+/// its fingerprint. Registration runs the very verifier the handshake runs (WebPKI on the fleet
+/// CA `ca`, with `now` as the time): it chains to the fleet CA, is within its validity period,
+/// names clientAuth among its extended key usages and is not itself a CA. A certificate
+/// registered without this check would be stored and then refused at every connection, or, worse,
+/// be a CA certificate an operator pasted by mistake.
+pub fn check_client_certificate(ca: &Path, pem: &str) -> Result<String, Error> {
+    check_client_certificate_at(ca, pem, UnixTime::now())
+}
+
+/// [`check_client_certificate`] at a given time.
+pub fn check_client_certificate_at(ca: &Path, pem: &str, now: UnixTime) -> Result<String, Error> {
+    let refused = |why: String| Error::ClientCertificate { why };
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| refused(format!("not a PEM certificate: {e}")))?;
+    let Some((end_entity, intermediates)) = certs.split_first() else {
+        return Err(refused(
+            "no certificate found (expected a -----BEGIN CERTIFICATE----- block)".into(),
+        ));
+    };
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+        .build()
+        .map_err(|e| Error::Verifier(e.to_string()))?;
+    verifier
+        .verify_client_cert(end_entity, intermediates, now)
+        .map_err(|e| refused(refusal_reason(&e)))?;
+    Ok(fingerprint(end_entity))
+}
+
+/// What an operator needs to hear about a certificate WebPKI refused.
+fn refusal_reason(e: &rustls::Error) -> String {
+    let rustls::Error::InvalidCertificate(cert) = e else {
+        return e.to_string();
+    };
+    match cert {
+        CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+            "not issued by this fleet's CA".into()
+        }
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            format!("expired ({e})")
+        }
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            format!("not valid yet ({e})")
+        }
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+            format!(
+                "not a client certificate: clientAuth is not among its extended key usages ({e})"
+            )
+        }
+        CertificateError::BadEncoding => "not a valid X.509 certificate (bad DER)".into(),
+        CertificateError::Other(other) if other.to_string().contains("CaUsedAsEndEntity") => {
+            "a CA certificate, not a car's (basicConstraints cA is set)".into()
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// Paths of one side's identity: its certificate and key, and the fleet CA it trusts.
@@ -205,4 +265,47 @@ pub fn server_config(
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use cardeploy_testkit::TestPki;
+
+    fn refusal(pki: &TestPki, pem: &str) -> String {
+        match check_client_certificate(&pki.ca(), pem) {
+            Err(Error::ClientCertificate { why }) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_car_certificate_of_the_fleet_ca_is_taken_with_its_fingerprint() {
+        let pki = TestPki::new();
+        let car = pki.car("VIN-OK");
+        let fingerprint = check_client_certificate(&pki.ca(), &car.cert_pem).unwrap();
+        assert_eq!(fingerprint, fingerprint_pem(&car.cert_pem).unwrap());
+    }
+
+    #[test]
+    fn anything_but_a_client_certificate_of_the_fleet_ca_is_refused_with_the_reason() {
+        let pki = TestPki::new();
+        assert!(refusal(&pki, "x").contains("no certificate"));
+        let garbage = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(
+            refusal(&pki, garbage).contains("X.509"),
+            "{}",
+            refusal(&pki, garbage)
+        );
+        let foreign = pki.foreign_car("VIN-F");
+        assert!(refusal(&pki, &foreign.cert_pem).contains("not issued by this fleet's CA"));
+        let server = pki.server_auth_car("VIN-S");
+        assert!(refusal(&pki, &server.cert_pem).contains("clientAuth"));
+        let expired = pki.expired_car("VIN-E");
+        assert!(refusal(&pki, &expired.cert_pem).contains("expired"));
+        let ca = refusal(&pki, pki.pki.ca.cert_pem());
+        assert!(ca.contains("a CA certificate"), "{ca}");
+    }
 }

@@ -3,7 +3,8 @@
 //! tests; never compiled into the agent (the agent only loads PEM files).
 //!
 //! Files written by [`FleetPki::write`] are the layout `cardeploy pki init` documents:
-//! `ca.pem`, `ca.key` (0600), `twin.pem`, `twin.key` (0600).
+//! `ca.pem`, `ca.key` (0600), `twin.pem`, `twin.key` (0600), in a directory it creates with mode
+//! 0700 (with any missing parent: usually the twin's data directory).
 
 use std::fs;
 use std::io::Write;
@@ -216,16 +217,29 @@ impl FleetPki {
         if ca_key.exists() {
             return Err(Error::Exists { path: ca_key });
         }
-        fs::create_dir_all(dir).map_err(|source| Error::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
+        create_private_dir(dir)?;
         write_file(&dir.join("ca.pem"), &self.ca.cert_pem, false)?;
         write_file(&ca_key, &self.ca.issuer.key().serialize_pem(), true)?;
         write_file(&dir.join("twin.pem"), &self.twin.cert_pem, false)?;
         write_file(&dir.join("twin.key"), &self.twin.key_pem, true)?;
         Ok(())
     }
+}
+
+/// Create `dir` and its missing parents with mode 0700: the usual place is the twin's data
+/// directory (`DATA/pki`), which holds its secrets and which the twin wants private.
+fn create_private_dir(dir: &Path) -> Result<(), Error> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir).map_err(|source| Error::Io {
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 fn read(path: &Path) -> Result<String, Error> {
@@ -282,13 +296,22 @@ mod tests {
 
     #[cfg(unix)]
     #[test]
-    fn private_keys_are_only_readable_by_their_owner() {
+    fn private_keys_and_the_directories_made_for_them_are_only_open_to_their_owner() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         FleetPki::generate("f", &["localhost".into()])
             .unwrap()
             .write(dir.path())
             .unwrap();
+        let data = dir.path().join("data");
+        FleetPki::generate("f", &["localhost".into()])
+            .unwrap()
+            .write(&data.join("pki"))
+            .unwrap();
+        for created in [&data, &data.join("pki")] {
+            let mode = fs::metadata(created).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", created.display());
+        }
         for key in ["ca.key", "twin.key"] {
             let mode = fs::metadata(dir.path().join(key))
                 .unwrap()

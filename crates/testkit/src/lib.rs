@@ -195,6 +195,68 @@ impl TestPki {
         )
     }
 
+    /// A certificate for `car_id` from the fleet CA with only the serverAuth extended key usage:
+    /// a twin certificate, not a car's.
+    pub fn server_auth_car(&self, car_id: &str) -> CarFiles {
+        let (not_before, not_after) = valid_around_now();
+        self.write_car(
+            &format!("server-{car_id}"),
+            self.issue(
+                car_id,
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                not_before,
+                not_after,
+            ),
+        )
+    }
+
+    /// A car certificate from the fleet CA whose validity ended yesterday.
+    pub fn expired_car(&self, car_id: &str) -> CarFiles {
+        let now = time::OffsetDateTime::now_utc();
+        let day = time::Duration::days(1);
+        self.write_car(
+            &format!("expired-{car_id}"),
+            self.issue(
+                car_id,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+                now - day * 30,
+                now - day,
+            ),
+        )
+    }
+
+    /// Issue with rcgen directly: `crates/pki` only makes certificates a fleet should have, and
+    /// these tests need the ones it should not.
+    fn issue(
+        &self,
+        common_name: &str,
+        usage: rcgen::ExtendedKeyUsagePurpose,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Issued {
+        let ca_key = std::fs::read_to_string(self.path().join("ca.key")).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(
+            self.pki.ca.cert_pem(),
+            rcgen::KeyPair::from_pem(&ca_key).unwrap(),
+        )
+        .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![usage];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
     fn write_car(&self, name: &str, issued: Issued) -> CarFiles {
         let Issued { cert_pem, key_pem } = issued;
         let cert = self.path().join(format!("{name}.pem"));
@@ -207,6 +269,14 @@ impl TestPki {
             cert_pem,
         }
     }
+}
+
+fn valid_around_now() -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let now = time::OffsetDateTime::now_utc();
+    (
+        now - time::Duration::hours(1),
+        now + time::Duration::days(365),
+    )
 }
 
 impl Default for TestPki {
@@ -246,6 +316,7 @@ pub async fn rest(
         let agent = procs::http();
         let response = match (method, body) {
             ("GET", None) => agent.get(&url).header("Authorization", &auth).call(),
+            ("DELETE", None) => agent.delete(&url).header("Authorization", &auth).call(),
             ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
             ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b),
             (method, body) => panic!("rest(): unsupported {method} with body {body:?}"),

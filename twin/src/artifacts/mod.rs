@@ -77,6 +77,10 @@ impl<K: Eq + Hash + Copy, V: Clone> Recent<K, V> {
         })
     }
 
+    fn retain(&mut self, keep: impl Fn(&K) -> bool) {
+        self.map.retain(|k, _| keep(k));
+    }
+
     fn insert(&mut self, key: K, value: V) {
         self.clock += 1;
         if self.map.len() >= self.cap
@@ -146,11 +150,6 @@ impl Artifacts {
     /// Bytes the delta cache holds.
     pub fn cache_bytes(&self) -> u64 {
         self.cache.bytes()
-    }
-
-    /// Drop delta-cache pairs whose target or base index `keep` does not name.
-    pub fn retain_deltas(&self, keep: impl Fn(&Digest) -> bool) -> u64 {
-        self.cache.retain(keep)
     }
 
     pub fn index(&self, id: &Digest) -> Result<Arc<ChunkIndex>, Refused> {
@@ -269,12 +268,22 @@ impl Artifacts {
         missing.sort();
         missing.dedup();
         if missing.is_empty() {
-            self.store.put_index(&index)?;
-            // Pinned by its own id: the twin keeps every release's chunks until an operator
-            // removes the release.
+            // Durable before the upload is acknowledged, whatever other uploads sync meanwhile.
+            self.store.put_index_durable(&index)?;
+            // Pinned by its own id until the chunk store's gc finds that no release names it
+            // (`housekeeping.rs`).
             self.store.keep(&id.hex(), id)?;
-            self.store.sync()?;
         }
         Ok(missing)
+    }
+
+    /// After the chunk store's gc: forget parsed indexes and planners of indexes it removed, and
+    /// the delta-cache pairs made for them. Returns the delta-cache bytes freed.
+    pub fn forget_collected(&self) -> u64 {
+        let store = &self.store;
+        lock(&self.indexes).retain(|id| store.has_index(id));
+        lock(&self.planners)
+            .retain(|(target, base)| store.has_index(target) && store.has_index(base));
+        self.cache.retain(|index| store.has_index(index))
     }
 }

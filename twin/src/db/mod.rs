@@ -1,5 +1,16 @@
 //! The twin's records in SQLite (sqlx). Writes are single statements or short transactions; the
 //! database runs in WAL mode so readers (the API) never block writers (the cars).
+//!
+//! Two pools share the file. The main one runs `synchronous=NORMAL`: a commit may be lost on a
+//! power cut, which costs nothing for reports and events the car sends again or that only
+//! describe the past. The durable one (one connection, `synchronous=FULL`, so its commits fsync
+//! the WAL) takes the writes that must never be undone once acknowledged: desired-state counters
+//! (a counter signed, lost and signed again for another release would be a replay the car
+//! refuses, or worse, accepts on another car's behalf) and the car registry (a revocation that a
+//! power cut undoes would let the revoked certificate back in).
+
+mod cars;
+mod events;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -51,16 +62,6 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_car ON events(car_id, id);
--- The releases each car was sent (desired states), newest SENT_KEPT: what it may read.
-CREATE TABLE IF NOT EXISTS sent_releases (
-    car_id TEXT NOT NULL REFERENCES cars(id),
-    release TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    PRIMARY KEY (car_id, release)
-);
--- Twins from before this table: what they signed counts as sent.
-INSERT OR IGNORE INTO sent_releases (car_id, release, at)
-    SELECT car_id, json_extract(document, '$.release'), 0 FROM signed_desired;
 ";
 
 /// Releases remembered per car as sent: a car may read the artifacts of these (and of the one it
@@ -68,12 +69,42 @@ INSERT OR IGNORE INTO sent_releases (car_id, release, at)
 /// `SENT_KEPT` releases is no longer offered anyway (the car keeps one version per artifact).
 pub const SENT_KEPT: i64 = 32;
 
+/// Schema changes after the first version, in order; `PRAGMA user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: revocation, and the index the age sweep of events needs.
+    r"
+ALTER TABLE cars ADD COLUMN revoked_at INTEGER;
+CREATE TABLE revoked_certificates (
+    fingerprint TEXT PRIMARY KEY,
+    car_id TEXT NOT NULL REFERENCES cars(id),
+    revoked_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_time ON events(at);
+",
+    // 2: the releases each car was sent (its desired states), newest SENT_KEPT: what it may
+    // read. What twins before it signed counts as sent.
+    r"
+CREATE TABLE sent_releases (
+    car_id TEXT NOT NULL REFERENCES cars(id),
+    release TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (car_id, release)
+);
+INSERT OR IGNORE INTO sent_releases (car_id, release, at)
+    SELECT car_id, json_extract(document, '$.release'), 0 FROM signed_desired;
+",
+];
+
 #[derive(Clone, Debug, Serialize)]
 pub struct CarRecord {
     pub id: CarId,
     pub attributes: Attributes,
+    /// The fingerprint of the car's current certificate (the revoked one while `revoked_at` is
+    /// set).
     pub fingerprint: String,
     pub created_at: i64,
+    /// When its certificate was revoked; `None` while it is active.
+    pub revoked_at: Option<i64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -125,32 +156,15 @@ pub struct StoredDesired {
     pub expires: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct EventRecord {
-    pub at: i64,
-    pub kind: String,
-    pub message: String,
-}
-
-/// A `cars` row (id, attributes, fingerprint, created_at) as a record.
-fn car_record(row: &sqlx::sqlite::SqliteRow) -> Result<CarRecord, Error> {
-    let id: String = row.get(0);
-    let attributes: String = row.get(1);
-    Ok(CarRecord {
-        attributes: serde_json::from_str(&attributes).map_err(corrupt(&id, "attributes"))?,
-        id: CarId::new(id.clone()).map_err(|_| Error::Corrupt {
-            car: id.clone(),
-            what: "car id",
-            source: serde::de::Error::custom("invalid car id"),
-        })?,
-        fingerprint: row.get(2),
-        created_at: row.get(3),
-    })
-}
+pub use cars::{Conflict, Registration};
+pub use events::{EventLimits, EventRecord};
 
 #[derive(Clone, Debug)]
 pub struct Db {
     pool: SqlitePool,
+    /// `synchronous=FULL`, one connection: see the module docs.
+    durable: SqlitePool,
+    events: EventLimits,
 }
 
 fn corrupt(car: &str, what: &'static str) -> impl FnOnce(serde_json::Error) -> Error {
@@ -159,7 +173,7 @@ fn corrupt(car: &str, what: &'static str) -> impl FnOnce(serde_json::Error) -> E
 }
 
 impl Db {
-    pub async fn open(path: &Path) -> Result<Self, Error> {
+    pub async fn open(path: &Path, events: EventLimits) -> Result<Self, Error> {
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
             .map_err(db("open"))?
             .create_if_missing(true)
@@ -169,51 +183,24 @@ impl Db {
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(db("open"))?;
         sqlx::raw_sql(SCHEMA)
             .execute(&pool)
             .await
             .map_err(db("create schema"))?;
-        Ok(Self { pool })
-    }
-
-    /// Returns false if a car with this id or certificate exists already.
-    pub async fn insert_car(&self, car: &CarRecord) -> Result<bool, Error> {
-        let attributes = serde_json::to_string(&car.attributes).unwrap_or_else(|_| "{}".into());
-        let result = sqlx::query(
-            "INSERT INTO cars (id, attributes, fingerprint, created_at) VALUES (?, ?, ?, ?)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(car.id.as_str())
-        .bind(attributes)
-        .bind(&car.fingerprint)
-        .bind(car.created_at)
-        .execute(&self.pool)
-        .await
-        .map_err(db("insert car"))?;
-        Ok(result.rows_affected() == 1)
-    }
-
-    pub async fn cars(&self) -> Result<Vec<CarRecord>, Error> {
-        let rows =
-            sqlx::query("SELECT id, attributes, fingerprint, created_at FROM cars ORDER BY id")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db("list cars"))?;
-        rows.iter().map(car_record).collect()
-    }
-
-    /// One car by id, without reading the others.
-    pub async fn car(&self, car: &CarId) -> Result<Option<CarRecord>, Error> {
-        let row =
-            sqlx::query("SELECT id, attributes, fingerprint, created_at FROM cars WHERE id = ?")
-                .bind(car.as_str())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db("read car"))?;
-        row.as_ref().map(car_record).transpose()
+        migrate(&pool).await?;
+        let durable = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.synchronous(SqliteSynchronous::Full))
+            .await
+            .map_err(db("open"))?;
+        Ok(Self {
+            pool,
+            durable,
+            events,
+        })
     }
 
     pub async fn desired(&self, car: &CarId) -> Result<Option<StoredDesired>, Error> {
@@ -250,13 +237,19 @@ impl Db {
     }
 
     /// Store a new desired state with the next counter for this car, atomically: `make` gets the
-    /// counter and returns the signed document.
+    /// counter and returns the signed document. Durable when it returns (the durable pool), so a
+    /// counter is never handed out twice, and `BEGIN IMMEDIATE` takes the write lock before the
+    /// counter is read, so no other writer slips in between.
     pub async fn set_desired(
         &self,
         car: &CarId,
         make: impl FnOnce(u64) -> StoredDesired,
     ) -> Result<StoredDesired, Error> {
-        let mut tx = self.pool.begin().await.map_err(db("set desired state"))?;
+        let mut tx = self
+            .durable
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db("set desired state"))?;
         let counter: Option<i64> =
             sqlx::query_scalar("SELECT counter FROM signed_desired WHERE car_id = ?")
                 .bind(car.as_str())
@@ -325,6 +318,32 @@ impl Db {
         .await
         .map_err(db("read releases"))?;
         Ok(rows.iter().map(release_summary).collect())
+    }
+
+    /// The chunk index (hex) of every artifact of every registered release: what the chunk
+    /// store's gc must keep.
+    pub async fn release_indexes(&self) -> Result<std::collections::HashSet<String>, Error> {
+        let rows = sqlx::query("SELECT digest, envelope FROM releases")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("read releases"))?;
+        let mut indexes = std::collections::HashSet::new();
+        for row in rows {
+            let digest: String = row.get(0);
+            let text: String = row.get(1);
+            let corrupt = |e: String| Error::Corrupt {
+                car: format!("(release {digest})"),
+                what: "release envelope",
+                source: serde::de::Error::custom(e),
+            };
+            // Verified when it was registered; here only read.
+            let envelope =
+                Envelope::from_json(text.as_bytes()).map_err(|e| corrupt(e.to_string()))?;
+            let release: cardeploy_release::Release =
+                serde_json::from_slice(&envelope.payload).map_err(|e| corrupt(e.to_string()))?;
+            indexes.extend(release.artifacts.into_iter().map(|a| a.index));
+        }
+        Ok(indexes)
     }
 
     /// A release by digest or `line@version`, with its envelope.
@@ -472,46 +491,6 @@ impl Db {
         Ok(())
     }
 
-    pub async fn event(
-        &self,
-        car: &CarId,
-        now: i64,
-        kind: &str,
-        message: &str,
-    ) -> Result<(), Error> {
-        sqlx::query("INSERT INTO events (car_id, at, kind, message) VALUES (?, ?, ?, ?)")
-            .bind(car.as_str())
-            .bind(now)
-            .bind(kind)
-            .bind(message)
-            .execute(&self.pool)
-            .await
-            .map_err(db("store event"))?;
-        Ok(())
-    }
-
-    /// The newest `limit` events, oldest first.
-    pub async fn events(&self, car: &CarId, limit: u32) -> Result<Vec<EventRecord>, Error> {
-        let rows = sqlx::query(
-            "SELECT at, kind, message FROM (
-                SELECT id, at, kind, message FROM events WHERE car_id = ? ORDER BY id DESC LIMIT ?
-             ) ORDER BY id",
-        )
-        .bind(car.as_str())
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("read events"))?;
-        Ok(rows
-            .into_iter()
-            .map(|row| EventRecord {
-                at: row.get(0),
-                kind: row.get(1),
-                message: row.get(2),
-            })
-            .collect())
-    }
-
     /// Remember that `car` was sent `release`, keeping the newest [`SENT_KEPT`].
     pub async fn record_sent(&self, car: &CarId, release: &str, now: i64) -> Result<(), Error> {
         let mut tx = self
@@ -551,6 +530,88 @@ impl Db {
     }
 
     pub async fn close(&self) {
+        self.durable.close().await;
         self.pool.close().await;
+    }
+}
+
+async fn migrate(pool: &SqlitePool) -> Result<(), Error> {
+    let applied: i64 = sqlx::query_scalar("PRAGMA user_version")
+        .fetch_one(pool)
+        .await
+        .map_err(db("read schema version"))?;
+    let applied = usize::try_from(applied).unwrap_or(0);
+    for (version, step) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let mut tx = pool.begin().await.map_err(db("migrate schema"))?;
+        sqlx::raw_sql(step)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("migrate schema"))?;
+        // PRAGMA takes no bound parameters; the number is ours.
+        sqlx::raw_sql(&format!("PRAGMA user_version = {}", version + 1))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("migrate schema"))?;
+        tx.commit().await.map_err(db("migrate schema"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn counters_and_the_registry_commit_through_a_pool_that_fsyncs_every_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db"), EventLimits::default())
+            .await
+            .unwrap();
+        let synchronous = |pool: &SqlitePool| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>("PRAGMA synchronous")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        // 2 = FULL: in WAL mode the WAL is synced at every commit. 1 = NORMAL: at checkpoints.
+        assert_eq!(synchronous(&db.durable).await, 2);
+        assert_eq!(synchronous(&db.pool).await, 1);
+        let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&db.durable)
+            .await
+            .unwrap();
+        assert_eq!(journal, "wal");
+    }
+
+    #[tokio::test]
+    async fn a_database_of_the_first_schema_is_migrated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        {
+            let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+                .unwrap()
+                .create_if_missing(true);
+            let pool = SqlitePoolOptions::new()
+                .connect_with(options)
+                .await
+                .unwrap();
+            sqlx::raw_sql(SCHEMA).execute(&pool).await.unwrap();
+            sqlx::query("INSERT INTO cars VALUES ('OLD', '{}', 'f', 1)")
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        for _ in 0..2 {
+            let db = Db::open(&path, EventLimits::default()).await.unwrap();
+            let car = db.car(&CarId::new("OLD").unwrap()).await.unwrap().unwrap();
+            assert_eq!(car.revoked_at, None);
+            db.close().await;
+        }
     }
 }

@@ -1,0 +1,354 @@
+//! `/api/v1/cars`: registration and revocation, the car view, events, desired state, inspect.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use bytes::Bytes;
+use cardeploy_protocol::{
+    self as protocol, Attributes, CarId, Envelope, FetchProgress, Inspection, route,
+    validate_attribute,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, bad_request, blocking, car_id, now_secs, trust_error};
+use crate::Twin;
+use crate::cars::now;
+use crate::db::{CarRecord, Conflict, EventRecord, Registration, ReportedRecord, StoredDesired};
+
+/// Most events one page holds.
+const MAX_EVENTS_PAGE: u32 = 1000;
+const DEFAULT_EVENTS_PAGE: u32 = 100;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewCar {
+    pub id: String,
+    #[serde(default)]
+    pub attributes: Attributes,
+    /// The car's client certificate (PEM), issued by the fleet CA.
+    pub certificate_pem: String,
+}
+
+/// Whether the twin takes a car's certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CertificateState {
+    Active,
+    /// Refused at every handshake until the car is re-provisioned with a new certificate.
+    Revoked,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CarView {
+    pub id: CarId,
+    pub attributes: Attributes,
+    pub fingerprint: String,
+    pub certificate: CertificateState,
+    pub revoked_at: Option<i64>,
+    pub connected: bool,
+    pub desired: Option<DesiredView>,
+    pub reported: Option<ReportedRecord>,
+    /// The last download progress the car reported since the twin started.
+    pub progress: Option<FetchProgress>,
+    /// The last OS installation progress the car reported since the twin started.
+    pub install: Option<protocol::InstallProgress>,
+    /// Reports dropped over the rate limit since the twin started.
+    pub dropped_reports: u64,
+}
+
+/// Register a car, or give a revoked one a new certificate. Only a client certificate of the
+/// fleet CA is taken (checked the way the handshake checks it), and never a revoked one.
+pub(super) async fn add(
+    State(twin): State<Arc<Twin>>,
+    Json(new): Json<NewCar>,
+) -> Result<(StatusCode, Json<CarView>), ApiError> {
+    let id = car_id(new.id)?;
+    for (key, value) in &new.attributes {
+        validate_attribute(key, value).map_err(|e| bad_request(e.to_string()))?;
+    }
+    let fingerprint = certificate_fingerprint(&twin, new.certificate_pem).await?;
+    let record = CarRecord {
+        id: id.clone(),
+        attributes: new.attributes,
+        fingerprint,
+        created_at: now(),
+        revoked_at: None,
+    };
+    let conflict = |message: String| Err(ApiError(StatusCode::CONFLICT, message));
+    let what = match twin.db.register_car(&record).await? {
+        Registration::New => "registered",
+        Registration::Reprovisioned => "re-provisioned",
+        Registration::Refused(Conflict::Active) => {
+            return conflict(format!(
+                "car {id} is registered and its certificate is active; to give it a new one, revoke the old one first (`cardeploy car revoke {id}`)"
+            ));
+        }
+        Registration::Refused(Conflict::CertificateInUse { car }) => {
+            return conflict(format!(
+                "this certificate is registered already (car {car}); issue a new one for car {id}"
+            ));
+        }
+        Registration::Refused(Conflict::CertificateRevoked { car, at }) => {
+            return conflict(format!(
+                "this certificate was revoked (car {car}, at {at}) and is never taken again; issue a new one (`cardeploy car add {id}`)"
+            ));
+        }
+    };
+    // A re-provisioned car keeps what it had: show the stored record.
+    let record = find(&twin, &id).await?;
+    twin.register(&record);
+    let message = format!("certificate {} {what}", short(&record.fingerprint));
+    twin.db.event(&id, now(), "registered", &message).await?;
+    tracing::info!(car = %id, "car {what}");
+    Ok((StatusCode::CREATED, Json(view(&twin, record).await?)))
+}
+
+/// The certificate's fingerprint if the fleet CA issued it for client authentication.
+async fn certificate_fingerprint(twin: &Arc<Twin>, pem: String) -> Result<String, ApiError> {
+    let refused = |e: cardeploy_link::Error| match e {
+        cardeploy_link::Error::ClientCertificate { .. } | cardeploy_link::Error::Pem { .. } => {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("certificate_pem: {e}"),
+            )
+        }
+        other => ApiError::from(crate::Error::from(other)),
+    };
+    if twin.config.insecure_plaintext {
+        // Development only: cars name themselves and no fleet CA needs to exist.
+        return cardeploy_link::tls::fingerprint_pem(&pem).map_err(refused);
+    }
+    let ca = twin.config.ca_path();
+    blocking(move || cardeploy_link::tls::check_client_certificate(&ca, &pem).map_err(refused))
+        .await
+}
+
+/// The start of a fingerprint, enough for a person to tell certificates apart.
+fn short(fingerprint: &str) -> &str {
+    fingerprint.get(..16).unwrap_or(fingerprint)
+}
+
+/// Revoke a car's certificate: refused from the next handshake on, its session closed now. The
+/// car's record, history and desired-state counter stay for when it is re-provisioned.
+pub(super) async fn revoke(
+    State(twin): State<Arc<Twin>>,
+    Path(id): Path<String>,
+) -> Result<Json<CarView>, ApiError> {
+    let id = car_id(id)?;
+    find(&twin, &id).await?;
+    let now = now();
+    if let Some(fingerprint) = twin.db.revoke_car(&id, now).await? {
+        twin.unregister(&id, &fingerprint);
+        let message = format!(
+            "certificate {} revoked; the car is refused until it is re-provisioned",
+            short(&fingerprint)
+        );
+        twin.db.event(&id, now, "revoked", &message).await?;
+        tracing::warn!(car = %id, fingerprint, "car certificate revoked");
+    }
+    let car = find(&twin, &id).await?;
+    Ok(Json(view(&twin, car).await?))
+}
+
+async fn view(twin: &Twin, car: CarRecord) -> Result<CarView, ApiError> {
+    let reported = twin.db.reported(&car.id).await?;
+    let desired = match twin.db.desired(&car.id).await? {
+        Some(stored) => Some(desired_view(twin, &stored).await?),
+        None => None,
+    };
+    let (progress, install, dropped_reports) = twin.fleet.with_car(&car.id, |live| {
+        (
+            live.progress.clone(),
+            live.install.clone(),
+            live.reports.dropped,
+        )
+    });
+    Ok(CarView {
+        progress,
+        install,
+        dropped_reports,
+        connected: twin.fleet.connected(&car.id).is_some(),
+        certificate: match car.revoked_at {
+            None => CertificateState::Active,
+            Some(_) => CertificateState::Revoked,
+        },
+        revoked_at: car.revoked_at,
+        id: car.id,
+        attributes: car.attributes,
+        fingerprint: car.fingerprint,
+        desired,
+        reported,
+    })
+}
+
+pub(super) async fn list(State(twin): State<Arc<Twin>>) -> Result<Json<Vec<CarView>>, ApiError> {
+    let mut views = Vec::new();
+    for car in twin.db.cars().await? {
+        views.push(view(&twin, car).await?);
+    }
+    Ok(Json(views))
+}
+
+async fn find(twin: &Twin, id: &CarId) -> Result<CarRecord, ApiError> {
+    twin.db.car(id).await?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no car {id}; list cars with `cardeploy car list`"),
+        )
+    })
+}
+
+pub(super) async fn get_one(
+    State(twin): State<Arc<Twin>>,
+    Path(id): Path<String>,
+) -> Result<Json<CarView>, ApiError> {
+    let id = car_id(id)?;
+    let car = find(&twin, &id).await?;
+    Ok(Json(view(&twin, car).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EventsQuery {
+    /// Events per page, at most [`MAX_EVENTS_PAGE`].
+    limit: Option<u32>,
+    /// Only events older than this event id (`next_before` of the previous page).
+    before: Option<i64>,
+}
+
+/// One page of a car's events, oldest first.
+#[derive(Debug, Serialize)]
+pub struct EventsPage {
+    pub events: Vec<EventRecord>,
+    /// `before` of the next, older page; `null` on the oldest one.
+    pub next_before: Option<i64>,
+}
+
+pub(super) async fn events(
+    State(twin): State<Arc<Twin>>,
+    Path(id): Path<String>,
+    Query(query): Query<EventsQuery>,
+) -> Result<Json<EventsPage>, ApiError> {
+    let id = car_id(id)?;
+    find(&twin, &id).await?;
+    let limit = match query.limit {
+        Some(0) => return Err(bad_request("limit = 0: ask for at least one event")),
+        Some(n) => n.min(MAX_EVENTS_PAGE),
+        None => DEFAULT_EVENTS_PAGE,
+    };
+    let (events, next_before) = twin.db.events_page(&id, limit, query.before).await?;
+    Ok(Json(EventsPage {
+        events,
+        next_before,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetDesired {
+    /// The release: its digest (64 hex) or `line@version`, registered with
+    /// `POST /api/v1/releases` (`cardeploy release push`).
+    pub release: String,
+    /// How long the signed desired state stays valid; default the twin's `desired_ttl_secs`.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// A root-signed downgrade override, when the release is older than what the car runs.
+    #[serde(default)]
+    pub downgrade: Option<Envelope>,
+}
+
+/// What the API shows of a car's signed desired state.
+#[derive(Debug, Serialize)]
+pub struct DesiredView {
+    pub counter: u64,
+    pub release: String,
+    pub line: Option<String>,
+    pub version: Option<String>,
+    pub issued: u64,
+    pub expires: u64,
+    pub downgrade: bool,
+}
+
+async fn desired_view(twin: &Twin, stored: &StoredDesired) -> Result<DesiredView, ApiError> {
+    let summary = twin.db.release(&stored.release).await?.map(|(s, _)| s);
+    Ok(DesiredView {
+        counter: stored.counter,
+        release: stored.release.clone(),
+        line: summary.as_ref().map(|s| s.line.clone()),
+        version: summary.map(|s| s.version),
+        issued: stored.issued,
+        expires: stored.expires,
+        downgrade: stored.downgrade.is_some(),
+    })
+}
+
+pub(super) async fn set_desired(
+    State(twin): State<Arc<Twin>>,
+    Path(id): Path<String>,
+    Json(body): Json<SetDesired>,
+) -> Result<Json<DesiredView>, ApiError> {
+    let id = car_id(id)?;
+    find(&twin, &id).await?;
+    let (summary, envelope) = twin.db.release(&body.release).await?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no release {:?} on this twin: name one by digest or line@version (`cardeploy release list`), after `cardeploy release push`",
+                body.release
+            ),
+        )
+    })?;
+    // Verified again under the current root: a release whose key was rotated out is refused
+    // here, not by every car.
+    twin.trust
+        .verify_release(&envelope, now_secs(), twin.config.max_artifact_bytes)
+        .map_err(trust_error)?;
+    let ttl = body.ttl_secs.unwrap_or(twin.config.desired_ttl_secs);
+    if !(60..=366 * 86_400).contains(&ttl) {
+        return Err(bad_request(format!(
+            "ttl_secs = {ttl}: use 60 s to 366 days"
+        )));
+    }
+    let stored = twin
+        .issue_desired(&id, &summary.digest, ttl, body.downgrade)
+        .await?;
+    twin.db
+        .event(
+            &id,
+            now(),
+            "desired",
+            &format!(
+                "desired #{} {}@{} ({})",
+                stored.counter,
+                summary.line,
+                summary.version,
+                &summary.digest[..16]
+            ),
+        )
+        .await?;
+    tracing::info!(car = %id, counter = stored.counter, release = %summary.digest, "desired state signed and set");
+    Ok(Json(desired_view(&twin, &stored).await?))
+}
+
+pub(super) async fn inspect(
+    State(twin): State<Arc<Twin>>,
+    Path(id): Path<String>,
+) -> Result<Json<Inspection>, ApiError> {
+    let id = car_id(id)?;
+    find(&twin, &id).await?;
+    let requester = twin.fleet.connected(&id).ok_or_else(|| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("car {id} is not connected"),
+        )
+    })?;
+    let answer = requester
+        .request_response(route::TWIN_INSPECT, Bytes::from_static(b"{}"))
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    let inspection = protocol::decode("twin.inspect answer", &answer)
+        .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    Ok(Json(inspection))
+}

@@ -1,0 +1,242 @@
+//! The twin when a car or a client misbehaves: revocation and re-provisioning, registration of
+//! nothing but the fleet's client certificates, an event log and report rate that a car cannot
+//! grow without bound, an operator API that bounds every header, body and upload and always
+//! answers JSON, secrets on disk that must be private, and the chunk store's gc. The real twin,
+//! started in-process on port 0; real TLS cars; HTTP from outside.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use cardeploy_chunks::{ChunkIndex, Params, chunk_bytes};
+use cardeploy_link::tls::{TlsFiles, client_config};
+use cardeploy_link::{Bytes, ClientOptions, ClientSecurity, Limits, Requester, connect};
+use cardeploy_protocol::{
+    self as protocol, CarId, Hello, HelloReply, Phase, Report, ReportBody, ReportedState,
+    SetupData, route,
+};
+use cardeploy_release::ArtifactKind;
+use cardeploy_testkit::signing::Signer;
+use cardeploy_testkit::{CarFiles, TestPki, eventually, rest, rest_bytes};
+use cardeploy_twin::{Config, Running};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod api;
+mod cars;
+mod events;
+mod store;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Env {
+    pki: TestPki,
+    data: tempfile::TempDir,
+    signer: std::sync::OnceLock<Signer>,
+}
+
+impl Env {
+    fn new() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        Self {
+            pki: TestPki::new(),
+            data: tempfile::tempdir().unwrap(),
+            signer: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn config(&self) -> Config {
+        let mut config = Config::new(self.data.path());
+        config.cars_listen = "127.0.0.1:0".parse().unwrap();
+        config.api_listen = "127.0.0.1:0".parse().unwrap();
+        config.ca = Some(self.pki.ca());
+        config.cert = Some(self.pki.twin_cert());
+        config.key = Some(self.pki.twin_key());
+        config.heartbeat_secs = 2;
+        config
+    }
+
+    /// The twin with `config`, and a root naming its director key the first time.
+    async fn start(&self, config: Config) -> Running {
+        let twin = cardeploy_twin::start(config).await.unwrap();
+        if self.signer.get().is_none() {
+            let signer = Signer::for_twin(self.data.path());
+            signer.push_root(twin.api_addr, &twin.operator_token).await;
+            let _ = self.signer.set(signer);
+        }
+        twin
+    }
+
+    fn signer(&self) -> &Signer {
+        self.signer.get().unwrap()
+    }
+
+    fn chunks(&self) -> PathBuf {
+        self.data.path().join("chunks")
+    }
+}
+
+async fn api(
+    twin: &Running,
+    method: &'static str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    rest(twin.api_addr, &twin.operator_token, method, path, body).await
+}
+
+async fn add_car(twin: &Running, car: &str, pem: &str) -> (u16, Value) {
+    api(
+        twin,
+        "POST",
+        "/api/v1/cars",
+        Some(json!({"id": car, "certificate_pem": pem})),
+    )
+    .await
+}
+
+async fn register(env: &Env, twin: &Running, car: &str) -> CarFiles {
+    let files = env.pki.car(car);
+    let (status, body) = add_car(twin, car, &files.cert_pem).await;
+    assert_eq!(status, 201, "{body}");
+    files
+}
+
+async fn car_link(
+    env: &Env,
+    twin: &Running,
+    files: &CarFiles,
+    car: &str,
+) -> anyhow::Result<Requester> {
+    let ca = env.pki.ca();
+    let config = client_config(&TlsFiles {
+        ca: &ca,
+        cert: &files.cert,
+        key: &files.key,
+    })?;
+    Ok(connect(&ClientOptions {
+        addr: format!("localhost:{}", twin.cars_addr.port()),
+        security: ClientSecurity::MutualTls(config),
+        heartbeat: Duration::from_secs(2),
+        request_deadline: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(5),
+        limits: Limits::default(),
+        setup_data: Bytes::from(protocol::encode(&SetupData {
+            car_id: CarId::new(car).unwrap(),
+            agent_version: "test".into(),
+        })),
+        responder: None,
+    })
+    .await?)
+}
+
+async fn hello(link: &Requester) -> anyhow::Result<HelloReply> {
+    let hello = Hello {
+        agent_version: "test".into(),
+        reported: ReportedState {
+            phase: Phase::Idle,
+            ..ReportedState::idle()
+        },
+    };
+    let answer = link
+        .request_response(route::CAR_HELLO, Bytes::from(protocol::encode(&hello)))
+        .await?;
+    Ok(protocol::decode("hello reply", &answer)?)
+}
+
+/// A connected car that said hello (so that its event reports are numbered from here).
+async fn connected(env: &Env, twin: &Running, files: &CarFiles, car: &str) -> Requester {
+    let link = car_link(env, twin, files, car).await.unwrap();
+    hello(&link).await.unwrap();
+    link
+}
+
+async fn send_event(link: &Requester, seq: u64, kind: &str, message: &str) {
+    let report = Report {
+        epoch: 1,
+        seq,
+        at: 0,
+        body: ReportBody::Event {
+            kind: kind.into(),
+            message: message.into(),
+        },
+    };
+    link.fire_and_forget(route::CAR_REPORT, Bytes::from(protocol::encode(&report)))
+        .await
+        .unwrap();
+}
+
+/// Every event of `car` the twin keeps, oldest first.
+async fn all_events(twin: &Running, car: &str) -> Vec<Value> {
+    let (status, page) = api(
+        twin,
+        "GET",
+        &format!("/api/v1/cars/{car}/events?limit=1000"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    page["events"].as_array().unwrap().clone()
+}
+
+async fn events_of_kind(twin: &Running, car: &str, kind: &str) -> Vec<Value> {
+    all_events(twin, car)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == kind)
+        .collect()
+}
+
+/// Poll an async condition every 20 ms until it holds, or panic after [`WAIT`].
+async fn until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = tokio::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A connection attempt with `files` gets no answer, and the twin counts a refused handshake.
+async fn refused_at_handshake(env: &Env, twin: &Running, files: &CarFiles, car: &str) {
+    let before = twin
+        .link_stats
+        .handshakes_refused
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let answered = async {
+        let link = car_link(env, twin, files, car).await?;
+        hello(&link).await
+    }
+    .await;
+    assert!(answered.is_err(), "a revoked car got an answer");
+    eventually(WAIT, "the refused handshake to be counted", || {
+        (twin
+            .link_stats
+            .handshakes_refused
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > before)
+            .then_some(())
+    })
+    .await;
+}
+
+/// Pseudo-random bytes: chunks that share nothing across seeds.
+fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 56) as u8
+        })
+        .collect()
+}
