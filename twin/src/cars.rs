@@ -152,11 +152,6 @@ impl Acceptor for CarAcceptor {
                 }
             });
         }
-        // Revoked between its handshake and its SETUP: the revocation found no session to close.
-        if !self.twin.is_registered(&car) {
-            requester.close();
-            return Err(Refusal::new(format!("car {car} is revoked")));
-        }
         Ok(Arc::new(CarResponder {
             twin: self.twin.clone(),
             car,

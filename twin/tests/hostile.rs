@@ -648,3 +648,31 @@ async fn a_flood_of_reports_is_read_no_faster_than_it_is_handled() {
     let honest = honest_link(&stage, &honest_files, "VIN-CALM").await;
     fetch_window(&honest, &windows(&stage.index)[1]).await;
 }
+
+#[tokio::test]
+async fn a_car_revoked_between_its_handshake_and_its_setup_gets_no_session() {
+    let env = Env::new();
+    let twin = env.start().await;
+    let files = register(&env, &twin, "VIN-LATE").await;
+    let mut car = HostileCar::handshake(twin.cars_addr, &env.pki.ca(), &files)
+        .await
+        .unwrap();
+    let (status, body) = common::api_async(&twin, "DELETE", "/api/v1/cars/VIN-LATE", None).await;
+    assert_eq!(status, 200, "{body}");
+    // Re-provisioned with a new certificate: the old handshake must not speak for it.
+    let renewed = env.pki.car("VIN-LATE");
+    let (status, body) = common::api_async(
+        &twin,
+        "POST",
+        "/api/v1/cars",
+        Some(json!({"id": "VIN-LATE", "certificate_pem": renewed.cert_pem})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    car.send(hostile::setup("VIN-LATE")).await.unwrap();
+    let refusal = car.read_frame(SOON).await.unwrap().expect("an answer to SETUP");
+    assert_eq!(error_code(&refusal), Some(0x003), "REJECTED_SETUP: {refusal:?}");
+    assert!(error_text(&refusal).unwrap().contains("revoked"), "{refusal:?}");
+    assert!(car.closed_within(SOON).await);
+    assert_eq!(twin.connected_cars(), 0);
+}

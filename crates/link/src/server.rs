@@ -99,6 +99,10 @@ pub struct ServerStats {
 
 struct Pending {
     peer: Peer,
+    /// The certificate's fingerprint, checked again at SETUP: a car revoked between its
+    /// handshake and its SETUP must not get a session (nor one in the name of its re-provisioned
+    /// successor).
+    fingerprint: Option<String>,
     remote: SocketAddr,
     bounds: Arc<Bounds>,
 }
@@ -224,6 +228,24 @@ fn accept(
         .ok()
         .and_then(|mut map| map.remove(&token))
         .ok_or_else(|| Refusal::new("a connection may send SETUP only once"))?;
+    if let (Some(print), ServerSecurity::MutualTls { registry, .. }) =
+        (&pending.fingerprint, &ctx.security)
+        && registry.lookup(print).as_ref()
+            != Some(&match &pending.peer {
+                Peer::Authenticated(id) => id.clone(),
+                Peer::Unauthenticated => String::new(),
+            })
+    {
+        tracing::warn!(remote = %pending.remote, "refused SETUP: the certificate was revoked after the handshake");
+        let close = pending.bounds.close.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            close.close();
+        });
+        return Err(Refusal::new(
+            "this car's certificate was revoked; a re-provisioned car connects with its new one",
+        ));
+    }
     let peer_label = match &pending.peer {
         Peer::Authenticated(id) => id.clone(),
         Peer::Unauthenticated => format!("{} (unauthenticated)", pending.remote),
@@ -321,7 +343,8 @@ impl Transport for Accepted {
             ctx,
         } = self;
         let _ = stream.set_nodelay(true);
-        let (io, peer): (Box<dyn Io>, Peer) = match (&ctx.tls, &ctx.security) {
+        let (io, peer, print): (Box<dyn Io>, Peer, Option<String>) = match (&ctx.tls, &ctx.security)
+        {
             (Some(tls), ServerSecurity::MutualTls { registry, .. }) => {
                 let handshake =
                     tokio::time::timeout(ctx.options.handshake_timeout, tls.accept(stream)).await;
@@ -345,12 +368,13 @@ impl Transport for Accepted {
                         .into());
                     }
                 };
-                let car = tls_stream
+                let print = tls_stream
                     .get_ref()
                     .1
                     .peer_certificates()
                     .and_then(|certs| certs.first())
-                    .and_then(|cert| registry.lookup(&fingerprint(cert)));
+                    .map(|cert| fingerprint(cert));
+                let car = print.as_deref().and_then(|p| registry.lookup(p));
                 let Some(car) = car else {
                     // The verifier already checked registration; a car removed in between
                     // lands here.
@@ -359,9 +383,9 @@ impl Transport for Accepted {
                         "{remote}: certificate no longer registered"
                     ));
                 };
-                (Box::new(tls_stream), Peer::Authenticated(car))
+                (Box::new(tls_stream), Peer::Authenticated(car), print)
             }
-            _ => (Box::new(stream), Peer::Unauthenticated),
+            _ => (Box::new(stream), Peer::Unauthenticated, None),
         };
         let conn_id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
         let close = CloseSignal::new();
@@ -372,6 +396,7 @@ impl Transport for Accepted {
                 conn_id,
                 Pending {
                     peer: peer.clone(),
+                    fingerprint: print,
                     remote,
                     bounds: bounds.clone(),
                 },
