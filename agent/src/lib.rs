@@ -400,13 +400,19 @@ impl Agent {
                         (true, next.reported.clone())
                     })
                     .await;
-                match updated {
-                    Ok(reported) => {
-                        self.report(link, ReportBody::State { state: reported })
-                            .await;
+                // The state file may live on the full disk too: the twin hears it either way.
+                let reported = match updated {
+                    Ok(reported) => reported,
+                    Err(persist) => {
+                        tracing::warn!("could not persist the fetch outcome: {persist}");
+                        ReportedState {
+                            last_error: Some(why),
+                            ..self.state().reported.clone()
+                        }
                     }
-                    Err(why) => tracing::error!("could not persist the fetch outcome: {why}"),
-                }
+                };
+                self.report(link, ReportBody::State { state: reported })
+                    .await;
                 return Ok(Some(needed));
             }
             Err(e) => Some(e.to_string()),

@@ -670,9 +670,20 @@ async fn a_car_revoked_between_its_handshake_and_its_setup_gets_no_session() {
     .await;
     assert_eq!(status, 201, "{body}");
     car.send(hostile::setup("VIN-LATE")).await.unwrap();
-    let refusal = car.read_frame(SOON).await.unwrap().expect("an answer to SETUP");
-    assert_eq!(error_code(&refusal), Some(0x003), "REJECTED_SETUP: {refusal:?}");
-    assert!(error_text(&refusal).unwrap().contains("revoked"), "{refusal:?}");
+    let refusal = car
+        .read_frame(SOON)
+        .await
+        .unwrap()
+        .expect("an answer to SETUP");
+    assert_eq!(
+        error_code(&refusal),
+        Some(0x003),
+        "REJECTED_SETUP: {refusal:?}"
+    );
+    assert!(
+        error_text(&refusal).unwrap().contains("revoked"),
+        "{refusal:?}"
+    );
     assert!(car.closed_within(SOON).await);
     assert_eq!(twin.connected_cars(), 0);
 }

@@ -249,3 +249,14 @@ pub async fn until(twin: &Running, car: &str, what: &str, check: impl Fn(&Value)
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Push `data` as an artifact with the CLI; returns its chunk index (as the CLI cut it).
+pub fn push_bytes(twin: &Running, env: &Env, data: &[u8]) -> cardeploy_chunks::ChunkIndex {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("artifact");
+    std::fs::write(&path, data).unwrap();
+    let id = push_artifact(twin, env, &path, 1);
+    let index = cardeploy_chunks::chunk_bytes(data, cardeploy_chunks::Params::DEFAULT);
+    assert_eq!(index.id().hex(), id);
+    index
+}
