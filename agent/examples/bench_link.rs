@@ -16,12 +16,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cardeploy_link::tls::{TlsFiles, client_config};
-use cardeploy_link::{Bytes, ClientOptions, ClientSecurity, Limits, Requester, connect};
+use cardeploy_link::{Bytes, Requester};
 use cardeploy_pki::{FleetPki, write_file};
-use cardeploy_protocol::{
-    self as protocol, CarId, DesiredState, Hello, ReportedState, SetupData, route,
-};
+use cardeploy_protocol::{self as protocol, DesiredState, Hello, ReportedState, route};
 use cardeploy_testkit::procs::{arg, http, rss_kib, start_twin};
 use cardeploy_testkit::signing::Signer;
 use cardeploy_testkit::{Fault, FaultProxy};
@@ -35,26 +32,13 @@ struct Car {
 }
 
 async fn link(pki: &Path, car: &Car, port: u16, heartbeat: Duration) -> Requester {
-    let ca = pki.join("ca.pem");
-    let config = client_config(&TlsFiles {
-        ca: &ca,
-        cert: &car.cert,
-        key: &car.key,
-    })
-    .unwrap();
-    let requester = connect(&ClientOptions {
-        addr: format!("localhost:{port}"),
-        security: ClientSecurity::MutualTls(config),
+    let requester = cardeploy_testkit::car_link(
+        port,
+        (&pki.join("ca.pem"), &car.cert, &car.key),
+        &car.id,
         heartbeat,
-        request_deadline: Duration::from_secs(60),
-        connect_timeout: Duration::from_secs(60),
-        limits: Limits::default(),
-        setup_data: Bytes::from(protocol::encode(&SetupData {
-            car_id: CarId::new(car.id.clone()).unwrap(),
-            agent_version: "bench".into(),
-        })),
-        responder: None,
-    })
+        Duration::from_secs(60),
+    )
     .await
     .unwrap();
     let hello = Hello {

@@ -413,25 +413,13 @@ async fn a_car_that_stops_reading_costs_bounded_memory_is_dropped_and_others_are
 }
 
 async fn honest_link(stage: &Stage, files: &CarFiles, id: &str) -> cardeploy_link::Requester {
-    let ca = stage.pki.ca();
-    let config = cardeploy_link::tls::client_config(&cardeploy_link::tls::TlsFiles {
-        ca: &ca,
-        cert: &files.cert,
-        key: &files.key,
-    })
-    .unwrap();
-    let link = cardeploy_link::connect(&cardeploy_link::ClientOptions {
-        addr: format!("localhost:{}", stage.process.cars_port),
-        security: cardeploy_link::ClientSecurity::MutualTls(config),
-        heartbeat: Duration::from_secs(2),
-        request_deadline: SOON,
-        connect_timeout: SOON,
-        limits: cardeploy_link::Limits::default(),
-        setup_data: Bytes::from(format!(
-            "{{\"car_id\":\"{id}\",\"agent_version\":\"test\"}}"
-        )),
-        responder: None,
-    })
+    let link = cardeploy_testkit::car_link(
+        stage.process.cars_port,
+        (&stage.pki.ca(), &files.cert, &files.key),
+        id,
+        Duration::from_secs(2),
+        SOON,
+    )
     .await
     .unwrap();
     link.request_response(route::CAR_HELLO, Bytes::from(hello_json()))

@@ -357,6 +357,32 @@ pub async fn rest_bytes(
     .unwrap()
 }
 
+/// A car's connection to the twin on `localhost:port`, made with the agent's own link code:
+/// mutual TLS with the car's certificate, SETUP naming `car_id`, requests with `deadline`.
+pub async fn car_link(
+    port: u16,
+    (ca, cert, key): (&Path, &Path, &Path),
+    car_id: &str,
+    heartbeat: Duration,
+    deadline: Duration,
+) -> Result<cardeploy_link::Requester, cardeploy_link::Error> {
+    use cardeploy_link::tls::{TlsFiles, client_config};
+    let config = client_config(&TlsFiles { ca, cert, key })?;
+    cardeploy_link::connect(&cardeploy_link::ClientOptions {
+        addr: format!("localhost:{port}"),
+        security: cardeploy_link::ClientSecurity::MutualTls(config),
+        heartbeat,
+        request_deadline: deadline,
+        connect_timeout: deadline,
+        limits: cardeploy_link::Limits::default(),
+        setup_data: cardeploy_link::Bytes::from(
+            serde_json::json!({"car_id": car_id, "agent_version": "test"}).to_string(),
+        ),
+        responder: None,
+    })
+    .await
+}
+
 /// Poll `check` every 20 ms until it returns Some, or panic after `timeout` with `what`.
 pub async fn eventually<T>(
     timeout: Duration,

@@ -5,11 +5,8 @@
 
 use std::time::Duration;
 
-use cardeploy_link::tls::{TlsFiles, client_config};
-use cardeploy_link::{Bytes, ClientOptions, ClientSecurity, Limits, Requester, connect};
-use cardeploy_protocol::{
-    self as protocol, CarId, Hello, HelloReply, Phase, ReportedState, SetupData, route,
-};
+use cardeploy_link::{Bytes, Requester};
+use cardeploy_protocol::{self as protocol, Hello, HelloReply, Phase, ReportedState, route};
 use cardeploy_release::ArtifactKind;
 use cardeploy_testkit::signing::Signer;
 use cardeploy_testkit::{CarFiles, TestPki, rest};
@@ -89,26 +86,13 @@ pub async fn register(env: &Env, twin: &Running, car: &str) -> CarFiles {
 }
 
 pub async fn car_link(env: &Env, twin: &Running, files: &CarFiles, claimed_id: &str) -> Requester {
-    let ca = env.pki.ca();
-    let config = client_config(&TlsFiles {
-        ca: &ca,
-        cert: &files.cert,
-        key: &files.key,
-    })
-    .unwrap();
-    connect(&ClientOptions {
-        addr: format!("localhost:{}", twin.cars_addr.port()),
-        security: ClientSecurity::MutualTls(config),
-        heartbeat: Duration::from_secs(2),
-        request_deadline: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(5),
-        limits: Limits::default(),
-        setup_data: Bytes::from(protocol::encode(&SetupData {
-            car_id: CarId::new(claimed_id).unwrap(),
-            agent_version: "test".into(),
-        })),
-        responder: None,
-    })
+    cardeploy_testkit::car_link(
+        twin.cars_addr.port(),
+        (&env.pki.ca(), &files.cert, &files.key),
+        claimed_id,
+        Duration::from_secs(2),
+        Duration::from_secs(5),
+    )
     .await
     .unwrap()
 }

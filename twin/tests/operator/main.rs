@@ -11,11 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use cardeploy_chunks::{ChunkIndex, Params, chunk_bytes};
-use cardeploy_link::tls::{TlsFiles, client_config};
-use cardeploy_link::{Bytes, ClientOptions, ClientSecurity, Limits, Requester, connect};
+use cardeploy_link::{Bytes, Requester};
 use cardeploy_protocol::{
-    self as protocol, CarId, Hello, HelloReply, Phase, Report, ReportBody, ReportedState,
-    SetupData, route,
+    self as protocol, Hello, HelloReply, Phase, Report, ReportBody, ReportedState, route,
 };
 use cardeploy_release::ArtifactKind;
 use cardeploy_testkit::signing::Signer;
@@ -113,25 +111,13 @@ async fn car_link(
     files: &CarFiles,
     car: &str,
 ) -> anyhow::Result<Requester> {
-    let ca = env.pki.ca();
-    let config = client_config(&TlsFiles {
-        ca: &ca,
-        cert: &files.cert,
-        key: &files.key,
-    })?;
-    Ok(connect(&ClientOptions {
-        addr: format!("localhost:{}", twin.cars_addr.port()),
-        security: ClientSecurity::MutualTls(config),
-        heartbeat: Duration::from_secs(2),
-        request_deadline: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(5),
-        limits: Limits::default(),
-        setup_data: Bytes::from(protocol::encode(&SetupData {
-            car_id: CarId::new(car).unwrap(),
-            agent_version: "test".into(),
-        })),
-        responder: None,
-    })
+    Ok(cardeploy_testkit::car_link(
+        twin.cars_addr.port(),
+        (&env.pki.ca(), &files.cert, &files.key),
+        car,
+        Duration::from_secs(2),
+        Duration::from_secs(5),
+    )
     .await?)
 }
 
