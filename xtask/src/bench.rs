@@ -12,7 +12,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("link") => link(&args[1..]),
         Some("delta") => crate::bench_delta::run(&args[1..]),
-        _ => bail!("usage: cargo xtask bench link [--cars 1000,10000] | bench delta [--fresh]"),
+        Some("hostile") => hostile(&args[1..]),
+        _ => bail!(
+            "usage: cargo xtask bench link [--cars 1000,10000] | bench delta [--fresh] | bench hostile [--cars N] [--requests N] [--smoke]"
+        ),
     }
 }
 
@@ -44,4 +47,29 @@ fn link(extra: &[String]) -> anyhow::Result<()> {
     sh(Command::new("bash").args(["-c", &command]))?;
     println!("table written to {}", out.display());
     Ok(())
+}
+
+/// `cargo xtask bench hostile`: one hostile car against the real twin (twin/examples/
+/// bench_hostile.rs); the table goes to `target/bench-hostile.md`.
+fn hostile(extra: &[String]) -> anyhow::Result<()> {
+    let dir = measure_build(&["cardeploy-twin"], "bench_hostile")?;
+    let out = root().join("target/bench-hostile.md");
+    sh(Command::new(dir.join("examples/bench_hostile"))
+        .arg("--twin")
+        .arg(dir.join("cardeploy-twin"))
+        .arg("--out")
+        .arg(&out)
+        .args(extra))?;
+    println!("table written to {}", out.display());
+    Ok(())
+}
+
+/// The hostile bench in its smoke mode, on the debug build `cargo test` just made: it fails when
+/// a bound that does not depend on timing breaks, so the bench cannot rot.
+pub fn hostile_smoke() -> anyhow::Result<()> {
+    let debug = root().join("target/debug");
+    sh(Command::new(debug.join("examples/bench_hostile"))
+        .arg("--twin")
+        .arg(debug.join("cardeploy-twin"))
+        .arg("--smoke"))
 }

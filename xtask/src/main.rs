@@ -12,6 +12,7 @@
 //! - `cargo xtask fuzz --seconds N`  every fuzz target (nightly, cargo-fuzz installed if missing)
 //! - `cargo xtask bench link`  link benchmarks (memory per car, push latency, dead peers, RSS)
 //! - `cargo xtask bench delta` delta transfer against zstd, xdelta3, bsdiff, casync, block hashes
+//! - `cargo xtask bench hostile` what one hostile car costs the twin (memory, pushes, CPU, revocation)
 
 mod bench;
 mod bench_delta;
@@ -108,7 +109,9 @@ fn main() {
                  fixtures     write the signed-metadata threat fixtures to tests/data (commit them)\n  \
                  bench link   link benchmarks: memory per car, push latency, dead peers, agent RSS\n  \
                  bench delta  delta transfer on real data vs zstd, xdelta3, bsdiff, casync, RAUC-style\n               \
-                 block hashes [--fresh: measure the external tools again]"
+                 block hashes [--fresh: measure the external tools again]\n  \
+                 bench hostile  one hostile car against the twin: RSS, push p99, CPU, revocation\n               \
+                 [--cars N] [--requests N] [--smoke]"
             );
             std::process::exit(2);
         }
@@ -378,6 +381,8 @@ fn test() -> anyhow::Result<()> {
         .args(["test", "--workspace", "--locked"])
         .env("CARDEPLOY_PYTHON", &python)
         .env("CARDEPLOY_AARCH64_AGENT", &aarch64))?;
+    // Benches run in their smoke mode, so one that breaks fails here.
+    bench::hostile_smoke()?;
     // Tier 4: the qemu-aarch64 system tests, on an image holding the agent built above.
     let image = image::main(&["--agent".to_owned(), aarch64.display().to_string()])?;
     qemu_suites(&image, &[])?;
