@@ -16,6 +16,7 @@
 //! | panics when sending on a closed connection | the writer discards frames after a close instead of failing |
 //! | trusts its peer: `unreachable!()` on a PAYLOAD or ERROR for a request the peer opened, any number of open streams | `guard`: every frame checked against the open streams before rsocket_rust sees it; a peer that breaks the protocol is dropped, one that opens more than [`Limits::max_streams`] is refused with `REJECTED` |
 //! | unbounded queues toward a slow reader and from a fire-and-forget flood | `bounds`: answers wait for room in [`Limits::max_queued`], a peer that reads nothing for [`Limits::send_stall`] is dropped, at most [`Limits::max_pending_fnf`] fire-and-forget requests are read ahead |
+//! | keeps a connection's socket open after it ended (its tasks hold each other) | `conn`: the writer drops its half of the socket when the connection ends |
 //!
 //! Tests: `cargo test -p cardeploy-link` runs unit tests and `tests/link.rs`, which runs real
 //! TLS connections on loopback, through a fault-injecting proxy for the dead-peer cases.
