@@ -41,7 +41,7 @@ fn internal(car: &CarId, e: impl std::fmt::Display) -> Refusal {
 /// Run `job` on the delta pool: one job per car at a time, at most `delta_workers` at once.
 /// The car's turn and the pool's permit travel into the job and end with it.
 async fn on_pool<T: Send + 'static>(
-    twin: &Twin,
+    twin: &Arc<Twin>,
     car: &CarId,
     job: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Refusal> {
@@ -60,9 +60,15 @@ async fn on_pool<T: Send + 'static>(
         .served
         .delta_jobs
         .fetch_add(1, Ordering::Relaxed);
+    let twin = twin.clone();
     tokio::task::spawn_blocking(move || {
         let _held = (turn, permit);
-        job()
+        let served = &twin.artifacts.served;
+        let running = served.delta_jobs_running.fetch_add(1, Ordering::SeqCst) + 1;
+        served.delta_jobs_peak.fetch_max(running, Ordering::SeqCst);
+        let result = job();
+        served.delta_jobs_running.fetch_sub(1, Ordering::SeqCst);
+        result
     })
     .await
     .map_err(refuse)

@@ -675,3 +675,119 @@ async fn a_car_revoked_between_its_handshake_and_its_setup_gets_no_session() {
     assert!(car.closed_within(SOON).await);
     assert_eq!(twin.connected_cars(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_work_runs_one_job_per_car_and_no_more_than_the_pool_at_once() {
+    let env = Env::new();
+    let mut config = env.config();
+    config.delta_workers = 2;
+    let twin = cardeploy_twin::start(config).await.unwrap();
+    let signer = Signer::for_twin(env.data.path());
+    signer.push_root(twin.api_addr, &twin.operator_token).await;
+    // A base and three targets, each changed in every chunk: every chunk travels as a delta.
+    let base = noise(11, 1 << 20);
+    let changed = |seed: u8| {
+        let mut v = base.clone();
+        for at in (1000..v.len()).step_by(8 << 10) {
+            v[at] = v[at].wrapping_add(seed);
+        }
+        v
+    };
+    let mut indexes = Vec::new();
+    for bytes in [base.clone(), changed(1), changed(2), changed(3)] {
+        let index = cardeploy_chunks::chunk_bytes(&bytes, cardeploy_chunks::Params::DEFAULT);
+        upload_chunks(&twin, &bytes, &index).await;
+        let (status, body) = common::put_bytes(
+            &twin,
+            &format!("/api/v1/indexes/{}", index.id()),
+            index.encode(),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        indexes.push(index);
+    }
+    let release = |version: &str, index: &cardeploy_chunks::ChunkIndex| {
+        let a = cardeploy_testkit::signing::artifact(ArtifactKind::OciLayer, "app", index);
+        signer.manifest("app", version, vec![a])
+    };
+    let mut links = Vec::new();
+    for (n, car) in ["VIN-POOL-A", "VIN-POOL-B", "VIN-POOL-C"]
+        .iter()
+        .enumerate()
+    {
+        let files = register(&env, &twin, car).await;
+        let next = format!("{}.0.0", n + 2);
+        for (version, index) in [("1.0.0", &indexes[0]), (next.as_str(), &indexes[n + 1])] {
+            signer
+                .desire(
+                    twin.api_addr,
+                    &twin.operator_token,
+                    car,
+                    &release(version, index),
+                )
+                .await;
+        }
+        links.push(car_link(&env, &twin, &files, car).await);
+    }
+    let windows_of = |target: &cardeploy_chunks::ChunkIndex| -> Vec<Bytes> {
+        (0..target.chunks.len() as u32)
+            .collect::<Vec<_>>()
+            .chunks(4)
+            .map(|w| {
+                Bytes::from(protocol::encode(&ChunksRequest {
+                    index: target.id().hex(),
+                    base: Some(indexes[0].id().hex()),
+                    chunks: w.to_vec(),
+                }))
+            })
+            .collect()
+    };
+    let fetch = |link: cardeploy_link::Requester, request: Bytes| async move {
+        link.request_window_within(
+            route::ARTIFACT_CHUNKS,
+            request,
+            cardeploy_link::Window {
+                max_items: 4,
+                max_bytes: 4 << 20,
+            },
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap()
+    };
+    let served = twin.served();
+    // One car asks for all its windows at once: its jobs run one after the other.
+    let asks: Vec<_> = windows_of(&indexes[1])
+        .into_iter()
+        .map(|w| tokio::spawn(fetch(links[0].clone(), w)))
+        .collect();
+    assert!(asks.len() >= 4, "{} windows", asks.len());
+    for ask in asks {
+        assert_eq!(ask.await.unwrap().len(), 4);
+    }
+    let jobs = served.delta_jobs.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(jobs >= 4, "every window needed a delta job, {jobs} ran");
+    assert_eq!(
+        served
+            .delta_jobs_peak
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one car had more than one delta job in flight"
+    );
+    // Two cars at once: never more jobs than the pool has workers.
+    let mut asks = Vec::new();
+    for (link, target) in [(&links[1], &indexes[2]), (&links[2], &indexes[3])] {
+        for w in windows_of(target) {
+            asks.push(tokio::spawn(fetch(link.clone(), w)));
+        }
+    }
+    for ask in asks {
+        assert_eq!(ask.await.unwrap().len(), 4);
+    }
+    assert!(
+        served
+            .delta_jobs_peak
+            .load(std::sync::atomic::Ordering::SeqCst)
+            <= 2
+    );
+}

@@ -49,6 +49,9 @@ pub struct ServedStats {
     pub repaired: AtomicU64,
     /// Delta windows made on the delta pool.
     pub delta_jobs: AtomicU64,
+    /// Delta jobs running right now, and the most that ever ran at once.
+    pub delta_jobs_running: AtomicU64,
+    pub delta_jobs_peak: AtomicU64,
 }
 
 /// A map that keeps its `cap` most recently used entries: indexes and reference planners are
