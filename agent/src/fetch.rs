@@ -471,7 +471,7 @@ impl Fetcher {
 /// Bytes free for an unprivileged writer on the file system holding `dir` (0 when unknown).
 fn free_bytes(dir: &Path) -> u64 {
     nix::sys::statvfs::statvfs(dir).map_or(0, |s| {
-        u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size()))
+        s.blocks_available().saturating_mul(s.fragment_size())
     })
 }
 
