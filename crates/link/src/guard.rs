@@ -10,8 +10,9 @@
 //! are pure (no I/O, no clock but the one passed in) and unit-tested here; `conn.rs` acts on them.
 //!
 //! The rules, from the RSocket spec's stream lifecycle:
-//! - the peer opens streams with ids of its parity (clients odd, servers even), strictly
-//!   increasing; at most `max_streams` of its request-response and request-stream
+//! - the peer opens streams with ids of its parity (clients odd, servers even), never one
+//!   still open (rsocket_rust sends requests from tasks of their own, so they may arrive out of
+//!   order); at most `max_streams` of its request-response and request-stream
 //!   streams may be open at once — more are refused with ERROR `REJECTED`;
 //! - a peer stream is open from its request frame until we send its terminal frame or the peer
 //!   cancels it; while it is open the peer may send only CANCEL (and the fragments of the request
@@ -311,12 +312,14 @@ impl Streams {
                 "a request on stream {id}, which is not one the peer may open"
             ));
         }
-        if self.theirs_seen(id) {
+        // rsocket_rust numbers a request when it is made but sends it from a task of its own, so
+        // ids may arrive out of order: only an id still in use is refused.
+        if self.theirs.contains_key(&id) || self.dropping.contains(&id) {
             return Inbound::Malformed(format!(
-                "a request reuses stream {id} (stream ids only grow)"
+                "a request reuses stream {id}, which is still open"
             ));
         }
-        self.highest_theirs = Some(id);
+        self.highest_theirs = Some(self.highest_theirs.map_or(id, |h| h.max(id)));
         let follows = follows(frame);
         let kind = match frame.get_body_ref() {
             Body::RequestResponse(_) => Kind::Response,

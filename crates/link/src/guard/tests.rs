@@ -138,7 +138,7 @@ fn a_payload_or_error_on_a_request_the_peer_opened_is_malformed() {
 }
 
 #[test]
-fn stream_ids_must_be_the_peers_and_grow() {
+fn stream_ids_must_be_the_peers_and_not_in_use() {
     let now = Instant::now();
     let mut s = twin();
     assert!(
@@ -147,9 +147,10 @@ fn stream_ids_must_be_the_peers_and_grow() {
     );
     let mut s = twin();
     assert!(malformed(&s.inbound(&rr(0), now)));
+    // Out of order is how rsocket_rust sends them (each from a task of its own).
     let mut s = twin();
     assert_eq!(s.inbound(&rr(5), now), Inbound::PASS);
-    assert!(malformed(&s.inbound(&rr(3), now)));
+    assert_eq!(s.inbound(&rr(3), now), Inbound::PASS);
     let mut s = twin();
     assert_eq!(s.inbound(&rr(5), now), Inbound::PASS);
     assert!(malformed(&s.inbound(&rr(5), now)), "an open id reused");
@@ -167,7 +168,8 @@ fn the_twins_first_request_travels_on_stream_0_as_rsocket_rust_numbers_it() {
     assert!(c.outbound(&payload(0, NEXT | COMPLETE, 10)));
     assert_eq!(c.open_theirs(), 0);
     assert_eq!(c.inbound(&rr(2), now), Inbound::PASS);
-    assert!(malformed(&c.inbound(&rr(0), now)), "0 only once");
+    assert_eq!(c.inbound(&rr(4), now), Inbound::PASS);
+    assert!(malformed(&c.inbound(&rr(4), now)), "4 is still open");
     let mut t = twin();
     assert!(t.outbound(&rr(0)));
     assert_eq!(
