@@ -36,7 +36,7 @@ pub enum Error {
     Fetch(String),
     #[error(
         "the disk holding {} is full: this update needs {} more there and {} are free; it goes on by itself once there is room",
-        path.display(), human(*needed), human(*free)
+        path.display(), cardeploy_protocol::human_bytes(*needed), cardeploy_protocol::human_bytes(*free)
     )]
     DiskFull {
         path: PathBuf,
@@ -57,18 +57,4 @@ pub enum Error {
         #[source]
         source: cardeploy_protocol::Error,
     },
-}
-
-/// Bytes as a person reads them: 812 B, 40.2 KiB, 3.91 MiB, 1.20 GiB.
-pub(crate) fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if bytes < 1024 {
-        format!("{bytes} B")
-    } else if b < 1048576.0 {
-        format!("{:.1} KiB", b / 1024.0)
-    } else if b < 1073741824.0 {
-        format!("{:.2} MiB", b / 1048576.0)
-    } else {
-        format!("{:.2} GiB", b / 1073741824.0)
-    }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use cardeploy_chunks::{Assembler, ChunkIndex, Params, chunk_bytes};
 use cardeploy_release::ArtifactKind;
 use cardeploy_testkit::signing::artifact_from_view;
-use cardeploy_testkit::{Fault, FaultProxy};
+use cardeploy_testkit::{Fault, FaultProxy, noise};
 use cardeploy_twin::Running;
 use common::{Agent, Env, call, until};
 use serde_json::Value;
@@ -35,13 +35,6 @@ fn corpus(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-/// Incompressible bytes: every chunk travels at full size, so a download takes long enough to
-/// be interrupted.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    (0..len).map(|_| rng.u8(..)).collect()
 }
 
 /// `old` after a "security update": a few regions rewritten, one grown, one shrunk.

@@ -12,32 +12,11 @@ use std::time::{Duration, Instant};
 
 use cardeploy_chunks::{ChunkIndex, ChunkRef, Digest, Params, Store, chunk_bytes};
 use cardeploy_release::ArtifactKind;
+use cardeploy_testkit::noise;
 use cardeploy_testkit::signing::artifact;
 use cardeploy_twin::Running;
-use common::{Agent, Env, call};
+use common::{Agent, Env, until_within};
 use serde_json::Value;
-
-/// The car's twin view, polled until `check` holds.
-async fn car_until(
-    twin: &Running,
-    car: &str,
-    within: Duration,
-    what: &str,
-    check: impl Fn(&Value) -> bool,
-) -> Value {
-    let started = Instant::now();
-    loop {
-        let (_, view) = call(twin, "GET", &format!("/api/v1/cars/{car}"), None).await;
-        if check(&view) {
-            return view;
-        }
-        assert!(
-            started.elapsed() < within,
-            "timed out waiting for {what}: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn state(view: &Value) -> &Value {
     &view["reported"]["state"]
@@ -46,11 +25,6 @@ fn state(view: &Value) -> &Value {
 fn applied(view: &Value, release: &str) -> bool {
     assert_ne!(state(view)["phase"], "failed", "{view}");
     state(view)["phase"] == "applied" && state(view)["release"] == release
-}
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    (0..len).map(|_| rng.u8(..)).collect()
 }
 
 /// Put chunks straight into the running twin's store (the test's data is large in count, not in
@@ -118,7 +92,7 @@ async fn an_artifact_whose_index_is_larger_than_one_payload_is_fetched_end_to_en
         vec![artifact(ArtifactKind::OciLayer, "app", &index)],
     )
     .await;
-    car_until(
+    until_within(
         &twin,
         "VIN-BIGINDEX",
         Duration::from_secs(60),
@@ -185,7 +159,7 @@ async fn the_index_of_a_16_gib_artifact_reaches_the_car_page_by_page() {
     assert!(bytes.len() > 9 << 20, "{} bytes", bytes.len());
     assert_eq!(Digest::of(&bytes), index.id());
     // The car planned the download from it: 16 GiB, nothing of it on the car yet.
-    car_until(
+    until_within(
         &twin,
         "VIN-16GIB",
         Duration::from_secs(60),
@@ -243,7 +217,7 @@ async fn a_desired_state_larger_than_one_payload_reaches_the_car_and_is_accepted
         .await;
     let counter = answer["counter"].as_u64().unwrap();
     // Accepted: verified against the root and recorded, whatever the fetch of 5,000 layers does.
-    car_until(
+    until_within(
         &twin,
         "VIN-BIGDESIRE",
         Duration::from_secs(60),
@@ -307,7 +281,7 @@ async fn the_partial_download_of_a_replaced_desired_state_is_removed() {
     )
     .await;
     let _agent = Agent::start(&config);
-    car_until(
+    until_within(
         &twin,
         "VIN-REPLACED",
         Duration::from_secs(30),
@@ -376,7 +350,7 @@ async fn a_full_disk_is_reported_with_the_room_needed_and_the_fetch_goes_on_when
         vec![artifact(ArtifactKind::OciLayer, "app", &index)],
     )
     .await;
-    let view = car_until(
+    let view = until_within(
         &twin,
         "VIN-FULL",
         Duration::from_secs(60),
@@ -395,7 +369,7 @@ async fn a_full_disk_is_reported_with_the_room_needed_and_the_fetch_goes_on_when
         "{message}"
     );
     disk.grow(64);
-    car_until(
+    until_within(
         &twin,
         "VIN-FULL",
         Duration::from_secs(60),

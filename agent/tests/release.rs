@@ -37,18 +37,6 @@ fn cardeploy(dir: &Path, twin: &cardeploy_twin::Running, env: &Env, args: &[&str
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 56) as u8
-        })
-        .collect()
-}
-
 /// `release create` + `release sign` + `release push` of `bundle` as `os@version`; the digest.
 fn publish(
     dir: &Path,
@@ -133,9 +121,9 @@ async fn a_release_signed_with_the_cli_is_verified_and_recorded_by_the_car() {
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: infotainment\n",
     )
     .unwrap();
-    let v1 = bytes(1, 3 << 20);
+    let v1 = cardeploy_testkit::noise(1, 3 << 20);
     let mut v2 = v1.clone();
-    v2[1 << 20..(1 << 20) + 4096].copy_from_slice(&bytes(2, 4096));
+    v2[1 << 20..(1 << 20) + 4096].copy_from_slice(&cardeploy_testkit::noise(2, 4096));
     std::fs::write(dir.join("os-1.raucb"), &v1).unwrap();
     std::fs::write(dir.join("os-2.raucb"), &v2).unwrap();
 

@@ -29,21 +29,9 @@ use cardeploy_release::ArtifactKind;
 use cardeploy_testkit::hostile::HostileCar;
 use cardeploy_testkit::procs::{arg, cpu_time, http, rss_kib, start_twin_configured};
 use cardeploy_testkit::signing::{Signer, artifact};
-use cardeploy_testkit::{CarFiles, TestPki};
+use cardeploy_testkit::{CarFiles, TestPki, noise};
 use futures::StreamExt;
 use serde_json::json;
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 56) as u8
-        })
-        .collect()
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;

@@ -351,12 +351,12 @@ impl CarResponder {
                         "{} {}: {}/{} fetched ({} on the wire); {} already on the car, {} from seeds; artifact {}",
                         p.artifact,
                         if p.done { "done" } else { "fetching" },
-                        human(p.fetched_bytes),
-                        human(p.fetch_bytes),
-                        human(p.wire_bytes),
-                        human(p.store_bytes),
-                        human(p.seed_bytes),
-                        human(p.planned_bytes),
+                        protocol::human_bytes(p.fetched_bytes),
+                        protocol::human_bytes(p.fetch_bytes),
+                        protocol::human_bytes(p.wire_bytes),
+                        protocol::human_bytes(p.store_bytes),
+                        protocol::human_bytes(p.seed_bytes),
+                        protocol::human_bytes(p.planned_bytes),
                     );
                     self.twin
                         .db
@@ -389,20 +389,6 @@ impl CarResponder {
 fn due_for_refresh(issued: u64, expires: u64, now: u64) -> bool {
     let ttl = expires.saturating_sub(issued);
     expires.saturating_sub(now) <= ttl / 2
-}
-
-/// Bytes as a person reads them: 812 B, 40.2 KiB, 3.91 MiB, 1.20 GiB.
-fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if bytes < 1024 {
-        format!("{bytes} B")
-    } else if b < 1048576.0 {
-        format!("{:.1} KiB", b / 1024.0)
-    } else if b < 1073741824.0 {
-        format!("{:.2} MiB", b / 1048576.0)
-    } else {
-        format!("{:.2} GiB", b / 1073741824.0)
-    }
 }
 
 fn internal(car: &CarId, e: crate::Error) -> Refusal {

@@ -14,8 +14,8 @@ use cardeploy_release::ArtifactKind;
 use cardeploy_testkit::hostile::{self, HostileCar, REJECTED, error_code, error_text};
 use cardeploy_testkit::procs::{rss_kib, start_twin_configured};
 use cardeploy_testkit::signing::Signer;
-use cardeploy_testkit::{CarFiles, TestPki, rest};
-use common::{Env, car_link, register, upload_chunks};
+use cardeploy_testkit::{CarFiles, TestPki, noise, rest};
+use common::{Env, car_link, register};
 use futures::StreamExt;
 use rsocket_rust::frame::{self, Frame};
 use serde_json::{Value, json};
@@ -27,19 +27,6 @@ fn hello_json() -> Vec<u8> {
         agent_version: "hostile".into(),
         reported: ReportedState::idle(),
     })
-}
-
-/// Noise: incompressible, so every chunk frame is as large as it can be.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 56) as u8
-        })
-        .collect()
 }
 
 /// A hostile car registered with the twin, connected, SETUP sent and hello answered.
@@ -456,16 +443,7 @@ async fn a_car_reads_only_its_own_artifacts_and_foreign_bases_cost_no_delta_work
     let other = noise(3, 300_000);
     let mut indexes = Vec::new();
     for bytes in [&v1, &v2, &other] {
-        let index = cardeploy_chunks::chunk_bytes(bytes, cardeploy_chunks::Params::DEFAULT);
-        upload_chunks(&twin, bytes, &index).await;
-        let (status, body) = common::put_bytes(
-            &twin,
-            &format!("/api/v1/indexes/{}", index.id()),
-            index.encode(),
-        )
-        .await;
-        assert_eq!(status, 201, "{body}");
-        indexes.push(index);
+        indexes.push(common::upload(&twin, bytes).await);
     }
     let release = |version: &str, index: &cardeploy_chunks::ChunkIndex| {
         let a = cardeploy_testkit::signing::artifact(ArtifactKind::OciLayer, "app", index);
@@ -489,26 +467,7 @@ async fn a_car_reads_only_its_own_artifacts_and_foreign_bases_cost_no_delta_work
         .await;
     let link = car_link(&env, &twin, &files, "VIN-OWN").await;
     common::hello(&link, cardeploy_protocol::Phase::Idle).await;
-    let ask = |index: &cardeploy_chunks::ChunkIndex,
-               base: Option<&cardeploy_chunks::ChunkIndex>| {
-        let link = link.clone();
-        let request = protocol::encode(&ChunksRequest {
-            index: index.id().hex(),
-            base: base.map(|b| b.id().hex()),
-            chunks: (0..index.chunks.len() as u32).collect(),
-        });
-        async move {
-            link.request_window(
-                route::ARTIFACT_CHUNKS,
-                Bytes::from(request),
-                cardeploy_link::Window {
-                    max_items: 64,
-                    max_bytes: 16 << 20,
-                },
-            )
-            .await
-        }
-    };
+    let ask = |index, base| ask_with(&link, index, base);
     // The stranger's artifact, by index, by chunks, or as a base: refused, and nothing was done
     // for it.
     let err = link
@@ -556,7 +515,7 @@ async fn a_car_reads_only_its_own_artifacts_and_foreign_bases_cost_no_delta_work
     // A car may also read the release it reports running.
     let runner = register(&env, &twin, "VIN-RUNNER").await;
     let link = car_link(&env, &twin, &runner, "VIN-RUNNER").await;
-    let err = ask_with(&link, &indexes[2]).await.unwrap_err();
+    let err = ask_with(&link, &indexes[2], None).await.unwrap_err();
     assert!(
         err.to_string().contains("reads only its own artifacts"),
         "{err}"
@@ -571,7 +530,7 @@ async fn a_car_reads_only_its_own_artifacts_and_foreign_bases_cost_no_delta_work
     link.request_response(route::CAR_HELLO, Bytes::from(protocol::encode(&hello)))
         .await
         .unwrap();
-    let frames = ask_with(&link, &indexes[2]).await.unwrap();
+    let frames = ask_with(&link, &indexes[2], None).await.unwrap();
     assert_eq!(frames.len(), indexes[2].chunks.len());
     drop(stranger);
 }
@@ -579,10 +538,11 @@ async fn a_car_reads_only_its_own_artifacts_and_foreign_bases_cost_no_delta_work
 async fn ask_with(
     link: &cardeploy_link::Requester,
     index: &cardeploy_chunks::ChunkIndex,
+    base: Option<&cardeploy_chunks::ChunkIndex>,
 ) -> Result<Vec<Bytes>, cardeploy_link::Error> {
     let request = protocol::encode(&ChunksRequest {
         index: index.id().hex(),
-        base: None,
+        base: base.map(|b| b.id().hex()),
         chunks: (0..index.chunks.len() as u32).collect(),
     });
     link.request_window(
@@ -695,16 +655,7 @@ async fn delta_work_runs_one_job_per_car_and_no_more_than_the_pool_at_once() {
     };
     let mut indexes = Vec::new();
     for bytes in [base.clone(), changed(1), changed(2), changed(3)] {
-        let index = cardeploy_chunks::chunk_bytes(&bytes, cardeploy_chunks::Params::DEFAULT);
-        upload_chunks(&twin, &bytes, &index).await;
-        let (status, body) = common::put_bytes(
-            &twin,
-            &format!("/api/v1/indexes/{}", index.id()),
-            index.encode(),
-        )
-        .await;
-        assert_eq!(status, 201, "{body}");
-        indexes.push(index);
+        indexes.push(common::upload(&twin, &bytes).await);
     }
     let release = |version: &str, index: &cardeploy_chunks::ChunkIndex| {
         let a = cardeploy_testkit::signing::artifact(ArtifactKind::OciLayer, "app", index);

@@ -236,6 +236,17 @@ pub async fn call(
 
 /// Poll the car's twin until `check` holds.
 pub async fn until(twin: &Running, car: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    until_within(twin, car, Duration::from_secs(15), what, check).await
+}
+
+/// [`until`] with its own timeout.
+pub async fn until_within(
+    twin: &Running,
+    car: &str,
+    within: Duration,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
     let started = Instant::now();
     loop {
         let (_, view) = call(twin, "GET", &format!("/api/v1/cars/{car}"), None).await;
@@ -243,7 +254,7 @@ pub async fn until(twin: &Running, car: &str, what: &str, check: impl Fn(&Value)
             return view;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(15),
+            started.elapsed() < within,
             "timed out waiting for {what}; last view: {view}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -40,6 +40,25 @@ pub const MIME_COMPOSITE: &str = "message/x.rsocket.composite-metadata.v0";
 /// Mime type of the routing extension inside composite metadata.
 pub const MIME_ROUTING: &str = "message/x.rsocket.routing.v0";
 
+/// A byte count as people read it in events and errors: `812 B`, `40.2 KiB`, `3.91 MiB`,
+/// `1.2 GiB`, `64 KiB` (no trailing zeros).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [(&str, f64, usize); 3] = [
+        ("GiB", 1073741824.0, 2),
+        ("MiB", 1048576.0, 2),
+        ("KiB", 1024.0, 1),
+    ];
+    for (unit, size, digits) in UNITS {
+        let b = bytes as f64;
+        if b >= size {
+            let number = format!("{:.*}", digits, b / size);
+            let number = number.trim_end_matches('0').trim_end_matches('.');
+            return format!("{number} {unit}");
+        }
+    }
+    format!("{bytes} B")
+}
+
 /// Decode a JSON message with a typed error naming what was expected.
 pub fn decode<T: serde::de::DeserializeOwned>(
     what: &'static str,

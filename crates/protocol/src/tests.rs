@@ -71,3 +71,13 @@ fn attributes_follow_label_rules() {
     assert!(validate_attribute("bad key", "x").is_err());
     assert!(validate_attribute("k", "-x").is_err());
 }
+
+#[test]
+fn byte_counts_read_like_people_write_them() {
+    assert_eq!(crate::human_bytes(812), "812 B");
+    assert_eq!(crate::human_bytes(64 << 10), "64 KiB");
+    assert_eq!(crate::human_bytes(41_165), "40.2 KiB");
+    assert_eq!(crate::human_bytes(4_100_000), "3.91 MiB");
+    assert_eq!(crate::human_bytes(1 << 20), "1 MiB");
+    assert_eq!(crate::human_bytes(16 << 30), "16 GiB");
+}

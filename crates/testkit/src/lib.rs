@@ -383,6 +383,20 @@ pub async fn car_link(
     .await
 }
 
+/// `len` pseudo-random bytes from `seed` (xorshift64): incompressible, so every chunk travels at
+/// full size, and two seeds share no chunk.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 56) as u8
+        })
+        .collect()
+}
+
 /// Poll `check` every 20 ms until it returns Some, or panic after `timeout` with `what`.
 pub async fn eventually<T>(
     timeout: Duration,

@@ -44,14 +44,7 @@ pub fn start_twin(bin: &Path, data: &Path, heartbeat: u64) -> TwinProcess {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for_api(api_port);
-    let token = std::fs::read_to_string(data.join("operator.token")).unwrap();
-    TwinProcess {
-        child,
-        cars_port,
-        api: format!("http://127.0.0.1:{api_port}"),
-        token: token.trim().to_owned(),
-    }
+    started(child, cars_port, api_port, data)
 }
 
 /// Start the twin binary with a configuration file: `data` as its data directory, the TLS files
@@ -90,6 +83,11 @@ pub fn start_twin_configured(
         .stderr(err)
         .spawn()
         .unwrap();
+    started(child, cars_port, api_port, data)
+}
+
+/// The twin process once its API answers, with the token it wrote.
+fn started(child: Child, cars_port: u16, api_port: u16, data: &Path) -> TwinProcess {
     wait_for_api(api_port);
     let token = std::fs::read_to_string(data.join("operator.token")).unwrap();
     TwinProcess {

@@ -82,15 +82,7 @@ fn signed(payload_type: &str, doc: &impl serde::Serialize, keys: &[&SigningKey])
 
 /// 200 KiB of fixed pseudo-random bytes: the artifact of every case.
 fn artifact_bytes() -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..200 << 10)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 56) as u8
-        })
-        .collect()
+    crate::noise(0x9e37_79b9_7f4a_7c15, 200 << 10)
 }
 
 fn artifact(index: &ChunkIndex) -> Artifact {

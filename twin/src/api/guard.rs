@@ -64,14 +64,6 @@ fn refuse(status: StatusCode, message: String) -> Response {
     ApiError(status, message).into_response()
 }
 
-fn size(bytes: usize) -> String {
-    if bytes >= 1 << 20 {
-        format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
-    } else {
-        format!("{} KiB", bytes.div_ceil(1024))
-    }
-}
-
 pub(super) async fn guard(State(twin): State<Arc<Twin>>, request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let route = request
@@ -103,7 +95,10 @@ pub(super) async fn guard(State(twin): State<Arc<Twin>>, request: Request, next:
     let too_large = || {
         refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("{method} {route} takes a body of at most {}", size(limit)),
+            format!(
+                "{method} {route} takes a body of at most {}",
+                cardeploy_protocol::human_bytes(limit as u64)
+            ),
         )
     };
     let declared = request

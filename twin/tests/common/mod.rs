@@ -45,13 +45,23 @@ impl Env {
 
     /// The twin with a root naming its director key (what `cardeploy root push` uploads).
     pub async fn start(&self) -> Running {
-        let twin = self.start_without_root().await;
+        self.start_with(self.config()).await
+    }
+
+    /// The twin with `config`, and a root naming its director key the first time.
+    pub async fn start_with(&self, config: Config) -> Running {
+        let twin = cardeploy_twin::start(config).await.unwrap();
         if self.signer.get().is_none() {
             let signer = Signer::for_twin(self.data.path());
             signer.push_root(twin.api_addr, &twin.operator_token).await;
             let _ = self.signer.set(signer);
         }
         twin
+    }
+
+    /// The chunk store's directory.
+    pub fn chunks(&self) -> std::path::PathBuf {
+        self.data.path().join("chunks")
     }
 
     pub async fn start_without_root(&self) -> Running {
@@ -139,4 +149,19 @@ pub async fn upload_chunks(twin: &Running, data: &[u8], index: &cardeploy_chunks
         let (status, body) = put_bytes(twin, &format!("/api/v1/chunks/{}", c.id), z).await;
         assert_eq!(status, 201, "{body}");
     }
+}
+
+/// Upload `data` as an artifact, chunks then index, as `cardeploy artifact push` does; returns
+/// its chunk index.
+pub async fn upload(twin: &Running, data: &[u8]) -> cardeploy_chunks::ChunkIndex {
+    let index = cardeploy_chunks::chunk_bytes(data, cardeploy_chunks::Params::DEFAULT);
+    upload_chunks(twin, data, &index).await;
+    let (status, body) = put_bytes(
+        twin,
+        &format!("/api/v1/indexes/{}", index.id()),
+        index.encode(),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    index
 }

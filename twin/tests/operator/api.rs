@@ -43,7 +43,7 @@ async fn raw(
 #[tokio::test]
 async fn unknown_routes_wrong_methods_and_refused_bodies_answer_with_the_json_error() {
     let env = Env::new();
-    let twin = env.start(env.config()).await;
+    let twin = env.start_with(env.config()).await;
     struct Case {
         what: &'static str,
         method: &'static str,
@@ -140,7 +140,7 @@ async fn bodies_over_their_route_limit_get_413_while_uploads_take_more() {
     let mut config = env.config();
     // An index of a 1 MiB artifact has at most 65 chunks: 2404 bytes.
     config.max_artifact_bytes = 1 << 20;
-    let twin = env.start(config).await;
+    let twin = env.start_with(config).await;
     let big_json = json!({"id": "V", "certificate_pem": "x".repeat(65 << 10)});
     let (status, _, body) = raw(
         &twin,
@@ -154,7 +154,7 @@ async fn bodies_over_their_route_limit_get_413_while_uploads_take_more() {
     assert!(body["error"].as_str().unwrap().contains("64 KiB"), "{body}");
 
     // A chunk of 1 MiB is far over the JSON limit and fine as an upload.
-    let chunk = bytes(7, 1 << 20);
+    let chunk = noise(7, 1 << 20);
     let id = cardeploy_chunks::Digest::of(&chunk);
     let frame = zstd::bulk::compress(&chunk, 1).unwrap();
     assert!(frame.len() > 64 << 10);
@@ -194,7 +194,7 @@ async fn a_client_slow_with_its_headers_is_cut_off_and_one_slow_with_its_body_ge
     let mut config = env.config();
     config.api_header_timeout_secs = 1;
     config.api_body_timeout_secs = 1;
-    let twin = env.start(config).await;
+    let twin = env.start_with(config).await;
 
     let mut slow_headers = tokio::net::TcpStream::connect(twin.api_addr).await.unwrap();
     slow_headers
@@ -232,7 +232,7 @@ async fn uploads_beyond_the_limit_get_429_with_retry_after_before_their_body_is_
     let env = Env::new();
     let mut config = env.config();
     config.max_concurrent_uploads = 1;
-    let twin = env.start(config).await;
+    let twin = env.start_with(config).await;
     let data = b"one small chunk".to_vec();
     let id = cardeploy_chunks::Digest::of(&data);
     let frame = zstd::bulk::compress(&data, 1).unwrap();
@@ -302,7 +302,7 @@ fn set_mode(path: &Path, mode: u32) {
 #[tokio::test]
 async fn the_twin_refuses_to_start_with_a_secret_open_to_others() {
     let env = Env::new();
-    env.start(env.config()).await.stop().await.unwrap();
+    env.start_with(env.config()).await.stop().await.unwrap();
     let secrets = [
         env.data.path().join("operator.token"),
         env.data.path().join("director.key"),
@@ -324,7 +324,7 @@ async fn the_twin_refuses_to_start_with_a_secret_open_to_others() {
         );
         set_mode(secret, 0o600);
     }
-    env.start(env.config()).await.stop().await.unwrap();
+    env.start_with(env.config()).await.stop().await.unwrap();
 }
 
 #[tokio::test]

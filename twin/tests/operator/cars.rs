@@ -5,7 +5,7 @@ use super::*;
 #[tokio::test]
 async fn a_revoked_car_is_closed_within_a_second_and_refused_at_its_next_handshake() {
     let env = Env::new();
-    let twin = env.start(env.config()).await;
+    let twin = env.start_with(env.config()).await;
     let files = register(&env, &twin, "VIN-R1").await;
     let link = connected(&env, &twin, &files, "VIN-R1").await;
     let (_, view) = api(&twin, "GET", "/api/v1/cars/VIN-R1", None).await;
@@ -33,13 +33,13 @@ async fn a_revoked_car_is_closed_within_a_second_and_refused_at_its_next_handsha
 #[tokio::test]
 async fn a_revocation_survives_a_restart_and_a_revoked_certificate_is_never_registered_again() {
     let env = Env::new();
-    let twin = env.start(env.config()).await;
+    let twin = env.start_with(env.config()).await;
     let files = register(&env, &twin, "VIN-R2").await;
     let (status, _) = api(&twin, "DELETE", "/api/v1/cars/VIN-R2", None).await;
     assert_eq!(status, 200);
     twin.stop().await.unwrap();
 
-    let twin = env.start(env.config()).await;
+    let twin = env.start_with(env.config()).await;
     refused_at_handshake(&env, &twin, &files, "VIN-R2").await;
     for car in ["VIN-R2", "VIN-OTHER"] {
         let (status, body) = add_car(&twin, car, &files.cert_pem).await;
@@ -55,7 +55,7 @@ async fn a_revocation_survives_a_restart_and_a_revoked_certificate_is_never_regi
 #[tokio::test]
 async fn a_revoked_car_is_re_provisioned_with_a_new_certificate_and_its_counter_carries_on() {
     let env = Env::new();
-    let twin = env.start(env.config()).await;
+    let twin = env.start_with(env.config()).await;
     let old = register(&env, &twin, "VIN-R3").await;
     let release = env.signer().manifest("app", "1.0.0", vec![]);
     let desired = env
@@ -110,7 +110,7 @@ async fn a_revoked_car_is_re_provisioned_with_a_new_certificate_and_its_counter_
 #[tokio::test]
 async fn registration_takes_only_client_certificates_issued_by_the_fleet_ca() {
     let env = Env::new();
-    let twin = env.start(env.config()).await;
+    let twin = env.start_with(env.config()).await;
     let garbage = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_owned();
     let cases = [
         ("not PEM", "hello".to_owned(), "no certificate"),

@@ -7,7 +7,7 @@ async fn event_messages_and_kinds_are_cut_to_their_limits_with_a_marker() {
     let env = Env::new();
     let mut config = env.config();
     config.event_message_max_bytes = 100;
-    let twin = env.start(config).await;
+    let twin = env.start_with(config).await;
     let files = register(&env, &twin, "VIN-E1").await;
     let link = connected(&env, &twin, &files, "VIN-E1").await;
     send_event(&link, 1, &"k".repeat(100), &"é".repeat(150)).await;
@@ -28,7 +28,7 @@ async fn a_car_keeps_only_its_newest_events() {
     let env = Env::new();
     let mut config = env.config();
     config.events_per_car = 10;
-    let twin = env.start(config).await;
+    let twin = env.start_with(config).await;
     let files = register(&env, &twin, "VIN-E2").await;
     let link = connected(&env, &twin, &files, "VIN-E2").await;
     for seq in 0..25 {
@@ -56,7 +56,7 @@ async fn events_past_their_age_are_removed_by_the_periodic_sweep() {
     let mut config = env.config();
     config.event_max_age_secs = 1;
     config.event_sweep_secs = 1;
-    let twin = env.start(config).await;
+    let twin = env.start_with(config).await;
     register(&env, &twin, "VIN-E3").await;
     assert_eq!(events_of_kind(&twin, "VIN-E3", "registered").await.len(), 1);
     until("the registration event to age out", || async {
@@ -76,7 +76,7 @@ async fn reports_over_the_rate_limit_are_dropped_and_counted() {
     let mut config = env.config();
     config.report_rate_per_sec = 0.001;
     config.report_burst = 5;
-    let twin = env.start(config).await;
+    let twin = env.start_with(config).await;
     let files = register(&env, &twin, "VIN-E4").await;
     let link = connected(&env, &twin, &files, "VIN-E4").await;
     for seq in 0..50 {
@@ -102,7 +102,7 @@ async fn reports_over_the_rate_limit_are_dropped_and_counted() {
 #[tokio::test]
 async fn events_are_paged_back_in_time_with_next_before() {
     let env = Env::new();
-    let twin = env.start(env.config()).await;
+    let twin = env.start_with(env.config()).await;
     let files = register(&env, &twin, "VIN-E5").await;
     let link = connected(&env, &twin, &files, "VIN-E5").await;
     for seq in 0..25 {

@@ -16,77 +16,22 @@ use cardeploy_protocol::{
     self as protocol, Hello, HelloReply, Phase, Report, ReportBody, ReportedState, route,
 };
 use cardeploy_release::ArtifactKind;
-use cardeploy_testkit::signing::Signer;
-use cardeploy_testkit::{CarFiles, TestPki, eventually, rest, rest_bytes};
+use cardeploy_testkit::{CarFiles, eventually, noise, rest_bytes};
 use cardeploy_twin::{Config, Running};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[path = "../common/mod.rs"]
+mod common;
 
 mod api;
 mod cars;
 mod events;
 mod store;
 
+use common::{Env, api_async as api};
+
 const WAIT: Duration = Duration::from_secs(10);
-
-struct Env {
-    pki: TestPki,
-    data: tempfile::TempDir,
-    signer: std::sync::OnceLock<Signer>,
-}
-
-impl Env {
-    fn new() -> Self {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-        Self {
-            pki: TestPki::new(),
-            data: tempfile::tempdir().unwrap(),
-            signer: std::sync::OnceLock::new(),
-        }
-    }
-
-    fn config(&self) -> Config {
-        let mut config = Config::new(self.data.path());
-        config.cars_listen = "127.0.0.1:0".parse().unwrap();
-        config.api_listen = "127.0.0.1:0".parse().unwrap();
-        config.ca = Some(self.pki.ca());
-        config.cert = Some(self.pki.twin_cert());
-        config.key = Some(self.pki.twin_key());
-        config.heartbeat_secs = 2;
-        config
-    }
-
-    /// The twin with `config`, and a root naming its director key the first time.
-    async fn start(&self, config: Config) -> Running {
-        let twin = cardeploy_twin::start(config).await.unwrap();
-        if self.signer.get().is_none() {
-            let signer = Signer::for_twin(self.data.path());
-            signer.push_root(twin.api_addr, &twin.operator_token).await;
-            let _ = self.signer.set(signer);
-        }
-        twin
-    }
-
-    fn signer(&self) -> &Signer {
-        self.signer.get().unwrap()
-    }
-
-    fn chunks(&self) -> PathBuf {
-        self.data.path().join("chunks")
-    }
-}
-
-async fn api(
-    twin: &Running,
-    method: &'static str,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    rest(twin.api_addr, &twin.operator_token, method, path, body).await
-}
 
 async fn add_car(twin: &Running, car: &str, pem: &str) -> (u16, Value) {
     api(
@@ -212,17 +157,4 @@ async fn refused_at_handshake(env: &Env, twin: &Running, files: &CarFiles, car: 
             .then_some(())
     })
     .await;
-}
-
-/// Pseudo-random bytes: chunks that share nothing across seeds.
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 56) as u8
-        })
-        .collect()
 }

@@ -22,35 +22,7 @@ fn age(path: &Path) {
         .unwrap();
 }
 
-async fn upload_chunks(twin: &Running, data: &[u8], index: &ChunkIndex) {
-    let offsets = index.offsets();
-    for (i, c) in index.chunks.iter().enumerate() {
-        let raw = &data[offsets[i] as usize..offsets[i + 1] as usize];
-        let frame = zstd::bulk::compress(raw, 1).unwrap();
-        let (status, body) = rest_bytes(
-            twin.api_addr,
-            &twin.operator_token,
-            &format!("/api/v1/chunks/{}", c.id),
-            frame,
-        )
-        .await;
-        assert_eq!(status, 201, "{body}");
-    }
-}
-
-async fn upload(twin: &Running, data: &[u8]) -> ChunkIndex {
-    let index = chunk_bytes(data, Params::DEFAULT);
-    upload_chunks(twin, data, &index).await;
-    let (status, body) = rest_bytes(
-        twin.api_addr,
-        &twin.operator_token,
-        &format!("/api/v1/indexes/{}", index.id()),
-        index.encode(),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    index
-}
+use super::common::{upload, upload_chunks};
 
 /// The twin with its gc running every second (its first round runs at once).
 fn collecting(env: &Env) -> Config {
@@ -63,19 +35,19 @@ fn collecting(env: &Env) -> Config {
 async fn unreferenced_chunks_and_indexes_go_after_the_grace_period_and_released_ones_stay() {
     let env = Env::new();
     // Set up with the gc idle (its one round ran at start), age the files, then let it run.
-    let twin = env.start(env.config()).await;
-    let released = upload(&twin, &bytes(1, 300_000)).await;
+    let twin = env.start_with(env.config()).await;
+    let released = upload(&twin, &noise(1, 300_000)).await;
     let artifact =
         cardeploy_testkit::signing::artifact(ArtifactKind::RaucBundle, "rootfs", &released);
     let release = env.signer().manifest("os", "1.0.0", vec![artifact]);
     env.signer()
         .publish(twin.api_addr, &twin.operator_token, &release)
         .await;
-    let unreleased = upload(&twin, &bytes(2, 300_000)).await;
-    let loose = bytes(3, 20_000);
+    let unreleased = upload(&twin, &noise(2, 300_000)).await;
+    let loose = noise(3, 20_000);
     let loose_index = chunk_bytes(&loose, Params::DEFAULT);
     upload_chunks(&twin, &loose, &loose_index).await;
-    let fresh = bytes(4, 20_000);
+    let fresh = noise(4, 20_000);
     let fresh_index = chunk_bytes(&fresh, Params::DEFAULT);
     upload_chunks(&twin, &fresh, &fresh_index).await;
     twin.stop().await.unwrap();
@@ -88,7 +60,7 @@ async fn unreferenced_chunks_and_indexes_go_after_the_grace_period_and_released_
         age(&index_path(&env, index));
     }
 
-    let twin = env.start(collecting(&env)).await;
+    let twin = env.start_with(collecting(&env)).await;
     eventually(WAIT, "the unreleased index to go", || {
         (!index_path(&env, &unreleased).exists()).then_some(())
     })
@@ -130,12 +102,12 @@ async fn unreferenced_chunks_and_indexes_go_after_the_grace_period_and_released_
 #[tokio::test]
 async fn a_chunk_the_twin_said_it_has_outlives_the_gc_until_its_index_arrives() {
     let env = Env::new();
-    let twin = env.start(env.config()).await;
-    let data = bytes(5, 200_000);
+    let twin = env.start_with(env.config()).await;
+    let data = noise(5, 200_000);
     let index = chunk_bytes(&data, Params::DEFAULT);
     upload_chunks(&twin, &data, &index).await;
     // A canary: old and unreferenced, it shows when a gc round has run.
-    let canary = bytes(6, 20_000);
+    let canary = noise(6, 20_000);
     let canary_index = chunk_bytes(&canary, Params::DEFAULT);
     upload_chunks(&twin, &canary, &canary_index).await;
     for c in index.chunks.iter().chain(&canary_index.chunks) {
@@ -154,7 +126,7 @@ async fn a_chunk_the_twin_said_it_has_outlives_the_gc_until_its_index_arrives() 
     assert_eq!(answer["missing"], json!([]));
     twin.stop().await.unwrap();
 
-    let twin = env.start(collecting(&env)).await;
+    let twin = env.start_with(collecting(&env)).await;
     eventually(WAIT, "a gc round", || {
         canary_index
             .chunks
