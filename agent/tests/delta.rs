@@ -435,10 +435,18 @@ async fn crafted(twin: &Running, chunks: &[Vec<u8>]) -> ChunkIndex {
     index
 }
 
-/// `app@N.0.0` with one OCI layer `app` made of `index`, as `car`'s desired state.
-async fn desire_app(env: &Env, twin: &Running, car: &str, major: u32, index: &ChunkIndex) {
+/// `app@N.0.0` with one OCI layer `app` made of `index`. Made once: a version is published once,
+/// and a manifest made again a second later is another one.
+fn app_release(env: &Env, major: u32, index: &ChunkIndex) -> cardeploy_release::Release {
     let artifact = cardeploy_testkit::signing::artifact(ArtifactKind::OciLayer, "app", index);
-    env.desire(twin, car, "app", &format!("{major}.0.0"), vec![artifact])
+    env.signer()
+        .manifest("app", &format!("{major}.0.0"), vec![artifact])
+}
+
+/// `release` as `car`'s desired state.
+async fn desire_app(env: &Env, twin: &Running, car: &str, release: &cardeploy_release::Release) {
+    env.signer()
+        .desire(twin.api_addr, &twin.operator_token, car, release)
         .await;
 }
 
@@ -502,12 +510,17 @@ async fn one_new_chunk_in_two_releases_over_one_base_reaches_both_cars_and_a_dam
         "the same chunk at the same place"
     );
 
+    let (r1, r2, r3) = (
+        app_release(&env, 1, &base),
+        app_release(&env, 2, &t1),
+        app_release(&env, 3, &t2),
+    );
     // Car 1 runs the base, then fetches T1: X travels as a context frame, made and cached.
     let car1 = env.car(&twin, "VIN-T1").await;
     let _agent1 = Agent::start(&car1);
-    desire_app(&env, &twin, "VIN-T1", 1, &base).await;
+    desire_app(&env, &twin, "VIN-T1", &r1).await;
     app_applied(&twin, "VIN-T1", 1).await;
-    desire_app(&env, &twin, "VIN-T1", 2, &t1).await;
+    desire_app(&env, &twin, "VIN-T1", &r2).await;
     app_applied(&twin, "VIN-T1", 2).await;
     assert!(
         twin.served().deltas.load(Ordering::Relaxed) >= 1,
@@ -530,9 +543,9 @@ async fn one_new_chunk_in_two_releases_over_one_base_reaches_both_cars_and_a_dam
     let dir2 = tempfile::tempdir().unwrap();
     let car2 = env.another_car(&twin, "VIN-T1B", dir2.path()).await;
     let _agent2 = Agent::start(&car2);
-    desire_app(&env, &twin, "VIN-T1B", 1, &base).await;
+    desire_app(&env, &twin, "VIN-T1B", &r1).await;
     app_applied(&twin, "VIN-T1B", 1).await;
-    desire_app(&env, &twin, "VIN-T1B", 2, &t1).await;
+    desire_app(&env, &twin, "VIN-T1B", &r2).await;
     app_applied(&twin, "VIN-T1B", 2).await;
     assert_eq!(twin.served().repaired.load(Ordering::Relaxed), 1);
     assert_eq!(
@@ -545,10 +558,10 @@ async fn one_new_chunk_in_two_releases_over_one_base_reaches_both_cars_and_a_dam
     let dir3 = tempfile::tempdir().unwrap();
     let car3 = env.another_car(&twin, "VIN-T2", dir3.path()).await;
     let _agent3 = Agent::start(&car3);
-    desire_app(&env, &twin, "VIN-T2", 1, &base).await;
+    desire_app(&env, &twin, "VIN-T2", &r1).await;
     app_applied(&twin, "VIN-T2", 1).await;
     let before = twin.served().chunks.load(Ordering::Relaxed);
-    desire_app(&env, &twin, "VIN-T2", 3, &t2).await;
+    desire_app(&env, &twin, "VIN-T2", &r3).await;
     app_applied(&twin, "VIN-T2", 3).await;
     // Exactly the three chunks it lacked: none had to be asked for again after a bad delta.
     assert_eq!(twin.served().chunks.load(Ordering::Relaxed) - before, 3);

@@ -206,6 +206,8 @@ struct Stage {
     cars: std::net::SocketAddr,
     signer: Signer,
     index: cardeploy_chunks::ChunkIndex,
+    /// Each version's manifest, made once: a version is published once.
+    releases: std::sync::Mutex<std::collections::HashMap<String, cardeploy_release::Release>>,
 }
 
 impl Stage {
@@ -240,6 +242,7 @@ impl Stage {
             cars,
             signer,
             index,
+            releases: Default::default(),
         }
     }
 
@@ -267,9 +270,20 @@ impl Stage {
     }
 
     async fn desire(&self, car: &str, version: &str) {
-        let artifact =
-            cardeploy_testkit::signing::artifact(ArtifactKind::OciLayer, "app", &self.index);
-        let release = self.signer.manifest("app", version, vec![artifact]);
+        let release = self
+            .releases
+            .lock()
+            .unwrap()
+            .entry(version.to_owned())
+            .or_insert_with(|| {
+                let artifact = cardeploy_testkit::signing::artifact(
+                    ArtifactKind::OciLayer,
+                    "app",
+                    &self.index,
+                );
+                self.signer.manifest("app", version, vec![artifact])
+            })
+            .clone();
         self.signer
             .desire(self.api, &self.process.token, car, &release)
             .await;
@@ -661,21 +675,18 @@ async fn delta_work_runs_one_job_per_car_and_no_more_than_the_pool_at_once() {
         let a = cardeploy_testkit::signing::artifact(ArtifactKind::OciLayer, "app", index);
         signer.manifest("app", version, vec![a])
     };
+    // Every car runs the base first; a version is published once, so its manifest is made once.
+    let first = release("1.0.0", &indexes[0]);
     let mut links = Vec::new();
     for (n, car) in ["VIN-POOL-A", "VIN-POOL-B", "VIN-POOL-C"]
         .iter()
         .enumerate()
     {
         let files = register(&env, &twin, car).await;
-        let next = format!("{}.0.0", n + 2);
-        for (version, index) in [("1.0.0", &indexes[0]), (next.as_str(), &indexes[n + 1])] {
+        let next = release(&format!("{}.0.0", n + 2), &indexes[n + 1]);
+        for release in [&first, &next] {
             signer
-                .desire(
-                    twin.api_addr,
-                    &twin.operator_token,
-                    car,
-                    &release(version, index),
-                )
+                .desire(twin.api_addr, &twin.operator_token, car, release)
                 .await;
         }
         links.push(car_link(&env, &twin, &files, car).await);
