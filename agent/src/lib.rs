@@ -212,7 +212,7 @@ impl Agent {
                     if let os::OsUpdate::Committed { release, .. } = &next
                         && let Some((line, version)) = release.label.split_once('@')
                     {
-                        record_version(s, line, version);
+                        record_version(s, line, version, true);
                     }
                 }
                 s.os.update = next.clone();
@@ -293,12 +293,21 @@ impl Agent {
             car_id: self.config.car_id.to_string(),
             compatible: self.compatible.clone(),
             now: now_secs(),
-            last_counter: state.last_counter,
+            counter: state
+                .last_counter
+                .zip(state.counter_scope.clone())
+                .map(|(last, scope)| cardeploy_release::CounterMark { scope, last }),
             installed: state
                 .installed
                 .iter()
                 .filter_map(|(line, v)| Some((line.clone(), v.parse().ok()?)))
                 .collect(),
+            os: state.installed_os.as_ref().and_then(|os| {
+                Some(cardeploy_release::InstalledOs {
+                    line: os.line.clone(),
+                    version: os.version.parse().ok()?,
+                })
+            }),
             max_artifact_bytes: self.config.max_artifact_bytes,
         }
     }
@@ -481,6 +490,8 @@ impl Agent {
             self.event(link, "refused", message).await;
             return false;
         }
+        // D4a: the scope the counter is accepted in (a rotation to another director starts one).
+        let trusted_scope = trusted.counter_scope();
         if !new_roots.is_empty() {
             tracing::info!(version = trusted.root().version, "root rotated");
         }
@@ -490,6 +501,7 @@ impl Agent {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = trusted;
 
         let counter = accepted.desired.counter;
+        let scope = trusted_scope;
         let checked = accepted.release;
         let managed_os = self.os.is_some();
         // Persist before anything else happens: after a crash the agent knows what it accepted,
@@ -498,6 +510,8 @@ impl Agent {
             .update(|next| {
                 next.desired = Some(message);
                 next.last_counter = Some(counter);
+                next.counter_scope = Some(scope.clone());
+                next.accepted = next.accepted.saturating_add(1);
                 let same = next
                     .target
                     .as_ref()
@@ -507,6 +521,7 @@ impl Agent {
                     // The same release signed again (a refresh before expiry): only the counter
                     // moves.
                     next.reported.desired_counter = Some(counter);
+                    next.reported.counter_scope = Some(scope.clone());
                     return (true, false);
                 }
                 let target = Target {
@@ -531,6 +546,7 @@ impl Agent {
                 next.reported = ReportedState {
                     phase,
                     desired_counter: Some(counter),
+                    counter_scope: Some(scope.clone()),
                     release: Some(target.label()),
                     last_error: None,
                     os: next.reported.os.take(),
@@ -780,6 +796,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let roots = verify::Roots::new(&config.state_dir)?;
     let trusted = roots.load(&config.root)?;
     tracing::info!(root = trusted.root().version, "root of trust loaded");
+    if state.adopt_scope(&trusted.counter_scope()) {
+        store.save(&state)?;
+    }
     // Whichever wait the signal interrupts, systemd hears at once that the exit is wanted.
     let shutdown = {
         let notify = notify.clone();
@@ -888,26 +907,42 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 }
 
 /// The target release is on the car: its version becomes the line's installed version if it is
-/// the highest (M5 compares against it).
+/// the highest (M5 compares against it), and, for an OS release, the OS this hardware runs (M5a).
 fn record_installed(state: &mut State) {
     if let Some(target) = state.target.clone() {
-        record_version(state, &target.line, &target.version);
+        let os = target
+            .artifacts
+            .iter()
+            .any(|a| a.kind == cardeploy_release::ArtifactKind::RaucBundle);
+        record_version(state, &target.line, &target.version, os);
     }
 }
 
-fn record_version(state: &mut State, line: &str, version: &str) {
-    let newer = match state.installed.get(line) {
-        Some(have) => match (
-            have.parse::<semver::Version>(),
-            version.parse::<semver::Version>(),
-        ) {
-            (Ok(have), Ok(new)) => new > have,
-            _ => true,
-        },
-        None => true,
+/// Record `line@version` as installed: the line's highest version by SemVer precedence, and,
+/// for an OS release (`os`), the OS of this hardware — on its line, at the highest version that
+/// line reached here (an override that moved it to another line starts there).
+fn record_version(state: &mut State, line: &str, version: &str, os: bool) {
+    let above = |have: &str| match (
+        have.parse::<semver::Version>(),
+        version.parse::<semver::Version>(),
+    ) {
+        (Ok(have), Ok(new)) => cardeploy_release::older(&have, &new),
+        _ => true,
     };
-    if newer {
+    if state.installed.get(line).is_none_or(|have| above(have)) {
         state.installed.insert(line.to_owned(), version.to_owned());
+    }
+    if os {
+        let same_line_higher = state
+            .installed_os
+            .as_ref()
+            .is_some_and(|running| running.line == line && !above(&running.version));
+        if !same_line_higher {
+            state.installed_os = Some(state::InstalledOs {
+                line: line.to_owned(),
+                version: version.to_owned(),
+            });
+        }
     }
 }
 

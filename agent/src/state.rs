@@ -13,7 +13,9 @@ use crate::Error;
 
 /// 2: signed desired states (issue 4) — the counter, the target release and installed versions.
 /// 3: the OS update state (`os`); a schema-2 file loads with an idle OS state.
-pub const SCHEMA: u32 = 3;
+/// 4: the counter's scope, the count of accepted desired states, the installed OS; a schema-3
+/// file loads with its counter in the scope of the root in force (`adopt_scope`).
+pub const SCHEMA: u32 = 4;
 const FILE: &str = "state.json";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,15 +26,28 @@ pub struct State {
     pub epoch: u64,
     /// The last desired state the agent accepted, exactly as it arrived (signed).
     pub desired: Option<DesiredState>,
-    /// The highest desired-state counter accepted (D4): a replayed older one is refused.
+    /// The highest desired-state counter accepted (D4) in `counter_scope`: a replayed older one
+    /// is refused.
     #[serde(default)]
     pub last_counter: Option<u64>,
+    /// The counter scope of `last_counter` (D4a: the director role it was accepted under). A
+    /// root whose director role is another starts a fresh scope.
+    #[serde(default)]
+    pub counter_scope: Option<String>,
+    /// How many desired states this car accepted, ever: what tells the OS update that a desired
+    /// state is newer than the one a failure happened under, whatever counter scope it is in.
+    #[serde(default)]
+    pub accepted: u64,
     /// The verified release the accepted desired state names: what the agent works towards.
     #[serde(default)]
     pub target: Option<Target>,
     /// The highest version installed per release line (M5: no downgrade without an override).
     #[serde(default)]
     pub installed: std::collections::BTreeMap<String, String>,
+    /// The OS this hardware runs, from the last OS release installed (M5a: held against every OS
+    /// release, whatever line it claims).
+    #[serde(default)]
+    pub installed_os: Option<InstalledOs>,
     pub reported: ReportedState,
     /// Artifacts the car holds, by name: the id (hex) of each one's chunk index. The previous
     /// version of an artifact is the base the twin makes deltas against.
@@ -41,6 +56,14 @@ pub struct State {
     /// The OS update (A/B through RAUC) and the releases this car will not install again.
     #[serde(default)]
     pub os: crate::os::OsRecord,
+}
+
+/// The line and version of the OS release this hardware runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstalledOs {
+    pub line: String,
+    pub version: String,
 }
 
 /// A verified release, as much of it as the agent needs after verification.
@@ -52,6 +75,20 @@ pub struct Target {
     pub line: String,
     pub version: String,
     pub artifacts: Vec<cardeploy_release::Artifact>,
+}
+
+impl State {
+    /// A state written before counters had scopes holds a counter accepted under the root in
+    /// force then, which is the root loaded now: it adopts that root's scope, and its counter
+    /// stands for the desired states accepted so far. Returns whether anything changed.
+    pub fn adopt_scope(&mut self, scope: &str) -> bool {
+        if self.last_counter.is_none() || self.counter_scope.is_some() {
+            return false;
+        }
+        self.counter_scope = Some(scope.to_owned());
+        self.accepted = self.accepted.max(self.last_counter.unwrap_or(0));
+        true
+    }
 }
 
 impl Target {
@@ -68,8 +105,11 @@ impl Default for State {
             epoch: 0,
             desired: None,
             last_counter: None,
+            counter_scope: None,
+            accepted: 0,
             target: None,
             installed: std::collections::BTreeMap::new(),
+            installed_os: None,
             reported: ReportedState::idle(),
             artifacts: std::collections::BTreeMap::new(),
             os: crate::os::OsRecord::default(),

@@ -10,7 +10,9 @@ use cardeploy_agent::verify;
 use cardeploy_chunks::ChunkIndex;
 use cardeploy_chunks::transit::Frame;
 use cardeploy_protocol::DesiredState;
-use cardeploy_release::{CarContext, Envelope, TrustedRoot, check_artifact, verify_release};
+use cardeploy_release::{
+    CarContext, Envelope, InstalledOs, TrustedRoot, check_artifact, verify_release,
+};
 use serde_json::Value;
 
 fn data_dir() -> PathBuf {
@@ -35,13 +37,18 @@ fn car(case: &Value) -> CarContext {
         car_id: c["car_id"].as_str().unwrap().into(),
         compatible: c["compatible"].as_str().unwrap().into(),
         now: c["now"].as_u64().unwrap(),
-        last_counter: c["last_counter"].as_u64(),
+        counter: (!c["counter"].is_null())
+            .then(|| serde_json::from_value(c["counter"].clone()).unwrap()),
         installed: c["installed"]
             .as_object()
             .unwrap()
             .iter()
             .map(|(line, v)| (line.clone(), v.as_str().unwrap().parse().unwrap()))
             .collect(),
+        os: (!c["os"].is_null()).then(|| InstalledOs {
+            line: c["os"]["line"].as_str().unwrap().into(),
+            version: c["os"]["version"].as_str().unwrap().parse().unwrap(),
+        }),
         max_artifact_bytes: c["max_artifact_bytes"].as_u64().unwrap(),
     }
 }
@@ -53,7 +60,13 @@ fn check_message(dir: &Path, car: &CarContext) -> Result<(), String> {
     let message = DesiredState {
         desired: envelope(dir, "desired.json"),
         release: envelope(dir, "release.json"),
-        roots: Vec::new(),
+        // A rotation the message carries, taken before the rest is checked.
+        roots: dir
+            .join("rotation.json")
+            .exists()
+            .then(|| envelope(dir, "rotation.json"))
+            .into_iter()
+            .collect(),
         downgrade: dir
             .join("downgrade.json")
             .exists()

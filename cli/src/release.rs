@@ -191,8 +191,12 @@ fn parse_version(s: &str) -> Result<semver::Version, String> {
     semver::Version::parse(s).map_err(|e| format!("not a semantic version (e.g. 1.5.0): {e}"))
 }
 
+/// The rule of docs/release-format.md M2 for lines (one canonical form), checked here so
+/// `create` refuses what the twin and the cars would.
 fn parse_line(s: &str) -> Result<String, String> {
-    check_name(s).map(|()| s.to_owned())
+    cardeploy_release::check_line(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 /// The rule of docs/release-format.md M3 (names become file names on the car), checked here so
@@ -753,7 +757,7 @@ fn sign(input: &Path, key_paths: &[PathBuf], out: Option<PathBuf>) -> anyhow::Re
     };
     // Never sign what is not a release manifest: look at it the way a signer should.
     let release = parse_release(&envelope.payload, &origin)?;
-    check_name(&release.line).map_err(|e| anyhow!("release line {e}"))?;
+    parse_line(&release.line).map_err(|e| anyhow!("{e}"))?;
     parse_version(&release.version).map_err(|e| anyhow!("release version: {e}"))?;
 
     let out = out.unwrap_or(signed_file);

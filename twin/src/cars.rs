@@ -297,12 +297,36 @@ impl CarResponder {
     /// A signed desired state expires (freeze protection); a car coming back after a long time
     /// would refuse it. With less than half its lifetime left, sign the same release again with
     /// the next counter: the car records the counter and has nothing new to do.
+    ///
+    /// The same when the car says it accepted a higher counter than the one stored: this twin's
+    /// database was restored from an older copy (or rebuilt), and the car would refuse the
+    /// stored one as a replay. Signed again above the car's counter, it is taken without anyone
+    /// stepping in.
     async fn refresh_desired(&self) -> Result<(), crate::Error> {
         let Some(stored) = self.twin.db.desired(&self.car).await? else {
             return Ok(());
         };
         let now = u64::try_from(now()).unwrap_or(0);
-        if !due_for_refresh(stored.issued, stored.expires, now) {
+        // Both counters count only in the scope in force.
+        let scope = self.twin.trust.counter_scope();
+        let in_scope = |counted_in: &Option<String>| counted_in.is_none() || *counted_in == scope;
+        let car_counter = self
+            .twin
+            .db
+            .reported(&self.car)
+            .await?
+            .filter(|r| in_scope(&r.state.counter_scope))
+            .and_then(|r| r.state.desired_counter);
+        let ours = if in_scope(&stored.scope) {
+            stored.counter
+        } else {
+            0
+        };
+        let behind = car_counter.is_some_and(|c| c > ours);
+        // Signed by a director role no longer in force (the twin restarted with a new director
+        // key): signed again by the one in force.
+        let outdated = !in_scope(&stored.scope);
+        if !behind && !outdated && !due_for_refresh(stored.issued, stored.expires, now) {
             return Ok(());
         }
         let ttl = stored.expires.saturating_sub(stored.issued).max(60);
@@ -310,7 +334,12 @@ impl CarResponder {
             .twin
             .issue_desired(&self.car, &stored.release, ttl, stored.downgrade.clone())
             .await?;
-        tracing::info!(car = %self.car, counter = fresh.counter, "desired state re-signed before it expires");
+        if behind {
+            tracing::warn!(car = %self.car, counter = fresh.counter, car_counter = ?car_counter,
+                stored = stored.counter, "the car accepted a higher counter than this twin remembers (a restored database?); desired state signed again above it");
+        } else {
+            tracing::info!(car = %self.car, counter = fresh.counter, "desired state re-signed before it expires");
+        }
         Ok(())
     }
 

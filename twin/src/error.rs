@@ -24,6 +24,10 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    #[error(
+        "car {car} is at desired-state counter {counter}, the highest there may be: rotate the director key in a new root (`cardeploy root rotate --director-key`), which starts its counters afresh"
+    )]
+    CounterExhausted { car: String, counter: u64 },
     #[error(transparent)]
     Chunks(#[from] cardeploy_chunks::Error),
     #[error(transparent)]

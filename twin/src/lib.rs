@@ -129,9 +129,18 @@ impl Twin {
     ) -> Result<StoredDesired, Error> {
         let issued = u64::try_from(cars::now()).unwrap_or(0);
         let expires = issued.saturating_add(ttl_secs);
+        // What the car says it accepted last in the scope in force: signed above, whatever this
+        // twin remembers.
+        let scope = self.trust.counter_scope();
+        let floor = self.db.reported(car).await?.and_then(|r| {
+            let counted_in = r.state.counter_scope;
+            (counted_in.is_none() || counted_in == scope)
+                .then_some(r.state.desired_counter)
+                .flatten()
+        });
         let stored = self
             .db
-            .set_desired(car, |counter| {
+            .set_desired(car, scope.as_deref(), floor, |counter| {
                 let doc = cardeploy_release::Desired {
                     car_id: car.to_string(),
                     release: release.to_owned(),
@@ -146,6 +155,7 @@ impl Twin {
                     counter,
                     issued,
                     expires,
+                    scope: scope.clone(),
                 }
             })
             .await?;

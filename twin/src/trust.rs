@@ -249,6 +249,11 @@ impl Trust {
         Ok(verify_release(root, envelope, now, max_artifact_bytes)?)
     }
 
+    /// The counter scope of the root in force (D4a), if there is one.
+    pub fn counter_scope(&self) -> Option<String> {
+        self.chain().trusted.as_ref().map(TrustedRoot::counter_scope)
+    }
+
     /// Sign a desired state with the director key.
     pub fn sign_desired(&self, desired: &Desired) -> Envelope {
         // Plain struct of strings and numbers: serialising cannot fail.

@@ -282,7 +282,7 @@ async fn perform(
 ) -> Option<Action> {
     let config = &runtime.config;
     let current = agent.state().os.update.clone();
-    let counter = agent.state().last_counter.unwrap_or(0);
+    let counter = agent.state().accepted;
     let outcome = match action {
         Action::Wait => {
             sleep_or_wake(&runtime.wake, IDLE_TICK).await;
@@ -719,7 +719,7 @@ pub(crate) fn wanted(agent: &Agent, state: &crate::State) -> Option<Wanted> {
                 digest: target.release.clone(),
                 label: target.label(),
             },
-            counter: state.last_counter.unwrap_or(0),
+            counter: state.accepted,
             ready: !agent.needs_fetch(target, &state.artifacts),
         })
 }

@@ -200,6 +200,10 @@ pub struct ReportedState {
     pub phase: Phase,
     /// The counter of the desired state the agent last acted on.
     pub desired_counter: Option<u64>,
+    /// The scope that counter counts in (docs/release-format.md, D4a): the twin signs above it
+    /// when the scope is its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter_scope: Option<String>,
     pub release: Option<String>,
     pub last_error: Option<String>,
     /// The A/B system as RAUC sees it, on cars whose agent manages the OS.
@@ -212,6 +216,7 @@ impl ReportedState {
         Self {
             phase: Phase::Idle,
             desired_counter: None,
+            counter_scope: None,
             release: None,
             last_error: None,
             os: None,

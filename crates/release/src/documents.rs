@@ -84,18 +84,73 @@ pub struct DowngradeOverride {
     pub expires: u64,
 }
 
+/// A desired-state counter may grow by at most this much in one step (D4): a leaked director key
+/// cannot push a car's counter out of reach in one document.
+pub const MAX_COUNTER_STEP: u64 = 1 << 20;
+/// No counter is above this (D4): whatever happens, the next one can always be written.
+pub const MAX_COUNTER: u64 = 1 << 62;
+/// How far in the future a desired state's `issued` may be by the car's clock (D5).
+pub const MAX_CLOCK_SKEW_SECS: u64 = 3600;
+/// The longest a desired state may be valid, `expires - issued` (D5): as long as the twin's
+/// longest lifetime, 366 days.
+pub const MAX_DESIRED_LIFETIME_SECS: u64 = 366 * 86_400;
+
+/// The highest desired-state counter a car accepted, and the scope it counts in (D4a: the
+/// director role of the root in force when it was accepted).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CounterMark {
+    pub scope: String,
+    pub last: u64,
+}
+
+/// The OS the car runs, for rollback protection by hardware (M5a): the line and version of the
+/// last OS release installed on this car, whatever line later releases claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstalledOs {
+    pub line: String,
+    pub version: semver::Version,
+}
+
 /// What the car knows about itself when it checks a release and a desired state.
 #[derive(Clone, Debug)]
 pub struct CarContext {
     pub car_id: String,
     pub compatible: String,
     pub now: u64,
-    /// The highest desired-state counter accepted so far.
-    pub last_counter: Option<u64>,
+    /// The highest desired-state counter accepted so far, in its scope.
+    pub counter: Option<CounterMark>,
     /// The highest version installed per release line.
     pub installed: std::collections::BTreeMap<String, semver::Version>,
+    /// The OS this hardware runs (M5a), when an OS release was installed.
+    pub os: Option<InstalledOs>,
     /// Largest artifact the car accepts.
     pub max_artifact_bytes: u64,
+}
+
+/// M2's rule for release lines: one canonical form, so that `ECU-MAIN`, `ecu-main.` and
+/// `ecu-main` cannot be three lines. 1–64 of `a–z 0–9 -`, starting and ending alphanumeric.
+pub fn check_line(line: &str) -> Result<(), Error> {
+    let ok = !line.is_empty()
+        && line.len() <= 64
+        && line
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !line.starts_with('-')
+        && !line.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::LineName {
+            line: line.to_owned(),
+        })
+    }
+}
+
+/// Whether `a` is older than `b` by SemVer precedence: build metadata does not count, so
+/// `2.0.0+build9` and `2.0.0+build10` are the same version.
+pub fn older(a: &semver::Version, b: &semver::Version) -> bool {
+    a.cmp_precedence(b) == std::cmp::Ordering::Less
 }
 
 fn hex64(what: &str, s: &str) -> Result<(), Error> {
@@ -159,16 +214,15 @@ pub fn verify_release(
     // M1: signed by the release role under the trusted root, which is still fresh (R4).
     root.fresh(now)?;
     let verified = root.verify(RoleName::Release, RELEASE_TYPE, envelope)?;
-    // M2: the manifest itself, exactly the bytes that were verified.
-    let release: Release = serde_json::from_slice(verified.payload)
-        .map_err(|e| Error::Malformed(format!("release manifest: {e}")))?;
+    // M2: the manifest itself, exactly the bytes that were verified, in its strict shape (S1).
+    let release: Release = crate::shape::strict(verified.payload, "release manifest")?;
     let version = semver::Version::parse(&release.version).map_err(|e| {
         Error::Malformed(format!(
             "release version `{}` is not semver: {e}",
             release.version
         ))
     })?;
-    safe_name("release line", &release.line)?;
+    check_line(&release.line)?;
     // M3: artifacts and workloads are well formed; names are safe file names, unique; sizes
     // within the car's limit.
     let mut names = BTreeSet::new();
@@ -229,23 +283,45 @@ pub fn check_release(
             car: car.compatible.clone(),
         });
     }
-    // M5: never older than what the line already runs, unless the root allows exactly this.
-    if let Some(installed) = car.installed.get(&release.line)
-        && version < installed
-    {
-        let allowed = match downgrade {
-            Some(env) => {
-                let v = root.verify(RoleName::Root, OVERRIDE_TYPE, env)?;
-                let o: DowngradeOverride = serde_json::from_slice(v.payload)
-                    .map_err(|e| Error::Malformed(format!("downgrade override: {e}")))?;
-                o.line == release.line && o.version == release.version && car.now < o.expires
-            }
-            None => false,
+    // A root-signed override naming exactly this line and version, not expired.
+    let overridden = || -> Result<bool, Error> {
+        let Some(env) = downgrade else {
+            return Ok(false);
         };
-        if !allowed {
+        let v = root.verify(RoleName::Root, OVERRIDE_TYPE, env)?;
+        let o: DowngradeOverride = crate::shape::strict(v.payload, "downgrade override")?;
+        Ok(o.line == release.line && o.version == release.version && car.now < o.expires)
+    };
+    // M5: never older than what the line already runs (by SemVer precedence), unless the root
+    // allows exactly this.
+    if let Some(installed) = car.installed.get(&release.line)
+        && older(version, installed)
+        && !overridden()?
+    {
+        return Err(Error::Downgrade {
+            line: release.line.clone(),
+            installed: installed.to_string(),
+            offered: version.to_string(),
+        });
+    }
+    // M5a: an OS release is held against the OS this hardware runs, whatever line it claims: a
+    // lower version, or the same OS moved to another line, needs the same override.
+    let carries_os = release
+        .artifacts
+        .iter()
+        .any(|a| a.kind == ArtifactKind::RaucBundle);
+    if carries_os && let Some(os) = &car.os {
+        if os.line != release.line && !overridden()? {
+            return Err(Error::LineSwitch {
+                compatible: car.compatible.clone(),
+                running: format!("{}@{}", os.line, os.version),
+                offered: format!("{}@{}", release.line, release.version),
+            });
+        }
+        if older(version, &os.version) && !overridden()? {
             return Err(Error::Downgrade {
-                line: release.line.clone(),
-                installed: installed.to_string(),
+                line: format!("{} (the OS of {})", os.line, car.compatible),
+                installed: os.version.to_string(),
                 offered: version.to_string(),
             });
         }
@@ -263,9 +339,8 @@ pub fn check_desired(
     // D1: signed by the director role under the trusted root, which is still fresh (R4).
     root.fresh(car.now)?;
     let verified = root.verify(RoleName::Director, DESIRED_TYPE, envelope)?;
-    // D2: the document.
-    let desired: Desired = serde_json::from_slice(verified.payload)
-        .map_err(|e| Error::Malformed(format!("desired state: {e}")))?;
+    // D2: the document, in its strict shape (S1).
+    let desired: Desired = crate::shape::strict(verified.payload, "desired state")?;
     // D3: for this car.
     if desired.car_id != car.car_id {
         return Err(Error::OtherCar {
@@ -273,16 +348,57 @@ pub fn check_desired(
             theirs: desired.car_id,
         });
     }
-    // D4: newer than anything accepted before (a replay carries an old counter).
-    if let Some(last) = car.last_counter
-        && desired.counter <= last
-    {
-        return Err(Error::Replay {
+    // D4: newer than anything accepted before in this counter scope (a replay carries an old
+    // counter), but not by more than a step; D4a: a root whose director role changed starts a
+    // fresh scope.
+    if desired.counter == 0 || desired.counter > MAX_COUNTER {
+        return Err(Error::CounterJump {
             counter: desired.counter,
-            last,
+            last: 0,
+            limit: MAX_COUNTER,
         });
     }
-    // D5: not expired (freeze protection).
+    if let Some(mark) = &car.counter
+        && mark.scope == root.counter_scope()
+    {
+        if desired.counter <= mark.last {
+            return Err(Error::Replay {
+                counter: desired.counter,
+                last: mark.last,
+            });
+        }
+        if desired.counter - mark.last > MAX_COUNTER_STEP {
+            return Err(Error::CounterJump {
+                counter: desired.counter,
+                last: mark.last,
+                limit: mark.last.saturating_add(MAX_COUNTER_STEP),
+            });
+        }
+    }
+    // D5: issued no later than now (with some clock skew), valid for a bounded time, and not
+    // expired (freeze protection).
+    let time = |why: String| Error::Time {
+        what: format!("desired state #{}", desired.counter),
+        why,
+    };
+    if desired.issued > car.now.saturating_add(MAX_CLOCK_SKEW_SECS) {
+        return Err(time(format!(
+            "issued at {}, more than {MAX_CLOCK_SKEW_SECS} s after now ({}) by this car's clock",
+            desired.issued, car.now
+        )));
+    }
+    if desired.expires <= desired.issued {
+        return Err(time(format!(
+            "expires at {}, not after it was issued ({})",
+            desired.expires, desired.issued
+        )));
+    }
+    if desired.expires - desired.issued > MAX_DESIRED_LIFETIME_SECS {
+        return Err(time(format!(
+            "valid for {} s, longer than the {MAX_DESIRED_LIFETIME_SECS} s a desired state may be",
+            desired.expires - desired.issued
+        )));
+    }
     if car.now >= desired.expires {
         return Err(Error::Expired {
             what: format!("desired state #{}", desired.counter),

@@ -45,6 +45,24 @@ pub enum Error {
     OtherCar { ours: String, theirs: String },
     #[error("desired state counter {counter} is not above the last accepted ({last}): a replay")]
     Replay { counter: u64, last: u64 },
+    #[error(
+        "desired state counter {counter} jumps beyond {limit} (last accepted {last}): a leaked director key may be at work; rotate the director key in a new root (docs/release-format.md, D4a)"
+    )]
+    CounterJump { counter: u64, last: u64, limit: u64 },
+    #[error("{what}: {why}")]
+    Time { what: String, why: String },
+    #[error(
+        "release line `{line}` is not in canonical form (1-64 of a-z 0-9 -, starting and ending alphanumeric)"
+    )]
+    LineName { line: String },
+    #[error(
+        "this hardware ({compatible}) runs the OS {running}; {offered} moves it to another line (allowed only with a root-signed override)"
+    )]
+    LineSwitch {
+        compatible: String,
+        running: String,
+        offered: String,
+    },
     #[error("desired state names release {named}, but the release offered is {got}")]
     ReleaseMismatch { named: String, got: String },
     #[error(

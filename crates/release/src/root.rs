@@ -43,6 +43,8 @@ pub struct Root {
     pub version: u64,
     /// Unix seconds after which this root is no longer trusted.
     pub expires: u64,
+    /// Every key once (S1: a key id listed twice is refused, not reduced to its last entry).
+    #[serde(deserialize_with = "crate::shape::unique_keys")]
     pub keys: BTreeMap<KeyId, PublicKey>,
     pub roles: Roles,
 }
@@ -114,8 +116,7 @@ fn parse(envelope: &[u8]) -> Result<(Envelope, Root), Error> {
     let env = Envelope::from_json(envelope)?;
     // The payload is parsed here only to learn which keys should have signed it; nothing in it
     // is used before the signatures below are checked.
-    let root: Root = serde_json::from_slice(&env.payload)
-        .map_err(|e| Error::Malformed(format!("root payload: {e}")))?;
+    let root: Root = crate::shape::strict(&env.payload, "root")?;
     Ok((env, root))
 }
 
@@ -150,7 +151,8 @@ impl TrustedRoot {
     /// checked on the root in use (R4), not on the steps of a chain.
     pub fn rotate(&self, envelope: &[u8]) -> Result<Self, Error> {
         let (env, next) = parse(envelope)?;
-        if next.version != self.root.version + 1 {
+        // The highest version has no successor: checked, never wrapped.
+        if self.root.version.checked_add(1) != Some(next.version) {
             return Err(Error::RootVersion {
                 have: self.root.version,
                 got: next.version,
@@ -187,6 +189,17 @@ impl TrustedRoot {
 
     pub fn root(&self) -> &Root {
         &self.root
+    }
+
+    /// D4a: the scope of desired-state counters under this root — the director role's keys and
+    /// threshold. A rotation that changes them starts a fresh scope, in which the car counts
+    /// from nothing again (a leaked director key may have pushed the old one's counter out of
+    /// reach).
+    pub fn counter_scope(&self) -> String {
+        let director = &self.root.roles.director;
+        let mut ids: Vec<&str> = director.keyids.iter().map(KeyId::as_str).collect();
+        ids.sort_unstable();
+        crate::sha256_hex(format!("{}:{}", director.threshold, ids.join(",")).as_bytes())
     }
 
     /// Verify an envelope of `payload_type` signed by `role` under this root (V1–V6).

@@ -323,13 +323,18 @@ fn manifest(version: &str) -> Release {
     }
 }
 
-fn car() -> CarContext {
+/// The car: counter 4 accepted under `root`'s director, ecu-main 1.4.0 installed.
+fn car_in(root: &TrustedRoot) -> CarContext {
     CarContext {
         car_id: "VIN1".into(),
         compatible: "cardeploy-qemuarm64".into(),
         now: NOW,
-        last_counter: Some(4),
+        counter: Some(CounterMark {
+            scope: root.counter_scope(),
+            last: 4,
+        }),
         installed: [("ecu-main".to_owned(), semver::Version::new(1, 4, 0))].into(),
+        os: None,
         max_artifact_bytes: 1 << 30,
     }
 }
@@ -357,12 +362,12 @@ fn desired_for(release: &CheckedRelease) -> Desired {
 #[test]
 fn a_release_and_its_desired_state_pass_every_step() {
     let f = fleet();
-    let checked = check_release(&f.root, &f.release(&manifest("1.5.0")), &car(), None).unwrap();
+    let checked = check_release(&f.root, &f.release(&manifest("1.5.0")), &car_in(&f.root), None).unwrap();
     assert_eq!(checked.version, semver::Version::new(1, 5, 0));
     let desired = check_desired(
         &f.root,
         &f.desired(&desired_for(&checked)),
-        &car(),
+        &car_in(&f.root),
         &checked,
     )
     .unwrap();
@@ -377,7 +382,7 @@ fn a_release_signed_by_the_director_is_refused() {
         &serde_json::to_vec(&manifest("1.5.0")).unwrap(),
         &[&f.k[2]],
     );
-    let err = check_release(&f.root, &env, &car(), None).unwrap_err();
+    let err = check_release(&f.root, &env, &car_in(&f.root), None).unwrap_err();
     assert!(
         matches!(err, Error::BelowThreshold { valid: 0, .. }),
         "{err}"
@@ -389,7 +394,7 @@ fn incompatible_hardware_is_refused() {
     let f = fleet();
     let mut m = manifest("1.5.0");
     m.compatible = "other-board".into();
-    let err = check_release(&f.root, &f.release(&m), &car(), None).unwrap_err();
+    let err = check_release(&f.root, &f.release(&m), &car_in(&f.root), None).unwrap_err();
     assert!(matches!(err, Error::Incompatible { .. }), "{err}");
 }
 
@@ -399,7 +404,7 @@ fn path_traversal_in_artifact_names_is_refused() {
     for bad in ["../etc/passwd", "/abs", "a/b", ".hidden", ""] {
         let mut m = manifest("1.5.0");
         m.artifacts[0].name = bad.into();
-        let err = check_release(&f.root, &f.release(&m), &car(), None).unwrap_err();
+        let err = check_release(&f.root, &f.release(&m), &car_in(&f.root), None).unwrap_err();
         assert!(matches!(err, Error::UnsafeName { .. }), "{bad}: {err}");
     }
 }
@@ -409,7 +414,7 @@ fn an_artifact_larger_than_the_car_accepts_is_refused() {
     let f = fleet();
     let mut m = manifest("1.5.0");
     m.artifacts[0].size = 2 << 30;
-    let err = check_release(&f.root, &f.release(&m), &car(), None).unwrap_err();
+    let err = check_release(&f.root, &f.release(&m), &car_in(&f.root), None).unwrap_err();
     assert!(matches!(err, Error::ArtifactTooLarge { .. }), "{err}");
 }
 
@@ -417,7 +422,7 @@ fn an_artifact_larger_than_the_car_accepts_is_refused() {
 fn a_downgrade_is_refused_unless_the_root_allows_exactly_it() {
     let f = fleet();
     let old = f.release(&manifest("1.3.9"));
-    let err = check_release(&f.root, &old, &car(), None).unwrap_err();
+    let err = check_release(&f.root, &old, &car_in(&f.root), None).unwrap_err();
     assert!(matches!(err, Error::Downgrade { .. }), "{err}");
 
     let allow = |version: &str, signer: &SigningKey| {
@@ -429,18 +434,18 @@ fn a_downgrade_is_refused_unless_the_root_allows_exactly_it() {
         sign(OVERRIDE_TYPE, &serde_json::to_vec(&o).unwrap(), &[signer])
     };
     // An override signed by the release key is not the root's word.
-    let err = check_release(&f.root, &old, &car(), Some(&allow("1.3.9", &f.k[1]))).unwrap_err();
+    let err = check_release(&f.root, &old, &car_in(&f.root), Some(&allow("1.3.9", &f.k[1]))).unwrap_err();
     assert!(matches!(err, Error::BelowThreshold { .. }), "{err}");
     // The root's override for another version does not cover this one.
-    let err = check_release(&f.root, &old, &car(), Some(&allow("1.3.8", &f.k[0]))).unwrap_err();
+    let err = check_release(&f.root, &old, &car_in(&f.root), Some(&allow("1.3.8", &f.k[0]))).unwrap_err();
     assert!(matches!(err, Error::Downgrade { .. }), "{err}");
-    assert!(check_release(&f.root, &old, &car(), Some(&allow("1.3.9", &f.k[0]))).is_ok());
+    assert!(check_release(&f.root, &old, &car_in(&f.root), Some(&allow("1.3.9", &f.k[0]))).is_ok());
 }
 
 #[test]
 fn desired_states_for_another_car_replayed_expired_or_naming_another_release_are_refused() {
     let f = fleet();
-    let checked = check_release(&f.root, &f.release(&manifest("1.5.0")), &car(), None).unwrap();
+    let checked = check_release(&f.root, &f.release(&manifest("1.5.0")), &car_in(&f.root), None).unwrap();
     type Case = (&'static str, fn(&mut Desired), fn(&Error) -> bool);
     let cases: [Case; 4] = [
         (
@@ -463,7 +468,10 @@ fn desired_states_for_another_car_replayed_expired_or_naming_another_release_are
         ),
         (
             "expired",
-            |d| d.expires = NOW,
+            |d| {
+                d.issued = NOW - 100;
+                d.expires = NOW;
+            },
             |e| matches!(e, Error::Expired { .. }),
         ),
         (
@@ -475,7 +483,7 @@ fn desired_states_for_another_car_replayed_expired_or_naming_another_release_are
     for (what, change, expected) in cases {
         let mut d = desired_for(&checked);
         change(&mut d);
-        let err = check_desired(&f.root, &f.desired(&d), &car(), &checked).unwrap_err();
+        let err = check_desired(&f.root, &f.desired(&d), &car_in(&f.root), &checked).unwrap_err();
         assert!(expected(&err), "{what}: {err}");
     }
     // Signed by the release key instead of the director: refused.
@@ -484,7 +492,7 @@ fn desired_states_for_another_car_replayed_expired_or_naming_another_release_are
         &serde_json::to_vec(&desired_for(&checked)).unwrap(),
         &[&f.k[1]],
     );
-    let err = check_desired(&f.root, &env, &car(), &checked).unwrap_err();
+    let err = check_desired(&f.root, &env, &car_in(&f.root), &checked).unwrap_err();
     assert!(matches!(err, Error::BelowThreshold { .. }), "{err}");
 }
 
@@ -512,7 +520,7 @@ fn a_workload_must_be_carried_by_a_manifest_artifact() {
         name: "app".into(),
         digest: "12".repeat(32),
     });
-    let err = check_release(&f.root, &f.release(&m), &car(), None).unwrap_err();
+    let err = check_release(&f.root, &f.release(&m), &car_in(&f.root), None).unwrap_err();
     assert!(matches!(err, Error::Malformed(_)), "{err}");
     m.artifacts.push(Artifact {
         kind: ArtifactKind::KubeManifest,
@@ -521,7 +529,7 @@ fn a_workload_must_be_carried_by_a_manifest_artifact() {
         size: 100,
         index: "34".repeat(32),
     });
-    assert!(check_release(&f.root, &f.release(&m), &car(), None).is_ok());
+    assert!(check_release(&f.root, &f.release(&m), &car_in(&f.root), None).is_ok());
 }
 
 #[test]
@@ -544,4 +552,216 @@ fn seeded_keys_are_reproducible() {
     assert_eq!(a.public(), b.public());
     let env = crate::sign(RELEASE, b"x", &[&a]);
     assert_eq!(env, crate::sign(RELEASE, b"x", &[&b]));
+}
+
+fn counter_case(f: &Fleet, root: &TrustedRoot, car: &CarContext, counter: u64) -> Result<(), Error> {
+    let checked = check_release(root, &f.release(&manifest("1.5.0")), car, None)?;
+    let mut d = desired_for(&checked);
+    d.counter = counter;
+    check_desired(root, &f.desired(&d), car, &checked).map(|_| ())
+}
+
+#[test]
+fn counters_grow_by_a_bounded_step_and_never_past_the_highest() {
+    let f = fleet();
+    let car = car_in(&f.root);
+    assert!(counter_case(&f, &f.root, &car, 5).is_ok());
+    assert!(counter_case(&f, &f.root, &car, 4 + MAX_COUNTER_STEP).is_ok());
+    for (counter, limit) in [
+        (5 + MAX_COUNTER_STEP, 4 + MAX_COUNTER_STEP),
+        (u64::MAX, MAX_COUNTER),
+        (0, MAX_COUNTER),
+    ] {
+        let err = counter_case(&f, &f.root, &car, counter).unwrap_err();
+        assert!(
+            matches!(err, Error::CounterJump { limit: l, .. } if l == limit),
+            "{counter}: {err}"
+        );
+    }
+    // A car that has never accepted one takes any counter up to the highest.
+    let mut fresh = car.clone();
+    fresh.counter = None;
+    assert!(counter_case(&f, &f.root, &fresh, MAX_COUNTER).is_ok());
+}
+
+#[test]
+fn a_root_that_replaces_the_director_key_starts_a_fresh_counter_scope() {
+    let mut f = fleet();
+    // The car was pushed to a counter no honest twin reaches (a leaked director key).
+    let mut car = car_in(&f.root);
+    car.counter = Some(CounterMark {
+        scope: f.root.counter_scope(),
+        last: MAX_COUNTER,
+    });
+    let err = counter_case(&f, &f.root, &car, MAX_COUNTER).unwrap_err();
+    assert!(matches!(err, Error::Replay { .. }), "{err}");
+    // Root 2 names a new director key: the old counter does not count under it.
+    let director = keys(1).remove(0);
+    let v2 = root_doc(2, &[&f.k[0]], 1, &f.k[1], &director);
+    let rotated = f.root.rotate(&signed_root(&v2, &[&f.k[0]])).unwrap();
+    assert_ne!(rotated.counter_scope(), f.root.counter_scope());
+    f.k[2] = director;
+    assert!(counter_case(&f, &rotated, &car, 1).is_ok());
+    // A rotation that keeps the director key keeps the scope.
+    let v3 = root_doc(3, &[&f.k[0]], 1, &f.k[1], &f.k[2]);
+    let again = rotated.rotate(&signed_root(&v3, &[&f.k[0]])).unwrap();
+    assert_eq!(again.counter_scope(), rotated.counter_scope());
+}
+
+#[test]
+fn an_os_release_is_held_against_the_os_this_hardware_runs_whatever_its_line() {
+    let f = fleet();
+    let mut car = car_in(&f.root);
+    car.os = Some(InstalledOs {
+        line: "ecu-main".into(),
+        version: semver::Version::new(2, 0, 0),
+    });
+    let on = |line: &str, version: &str| {
+        let mut m = manifest(version);
+        m.line = line.into();
+        f.release(&m)
+    };
+    let allow = |line: &str, version: &str| {
+        let o = DowngradeOverride {
+            line: line.into(),
+            version: version.into(),
+            expires: NOW + 60,
+        };
+        sign(OVERRIDE_TYPE, &serde_json::to_vec(&o).unwrap(), &[&f.k[0]])
+    };
+    // Another line, lower version: the old-OS rollback the check exists to stop.
+    let err = check_release(&f.root, &on("ecu-beta", "0.1.0"), &car, None).unwrap_err();
+    assert!(matches!(err, Error::LineSwitch { .. }), "{err}");
+    // Another line, higher version: still a switch of the OS to another line.
+    let err = check_release(&f.root, &on("ecu-beta", "9.0.0"), &car, None).unwrap_err();
+    assert!(matches!(err, Error::LineSwitch { .. }), "{err}");
+    // The same line, lower than what runs (the line's own record says 1.4.0): the OS record
+    // holds it.
+    let err = check_release(&f.root, &on("ecu-main", "1.5.0"), &car, None).unwrap_err();
+    assert!(matches!(err, Error::Downgrade { .. }), "{err}");
+    // The root may allow exactly a switch.
+    let ok = check_release(
+        &f.root,
+        &on("ecu-beta", "0.1.0"),
+        &car,
+        Some(&allow("ecu-beta", "0.1.0")),
+    );
+    assert!(ok.is_ok(), "{ok:?}");
+    // A release without an OS bundle is not held against the OS.
+    let mut workloads = manifest("0.1.0");
+    workloads.line = "ecu-beta".into();
+    workloads.artifacts[0].kind = ArtifactKind::OciLayer;
+    assert!(check_release(&f.root, &f.release(&workloads), &car, None).is_ok());
+}
+
+#[test]
+fn release_lines_have_one_canonical_form() {
+    let f = fleet();
+    for bad in ["ECU-MAIN", "ecu-main.", "ecu_main", "-ecu", "ecu-", "ecu main", ""] {
+        let mut m = manifest("1.5.0");
+        m.line = bad.into();
+        let err = check_release(&f.root, &f.release(&m), &car_in(&f.root), None).unwrap_err();
+        assert!(matches!(err, Error::LineName { .. }), "{bad:?}: {err}");
+    }
+    assert!(check_line("ecu-main-2").is_ok());
+}
+
+#[test]
+fn build_metadata_does_not_make_a_version_older_or_newer() {
+    let f = fleet();
+    let mut car = car_in(&f.root);
+    car.installed
+        .insert("ecu-main".into(), "2.0.0+build9".parse().unwrap());
+    assert!(check_release(&f.root, &f.release(&manifest("2.0.0+build10")), &car, None).is_ok());
+    car.installed
+        .insert("ecu-main".into(), "2.0.0+build10".parse().unwrap());
+    assert!(check_release(&f.root, &f.release(&manifest("2.0.0+build9")), &car, None).is_ok());
+    let err = check_release(&f.root, &f.release(&manifest("1.9.9+build99")), &car, None);
+    assert!(matches!(err, Err(Error::Downgrade { .. })), "{err:?}");
+    assert!(!older(&"2.0.0+a".parse().unwrap(), &"2.0.0+b".parse().unwrap()));
+}
+
+#[test]
+fn signed_documents_are_json_objects_with_every_key_once() {
+    let f = fleet();
+    let car = car_in(&f.root);
+    let refused = |payload: serde_json::Value| {
+        let env = sign(RELEASE_TYPE, &serde_json::to_vec(&payload).unwrap(), &[&f.k[1]]);
+        check_release(&f.root, &env, &car, None).unwrap_err()
+    };
+    let artifact = serde_json::to_value(&manifest("1.5.0").artifacts[0]).unwrap();
+    // The whole manifest as a positional array.
+    let err = refused(serde_json::json!([
+        "ecu-main", "1.5.0", "cardeploy-qemuarm64", NOW, [artifact.clone()], []
+    ]));
+    assert!(matches!(err, Error::Malformed(ref m) if m.contains("object")), "{err}");
+    // An artifact as a positional array inside an object.
+    let err = refused(serde_json::json!({
+        "line": "ecu-main", "version": "1.5.0", "compatible": "cardeploy-qemuarm64",
+        "created": NOW,
+        "artifacts": [["rauc-bundle", "rootfs", "ab".repeat(32), 1 << 20, "cd".repeat(32)]],
+    }));
+    assert!(matches!(err, Error::Malformed(ref m) if m.contains("array")), "{err}");
+    // A desired state as an array.
+    let checked = check_release(&f.root, &f.release(&manifest("1.5.0")), &car, None).unwrap();
+    let d = desired_for(&checked);
+    let as_array = serde_json::json!([d.car_id, d.release, d.counter, d.issued, d.expires]);
+    let env = sign(DESIRED_TYPE, &serde_json::to_vec(&as_array).unwrap(), &[&f.k[2]]);
+    let err = check_desired(&f.root, &env, &car, &checked).unwrap_err();
+    assert!(matches!(err, Error::Malformed(_)), "{err}");
+    // A root listing one key id twice.
+    let doc = root_doc(1, &[&f.k[0]], 1, &f.k[1], &f.k[2]);
+    let text = String::from_utf8(serde_json::to_vec(&doc).unwrap()).unwrap();
+    let id = f.k[1].public().id();
+    let key = serde_json::to_string(&f.k[1].public()).unwrap();
+    let twice = text.replacen(
+        &format!("\"{id}\":{key}"),
+        &format!("\"{id}\":{key},\"{id}\":{key}"),
+        1,
+    );
+    assert_ne!(twice, text);
+    let env = sign(ROOT_TYPE, twice.as_bytes(), &[&f.k[0]]);
+    let err = TrustedRoot::pinned(&env.to_json()).unwrap_err();
+    assert!(matches!(err, Error::Malformed(ref m) if m.contains("twice")), "{err}");
+}
+
+#[test]
+fn a_desired_state_is_issued_before_now_and_valid_for_a_bounded_time() {
+    let f = fleet();
+    let car = car_in(&f.root);
+    let checked = check_release(&f.root, &f.release(&manifest("1.5.0")), &car, None).unwrap();
+    type Change = fn(&mut Desired);
+    let cases: [(&str, Change); 3] = [
+        ("issued in the future", |d| {
+            d.issued = NOW + MAX_CLOCK_SKEW_SECS + 1;
+            d.expires = d.issued + 60;
+        }),
+        ("expires before it was issued", |d| d.expires = d.issued - 1),
+        ("valid for ever", |d| d.expires = u64::MAX),
+    ];
+    for (what, change) in cases {
+        let mut d = desired_for(&checked);
+        change(&mut d);
+        let err = check_desired(&f.root, &f.desired(&d), &car, &checked).unwrap_err();
+        assert!(matches!(err, Error::Time { .. }), "{what}: {err}");
+    }
+    // Within the clock skew is fine: the twin's clock may be a little ahead.
+    let mut d = desired_for(&checked);
+    d.issued = NOW + MAX_CLOCK_SKEW_SECS;
+    d.expires = d.issued + 60;
+    assert!(check_desired(&f.root, &f.desired(&d), &car, &checked).is_ok());
+}
+
+#[test]
+fn the_highest_root_version_cannot_be_rotated_past() {
+    let k = keys(3);
+    let top = root_doc(u64::MAX, &[&k[0]], 1, &k[1], &k[2]);
+    let root = TrustedRoot::pinned(&signed_root(&top, &[&k[0]])).unwrap();
+    let mut next = top.clone();
+    next.version = 0;
+    let err = root.rotate(&signed_root(&next, &[&k[0]])).unwrap_err();
+    assert!(
+        matches!(err, Error::RootVersion { have: u64::MAX, got: 0 }),
+        "{err}"
+    );
 }

@@ -12,8 +12,9 @@ use std::path::Path;
 use cardeploy_chunks::transit::{Encoding, Frame};
 use cardeploy_chunks::{ChunkIndex, Params, chunk_bytes};
 use cardeploy_release::{
-    Artifact, ArtifactKind, DESIRED_TYPE, Desired, DowngradeOverride, Envelope, OVERRIDE_TYPE,
-    RELEASE_TYPE, ROOT_TYPE, Release, Role, Roles, Root, SigningKey, pae, sha256_hex, sign,
+    Artifact, ArtifactKind, DESIRED_TYPE, Desired, DowngradeOverride, Envelope, MAX_CLOCK_SKEW_SECS,
+    MAX_COUNTER, MAX_COUNTER_STEP, MAX_DESIRED_LIFETIME_SECS, OVERRIDE_TYPE, RELEASE_TYPE, ROOT_TYPE,
+    Release, Role, Roles, Root, SigningKey, TrustedRoot, pae, sha256_hex, sign,
 };
 use serde_json::{Value, json};
 
@@ -116,14 +117,23 @@ fn desired_doc(release: &Envelope) -> Desired {
     }
 }
 
-/// What the car knows about itself in every case unless the case says otherwise.
-fn car() -> Value {
+/// The counter scope of a root (D4a).
+fn scope_of(root: &Envelope) -> String {
+    TrustedRoot::pinned(&root.to_json())
+        .expect("the generator's roots verify")
+        .counter_scope()
+}
+
+/// What the car knows about itself in every case unless the case says otherwise: counter 4
+/// accepted under `root`'s director, ecu 1.0.0 installed, no OS release installed yet.
+fn car(root: &Envelope) -> Value {
     json!({
         "car_id": CAR,
         "compatible": COMPATIBLE,
         "now": NOW,
-        "last_counter": 4,
+        "counter": {"scope": scope_of(root), "last": 4},
         "installed": {"ecu": "1.0.0"},
+        "os": null,
         "max_artifact_bytes": 1u64 << 30,
     })
 }
@@ -140,6 +150,8 @@ struct Case {
     expect: &'static str,
     why: &'static str,
     files: BTreeMap<&'static str, Vec<u8>>,
+    /// What the car knows, where it differs from [`car`].
+    car: Option<Value>,
 }
 
 fn message_case(
@@ -158,7 +170,16 @@ fn message_case(
         expect,
         why,
         files,
+        car: None,
     }
+}
+
+/// `case` with the car's context changed by `change`.
+fn with_car(mut case: Case, root: &Envelope, change: impl FnOnce(&mut Value)) -> Case {
+    let mut c = car(root);
+    change(&mut c);
+    case.car = Some(c);
+    case
 }
 
 fn cases() -> BTreeMap<&'static str, Case> {
@@ -438,6 +459,7 @@ fn cases() -> BTreeMap<&'static str, Case> {
                 expect: "ArtifactMismatch",
                 why,
                 files,
+                car: None,
             },
         );
     }
@@ -464,6 +486,7 @@ fn cases() -> BTreeMap<&'static str, Case> {
             expect: "ChunkLength",
             why: "the twin sends a chunk claiming 4 KiB more than the index declares: refused before decompressing, so nothing beyond the declared size is ever written",
             files,
+            car: None,
         },
     );
 
@@ -486,6 +509,7 @@ fn cases() -> BTreeMap<&'static str, Case> {
             expect: "BelowThreshold",
             why: "a new root signed by 1 of the 2 old root keys the old root requires",
             files,
+            car: None,
         },
     );
     let mut files = BTreeMap::new();
@@ -504,6 +528,232 @@ fn cases() -> BTreeMap<&'static str, Case> {
             expect: "ok",
             why: "the same rotation signed by both old keys and the new one",
             files,
+            car: None,
+        },
+    );
+
+    // D4: a counter may grow by a bounded step, and never to where the next cannot be written.
+    for (name, counter, why) in [
+        (
+            "counter-jump",
+            4 + MAX_COUNTER_STEP + 1,
+            "a desired state one past the largest step above the last accepted counter (a leaked director key fast-forwarding the car)",
+        ),
+        (
+            "counter-beyond-highest",
+            u64::MAX,
+            "counter 2^64-1: every later desired state would be a replay",
+        ),
+    ] {
+        let mut d = desired_doc(&release);
+        d.counter = counter;
+        cases.insert(
+            name,
+            message_case(
+                "CounterJump",
+                why,
+                &root,
+                &release,
+                &signed(DESIRED_TYPE, &d, &[&k.director]),
+            ),
+        );
+    }
+    // D4a: a root rotation to a new director key starts a fresh scope: a car whose counter was
+    // pushed to the top takes counter 1 from the new key.
+    let new_director = key(6);
+    let mut v2 = root_doc(&k, 2, &[&k.root[0], &k.root[1]], 1, 1);
+    v2.keys.remove(&k.director.public().id());
+    v2.keys
+        .insert(new_director.public().id(), new_director.public());
+    v2.roles.director = role(&[&new_director], 1);
+    let rotation = signed(ROOT_TYPE, &v2, &[&k.root[0]]);
+    let mut d = desired_doc(&release);
+    d.counter = 1;
+    let mut case = with_car(
+        message_case(
+            "ok",
+            "the car's counter sits at the highest there is under the old director key; a root rotation to a new one starts afresh and counter 1 is taken",
+            &root,
+            &release,
+            &signed(DESIRED_TYPE, &d, &[&new_director]),
+        ),
+        &root,
+        |c| c["counter"]["last"] = json!(MAX_COUNTER),
+    );
+    case.files.insert("rotation.json", rotation.to_json());
+    cases.insert("counter-fresh-scope-after-director-rotation", case);
+
+    // M5a: the OS is held against what this hardware runs, whatever line a release claims.
+    let runs_ecu_2 = |c: &mut Value| c["os"] = json!({"line": "ecu", "version": "2.0.0"});
+    let mut beta = release_doc(&index);
+    beta.line = "ecu-beta".into();
+    beta.version = "0.1.0".into();
+    let beta = signed(RELEASE_TYPE, &beta, &[&k.release[0]]);
+    cases.insert(
+        "os-on-another-line",
+        with_car(
+            message_case(
+                "LineSwitch",
+                "a car running ecu 2.0.0 offered an OS bundle for the same hardware as ecu-beta 0.1.0: the old-OS rollback moved to another line",
+                &root,
+                &beta,
+                &director(&beta),
+            ),
+            &root,
+            runs_ecu_2,
+        ),
+    );
+    let mut case = with_car(
+        message_case(
+            "ok",
+            "the same switch, allowed by an override the root role signed for ecu-beta 0.1.0",
+            &root,
+            &beta,
+            &director(&beta),
+        ),
+        &root,
+        runs_ecu_2,
+    );
+    let switch = DowngradeOverride {
+        line: "ecu-beta".into(),
+        version: "0.1.0".into(),
+        expires: NOW + 3600,
+    };
+    case.files.insert(
+        "downgrade.json",
+        signed(OVERRIDE_TYPE, &switch, &[&k.root[0]]).to_json(),
+    );
+    cases.insert("os-on-another-line-with-override", case);
+
+    // M2: one canonical form per line.
+    for (name, line) in [("line-upper-case", "ECU"), ("line-trailing-dot", "ecu.")] {
+        let mut doc = release_doc(&index);
+        doc.line = line.into();
+        let env = signed(RELEASE_TYPE, &doc, &[&k.release[0]]);
+        cases.insert(
+            name,
+            message_case(
+                "LineName",
+                "a line that is `ecu` to a person but another line to a byte comparison",
+                &root,
+                &env,
+                &director(&env),
+            ),
+        );
+    }
+
+    // M5: SemVer precedence; build metadata does not count.
+    let mut same = release_doc(&index);
+    same.version = "2.0.0+build9".into();
+    let same = signed(RELEASE_TYPE, &same, &[&k.release[0]]);
+    cases.insert(
+        "build-metadata-same-version",
+        with_car(
+            message_case(
+                "ok",
+                "2.0.0+build9 offered where 2.0.0+build10 is installed: the same version, not a downgrade",
+                &root,
+                &same,
+                &director(&same),
+            ),
+            &root,
+            |c| c["installed"]["ecu"] = json!("2.0.0+build10"),
+        ),
+    );
+
+    // S1: signed payloads are JSON objects; a key map lists each key once.
+    let positional = json!([
+        "ecu", "2.0.0", COMPATIBLE, NOW - 100,
+        [serde_json::to_value(artifact(&index)).expect("plain document")], []
+    ]);
+    let array = sign(
+        RELEASE_TYPE,
+        &serde_json::to_vec(&positional).expect("plain document"),
+        &[&k.release[0]],
+    );
+    cases.insert(
+        "positional-array-payload",
+        message_case(
+            "Malformed",
+            "the release manifest signed as a positional JSON array instead of an object",
+            &root,
+            &array,
+            &director(&array),
+        ),
+    );
+    let text = String::from_utf8(serde_json::to_vec(&root1).expect("plain document"))
+        .expect("json");
+    let id = k.director.public().id();
+    let entry = format!(
+        "\"{id}\":{}",
+        serde_json::to_string(&k.director.public()).expect("plain document")
+    );
+    let twice = text.replacen(&entry, &format!("{entry},{entry}"), 1);
+    debug_assert_ne!(twice, text);
+    cases.insert(
+        "duplicate-root-key",
+        message_case(
+            "Malformed",
+            "a root whose key map lists the director key twice",
+            &sign(ROOT_TYPE, twice.as_bytes(), &[&k.root[0]]),
+            &release,
+            &desired,
+        ),
+    );
+
+    // D5: issued no later than now (plus clock skew), expiring after it was issued, for a
+    // bounded time.
+    for (name, issued, expires, why) in [
+        (
+            "issued-in-the-future",
+            NOW + MAX_CLOCK_SKEW_SECS + 60,
+            NOW + MAX_CLOCK_SKEW_SECS + 3600,
+            "a desired state issued an hour and a minute after the car's now",
+        ),
+        (
+            "expires-before-issued",
+            NOW - 10,
+            NOW - 20,
+            "a desired state that expires before it was issued",
+        ),
+        (
+            "lifetime-too-long",
+            NOW - 10,
+            NOW - 10 + MAX_DESIRED_LIFETIME_SECS + 1,
+            "a desired state valid for a second more than a desired state may be",
+        ),
+    ] {
+        let mut d = desired_doc(&release);
+        d.issued = issued;
+        d.expires = expires;
+        cases.insert(
+            name,
+            message_case(
+                "Time",
+                why,
+                &root,
+                &release,
+                &signed(DESIRED_TYPE, &d, &[&k.director]),
+            ),
+        );
+    }
+
+    // R5: the highest root version has no successor (checked, never wrapped).
+    let mut top = root1.clone();
+    top.version = u64::MAX;
+    let mut after = root1.clone();
+    after.version = 0;
+    let mut files = BTreeMap::new();
+    files.insert("root.json", signed(ROOT_TYPE, &top, &[&k.root[0]]).to_json());
+    files.insert("rotation.json", signed(ROOT_TYPE, &after, &[&k.root[0]]).to_json());
+    cases.insert(
+        "root-highest-version",
+        Case {
+            check: "rotation",
+            expect: "RootVersion",
+            why: "a root at the highest version: the next rotation is refused, not wrapped to 0",
+            files,
+            car: None,
         },
     );
 
@@ -512,6 +762,12 @@ fn cases() -> BTreeMap<&'static str, Case> {
 
 /// Write every case under `dir` (`tests/data`), replacing what is there.
 pub fn generate(dir: &Path) -> std::io::Result<()> {
+    let k = keys();
+    let standard = signed(
+        ROOT_TYPE,
+        &root_doc(&k, 1, &[&k.root[0], &k.root[1]], 1, 1),
+        &[&k.root[0]],
+    );
     for (name, case) in cases() {
         let at = dir.join(name);
         if at.exists() {
@@ -526,7 +782,7 @@ pub fn generate(dir: &Path) -> std::io::Result<()> {
             "why": case.why,
             "check": case.check,
             "expect": case.expect,
-            "car": car(),
+            "car": case.car.unwrap_or_else(|| car(&standard)),
         });
         let mut text = serde_json::to_string_pretty(&meta).expect("json");
         text.push('\n');

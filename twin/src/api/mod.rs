@@ -45,6 +45,10 @@ impl IntoResponse for ApiError {
 
 impl From<crate::Error> for ApiError {
     fn from(e: crate::Error) -> Self {
+        // The operator can act on this one: it is the car's state, not the twin failing.
+        if let crate::Error::CounterExhausted { .. } = e {
+            return Self(StatusCode::CONFLICT, e.to_string());
+        }
         tracing::error!("{e}");
         Self(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
     }

@@ -35,15 +35,26 @@ pub(super) async fn add_root(
     State(twin): State<Arc<Twin>>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let scope_before = twin.trust.counter_scope();
     let version = twin
         .trust
         .add_root(&body, now_secs())
         .map_err(trust_error)?;
-    // Every car's next message carries the new chain.
+    let scope = twin.trust.counter_scope();
     for (car, stored) in twin.db.all_desired().await? {
-        let message = twin.compose(&stored).await?;
-        twin.fleet
-            .with_car(&car, |live| live.desired.send_replace(Some(message)));
+        if scope != scope_before && stored.scope.is_some() && stored.scope != scope {
+            // A new director role: what the old one signed no longer verifies on a car that
+            // takes the new root, so every desired state is signed again, in the fresh counter
+            // scope (docs/release-format.md, D4a).
+            let ttl = stored.expires.saturating_sub(stored.issued).max(60);
+            twin.issue_desired(&car, &stored.release, ttl, stored.downgrade.clone())
+                .await?;
+        } else {
+            // Every car's next message carries the new chain.
+            let message = twin.compose(&stored).await?;
+            twin.fleet
+                .with_car(&car, |live| live.desired.send_replace(Some(message)));
+        }
     }
     Ok(Json(serde_json::json!({ "version": version })))
 }

@@ -154,6 +154,10 @@ pub struct StoredDesired {
     pub counter: u64,
     pub issued: u64,
     pub expires: u64,
+    /// The counter scope it was signed in (docs/release-format.md, D4a); absent on documents
+    /// from before scopes, which count in the scope in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 pub use cars::{Conflict, Registration};
@@ -240,9 +244,15 @@ impl Db {
     /// counter and returns the signed document. Durable when it returns (the durable pool), so a
     /// counter is never handed out twice, and `BEGIN IMMEDIATE` takes the write lock before the
     /// counter is read, so no other writer slips in between.
+    /// The counter is one above both the last one this twin signed for the car in `scope` (the
+    /// counter scope in force; one signed in another scope does not count) and `floor`, the
+    /// last one the car says it accepted in this scope: a twin whose database was restored from
+    /// an older copy (or lost) signs above what the car already has instead of freezing it.
     pub async fn set_desired(
         &self,
         car: &CarId,
+        scope: Option<&str>,
+        floor: Option<u64>,
         make: impl FnOnce(u64) -> StoredDesired,
     ) -> Result<StoredDesired, Error> {
         let mut tx = self
@@ -250,13 +260,24 @@ impl Db {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db("set desired state"))?;
-        let counter: Option<i64> =
-            sqlx::query_scalar("SELECT counter FROM signed_desired WHERE car_id = ?")
-                .bind(car.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db("set desired state"))?;
-        let counter = counter.map_or(1, |c| c.unsigned_abs() + 1);
+        let last: Option<(i64, Option<String>)> = sqlx::query_as(
+            "SELECT counter, json_extract(document, '$.scope') FROM signed_desired WHERE car_id = ?",
+        )
+        .bind(car.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db("set desired state"))?;
+        let mine = last
+            .filter(|(_, signed_in)| signed_in.is_none() || signed_in.as_deref() == scope)
+            .map_or(0, |(counter, _)| counter.unsigned_abs());
+        let above = mine.max(floor.unwrap_or(0));
+        let counter = above
+            .checked_add(1)
+            .filter(|c| *c <= cardeploy_release::MAX_COUNTER)
+            .ok_or_else(|| Error::CounterExhausted {
+                car: car.to_string(),
+                counter: above,
+            })?;
         let stored = make(counter);
         let doc = serde_json::to_string(&stored).unwrap_or_default();
         sqlx::query(
@@ -297,17 +318,28 @@ impl Db {
     }
 
     /// Whether another release already has this line and version.
+    ///
+    /// Versions are the same when SemVer says so: build metadata does not count, so
+    /// `2.0.0+build9` and `2.0.0+build10` are one version (published once).
     pub async fn release_by_version(
         &self,
         line: &str,
         version: &str,
     ) -> Result<Option<String>, Error> {
-        sqlx::query_scalar("SELECT digest FROM releases WHERE line = ? AND version = ?")
-            .bind(line)
-            .bind(version)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db("read release"))
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT digest, version FROM releases WHERE line = ?")
+                .bind(line)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("read release"))?;
+        let wanted = semver::Version::parse(version).ok();
+        Ok(rows
+            .into_iter()
+            .find(|(_, have)| match (&wanted, semver::Version::parse(have)) {
+                (Some(wanted), Ok(have)) => wanted.cmp_precedence(&have).is_eq(),
+                _ => have == version,
+            })
+            .map(|(digest, _)| digest))
     }
 
     pub async fn releases(&self) -> Result<Vec<ReleaseSummary>, Error> {
