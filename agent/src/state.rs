@@ -218,6 +218,8 @@ mod tests {
             epoch: 4,
             desired: None,
             last_counter: Some(2),
+            counter_scope: Some("5c0pe".into()),
+            accepted: 2,
             target: Some(Target {
                 release: "ef".repeat(32),
                 line: "app".into(),
@@ -231,12 +233,15 @@ mod tests {
                 }],
             }),
             installed: [("app".to_owned(), "1.0.0".to_owned())].into(),
+            installed_os: Some(InstalledOs {
+                line: "app".into(),
+                version: "1.0.0".into(),
+            }),
             reported: ReportedState {
                 phase: Phase::Applied,
                 desired_counter: Some(2),
                 release: Some("app@1.0.0".into()),
-                last_error: None,
-                os: None,
+                ..ReportedState::idle()
             },
             artifacts: [("rootfs".to_owned(), "ab".repeat(32))].into(),
             os: crate::os::OsRecord::default(),

@@ -506,7 +506,7 @@ fn create_asks_for_compatible_when_the_bundle_does_not_say() {
 }
 
 #[test]
-fn create_refuses_a_version_that_is_not_semver_and_an_unsafe_line() {
+fn create_refuses_a_version_that_is_not_semver_and_a_line_not_in_canonical_form() {
     let fleet = Fleet::new();
     let d = fleet.path();
     let create = |line: &str, version: &str| {
@@ -532,10 +532,12 @@ fn create_refuses_a_version_that_is_not_semver_and_an_unsafe_line() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a semantic version"), "{err}");
-    let out = create("../etc", "1.5.0");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not a safe name"), "{err}");
+    for line in ["../etc", "ECU-MAIN", "ecu-main."] {
+        let out = create(line, "1.5.0");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not in canonical form"), "{line}: {err}");
+    }
 }
 
 #[test]

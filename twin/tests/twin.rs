@@ -47,8 +47,9 @@ async fn a_desired_state_set_through_the_api_reaches_the_connected_car_at_once()
         car_id: "VIN-1".into(),
         compatible: cardeploy_testkit::signing::COMPATIBLE.into(),
         now: cardeploy_testkit::signing::now(),
-        last_counter: None,
+        counter: None,
         installed: Default::default(),
+        os: None,
         max_artifact_bytes: 1 << 30,
     };
     let checked = check_release(&root, &pushed.release, &car, None).unwrap();
@@ -230,8 +231,7 @@ async fn repeated_reports_are_stored_once_and_reported_state_survives_a_twin_res
         phase: Phase::Applied,
         desired_counter: Some(1),
         release: Some("app@2.0.0".into()),
-        last_error: None,
-        os: None,
+        ..ReportedState::idle()
     };
     let report = Report {
         epoch: 1,

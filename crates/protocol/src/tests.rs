@@ -50,6 +50,7 @@ fn reports_round_trip_through_json() {
             state: ReportedState {
                 phase: Phase::Applied,
                 desired_counter: Some(4),
+                counter_scope: Some("ab".repeat(32)),
                 release: Some("infotainment@1.2.0".into()),
                 last_error: None,
                 os: None,
