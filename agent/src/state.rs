@@ -249,6 +249,25 @@ mod tests {
     }
 
     #[test]
+    fn a_counter_from_before_scopes_adopts_the_scope_of_the_root_in_force() {
+        let mut old = sample();
+        old.counter_scope = None;
+        old.accepted = 0;
+        old.last_counter = Some(7);
+        assert!(old.adopt_scope("scope-of-root-1"));
+        assert_eq!(old.counter_scope.as_deref(), Some("scope-of-root-1"));
+        // The count of accepted desired states starts where the old counter was, so an OS
+        // failure recorded under counter 7 is retried only by a newer one.
+        assert_eq!(old.accepted, 7);
+        assert!(!old.adopt_scope("another"), "adopted once");
+        let mut fresh = State::default();
+        assert!(
+            !fresh.adopt_scope("scope"),
+            "nothing accepted, nothing to adopt"
+        );
+    }
+
+    #[test]
     fn state_survives_a_save_and_load() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path()).unwrap();

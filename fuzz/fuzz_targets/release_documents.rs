@@ -6,7 +6,8 @@
 use std::sync::OnceLock;
 
 use cardeploy_release::{
-    CarContext, CheckedRelease, DESIRED_TYPE, RELEASE_TYPE, ROOT_TYPE, Role, Roles, Root, SigningKey, TrustedRoot,
+    CarContext, CheckedRelease, CounterMark, DESIRED_TYPE, MAX_CLOCK_SKEW_SECS, MAX_COUNTER_STEP,
+    MAX_DESIRED_LIFETIME_SECS, RELEASE_TYPE, ROOT_TYPE, Role, Roles, Root, SigningKey, TrustedRoot,
     check_desired, check_release, sign,
 };
 use libfuzzer_sys::fuzz_target;
@@ -45,8 +46,12 @@ fn car() -> CarContext {
         car_id: "VIN1".into(),
         compatible: "board".into(),
         now: 1_800_000_000,
-        last_counter: Some(3),
+        counter: Some(CounterMark {
+            scope: fleet().root.counter_scope(),
+            last: 3,
+        }),
         installed: [("ecu".to_owned(), semver::Version::new(1, 0, 0))].into(),
+        os: None,
         max_artifact_bytes: 1 << 30,
     }
 }
@@ -77,8 +82,10 @@ fuzz_target!(|data: &[u8]| {
         let desired = sign(DESIRED_TYPE, data, &[&f.keys[2]]);
         if let Ok(d) = check_desired(&f.root, &desired, &car, checked) {
             assert_eq!(d.car_id, "VIN1");
-            assert!(d.counter > 3);
+            assert!(d.counter > 3 && d.counter - 3 <= MAX_COUNTER_STEP);
             assert!(d.expires > car.now);
+            assert!(d.issued <= car.now + MAX_CLOCK_SKEW_SECS);
+            assert!(d.expires > d.issued && d.expires - d.issued <= MAX_DESIRED_LIFETIME_SECS);
             assert_eq!(d.release, checked.digest);
         }
         return;
@@ -86,7 +93,11 @@ fuzz_target!(|data: &[u8]| {
     let release = sign(RELEASE_TYPE, data, &[&f.keys[1]]);
     if let Ok(checked) = check_release(&f.root, &release, &car, None) {
         assert_eq!(checked.release.compatible, "board");
-        assert!(checked.release.line != "ecu" || checked.version >= semver::Version::new(1, 0, 0));
+        assert!(
+            checked.release.line != "ecu"
+                || checked.version.cmp_precedence(&semver::Version::new(1, 0, 0)).is_ge()
+        );
+        assert!(cardeploy_release::check_line(&checked.release.line).is_ok());
         assert!(
             checked
                 .release

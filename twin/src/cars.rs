@@ -200,9 +200,11 @@ impl Responder for CarResponder {
                     .map_err(|e| internal(&self.car, e))?;
                 // The release it runs may have changed while it was away.
                 self.twin.forget_readable(&self.car);
-                self.refresh_desired()
-                    .await
-                    .map_err(|e| internal(&self.car, e))?;
+                // A desired state that cannot be signed again now (a counter out of reach) must
+                // not keep the car from saying hello: it is logged, and the car works on.
+                if let Err(e) = self.refresh_desired().await {
+                    tracing::warn!(car = %self.car, "desired state not signed again: {e}");
+                }
                 let desired = self
                     .twin
                     .fleet

@@ -251,7 +251,10 @@ impl Trust {
 
     /// The counter scope of the root in force (D4a), if there is one.
     pub fn counter_scope(&self) -> Option<String> {
-        self.chain().trusted.as_ref().map(TrustedRoot::counter_scope)
+        self.chain()
+            .trusted
+            .as_ref()
+            .map(TrustedRoot::counter_scope)
     }
 
     /// Sign a desired state with the director key.

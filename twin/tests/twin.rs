@@ -140,6 +140,12 @@ async fn the_twin_takes_only_releases_signed_under_its_root() {
     let body: Value = serde_json::from_slice(&signer.sign_release(&changed).to_json()).unwrap();
     let (status, answer) = api_async(&twin, "POST", "/api/v1/releases", Some(body)).await;
     assert_eq!(status, 409, "{answer}");
+    // So is the same version with other build metadata: SemVer says it is the same version.
+    let mut rebuilt = release.clone();
+    rebuilt.version = "1.0.0+build10".into();
+    let body: Value = serde_json::from_slice(&signer.sign_release(&rebuilt).to_json()).unwrap();
+    let (status, answer) = api_async(&twin, "POST", "/api/v1/releases", Some(body)).await;
+    assert_eq!(status, 409, "{answer}");
 
     // A desired state takes a reference to a registered release, never a free-form document.
     register(&env, &twin, "VIN-REL").await;

@@ -20,8 +20,8 @@ const ARRAY_FIELDS: &[&str] = &["keyids", "artifacts", "workloads"];
 /// Read `payload` as the document `what`, after S1: it is one JSON object, arrays appear only
 /// as the values of the fields that are lists, and hold no arrays themselves.
 pub(crate) fn strict<T: DeserializeOwned>(payload: &[u8], what: &str) -> Result<T, Error> {
-    let value: Value = serde_json::from_slice(payload)
-        .map_err(|e| Error::Malformed(format!("{what}: {e}")))?;
+    let value: Value =
+        serde_json::from_slice(payload).map_err(|e| Error::Malformed(format!("{what}: {e}")))?;
     if !value.is_object() {
         return Err(Error::Malformed(format!(
             "{what}: a signed document is a JSON object of named fields, not {}",

@@ -362,7 +362,13 @@ fn desired_for(release: &CheckedRelease) -> Desired {
 #[test]
 fn a_release_and_its_desired_state_pass_every_step() {
     let f = fleet();
-    let checked = check_release(&f.root, &f.release(&manifest("1.5.0")), &car_in(&f.root), None).unwrap();
+    let checked = check_release(
+        &f.root,
+        &f.release(&manifest("1.5.0")),
+        &car_in(&f.root),
+        None,
+    )
+    .unwrap();
     assert_eq!(checked.version, semver::Version::new(1, 5, 0));
     let desired = check_desired(
         &f.root,
@@ -434,18 +440,44 @@ fn a_downgrade_is_refused_unless_the_root_allows_exactly_it() {
         sign(OVERRIDE_TYPE, &serde_json::to_vec(&o).unwrap(), &[signer])
     };
     // An override signed by the release key is not the root's word.
-    let err = check_release(&f.root, &old, &car_in(&f.root), Some(&allow("1.3.9", &f.k[1]))).unwrap_err();
+    let err = check_release(
+        &f.root,
+        &old,
+        &car_in(&f.root),
+        Some(&allow("1.3.9", &f.k[1])),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::BelowThreshold { .. }), "{err}");
     // The root's override for another version does not cover this one.
-    let err = check_release(&f.root, &old, &car_in(&f.root), Some(&allow("1.3.8", &f.k[0]))).unwrap_err();
+    let err = check_release(
+        &f.root,
+        &old,
+        &car_in(&f.root),
+        Some(&allow("1.3.8", &f.k[0])),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::Downgrade { .. }), "{err}");
-    assert!(check_release(&f.root, &old, &car_in(&f.root), Some(&allow("1.3.9", &f.k[0]))).is_ok());
+    assert!(
+        check_release(
+            &f.root,
+            &old,
+            &car_in(&f.root),
+            Some(&allow("1.3.9", &f.k[0]))
+        )
+        .is_ok()
+    );
 }
 
 #[test]
 fn desired_states_for_another_car_replayed_expired_or_naming_another_release_are_refused() {
     let f = fleet();
-    let checked = check_release(&f.root, &f.release(&manifest("1.5.0")), &car_in(&f.root), None).unwrap();
+    let checked = check_release(
+        &f.root,
+        &f.release(&manifest("1.5.0")),
+        &car_in(&f.root),
+        None,
+    )
+    .unwrap();
     type Case = (&'static str, fn(&mut Desired), fn(&Error) -> bool);
     let cases: [Case; 4] = [
         (
@@ -554,7 +586,12 @@ fn seeded_keys_are_reproducible() {
     assert_eq!(env, crate::sign(RELEASE, b"x", &[&b]));
 }
 
-fn counter_case(f: &Fleet, root: &TrustedRoot, car: &CarContext, counter: u64) -> Result<(), Error> {
+fn counter_case(
+    f: &Fleet,
+    root: &TrustedRoot,
+    car: &CarContext,
+    counter: u64,
+) -> Result<(), Error> {
     let checked = check_release(root, &f.release(&manifest("1.5.0")), car, None)?;
     let mut d = desired_for(&checked);
     d.counter = counter;
@@ -657,7 +694,15 @@ fn an_os_release_is_held_against_the_os_this_hardware_runs_whatever_its_line() {
 #[test]
 fn release_lines_have_one_canonical_form() {
     let f = fleet();
-    for bad in ["ECU-MAIN", "ecu-main.", "ecu_main", "-ecu", "ecu-", "ecu main", ""] {
+    for bad in [
+        "ECU-MAIN",
+        "ecu-main.",
+        "ecu_main",
+        "-ecu",
+        "ecu-",
+        "ecu main",
+        "",
+    ] {
         let mut m = manifest("1.5.0");
         m.line = bad.into();
         let err = check_release(&f.root, &f.release(&m), &car_in(&f.root), None).unwrap_err();
@@ -678,7 +723,10 @@ fn build_metadata_does_not_make_a_version_older_or_newer() {
     assert!(check_release(&f.root, &f.release(&manifest("2.0.0+build9")), &car, None).is_ok());
     let err = check_release(&f.root, &f.release(&manifest("1.9.9+build99")), &car, None);
     assert!(matches!(err, Err(Error::Downgrade { .. })), "{err:?}");
-    assert!(!older(&"2.0.0+a".parse().unwrap(), &"2.0.0+b".parse().unwrap()));
+    assert!(!older(
+        &"2.0.0+a".parse().unwrap(),
+        &"2.0.0+b".parse().unwrap()
+    ));
 }
 
 #[test]
@@ -686,27 +734,46 @@ fn signed_documents_are_json_objects_with_every_key_once() {
     let f = fleet();
     let car = car_in(&f.root);
     let refused = |payload: serde_json::Value| {
-        let env = sign(RELEASE_TYPE, &serde_json::to_vec(&payload).unwrap(), &[&f.k[1]]);
+        let env = sign(
+            RELEASE_TYPE,
+            &serde_json::to_vec(&payload).unwrap(),
+            &[&f.k[1]],
+        );
         check_release(&f.root, &env, &car, None).unwrap_err()
     };
     let artifact = serde_json::to_value(&manifest("1.5.0").artifacts[0]).unwrap();
     // The whole manifest as a positional array.
     let err = refused(serde_json::json!([
-        "ecu-main", "1.5.0", "cardeploy-qemuarm64", NOW, [artifact.clone()], []
+        "ecu-main",
+        "1.5.0",
+        "cardeploy-qemuarm64",
+        NOW,
+        [artifact.clone()],
+        []
     ]));
-    assert!(matches!(err, Error::Malformed(ref m) if m.contains("object")), "{err}");
+    assert!(
+        matches!(err, Error::Malformed(ref m) if m.contains("object")),
+        "{err}"
+    );
     // An artifact as a positional array inside an object.
     let err = refused(serde_json::json!({
         "line": "ecu-main", "version": "1.5.0", "compatible": "cardeploy-qemuarm64",
         "created": NOW,
         "artifacts": [["rauc-bundle", "rootfs", "ab".repeat(32), 1 << 20, "cd".repeat(32)]],
     }));
-    assert!(matches!(err, Error::Malformed(ref m) if m.contains("array")), "{err}");
+    assert!(
+        matches!(err, Error::Malformed(ref m) if m.contains("array")),
+        "{err}"
+    );
     // A desired state as an array.
     let checked = check_release(&f.root, &f.release(&manifest("1.5.0")), &car, None).unwrap();
     let d = desired_for(&checked);
     let as_array = serde_json::json!([d.car_id, d.release, d.counter, d.issued, d.expires]);
-    let env = sign(DESIRED_TYPE, &serde_json::to_vec(&as_array).unwrap(), &[&f.k[2]]);
+    let env = sign(
+        DESIRED_TYPE,
+        &serde_json::to_vec(&as_array).unwrap(),
+        &[&f.k[2]],
+    );
     let err = check_desired(&f.root, &env, &car, &checked).unwrap_err();
     assert!(matches!(err, Error::Malformed(_)), "{err}");
     // A root listing one key id twice.
@@ -722,7 +789,10 @@ fn signed_documents_are_json_objects_with_every_key_once() {
     assert_ne!(twice, text);
     let env = sign(ROOT_TYPE, twice.as_bytes(), &[&f.k[0]]);
     let err = TrustedRoot::pinned(&env.to_json()).unwrap_err();
-    assert!(matches!(err, Error::Malformed(ref m) if m.contains("twice")), "{err}");
+    assert!(
+        matches!(err, Error::Malformed(ref m) if m.contains("twice")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -761,7 +831,13 @@ fn the_highest_root_version_cannot_be_rotated_past() {
     next.version = 0;
     let err = root.rotate(&signed_root(&next, &[&k[0]])).unwrap_err();
     assert!(
-        matches!(err, Error::RootVersion { have: u64::MAX, got: 0 }),
+        matches!(
+            err,
+            Error::RootVersion {
+                have: u64::MAX,
+                got: 0
+            }
+        ),
         "{err}"
     );
 }

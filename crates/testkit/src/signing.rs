@@ -123,6 +123,24 @@ impl Signer {
         &self.root
     }
 
+    /// Root version `version` with the same root and release keys and `director` as the
+    /// director key, signed by the root key (old and new threshold alike): what
+    /// `cardeploy root rotate --director-key` makes when the twin's director key is replaced.
+    pub fn rotation(&self, version: u64, director: &PublicKey) -> Vec<u8> {
+        let doc = root_document(
+            version,
+            &self.root_key.public(),
+            &self.release_key.public(),
+            director,
+        );
+        sign(
+            ROOT_TYPE,
+            &serde_json::to_vec(&doc).unwrap(),
+            &[&self.root_key],
+        )
+        .to_json()
+    }
+
     /// A manifest for the test hardware.
     pub fn manifest(&self, line: &str, version: &str, artifacts: Vec<Artifact>) -> Release {
         Release {

@@ -12,9 +12,10 @@ use std::path::Path;
 use cardeploy_chunks::transit::{Encoding, Frame};
 use cardeploy_chunks::{ChunkIndex, Params, chunk_bytes};
 use cardeploy_release::{
-    Artifact, ArtifactKind, DESIRED_TYPE, Desired, DowngradeOverride, Envelope, MAX_CLOCK_SKEW_SECS,
-    MAX_COUNTER, MAX_COUNTER_STEP, MAX_DESIRED_LIFETIME_SECS, OVERRIDE_TYPE, RELEASE_TYPE, ROOT_TYPE,
-    Release, Role, Roles, Root, SigningKey, TrustedRoot, pae, sha256_hex, sign,
+    Artifact, ArtifactKind, DESIRED_TYPE, Desired, DowngradeOverride, Envelope,
+    MAX_CLOCK_SKEW_SECS, MAX_COUNTER, MAX_COUNTER_STEP, MAX_DESIRED_LIFETIME_SECS, OVERRIDE_TYPE,
+    RELEASE_TYPE, ROOT_TYPE, Release, Role, Roles, Root, SigningKey, TrustedRoot, pae, sha256_hex,
+    sign,
 };
 use serde_json::{Value, json};
 
@@ -663,8 +664,12 @@ fn cases() -> BTreeMap<&'static str, Case> {
 
     // S1: signed payloads are JSON objects; a key map lists each key once.
     let positional = json!([
-        "ecu", "2.0.0", COMPATIBLE, NOW - 100,
-        [serde_json::to_value(artifact(&index)).expect("plain document")], []
+        "ecu",
+        "2.0.0",
+        COMPATIBLE,
+        NOW - 100,
+        [serde_json::to_value(artifact(&index)).expect("plain document")],
+        []
     ]);
     let array = sign(
         RELEASE_TYPE,
@@ -681,8 +686,8 @@ fn cases() -> BTreeMap<&'static str, Case> {
             &director(&array),
         ),
     );
-    let text = String::from_utf8(serde_json::to_vec(&root1).expect("plain document"))
-        .expect("json");
+    let text =
+        String::from_utf8(serde_json::to_vec(&root1).expect("plain document")).expect("json");
     let id = k.director.public().id();
     let entry = format!(
         "\"{id}\":{}",
@@ -744,8 +749,14 @@ fn cases() -> BTreeMap<&'static str, Case> {
     let mut after = root1.clone();
     after.version = 0;
     let mut files = BTreeMap::new();
-    files.insert("root.json", signed(ROOT_TYPE, &top, &[&k.root[0]]).to_json());
-    files.insert("rotation.json", signed(ROOT_TYPE, &after, &[&k.root[0]]).to_json());
+    files.insert(
+        "root.json",
+        signed(ROOT_TYPE, &top, &[&k.root[0]]).to_json(),
+    );
+    files.insert(
+        "rotation.json",
+        signed(ROOT_TYPE, &after, &[&k.root[0]]).to_json(),
+    );
     cases.insert(
         "root-highest-version",
         Case {
