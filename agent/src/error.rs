@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// What can stop the agent or one of its steps.
 #[derive(Debug, thiserror::Error)]
@@ -32,8 +32,14 @@ pub enum Error {
     Chunks(#[from] cardeploy_chunks::Error),
     #[error("refused: {0}")]
     Refused(#[from] cardeploy_release::Error),
-    #[error("fetch: {0}")]
-    Fetch(String),
+    /// The twin's answer does not fit what was asked (a missing chunk, a page that does not
+    /// fit, a delta without a base): the fetch fails and a newer desired state tries again.
+    #[error("the twin's answer does not fit the request: {0}")]
+    TwinAnswer(String),
+    /// A task of the agent's own stopped (it panicked or was cancelled): a bug, reported as
+    /// the reason the step failed rather than taking the agent down.
+    #[error("an agent task stopped: {0}")]
+    Task(String),
     #[error(
         "the disk holding {} is full: this update needs {} more there and {} are free; it goes on by itself once there is room",
         path.display(), cardeploy_protocol::human_bytes(*needed), cardeploy_protocol::human_bytes(*free)
@@ -57,4 +63,12 @@ pub enum Error {
         #[source]
         source: cardeploy_protocol::Error,
     },
+}
+
+/// The error for an I/O failure on `path`: `.map_err(io(&path))`.
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
 }

@@ -1,22 +1,25 @@
-//! The agent's persistent state, written atomically before every effect: temp file, fsync,
-//! rename, fsync of the directory. A crash at any moment leaves either the old or the new file,
-//! never a torn one.
+//! The agent's persistent state: what it accepted, what it works towards and what it holds.
+//! Only the state cell (`crate::cell`) changes it, and only after the new value is durable
+//! (`crate::store`).
 
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
 
-use cardeploy_protocol::{DesiredState, ReportedState};
+use cardeploy_chunks::Digest;
+use cardeploy_protocol::{DesiredState, Phase, ReportedState};
+use cardeploy_release::InstalledOs;
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
+use crate::deploy::Deployment;
+use crate::release::Release;
 
-/// 2: signed desired states (issue 4) — the counter, the target release and installed versions.
+/// 2: signed desired states — the counter, the target release and installed versions.
 /// 3: the OS update state (`os`); a schema-2 file loads with an idle OS state.
 /// 4: the counter's scope, the count of accepted desired states, the installed OS; a schema-3
 /// file loads with its counter in the scope of the root in force (`adopt_scope`).
-pub const SCHEMA: u32 = 4;
-const FILE: &str = "state.json";
+/// 5: the deployment (`deployment`), the release under `release` (was `target`, with the
+/// manifest digest under `release`), OS releases named by line and version (were a `label`); a
+/// schema-4 file loads with the deployment its reported phase stood for (`Store::load`).
+pub const SCHEMA: u32 = 5;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,42 +42,28 @@ pub struct State {
     #[serde(default)]
     pub accepted: u64,
     /// The verified release the accepted desired state names: what the agent works towards.
+    #[serde(default, alias = "target")]
+    pub release: Option<Release>,
+    /// Where that release stands as a whole (docs/state-machines.md).
     #[serde(default)]
-    pub target: Option<Target>,
+    pub deployment: Deployment,
     /// The highest version installed per release line (M5: no downgrade without an override).
     #[serde(default)]
-    pub installed: std::collections::BTreeMap<String, String>,
+    pub installed: BTreeMap<String, semver::Version>,
     /// The OS this hardware runs, from the last OS release installed (M5a: held against every OS
     /// release, whatever line it claims).
     #[serde(default)]
     pub installed_os: Option<InstalledOs>,
+    /// What the twin is told; derived from the rest by [`State::derive_reported`], except the
+    /// OS slots, which the OS driver observes.
     pub reported: ReportedState,
-    /// Artifacts the car holds, by name: the id (hex) of each one's chunk index. The previous
-    /// version of an artifact is the base the twin makes deltas against.
+    /// Artifacts the car holds, by name: the id of each one's chunk index. The previous version
+    /// of an artifact is the base the twin makes deltas against.
     #[serde(default)]
-    pub artifacts: std::collections::BTreeMap<String, String>,
+    pub artifacts: BTreeMap<String, Digest>,
     /// The OS update (A/B through RAUC) and the releases this car will not install again.
     #[serde(default)]
     pub os: crate::os::OsRecord,
-}
-
-/// The line and version of the OS release this hardware runs.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InstalledOs {
-    pub line: String,
-    pub version: String,
-}
-
-/// A verified release, as much of it as the agent needs after verification.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Target {
-    /// sha256 of the release manifest (M6).
-    pub release: String,
-    pub line: String,
-    pub version: String,
-    pub artifacts: Vec<cardeploy_release::Artifact>,
 }
 
 impl State {
@@ -89,12 +78,72 @@ impl State {
         self.accepted = self.accepted.max(self.last_counter.unwrap_or(0));
         true
     }
-}
 
-impl Target {
-    /// `line@version`, how people name a release.
-    pub fn label(&self) -> String {
-        format!("{}@{}", self.line, self.version)
+    /// Does the release name artifacts the car does not hold yet? `on_disk` says whether an
+    /// artifact's file is there.
+    pub fn missing(&self, release: &Release, on_disk: impl Fn(&str, &Digest) -> bool) -> bool {
+        release
+            .artifacts
+            .iter()
+            .any(|a| self.artifacts.get(a.name()) != Some(&a.index) || !on_disk(a.name(), &a.index))
+    }
+
+    /// The release is on the car: its version becomes the line's installed version if it is
+    /// the highest (M5 compares against it), and, for an OS release, the OS this hardware runs
+    /// (M5a).
+    pub fn record_installed(&mut self) {
+        if let Some(release) = self.release.clone() {
+            self.record_version(&release.id.line, &release.id.version, release.has_os());
+        }
+    }
+
+    /// Record `line@version` as installed: the line's highest version by SemVer precedence, and,
+    /// for an OS release (`os`), the OS of this hardware — on its line, at the highest version
+    /// that line reached here (an override that moved it to another line starts there).
+    pub fn record_version(&mut self, line: &str, version: &semver::Version, os: bool) {
+        let above = |have: &semver::Version| cardeploy_release::older(have, version);
+        if self.installed.get(line).is_none_or(above) {
+            self.installed.insert(line.to_owned(), version.clone());
+        }
+        if os {
+            let same_line_higher = self
+                .installed_os
+                .as_ref()
+                .is_some_and(|running| running.line == line && !above(&running.version));
+            if !same_line_higher {
+                self.installed_os = Some(InstalledOs {
+                    line: line.to_owned(),
+                    version: version.clone(),
+                });
+            }
+        }
+    }
+
+    /// A schema-4 state had no deployment: the one its reported phase stood for.
+    pub(crate) fn deployment_from_phase(&self) -> Deployment {
+        let Some(release) = &self.release else {
+            return Deployment::Idle;
+        };
+        let release = release.id.clone();
+        let os_holds = self.os.update.release() == Some(&release);
+        match self.reported.phase {
+            Phase::Idle => Deployment::Idle,
+            Phase::Fetching => Deployment::Fetching {
+                release,
+                stalled: self.reported.last_error.clone(),
+            },
+            Phase::Applied => Deployment::Done { release },
+            Phase::Failed if !os_holds => Deployment::Failed {
+                release,
+                error: self.reported.last_error.clone().unwrap_or_else(|| {
+                    "failed (an earlier agent version did not record why)".to_owned()
+                }),
+            },
+            Phase::Committed | Phase::RolledBack | Phase::Failed => Deployment::Done { release },
+            Phase::Verifying | Phase::Installing | Phase::PendingReboot | Phase::Trial => {
+                Deployment::Applying { release }
+            }
+        }
     }
 }
 
@@ -107,212 +156,38 @@ impl Default for State {
             last_counter: None,
             counter_scope: None,
             accepted: 0,
-            target: None,
-            installed: std::collections::BTreeMap::new(),
+            release: None,
+            deployment: Deployment::Idle,
+            installed: BTreeMap::new(),
             installed_os: None,
             reported: ReportedState::idle(),
-            artifacts: std::collections::BTreeMap::new(),
+            artifacts: BTreeMap::new(),
             os: crate::os::OsRecord::default(),
         }
     }
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct Store {
-    dir: PathBuf,
-}
-
-impl Store {
-    pub fn new(dir: &Path) -> Result<Self, Error> {
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        Ok(Self {
-            dir: dir.to_owned(),
-        })
-    }
-
-    pub fn path(&self) -> PathBuf {
-        self.dir.join(FILE)
-    }
-
-    /// Load the state. A missing file is a first start. A corrupt file is moved aside (never
-    /// deleted: someone may want to look at it) and reported through the returned warning.
-    pub fn load(&self) -> Result<(State, Option<Error>), Error> {
-        let path = self.path();
-        let bytes = match fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok((State::default(), None));
-            }
-            Err(e) => return Err(io(&path)(e)),
-        };
-        // Read the schema first so that a newer agent's file gets a clear error, not "corrupt".
-        #[derive(Deserialize)]
-        struct Schema {
-            schema: u32,
-        }
-        if let Ok(Schema { schema }) = serde_json::from_slice::<Schema>(&bytes)
-            && schema > SCHEMA
+impl State {
+    /// What follows from the rest of the state, computed after every change and nowhere else:
+    /// a deployment whose parts all settled is done, and what the twin is told (the phase and
+    /// error, from the deployment and, while the OS works on the release, the OS update; the
+    /// release; the counter and its scope).
+    pub fn derive(&mut self, managed_os: bool) {
+        if let Deployment::Applying { release } = &self.deployment
+            && managed_os
+            && crate::deploy::machine::os_settled(&self.os.update, release, self.accepted)
         {
-            return Err(Error::StateSchema {
-                path,
-                found: schema,
-                supported: SCHEMA,
-            });
+            self.deployment = crate::deploy::machine::decide(
+                &self.deployment,
+                crate::deploy::machine::Event::PartsSettled,
+            );
         }
-        match serde_json::from_slice::<State>(&bytes) {
-            Ok(mut state) => {
-                state.schema = SCHEMA;
-                Ok((state, None))
-            }
-            Err(source) => {
-                let stamp = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                let moved_to = self.dir.join(format!("{FILE}.corrupt-{stamp}"));
-                fs::rename(&path, &moved_to).map_err(io(&path))?;
-                Ok((
-                    State::default(),
-                    Some(Error::CorruptState {
-                        path,
-                        moved_to,
-                        source,
-                    }),
-                ))
-            }
-        }
-    }
-
-    pub fn save(&self, state: &State) -> Result<(), Error> {
-        let path = self.path();
-        let tmp = self.dir.join(format!(".{FILE}.tmp"));
-        let bytes = serde_json::to_vec_pretty(state).unwrap_or_default();
-        {
-            let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
-            file.write_all(&bytes).map_err(io(&tmp))?;
-            file.sync_all().map_err(io(&tmp))?;
-        }
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        // The rename is durable only once the directory entry is.
-        fs::File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io(&self.dir))?;
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use cardeploy_protocol::Phase;
-
-    fn sample() -> State {
-        State {
-            schema: SCHEMA,
-            epoch: 4,
-            desired: None,
-            last_counter: Some(2),
-            counter_scope: Some("5c0pe".into()),
-            accepted: 2,
-            target: Some(Target {
-                release: "ef".repeat(32),
-                line: "app".into(),
-                version: "1.0.0".into(),
-                artifacts: vec![cardeploy_release::Artifact {
-                    kind: cardeploy_release::ArtifactKind::RaucBundle,
-                    name: "rootfs".into(),
-                    digest: "cd".repeat(32),
-                    size: 10,
-                    index: "ab".repeat(32),
-                }],
-            }),
-            installed: [("app".to_owned(), "1.0.0".to_owned())].into(),
-            installed_os: Some(InstalledOs {
-                line: "app".into(),
-                version: "1.0.0".into(),
-            }),
-            reported: ReportedState {
-                phase: Phase::Applied,
-                desired_counter: Some(2),
-                release: Some("app@1.0.0".into()),
-                ..ReportedState::idle()
-            },
-            artifacts: [("rootfs".to_owned(), "ab".repeat(32))].into(),
-            os: crate::os::OsRecord::default(),
-        }
-    }
-
-    #[test]
-    fn a_counter_from_before_scopes_adopts_the_scope_of_the_root_in_force() {
-        let mut old = sample();
-        old.counter_scope = None;
-        old.accepted = 0;
-        old.last_counter = Some(7);
-        assert!(old.adopt_scope("scope-of-root-1"));
-        assert_eq!(old.counter_scope.as_deref(), Some("scope-of-root-1"));
-        // The count of accepted desired states starts where the old counter was, so an OS
-        // failure recorded under counter 7 is retried only by a newer one.
-        assert_eq!(old.accepted, 7);
-        assert!(!old.adopt_scope("another"), "adopted once");
-        let mut fresh = State::default();
-        assert!(
-            !fresh.adopt_scope("scope"),
-            "nothing accepted, nothing to adopt"
-        );
-    }
-
-    #[test]
-    fn state_survives_a_save_and_load() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::new(dir.path()).unwrap();
-        assert_eq!(store.load().unwrap().0, State::default());
-        store.save(&sample()).unwrap();
-        let (loaded, warning) = store.load().unwrap();
-        assert_eq!(loaded, sample());
-        assert!(warning.is_none());
-        assert!(!dir.path().join(".state.json.tmp").exists());
-    }
-
-    #[test]
-    fn a_corrupt_state_file_is_moved_aside_not_lost() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::new(dir.path()).unwrap();
-        fs::write(store.path(), b"{\"schema\":1,\"epoch\":").unwrap();
-        let (state, warning) = store.load().unwrap();
-        assert_eq!(state, State::default());
-        let Some(Error::CorruptState { moved_to, .. }) = warning else {
-            panic!("expected CorruptState, got {warning:?}");
-        };
-        assert_eq!(fs::read(moved_to).unwrap(), b"{\"schema\":1,\"epoch\":");
-    }
-
-    #[test]
-    fn a_state_from_a_newer_agent_is_refused_with_a_clear_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::new(dir.path()).unwrap();
-        fs::write(store.path(), b"{\"schema\":99}").unwrap();
-        assert!(matches!(
-            store.load(),
-            Err(Error::StateSchema { found: 99, .. })
-        ));
-        assert!(store.path().exists(), "the newer file must be left alone");
-    }
-
-    #[test]
-    fn a_torn_temp_file_from_a_crash_does_not_affect_the_state() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::new(dir.path()).unwrap();
-        store.save(&sample()).unwrap();
-        // A crash between create and rename leaves a partial temp file behind.
-        fs::write(dir.path().join(".state.json.tmp"), b"{\"sch").unwrap();
-        assert_eq!(store.load().unwrap().0, sample());
-        store.save(&State::default()).unwrap();
-        assert_eq!(store.load().unwrap().0, State::default());
+        let os = managed_os.then_some(&self.os.update);
+        let (phase, error) = crate::deploy::machine::phase(&self.deployment, os);
+        self.reported.phase = phase;
+        self.reported.last_error = error;
+        self.reported.release = self.release.as_ref().map(|r| r.id.label());
+        self.reported.desired_counter = self.last_counter;
+        self.reported.counter_scope.clone_from(&self.counter_scope);
     }
 }

@@ -12,6 +12,7 @@ use cardeploy_release::{
 };
 
 use crate::Error;
+use crate::error::io;
 
 /// A desired state that passed every check, and the release it names.
 #[derive(Debug)]
@@ -52,13 +53,6 @@ pub struct Roots {
     dir: PathBuf,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
 impl Roots {
     pub fn new(state_dir: &Path) -> Result<Self, Error> {
         let dir = state_dir.join("roots");
@@ -95,25 +89,14 @@ impl Roots {
         Ok(trusted)
     }
 
-    /// Keep accepted rotations (temp file, fsync, rename, directory fsync), in version order.
+    /// Keep accepted rotations, each written atomically, in version order.
     pub fn store(&self, roots: &[Vec<u8>]) -> Result<(), Error> {
-        use std::io::Write;
         for bytes in roots {
             let version = TrustedRoot::peek_version(bytes).map_err(|e| Error::Config {
                 path: self.dir.clone(),
                 why: e.to_string(),
             })?;
-            let path = self.dir.join(format!("{version}.json"));
-            let tmp = self.dir.join(format!(".{version}.json.tmp"));
-            let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-            file.write_all(bytes).map_err(io(&tmp))?;
-            file.sync_all().map_err(io(&tmp))?;
-            std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        }
-        if !roots.is_empty() {
-            std::fs::File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io(&self.dir))?;
+            crate::store::write_atomic(&self.dir.join(format!("{version}.json")), bytes)?;
         }
         Ok(())
     }

@@ -63,6 +63,21 @@ impl FromStr for Digest {
     }
 }
 
+/// As its hex string, so that files holding digests stay readable (and keep the form they had
+/// when they held strings).
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Incremental sha256 (ring).
 pub struct Sha256(ring::digest::Context);
 

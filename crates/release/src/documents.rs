@@ -106,7 +106,8 @@ pub struct CounterMark {
 
 /// The OS the car runs, for rollback protection by hardware (M5a): the line and version of the
 /// last OS release installed on this car, whatever line later releases claim.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InstalledOs {
     pub line: String,
     pub version: semver::Version,

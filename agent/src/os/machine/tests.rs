@@ -8,10 +8,11 @@ const LIMITS: Limits = Limits {
     health_deadline_secs: 300,
 };
 
-fn rel(n: u8) -> Rel {
-    Rel {
-        digest: format!("{n:02x}").repeat(32),
-        label: format!("os@{n}.0.0"),
+fn rel(n: u8) -> ReleaseRef {
+    ReleaseRef {
+        digest: Digest([n; 32]),
+        line: "os".into(),
+        version: semver::Version::new(u64::from(n), 0, 0),
     }
 }
 
@@ -459,14 +460,19 @@ fn a_desired_state_without_an_os_bundle_stops_a_fetch_but_not_a_trial() {
 #[test]
 fn the_refused_list_is_bounded_and_without_duplicates() {
     let mut record = OsRecord::default();
-    record.refuse("aa");
-    record.refuse("aa");
-    assert_eq!(record.refused, ["aa"]);
+    record.refuse(&Digest([0xaa; 32]));
+    record.refuse(&Digest([0xaa; 32]));
+    assert_eq!(record.refused.as_slice(), [Digest([0xaa; 32])]);
     for i in 0..100 {
-        record.refuse(&format!("{i}"));
+        record.refuse(&Digest([i; 32]));
     }
     assert_eq!(record.refused.len(), REFUSED_KEPT);
-    assert_eq!(record.refused.last().map(String::as_str), Some("99"));
+    assert_eq!(
+        record.refused.first(),
+        Some(&Digest([36; 32])),
+        "the oldest went"
+    );
+    assert_eq!(record.refused.last(), Some(&Digest([99; 32])));
 }
 
 #[test]
