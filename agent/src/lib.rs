@@ -48,6 +48,17 @@ pub(crate) fn now_secs() -> u64 {
 /// Run the agent until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let notify = notify::Notifier::from_env();
+    // The configuration's files first: a wrong path is the most common first-install mistake.
+    let security = if config.insecure_plaintext {
+        tracing::warn!("insecure_plaintext: no TLS; development only");
+        ClientSecurity::InsecurePlaintext
+    } else {
+        ClientSecurity::MutualTls(client_config(&TlsFiles {
+            ca: &config.ca,
+            cert: &config.cert,
+            key: &config.key,
+        })?)
+    };
     let roots = verify::Roots::new(&config.state_dir)?;
     let trusted = roots.load(&config.root)?;
     tracing::info!(root = trusted.root().version, "root of trust loaded");
@@ -65,16 +76,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     tracing::info!(car = %config.car_id, epoch, ?phase, "agent started");
 
-    let security = if config.insecure_plaintext {
-        tracing::warn!("insecure_plaintext: no TLS; development only");
-        ClientSecurity::InsecurePlaintext
-    } else {
-        ClientSecurity::MutualTls(client_config(&TlsFiles {
-            ca: &config.ca,
-            cert: &config.cert,
-            key: &config.key,
-        })?)
-    };
     let fetcher = Arc::new(fetch::Fetcher::new(&config)?);
     // Whichever wait the signal interrupts, systemd hears at once that the exit is wanted.
     let shutdown = {

@@ -200,7 +200,7 @@ async fn a_release_signed_with_the_cli_is_verified_and_recorded_by_the_car() {
     )
     .await;
     let state: Value = serde_json::from_slice(&std::fs::read(env.state_file()).unwrap()).unwrap();
-    assert_eq!(state["target"]["release"], digest.as_str());
+    assert_eq!(state["release"]["digest"], digest.as_str());
     assert_eq!(state["installed"]["os"], "2.0.0");
     assert_eq!(state["last_counter"], 1);
     let index = state["artifacts"]["rootfs"].as_str().unwrap();

@@ -415,3 +415,23 @@ pub async fn eventually<T>(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `CI` is set to something that means yes (`true`, `1`, ...): a test whose real dependency is
+/// missing fails there instead of skipping.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// A test cannot run here because it needs `why`: under CI that is a failure (panics, naming
+/// what is needed); by hand it skips loudly. Call it and return.
+pub fn cannot_run(test: &str, why: &str) {
+    assert!(
+        !in_ci(),
+        "{test} must run in CI but needs {why}; CI is set, so this fails instead of skipping"
+    );
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: it needs {why} (CI=true makes this a failure)"
+    );
+}
