@@ -71,7 +71,19 @@ async fn the_agent_keeps_working_offline_and_comes_back_after_restarts_on_either
 
     // The twin goes away; the agent stays up and keeps retrying.
     twin.stop().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Observed, not assumed: the agent knocks on the twin's port again and again.
+    {
+        let port = tokio::net::TcpListener::bind(("127.0.0.1", env.cars_port))
+            .await
+            .unwrap();
+        for attempt in 1..=2 {
+            let knock = tokio::time::timeout(Duration::from_secs(60), port.accept()).await;
+            assert!(
+                matches!(knock, Ok(Ok(_))),
+                "no reconnect attempt {attempt} within a minute"
+            );
+        }
+    }
     let mut agent = agent;
     assert!(
         agent.0.try_wait().unwrap().is_none(),

@@ -53,7 +53,7 @@ impl Car {
             "[os]\nrauc_bus = \"{bus}\"\nboot_id_file = \"{d}/boot_id\"\n\
              reboot_command = [\"sh\", \"-c\", \"echo reboot >> {d}/reboots\"]\n\
              [os.health]\ndeadline_secs = {DEADLINE}\ninterval_secs = 1\ntwin_grace_secs = 0\n\
-             command = [\"test\", \"-e\", \"{d}/healthy\"]\n",
+             command = [\"sh\", \"-c\", \"echo >> {d}/health-checks; test -e {d}/healthy\"]\n",
             bus = rauc.bus_address(),
         );
         let addr = format!("localhost:{}", env.cars_port);
@@ -111,6 +111,13 @@ impl Car {
         } else {
             let _ = std::fs::remove_file(marker);
         }
+    }
+
+    /// Rounds of the health command so far (each round appends a line).
+    fn health_checks(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("health-checks"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
     }
 
     fn reboots_requested(&self) -> usize {
@@ -303,9 +310,22 @@ async fn a_slot_that_fails_the_health_gate_is_marked_bad_and_the_car_rolls_back(
         "a rolled back release is not installed: {state}"
     );
     assert_eq!(state["os"]["refused"].as_array().map(Vec::len), Some(1));
-    // It stays rolled back: no further install, no further reboot.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // It stays rolled back: the driver goes on deciding (it checks this boot's health each
+    // round, and fails it), and no round installs or reboots.
+    let seen = car.health_checks();
+    let started = Instant::now();
+    while car.health_checks() < seen + 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the driver stopped deciding"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(car.reboots_requested(), 2);
+    assert_eq!(
+        car.phase("rolled-back", Duration::from_secs(1)).await["reported"]["state"]["release"],
+        "os@2.0.0"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,12 +394,19 @@ async fn rauc_dying_mid_install_is_survived_and_the_install_is_repeated() {
     }
     let mut car = Car::new().await;
     car.healthy(true);
-    // The install's bootloader calls take 2 s each: RAUC is surely mid-install when it dies.
+    // The install's bootloader calls take 2 s each: RAUC is killed while one of them waits.
     car.rauc.slow_bootloader(Duration::from_secs(2)).unwrap();
     car.start();
     car.deploy("2.0.0", COMPATIBLE, BundleSigner::Trusted).await;
     car.phase("installing", Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    while !car.rauc.bootloader_in_delay() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "RAUC never reached the bootloader"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     car.rauc.kill_service();
     car.rauc.slow_bootloader(Duration::ZERO).unwrap();
     car.rauc.restart("A").unwrap();

@@ -281,8 +281,36 @@ async fn repeated_reports_are_stored_once_and_reported_state_survives_a_twin_res
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_, events_after) = api_async(&twin, "GET", "/api/v1/cars/VIN-3/events", None).await;
+    // A barrier instead of a pause: a report numbered above all of them. Once it is stored,
+    // any duplicate still on its way is below the last stored number and can no longer land.
+    let marker = Report {
+        epoch: 1,
+        seq: 1000,
+        at: 0,
+        body: ReportBody::Event {
+            kind: "marker".into(),
+            message: "after the duplicates".into(),
+        },
+    };
+    link.fire_and_forget(route::CAR_REPORT, Bytes::from(protocol::encode(&marker)))
+        .await
+        .unwrap();
+    let events_after = loop {
+        let (_, events) = api_async(&twin, "GET", "/api/v1/cars/VIN-3/events", None).await;
+        if events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "marker")
+        {
+            break events;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the marker report never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let states = events_after["events"]
         .as_array()
         .unwrap()

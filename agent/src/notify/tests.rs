@@ -131,8 +131,7 @@ fn each_state_is_one_datagram_of_key_value_lines() {
 fn an_at_sign_names_an_abstract_socket() {
     let name = format!("cardeploy-notify-test-{}", std::process::id());
     let receiver =
-        UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
-            .unwrap();
+        UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
     receiver
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();

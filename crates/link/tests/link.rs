@@ -1,8 +1,9 @@
 //! Real connections on loopback: mutual TLS, routing, deadlines, limits, windows and dead peers.
-//! Each rsocket_rust gap listed in DESIGN.md §4 has a test here.
+//! Each rsocket_rust gap listed in docs/protocol.md has a test here.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,8 @@ use futures::stream::BoxStream;
 
 struct TestResponder {
     fnf: Arc<Mutex<Vec<String>>>,
+    /// `silent` requests that reached the responder (and will never be answered).
+    silent: Arc<AtomicUsize>,
 }
 
 #[async_trait]
@@ -26,6 +29,7 @@ impl Responder for TestResponder {
         match route {
             "echo" => Ok(data),
             "silent" => {
+                self.silent.fetch_add(1, Ordering::SeqCst);
                 futures::future::pending::<()>().await;
                 unreachable!()
             }
@@ -61,6 +65,7 @@ impl Responder for TestResponder {
 struct TestAcceptor {
     sessions: Mutex<Vec<(Peer, Requester)>>,
     fnf: Arc<Mutex<Vec<String>>>,
+    silent: Arc<AtomicUsize>,
 }
 
 impl Acceptor for TestAcceptor {
@@ -74,6 +79,7 @@ impl Acceptor for TestAcceptor {
             .push((session.peer, session.requester));
         Ok(Arc::new(TestResponder {
             fnf: self.fnf.clone(),
+            silent: self.silent.clone(),
         }))
     }
 }
@@ -165,6 +171,7 @@ impl Harness {
             setup_data: Bytes::from_static(b"{}"),
             responder: Some(Arc::new(TestResponder {
                 fnf: Arc::default(),
+                silent: Arc::default(),
             })),
         }
     }
@@ -319,7 +326,13 @@ async fn pending_requests_fail_as_soon_as_the_connection_is_lost() {
         let link = link.clone();
         async move { link.request_response("silent", Bytes::new()).await }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The request is pending at the twin (not still on its way) when the connection goes.
+    eventually(
+        Duration::from_secs(5),
+        "the request to reach the twin",
+        || (h.acceptor.silent.load(Ordering::SeqCst) > 0).then_some(()),
+    )
+    .await;
     let started = Instant::now();
     proxy.set(Fault::Reset);
     let result = tokio::time::timeout(Duration::from_secs(5), pending)
@@ -375,7 +388,8 @@ async fn an_idle_but_alive_connection_is_kept() {
     let mut options = h.options(&car, h.addr);
     options.heartbeat = heartbeat;
     let link = connect(&options).await.unwrap();
-    // Ten intervals without any request: keepalives must hold the connection.
+    // Ten intervals without any request: keepalives must hold the connection. Here the time
+    // passing is what is tested, not a stand-in for an event.
     tokio::time::sleep(heartbeat * 10).await;
     assert!(!link.is_closed());
     link.request_response("echo", Bytes::new()).await.unwrap();

@@ -203,6 +203,12 @@ impl RaucSystem {
         fs::write(file, format!("{:.3}\n", delay.as_secs_f64()))
     }
 
+    /// A slowed bootloader write is waiting right now (see [`Self::slow_bootloader`]): RAUC is
+    /// in the middle of an installation.
+    pub fn bootloader_in_delay(&self) -> bool {
+        self.dir().join("boot").join("in-delay").exists()
+    }
+
     /// Everything `rauc service` wrote to stdout and stderr, over all its (re)starts.
     pub fn service_log(&self) -> String {
         fs::read(self.dir().join("service.log"))
@@ -510,7 +516,9 @@ state='{root_str}/boot'
 # RaucSystem::slow_bootloader: writes wait, as if to slow flash (RAUC calls them from its
 # install thread, so an installation takes at least this long).
 case "$1" in
-  set-*) if [ -f "$state/delay" ]; then sleep "$(cat "$state/delay")"; fi ;;
+  set-*) if [ -f "$state/delay" ]; then
+      touch "$state/in-delay"; sleep "$(cat "$state/delay")"; rm -f "$state/in-delay"
+    fi ;;
 esac
 case "$1" in
   get-primary) cat "$state/primary" ;;
