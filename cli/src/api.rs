@@ -65,8 +65,8 @@ impl Api {
     pub fn new(args: &ApiArgs) -> anyhow::Result<Self> {
         let token = match (&args.token, &args.token_file) {
             (Some(token), _) => token.clone(),
-            (None, Some(file)) => std::fs::read_to_string(file)
-                .with_context(|| format!("reading the operator token from {}", file.display()))?
+            (None, Some(file)) => crate::files::read_to_string(file)
+                .context("reading the operator token")?
                 .trim()
                 .to_owned(),
             (None, None) => bail!(
