@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use cardeploy_chunks::atomic;
+use cardeploy_release::Envelope;
 
 pub fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
@@ -13,6 +14,28 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
 
 pub fn read_to_string(path: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// A signed envelope of `payload_type` and its bytes as read. `what` names the kind for people
+/// (`root`, `release`), `made_by` which command writes such files, for the error when `path`
+/// holds another kind.
+pub fn read_envelope(
+    path: &Path,
+    payload_type: &str,
+    what: &str,
+    made_by: &str,
+) -> anyhow::Result<(Vec<u8>, Envelope)> {
+    let bytes = read(path)?;
+    let envelope = Envelope::from_json(&bytes)
+        .with_context(|| format!("{} is not a signed {what}", path.display()))?;
+    if envelope.payload_type != payload_type {
+        bail!(
+            "{} is a {}, not a {what} ({made_by})",
+            path.display(),
+            envelope.payload_type
+        );
+    }
+    Ok((bytes, envelope))
 }
 
 /// Write a file anyone may read (mode 0644).

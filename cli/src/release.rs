@@ -230,17 +230,12 @@ fn parse_release(payload: &[u8], origin: &Path) -> anyhow::Result<Release> {
 }
 
 fn read_envelope(path: &Path) -> anyhow::Result<(Vec<u8>, Envelope)> {
-    let bytes = read(path)?;
-    let envelope = Envelope::from_json(&bytes)
-        .with_context(|| format!("{} is not a signed envelope", path.display()))?;
-    if envelope.payload_type != RELEASE_TYPE {
-        bail!(
-            "{} is a {}, not a release (`cardeploy release sign` writes {SIGNED_FILE})",
-            path.display(),
-            envelope.payload_type
-        );
-    }
-    Ok((bytes, envelope))
+    files::read_envelope(
+        path,
+        RELEASE_TYPE,
+        "release",
+        &format!("`cardeploy release sign` writes {SIGNED_FILE}"),
+    )
 }
 
 /// A directory means its release.signed.json.

@@ -283,16 +283,12 @@ fn push(files: &[PathBuf], args: &ApiArgs) -> anyhow::Result<()> {
     // not leave the twin half-way through a chain.
     let mut roots = Vec::new();
     for file in files {
-        let bytes = files::read(file)?;
-        let env = Envelope::from_json(&bytes)
-            .with_context(|| format!("{} is not a signed root", file.display()))?;
-        if env.payload_type != ROOT_TYPE {
-            bail!(
-                "{} is a {}, not a root (`cardeploy root init` writes roots)",
-                file.display(),
-                env.payload_type
-            );
-        }
+        let (bytes, _) = files::read_envelope(
+            file,
+            ROOT_TYPE,
+            "root",
+            "`cardeploy root init` writes roots",
+        )?;
         let version = TrustedRoot::peek_version(&bytes)
             .with_context(|| format!("{} is not a root document", file.display()))?;
         let body: serde_json::Value = serde_json::from_slice(&bytes)
