@@ -103,7 +103,10 @@ impl Api {
                 .read_json()
                 .with_context(|| format!("{what}: unreadable answer"));
         }
-        let body = response.body_mut().read_to_string().unwrap_or_default();
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .unwrap_or_else(|e| format!("(its answer could not be read: {e})"));
         let message = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
@@ -201,7 +204,10 @@ impl Api {
             return Ok(());
         }
         let status = response.status();
-        let body = response.body_mut().read_to_string().unwrap_or_default();
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .unwrap_or_else(|e| format!("(its answer could not be read: {e})"));
         bail!("{what}: {status}: {body}")
     }
 

@@ -66,10 +66,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Show { index, api } => {
             let view: IndexView =
                 Api::new(&api)?.get("reading the index", &format!("/api/v1/indexes/{index}"))?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&view).unwrap_or_default()
-            );
+            println!("{}", serde_json::to_string_pretty(&view)?);
             Ok(())
         }
         Command::Push { file, level, api } => push(&file, level, &api),

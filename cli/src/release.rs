@@ -831,8 +831,7 @@ fn verify(input: &Path, roots: &[PathBuf]) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("{} does not verify: {e}\n  {}", path.display(), hint(&e)))?;
     let signers = trusted
         .verify(RoleName::Release, RELEASE_TYPE, &envelope)
-        .map(|v| v.signers)
-        .unwrap_or_default();
+        .map(|v| v.signers)?;
     println!(
         "release verified under root version {}",
         trusted.root().version

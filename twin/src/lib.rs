@@ -144,15 +144,15 @@ impl Twin {
                     issued,
                     expires,
                 };
-                StoredDesired {
-                    desired: self.trust.sign_desired(&doc),
+                Ok(StoredDesired {
+                    desired: self.trust.sign_desired(&doc)?,
                     release: release.to_owned(),
                     downgrade,
                     counter,
                     issued,
                     expires,
                     scope: scope.clone(),
-                }
+                })
             })
             .await?;
         // The car may read this release's artifacts from now on.

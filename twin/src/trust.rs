@@ -224,9 +224,9 @@ impl Trust {
     }
 
     /// Sign a desired state with the director key.
-    pub fn sign_desired(&self, desired: &Desired) -> Envelope {
-        // Plain struct of strings and numbers: serialising cannot fail.
-        let payload = serde_json::to_vec(desired).unwrap_or_default();
-        sign(DESIRED_TYPE, &payload, &[&self.director])
+    pub fn sign_desired(&self, desired: &Desired) -> Result<Envelope, Error> {
+        let payload =
+            serde_json::to_vec(desired).map_err(crate::error::encode("a desired state"))?;
+        Ok(sign(DESIRED_TYPE, &payload, &[&self.director]))
     }
 }

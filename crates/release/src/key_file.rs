@@ -32,15 +32,17 @@ pub fn read_public(path: &Path) -> Result<PublicKey, Error> {
 }
 
 /// The public key a `NAME.pub` text holds, or why it holds none.
-pub fn decode_public(text: &str) -> Result<PublicKey, String> {
+fn decode_public(text: &str) -> Result<PublicKey, String> {
     serde_json::from_str(text).map_err(|e| format!("not a public key file ({e})"))
 }
 
-/// The text of a `NAME.pub`.
+/// The text of a `NAME.pub`: what serde_json's pretty printer makes of the key, written out
+/// so that there is no failure path to handle.
 pub fn encode_public(key: &PublicKey) -> String {
-    // A struct of one string: serde_json cannot fail on it.
-    let json = serde_json::to_string_pretty(key).unwrap_or_default();
-    format!("{json}\n")
+    format!(
+        "{{\n  \"ed25519\": \"{}\"\n}}\n",
+        crate::hex::encode(key.bytes())
+    )
 }
 
 #[cfg(feature = "sign")]
@@ -66,7 +68,7 @@ mod sign {
     }
 
     /// The private key a `NAME.key` text holds, or why it holds none.
-    pub fn decode_private(text: &str) -> Result<SigningKey, String> {
+    fn decode_private(text: &str) -> Result<SigningKey, String> {
         let pkcs8 = crate::hex::decode(text.trim())
             .ok_or("not hex (a private key file holds the hex of a PKCS#8 document)")?;
         SigningKey::from_pkcs8(&pkcs8).map_err(|e| e.to_string())
@@ -108,6 +110,8 @@ mod sign {
             write_public(&public, &key.public()).unwrap();
             assert_eq!(read_private(&private).unwrap().public(), key.public());
             assert_eq!(read_public(&public).unwrap(), key.public());
+            let pretty = serde_json::to_string_pretty(&key.public()).unwrap();
+            assert_eq!(encode_public(&key.public()), format!("{pretty}\n"));
             let mode = std::fs::metadata(&private).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::error::{Error, db};
+use crate::error::{Error, db, encode};
 
 const SCHEMA: &str = r"
 CREATE TABLE IF NOT EXISTS cars (
@@ -233,7 +233,7 @@ impl Db {
         car: &CarId,
         scope: Option<&str>,
         floor: Option<u64>,
-        make: impl FnOnce(u64) -> StoredDesired,
+        make: impl FnOnce(u64) -> Result<StoredDesired, Error>,
     ) -> Result<StoredDesired, Error> {
         let mut tx = self
             .durable
@@ -258,8 +258,8 @@ impl Db {
                 car: car.to_string(),
                 counter: above,
             })?;
-        let stored = make(counter);
-        let doc = serde_json::to_string(&stored).unwrap_or_default();
+        let stored = make(counter)?;
+        let doc = serde_json::to_string(&stored).map_err(encode("a signed desired state"))?;
         sqlx::query(
             "INSERT INTO signed_desired (car_id, counter, document) VALUES (?, ?, ?)
              ON CONFLICT(car_id) DO UPDATE SET counter = excluded.counter, document = excluded.document",
@@ -423,7 +423,7 @@ impl Db {
         agent_version: &str,
         now: i64,
     ) -> Result<(), Error> {
-        let doc = serde_json::to_string(state).unwrap_or_default();
+        let doc = serde_json::to_string(state).map_err(encode("a reported state"))?;
         sqlx::query(
             "INSERT INTO reported (car_id, document, epoch, seq, agent_version, updated_at, last_seen)
              VALUES (?, ?, -1, -1, ?, ?, ?)
@@ -452,7 +452,7 @@ impl Db {
         seq: i64,
         now: i64,
     ) -> Result<bool, Error> {
-        let doc = serde_json::to_string(state).unwrap_or_default();
+        let doc = serde_json::to_string(state).map_err(encode("a reported state"))?;
         let result = sqlx::query(
             "INSERT INTO reported (car_id, document, epoch, seq, agent_version, updated_at, last_seen)
              VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?5)
