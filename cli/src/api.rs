@@ -65,8 +65,8 @@ impl Api {
     pub fn new(args: &ApiArgs) -> anyhow::Result<Self> {
         let token = match (&args.token, &args.token_file) {
             (Some(token), _) => token.clone(),
-            (None, Some(file)) => std::fs::read_to_string(file)
-                .with_context(|| format!("reading the operator token from {}", file.display()))?
+            (None, Some(file)) => crate::files::read_to_string(file)
+                .context("reading the operator token")?
                 .trim()
                 .to_owned(),
             (None, None) => bail!(
@@ -103,7 +103,10 @@ impl Api {
                 .read_json()
                 .with_context(|| format!("{what}: unreadable answer"));
         }
-        let body = response.body_mut().read_to_string().unwrap_or_default();
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .unwrap_or_else(|e| format!("(its answer could not be read: {e})"));
         let message = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
@@ -201,7 +204,10 @@ impl Api {
             return Ok(());
         }
         let status = response.status();
-        let body = response.body_mut().read_to_string().unwrap_or_default();
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .unwrap_or_else(|e| format!("(its answer could not be read: {e})"));
         bail!("{what}: {status}: {body}")
     }
 

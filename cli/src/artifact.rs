@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use cardeploy_chunks::{ChunkIndex, Digest, Params, chunk_file, chunk_reader};
+use cardeploy_protocol::api::{ChunkList, IndexView, MissingChunks};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{Value, json};
 
 use crate::api::{Api, ApiArgs};
 
@@ -64,12 +64,9 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Show { index, api } => {
-            let view: Value =
+            let view: IndexView =
                 Api::new(&api)?.get("reading the index", &format!("/api/v1/indexes/{index}"))?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&view).unwrap_or_default()
-            );
+            println!("{}", serde_json::to_string_pretty(&view)?);
             Ok(())
         }
         Command::Push { file, level, api } => push(&file, level, &api),
@@ -120,19 +117,19 @@ pub(crate) fn push_index(
     ids.dedup();
     let mut missing: HashSet<Digest> = HashSet::new();
     for batch in ids.chunks(MISSING_BATCH) {
-        let answer: Value = api.post(
+        let answer: MissingChunks = api.post(
             "asking which chunks the twin lacks",
             "/api/v1/chunks/missing",
-            &json!({ "chunks": batch }),
+            &ChunkList {
+                chunks: batch.to_vec(),
+            },
         )?;
-        missing.extend(
-            answer
-                .get("missing")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|v| v.as_str()?.parse::<Digest>().ok()),
-        );
+        for id in &answer.missing {
+            let id = id
+                .parse::<Digest>()
+                .map_err(|_| anyhow::anyhow!("the twin named `{id}` as missing: not a chunk id"))?;
+            missing.insert(id);
+        }
     }
     let missing_bytes: u64 = {
         let mut seen = HashSet::new();
@@ -155,16 +152,14 @@ pub(crate) fn push_index(
     }
 
     let id = index.id();
-    let view: Value = api.put_bytes(
+    let view: IndexView = api.put_bytes(
         "uploading the chunk index",
         &format!("/api/v1/indexes/{id}"),
         &index.encode(),
     )?;
     eprintln!(
         "{label}: on the twin ({} bytes in {} chunks; {} chunks uploaded now, the rest were there)",
-        view.get("size")
-            .and_then(Value::as_u64)
-            .unwrap_or(index.size),
+        view.size,
         index.chunks.len(),
         missing.len()
     );

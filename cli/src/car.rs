@@ -2,12 +2,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use cardeploy_pki::{FleetCa, write_file};
-use cardeploy_protocol::{CarId, validate_attribute};
+use cardeploy_pki::FleetCa;
+use cardeploy_protocol::api::{CarView, DesiredView, EventView, EventsPage, NewCar, SetDesired};
+use cardeploy_protocol::{CarId, Envelope, Inspection, validate_attribute};
 use clap::Subcommand;
-use serde_json::{Value, json};
 
 use crate::api::{Api, ApiArgs};
+use crate::files;
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -116,8 +117,8 @@ pub enum Command {
 const EVENTS_PAGE: u32 = 1000;
 
 /// The newest `limit` events of `car`, oldest first, page by page back in time.
-fn events(api: &Api, car: &CarId, limit: u32) -> anyhow::Result<Vec<Value>> {
-    let mut pages: Vec<Vec<Value>> = Vec::new();
+fn events(api: &Api, car: &CarId, limit: u32) -> anyhow::Result<Vec<EventView>> {
+    let mut pages: Vec<Vec<EventView>> = Vec::new();
     let mut remaining = limit;
     let mut before: Option<i64> = None;
     while remaining > 0 {
@@ -126,15 +127,11 @@ fn events(api: &Api, car: &CarId, limit: u32) -> anyhow::Result<Vec<Value>> {
             None => format!("/api/v1/cars/{car}/events?limit={ask}"),
             Some(before) => format!("/api/v1/cars/{car}/events?limit={ask}&before={before}"),
         };
-        let page: Value = api.get("reading events", &path)?;
-        let events = field(&page, &["events"])
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        remaining = remaining.saturating_sub(u32::try_from(events.len()).unwrap_or(u32::MAX));
-        let done = events.is_empty();
-        pages.push(events);
-        match field(&page, &["next_before"]).as_i64() {
+        let page: EventsPage = api.get("reading events", &path)?;
+        remaining = remaining.saturating_sub(u32::try_from(page.events.len()).unwrap_or(u32::MAX));
+        let done = page.events.is_empty();
+        pages.push(page.events);
+        match page.next_before {
             Some(next) if !done => before = Some(next),
             _ => break,
         }
@@ -156,21 +153,13 @@ fn parse_attrs(attrs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     Ok(map)
 }
 
-fn pretty(value: &Value) -> String {
-    serde_json::to_string_pretty(value).unwrap_or_default()
+fn pretty(value: &impl serde::Serialize) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(value)?)
 }
 
-fn field<'a>(value: &'a Value, path: &[&str]) -> &'a Value {
-    path.iter()
-        .fold(value, |v, key| v.get(key).unwrap_or(&Value::Null))
-}
-
-fn text(value: &Value) -> String {
-    match value {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+/// `-` for what is not there, in the table of `car list`.
+fn or_dash(value: Option<impl std::fmt::Display>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
 pub fn run(command: Command) -> anyhow::Result<()> {
@@ -188,8 +177,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             api,
         } => {
             let car = CarId::new(car_id)?;
-            let root_bytes = std::fs::read(&root)
-                .with_context(|| format!("reading the root {}", root.display()))?;
+            let root_bytes = files::read(&root)?;
             // Checked here so that a car never ships with a root it cannot use.
             cardeploy_release::TrustedRoot::pinned(&root_bytes).with_context(|| {
                 format!(
@@ -216,22 +204,21 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             // Register first: a car the twin refuses gets no files that look usable.
             if !no_register {
                 let api = Api::new(&api)?;
-                let _: Value = api.post(
+                let _: CarView = api.post(
                     "registering the car",
                     "/api/v1/cars",
-                    &json!({
-                        "id": car.as_str(),
-                        "attributes": attributes,
-                        "certificate_pem": issued.cert_pem,
-                    }),
+                    &NewCar {
+                        id: car.to_string(),
+                        attributes,
+                        certificate_pem: issued.cert_pem.clone(),
+                    },
                 )?;
             }
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            write_file(&out.join("ca.pem"), ca.cert_pem(), false)?;
-            write_file(&out.join("car.pem"), &issued.cert_pem, false)?;
-            write_file(&out.join("car.key"), &issued.key_pem, true)?;
-            std::fs::write(out.join("root.json"), &root_bytes)
-                .with_context(|| format!("writing {}", out.join("root.json").display()))?;
+            files::write(&out.join("ca.pem"), ca.cert_pem())?;
+            files::write(&out.join("car.pem"), &issued.cert_pem)?;
+            files::write_private(&out.join("car.key"), &issued.key_pem)?;
+            files::write(&out.join("root.json"), &root_bytes)?;
             let config = format!(
                 "# cardeploy-agent configuration for car {car}, written by `cardeploy car add`.\n\
                  # Relative paths are relative to this file.\n\
@@ -245,7 +232,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                  compatible = \"{compatible}\"\n\
                  heartbeat_secs = {heartbeat_secs}\n"
             );
-            write_file(&out.join("agent.toml"), &config, false)?;
+            files::write(&out.join("agent.toml"), &config)?;
             if no_register {
                 println!(
                     "car {car}: files written to {} (not registered)",
@@ -261,9 +248,9 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::List { json, api } => {
-            let cars: Vec<Value> = Api::new(&api)?.get("listing cars", "/api/v1/cars")?;
+            let cars: Vec<CarView> = Api::new(&api)?.get("listing cars", "/api/v1/cars")?;
             if json {
-                println!("{}", pretty(&Value::Array(cars)));
+                println!("{}", pretty(&cars)?);
                 return Ok(());
             }
             println!(
@@ -271,27 +258,21 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                 "CAR", "CERTIFICATE", "CONNECTED", "PHASE", "RELEASE", "DESIRED"
             );
             for car in &cars {
-                let attrs = field(car, &["attributes"])
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| format!("{k}={}", text(v)))
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    })
-                    .unwrap_or_default();
+                let attrs = car
+                    .attributes
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let state = car.state();
                 println!(
                     "{:<20} {:<11} {:<9} {:<8} {:<28} {:<8} {}",
-                    text(field(car, &["id"])),
-                    text(field(car, &["certificate"])),
-                    if field(car, &["connected"]) == &Value::Bool(true) {
-                        "yes"
-                    } else {
-                        "no"
-                    },
-                    text(field(car, &["reported", "state", "phase"])),
-                    text(field(car, &["reported", "state", "release"])),
-                    text(field(car, &["desired", "counter"])),
+                    car.id,
+                    car.certificate.as_str(),
+                    if car.connected { "yes" } else { "no" },
+                    or_dash(state.map(|s| s.phase.as_str())),
+                    or_dash(state.and_then(|s| s.release.as_deref())),
+                    or_dash(car.desired.as_ref().map(|d| d.counter)),
                     attrs
                 );
             }
@@ -299,32 +280,27 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Show { car_id, api } => {
             let car = CarId::new(car_id)?;
-            let view: Value =
+            let view: CarView =
                 Api::new(&api)?.get("reading the car", &format!("/api/v1/cars/{car}"))?;
-            println!("{}", pretty(&view));
+            println!("{}", pretty(&view)?);
             Ok(())
         }
         Command::Events { car_id, limit, api } => {
             let car = CarId::new(car_id)?;
             for event in events(&Api::new(&api)?, &car, limit)? {
-                println!(
-                    "{}  {:<12} {}",
-                    text(field(&event, &["at"])),
-                    text(field(&event, &["kind"])),
-                    text(field(&event, &["message"]))
-                );
+                println!("{}  {:<12} {}", event.at, event.kind, event.message);
             }
             Ok(())
         }
         Command::Revoke { car_id, api } => {
             let car = CarId::new(car_id)?;
-            let view: Value =
+            let view: CarView =
                 Api::new(&api)?.delete("revoking the car", &format!("/api/v1/cars/{car}"))?;
-            let fingerprint = text(field(&view, &["fingerprint"]));
+            let fingerprint = &view.fingerprint;
             println!(
                 "car {car}: certificate {}… {}; the twin refuses it from now on and closed the car's connection",
-                fingerprint.get(..16).unwrap_or(&fingerprint),
-                text(field(&view, &["certificate"])),
+                fingerprint.get(..16).unwrap_or(fingerprint),
+                view.certificate.as_str(),
             );
             println!(
                 "the car keeps its record, history and counters: give it a new certificate with `cardeploy car add {car} --out <new dir> ...`"
@@ -339,36 +315,38 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             api,
         } => {
             let car = CarId::new(car_id)?;
-            let mut body = json!({ "release": release });
-            if let Some(ttl) = ttl_secs {
-                body["ttl_secs"] = json!(ttl);
-            }
-            if let Some(file) = downgrade {
-                let text =
-                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-                body["downgrade"] = serde_json::from_slice(&text)
-                    .with_context(|| format!("{} is not a JSON envelope", file.display()))?;
-            }
-            let desired: Value = Api::new(&api)?.put(
+            let downgrade = match downgrade {
+                Some(file) => Some(
+                    Envelope::from_json(&files::read(&file)?)
+                        .with_context(|| format!("{} is not a signed envelope", file.display()))?,
+                ),
+                None => None,
+            };
+            let body = SetDesired {
+                release,
+                ttl_secs,
+                downgrade,
+            };
+            let desired: DesiredView = Api::new(&api)?.put(
                 "setting the desired state",
                 &format!("/api/v1/cars/{car}/desired"),
                 &body,
             )?;
             println!(
                 "car {car}: desired #{} = {}@{} ({}), signed by the twin, valid until {}",
-                text(field(&desired, &["counter"])),
-                text(field(&desired, &["line"])),
-                text(field(&desired, &["version"])),
-                text(field(&desired, &["release"])),
-                text(field(&desired, &["expires"]))
+                desired.counter,
+                or_dash(desired.line.as_deref()),
+                or_dash(desired.version.as_deref()),
+                desired.release,
+                desired.expires
             );
             Ok(())
         }
         Command::Inspect { car_id, api } => {
             let car = CarId::new(car_id)?;
-            let live: Value = Api::new(&api)?
+            let live: Inspection = Api::new(&api)?
                 .get("inspecting the car", &format!("/api/v1/cars/{car}/inspect"))?;
-            println!("{}", pretty(&live));
+            println!("{}", pretty(&live)?);
             Ok(())
         }
     }

@@ -1,36 +1,39 @@
-//! `cardeploy keys`: ed25519 signing keys for the root, release and director roles.
+//! `cardeploy keys`: ed25519 signing keys for the root, release and director roles. The file
+//! format is `cardeploy_release::key_file`'s.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, bail};
-use cardeploy_release::{PublicKey, SigningKey};
+use cardeploy_release::{SigningKey, key_file};
 use clap::Subcommand;
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Generate an ed25519 key pair: NAME.key (PKCS#8, mode 0600: keep it offline for the root
     /// and release roles) and NAME.pub (the public key, JSON, for `cardeploy root init`).
+    ///
+    /// A missing directory for NAME is created with mode 0700: it holds a private key.
     Gen {
         /// Base name of the two files, e.g. keys/root-1.
         #[arg(value_name = "NAME")]
-        name: PathBuf,
+        name: std::path::PathBuf,
     },
 }
 
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Gen { name } => {
-            let (key_path, pub_path) = (with_ext(&name, "key"), with_ext(&name, "pub"));
+            let (key_path, pub_path) = key_file::pair_paths(&name);
             if key_path.exists() {
                 bail!(
                     "{} exists: refusing to overwrite a private key (remove it first if you mean it)",
                     key_path.display()
                 );
             }
+            create_parent(&key_path, 0o700)?;
             let key = SigningKey::generate()?;
-            cardeploy_pki::write_file(&key_path, &hex(key.pkcs8()), true)?;
-            let public = serde_json::to_string_pretty(&key.public())?;
-            cardeploy_pki::write_file(&pub_path, &format!("{public}\n"), false)?;
+            key_file::write_private(&key_path, &key)?;
+            key_file::write_public(&pub_path, &key.public())?;
             println!("{}", key.public().id());
             eprintln!(
                 "wrote {} (private, 0600) and {}; the line above is the key id",
@@ -42,41 +45,16 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn with_ext(name: &Path, ext: &str) -> PathBuf {
-    let mut s = name.as_os_str().to_owned();
-    s.push(".");
-    s.push(ext);
-    PathBuf::from(s)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let mut s: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    s.push('\n');
-    s
-}
-
-/// Load a private key written by `keys gen`.
-pub fn load_private(path: &Path) -> anyhow::Result<SigningKey> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the private key {}", path.display()))?;
-    let text = text.trim();
-    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        bail!(
-            "{} is not a key written by `cardeploy keys gen`",
-            path.display()
-        );
-    }
-    let bytes: Vec<u8> = (0..text.len())
-        .step_by(2)
-        .filter_map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
-        .collect();
-    SigningKey::from_pkcs8(&bytes).with_context(|| format!("loading {}", path.display()))
-}
-
-/// Load a public key written by `keys gen` (`NAME.pub`).
-pub fn load_public(path: &Path) -> anyhow::Result<PublicKey> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the public key {}", path.display()))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a public key file", path.display()))
+/// Create the missing directories above `file` with `mode` (the umask applies), so that the
+/// first key or file of a new directory needs no `mkdir`. Existing directories keep their mode.
+pub fn create_parent(file: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .with_context(|| format!("creating the directory {}", dir.display()))
 }

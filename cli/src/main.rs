@@ -3,6 +3,7 @@
 mod api;
 mod artifact;
 mod car;
+mod files;
 mod keys;
 mod pki;
 mod release;
@@ -71,15 +72,48 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cardeploy: {e:#}");
+            eprintln!("cardeploy: {}", report(&e));
             ExitCode::FAILURE
         }
     }
 }
 
+/// The error and each of its causes once. The workspace's errors name their cause in their own
+/// message (`cannot create keys/x: No such file or directory`) and also return it as their
+/// `source()`, so printing the chain as it is (`{:#}`) would say the same thing twice.
+fn report(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+
+    #[test]
+    fn an_error_prints_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = cardeploy_chunks::Error::Io {
+            what: "cannot create",
+            path: "keys/.1.0.tmp".into(),
+            source: io,
+        };
+        let e = anyhow::Error::new(e).context("writing keys/root-1.key");
+        assert_eq!(
+            super::report(&e),
+            "writing keys/root-1.key: cannot create keys/.1.0.tmp: No such file or directory"
+        );
+    }
 
     /// clap checks its definitions only when a command is parsed; this checks all of them (a
     /// flag name used twice, a missing value name) for every subcommand at once.

@@ -16,9 +16,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow, bail};
 use cardeploy_chunks::ChunkIndex;
+use cardeploy_protocol::api::ReleaseSummary;
 use cardeploy_release::{
     Artifact, ArtifactKind, Envelope, MAX_ENVELOPE_BYTES, RELEASE_TYPE, Release, RoleName,
-    SigningKey, TrustedRoot, Workload, check_artifact, sha256_hex, verify_release,
+    SigningKey, TrustedRoot, Workload, check_artifact, key_file, now_secs, sha256_hex,
+    verify_release,
 };
 use clap::Subcommand;
 use indicatif::HumanBytes;
@@ -27,8 +29,7 @@ use serde_json::Value;
 
 use crate::api::{Api, ApiArgs, with_hint};
 use crate::artifact;
-use crate::keys::load_private;
-use crate::root::now;
+use crate::files::{self, read};
 
 const RELEASE_FILE: &str = "release.json";
 const SIGNED_FILE: &str = "release.signed.json";
@@ -219,19 +220,6 @@ fn short(hex: &str) -> &str {
     &hex[..hex.len().min(12)]
 }
 
-fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
-}
-
-/// Write through a temporary file and rename, so a signed envelope is never half written.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
-}
-
 fn parse_release(payload: &[u8], origin: &Path) -> anyhow::Result<Release> {
     serde_json::from_slice(payload).with_context(|| {
         format!(
@@ -242,17 +230,12 @@ fn parse_release(payload: &[u8], origin: &Path) -> anyhow::Result<Release> {
 }
 
 fn read_envelope(path: &Path) -> anyhow::Result<(Vec<u8>, Envelope)> {
-    let bytes = read(path)?;
-    let envelope = Envelope::from_json(&bytes)
-        .with_context(|| format!("{} is not a signed envelope", path.display()))?;
-    if envelope.payload_type != RELEASE_TYPE {
-        bail!(
-            "{} is a {}, not a release (`cardeploy release sign` writes {SIGNED_FILE})",
-            path.display(),
-            envelope.payload_type
-        );
-    }
-    Ok((bytes, envelope))
+    files::read_envelope(
+        path,
+        RELEASE_TYPE,
+        "release",
+        &format!("`cardeploy release sign` writes {SIGNED_FILE}"),
+    )
 }
 
 /// A directory means its release.signed.json.
@@ -365,7 +348,7 @@ fn create(args: &CreateArgs) -> anyhow::Result<()> {
             );
         }
         let id = index.id().hex();
-        std::fs::write(out.join(INDEXES_DIR).join(&id), index.encode())
+        files::write(&out.join(INDEXES_DIR).join(&id), index.encode())
             .with_context(|| format!("writing the chunk index of {}", s.path.display()))?;
         artifacts.push(Artifact {
             kind: s.kind,
@@ -389,7 +372,7 @@ fn create(args: &CreateArgs) -> anyhow::Result<()> {
         line: args.line.clone(),
         version: args.version.to_string(),
         compatible,
-        created: now(),
+        created: now_secs(),
         artifacts,
         workloads,
     };
@@ -405,9 +388,8 @@ fn create(args: &CreateArgs) -> anyhow::Result<()> {
     }
     let sources_json = serde_json::to_vec_pretty(&source_paths)
         .context("a source path is not UTF-8: move the file to a path that is")?;
-    std::fs::write(out.join(SOURCES_FILE), sources_json)
-        .with_context(|| format!("writing {}", out.join(SOURCES_FILE).display()))?;
-    write_atomic(&out.join(RELEASE_FILE), &payload)?;
+    files::write(&out.join(SOURCES_FILE), sources_json)?;
+    files::write(&out.join(RELEASE_FILE), &payload)?;
 
     print_release(&release);
     println!("digest     {} (once signed)", sha256_hex(&payload));
@@ -722,7 +704,7 @@ fn sign(input: &Path, key_paths: &[PathBuf], out: Option<PathBuf>) -> anyhow::Re
     // Keys first: a wrong path fails before any file is touched.
     let keys: Vec<SigningKey> = key_paths
         .iter()
-        .map(|p| load_private(p))
+        .map(|p| key_file::read_private(p))
         .collect::<Result<_, _>>()?;
 
     // Where the unsigned payload is (if any) and which envelope is written or added to.
@@ -778,7 +760,7 @@ fn sign(input: &Path, key_paths: &[PathBuf], out: Option<PathBuf>) -> anyhow::Re
             bytes.len()
         );
     }
-    write_atomic(&out, &bytes)?;
+    files::write(&out, &bytes)?;
     println!(
         "signed {}@{} for {} ({} artifacts): {added} signature(s) added, {} in all",
         release.line,
@@ -845,12 +827,11 @@ fn verify(input: &Path, roots: &[PathBuf]) -> anyhow::Result<()> {
     let path = envelope_path(input)?;
     let (_, envelope) = read_envelope(&path)?;
     let trusted = root_chain(roots)?;
-    let checked = verify_release(&trusted, &envelope, now(), MAX_ARTIFACT_BYTES)
+    let checked = verify_release(&trusted, &envelope, now_secs(), MAX_ARTIFACT_BYTES)
         .map_err(|e| anyhow!("{} does not verify: {e}\n  {}", path.display(), hint(&e)))?;
     let signers = trusted
         .verify(RoleName::Release, RELEASE_TYPE, &envelope)
-        .map(|v| v.signers)
-        .unwrap_or_default();
+        .map(|v| v.signers)?;
     println!(
         "release verified under root version {}",
         trusted.root().version
@@ -1009,7 +990,7 @@ fn push(input: &Path, level: i32, args: &ApiArgs) -> anyhow::Result<()> {
     }
     let body: Value = serde_json::from_slice(&bytes)
         .with_context(|| format!("{} is not JSON", path.display()))?;
-    let summary: Value = api
+    let summary: ReleaseSummary = api
         .post("registering the release", "/api/v1/releases", &body)
         .map_err(|e| {
             with_hint(
@@ -1027,10 +1008,11 @@ fn push(input: &Path, level: i32, args: &ApiArgs) -> anyhow::Result<()> {
             )
         })?;
     let digest = sha256_hex(&envelope.payload);
-    if let Some(theirs) = summary.get("digest").and_then(Value::as_str)
-        && theirs != digest
-    {
-        bail!("the twin registered the release as {theirs}, but its digest is {digest}");
+    if summary.digest != digest {
+        bail!(
+            "the twin registered the release as {}, but its digest is {digest}",
+            summary.digest
+        );
     }
     println!("{digest}");
     eprintln!(

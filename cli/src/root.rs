@@ -1,16 +1,18 @@
 //! `cardeploy root`: the root document that names which keys sign for which role.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use cardeploy_release::{
-    Envelope, PublicKey, ROOT_TYPE, Role, Roles, Root, SigningKey, TrustedRoot, sign,
+    Envelope, ROOT_TYPE, Role, Roles, Root, SigningKey, TrustedRoot, key_file, now_secs, sign,
 };
 use clap::Subcommand;
 
 use crate::api::{Api, ApiArgs, with_hint};
-use crate::keys::{load_private, load_public};
+use cardeploy_protocol::api::{DirectorView, RootAccepted};
+
+use crate::files;
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -125,18 +127,12 @@ pub struct RoleArgs {
     expires_days: u64,
 }
 
-pub(crate) fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn build(version: u64, args: &RoleArgs) -> anyhow::Result<Root> {
     let mut keys = BTreeMap::new();
     let mut role = |paths: &[PathBuf], threshold: usize| -> anyhow::Result<Role> {
         let mut keyids = Vec::new();
         for p in paths {
-            let key = load_public(p)?;
+            let key = key_file::read_public(p)?;
             keyids.push(key.id());
             keys.insert(key.id(), key);
         }
@@ -149,20 +145,20 @@ fn build(version: u64, args: &RoleArgs) -> anyhow::Result<Root> {
     };
     Ok(Root {
         version,
-        expires: now() + args.expires_days * 86_400,
+        expires: now_secs() + args.expires_days * 86_400,
         keys,
         roles,
     })
 }
 
-fn write_signed(root: &Root, signers: &[PathBuf], out: &PathBuf) -> anyhow::Result<Vec<u8>> {
+fn write_signed(root: &Root, signers: &[PathBuf], out: &Path) -> anyhow::Result<Vec<u8>> {
     let keys: Vec<SigningKey> = signers
         .iter()
-        .map(|p| load_private(p))
+        .map(|p| key_file::read_private(p))
         .collect::<Result<_, _>>()?;
     let refs: Vec<&SigningKey> = keys.iter().collect();
     let bytes = sign(ROOT_TYPE, &serde_json::to_vec_pretty(root)?, &refs).to_json();
-    std::fs::write(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    files::write(out, &bytes)?;
     Ok(bytes)
 }
 
@@ -192,7 +188,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             let bytes = write_signed(&root, &sign_with, &out)?;
             // Read it back the way a car will before anyone ships it.
             let trusted = TrustedRoot::pinned(&bytes)
-                .and_then(|t| t.fresh(now()).cloned())
+                .and_then(|t| t.fresh(now_secs()).cloned())
                 .with_context(|| {
                     format!("the root written to {} does not verify", out.display())
                 })?;
@@ -205,15 +201,12 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             sign_with,
             out,
         } => {
-            let trusted = TrustedRoot::pinned(
-                &std::fs::read(&current)
-                    .with_context(|| format!("reading {}", current.display()))?,
-            )?;
+            let trusted = TrustedRoot::pinned(&files::read(&current)?)?;
             let next = build(trusted.root().version + 1, &roles)?;
             let bytes = write_signed(&next, &sign_with, &out)?;
             let rotated = trusted
                 .rotate(&bytes)
-                .and_then(|r| r.fresh(now()).cloned())
+                .and_then(|r| r.fresh(now_secs()).cloned())
                 .with_context(|| {
                 format!(
                     "{} does not rotate from {}: sign with the threshold of the current root keys and of the new ones",
@@ -233,16 +226,12 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Verify { file, previous } => {
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let bytes = files::read(&file)?;
             let trusted = match previous {
-                Some(prev) => TrustedRoot::pinned(
-                    &std::fs::read(&prev).with_context(|| format!("reading {}", prev.display()))?,
-                )?
-                .rotate(&bytes)?,
+                Some(prev) => TrustedRoot::pinned(&files::read(&prev)?)?.rotate(&bytes)?,
                 None => TrustedRoot::pinned(&bytes)?,
             };
-            trusted.fresh(now())?;
+            trusted.fresh(now_secs())?;
             let env = Envelope::from_json(&bytes)?;
             if env.signatures.is_empty() {
                 bail!("{} carries no signatures", file.display());
@@ -264,11 +253,11 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             let doc = cardeploy_release::DowngradeOverride {
                 line: line.clone(),
                 version: version.clone(),
-                expires: now() + hours.saturating_mul(3600),
+                expires: now_secs() + hours.saturating_mul(3600),
             };
             let keys: Vec<SigningKey> = sign_with
                 .iter()
-                .map(|p| load_private(p))
+                .map(|p| key_file::read_private(p))
                 .collect::<Result<_, _>>()?;
             let refs: Vec<&SigningKey> = keys.iter().collect();
             let envelope = sign(
@@ -276,8 +265,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                 &serde_json::to_vec_pretty(&doc)?,
                 &refs,
             );
-            std::fs::write(&out, envelope.to_json())
-                .with_context(|| format!("writing {}", out.display()))?;
+            files::write(&out, envelope.to_json())?;
             println!(
                 "wrote {}: cars may install {line}@{version} below what they run, until {} (unix). Next:\n  cardeploy car set-desired CAR --release {line}@{version} --downgrade {}",
                 out.display(),
@@ -295,16 +283,12 @@ fn push(files: &[PathBuf], args: &ApiArgs) -> anyhow::Result<()> {
     // not leave the twin half-way through a chain.
     let mut roots = Vec::new();
     for file in files {
-        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-        let env = Envelope::from_json(&bytes)
-            .with_context(|| format!("{} is not a signed root", file.display()))?;
-        if env.payload_type != ROOT_TYPE {
-            bail!(
-                "{} is a {}, not a root (`cardeploy root init` writes roots)",
-                file.display(),
-                env.payload_type
-            );
-        }
+        let (bytes, _) = files::read_envelope(
+            file,
+            ROOT_TYPE,
+            "root",
+            "`cardeploy root init` writes roots",
+        )?;
         let version = TrustedRoot::peek_version(&bytes)
             .with_context(|| format!("{} is not a root document", file.display()))?;
         let body: serde_json::Value = serde_json::from_slice(&bytes)
@@ -313,8 +297,7 @@ fn push(files: &[PathBuf], args: &ApiArgs) -> anyhow::Result<()> {
     }
     let api = Api::new(args)?;
     for (file, version, body) in roots {
-        let answer: Result<serde_json::Value, _> =
-            api.post("pushing the root", "/api/v1/roots", &body);
+        let answer: Result<RootAccepted, _> = api.post("pushing the root", "/api/v1/roots", &body);
         let answer = answer
             .with_context(|| format!("{} (version {version})", file.display()))
             .map_err(|e| {
@@ -332,10 +315,7 @@ fn push(files: &[PathBuf], args: &ApiArgs) -> anyhow::Result<()> {
                     ],
                 )
             })?;
-        let accepted = answer
-            .get("version")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(version);
+        let accepted = answer.version;
         println!(
             "root version {accepted} accepted by the twin ({})",
             file.display()
@@ -344,16 +324,9 @@ fn push(files: &[PathBuf], args: &ApiArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `GET /api/v1/director` answers.
-#[derive(serde::Deserialize)]
-struct DirectorKey {
-    keyid: String,
-    public: PublicKey,
-}
-
 fn director(out: &std::path::Path, args: &ApiArgs) -> anyhow::Result<()> {
     let api = Api::new(args)?;
-    let key: DirectorKey = api.get("fetching the twin's director key", "/api/v1/director")?;
+    let key: DirectorView = api.get("fetching the twin's director key", "/api/v1/director")?;
     let id = key.public.id();
     if id.as_str() != key.keyid {
         bail!(
@@ -361,8 +334,8 @@ fn director(out: &std::path::Path, args: &ApiArgs) -> anyhow::Result<()> {
             key.keyid
         );
     }
-    let public = serde_json::to_string_pretty(&key.public)?;
-    cardeploy_pki::write_file(out, &format!("{public}\n"), false)?;
+    crate::keys::create_parent(out, 0o755)?;
+    key_file::write_public(out, &key.public)?;
     println!("{id}");
     eprintln!(
         "wrote {}; the line above is the director key id. Name it in the root: \

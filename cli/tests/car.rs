@@ -10,7 +10,28 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cardeploy_protocol::CarId;
+use cardeploy_protocol::api::{CarView, CertificateState, IndexView};
 use serde_json::{Value, json};
+
+/// A car as the real twin shows it (the views are the protocol crate's types, so the scripted
+/// answers have the real shape).
+fn car_view(id: &str, certificate: CertificateState, connected: bool) -> Value {
+    serde_json::to_value(CarView {
+        id: CarId::new(id).unwrap(),
+        attributes: Default::default(),
+        fingerprint: "ab".repeat(32),
+        certificate,
+        revoked_at: (certificate == CertificateState::Revoked).then_some(1_000),
+        connected,
+        desired: None,
+        reported: None,
+        progress: None,
+        install: None,
+        dropped_reports: 0,
+    })
+    .unwrap()
+}
 
 /// One request the scripted twin received.
 #[derive(Clone, Debug)]
@@ -209,7 +230,7 @@ fn car_revoke_deletes_the_car_and_says_how_to_re_provision_it() {
     let twin = ScriptedTwin::start(|_| {
         reply(
             "200 OK",
-            json!({"id": "VIN-9", "fingerprint": "ab".repeat(32), "certificate": "revoked"}),
+            car_view("VIN-9", CertificateState::Revoked, false),
         )
     });
     let out = stdout(cardeploy(&twin, &["car", "revoke", "VIN-9"]));
@@ -229,8 +250,8 @@ fn car_list_says_which_certificates_are_revoked() {
         reply(
             "200 OK",
             json!([
-                {"id": "VIN-1", "certificate": "active", "connected": true, "attributes": {}},
-                {"id": "VIN-2", "certificate": "revoked", "connected": false, "attributes": {}},
+                car_view("VIN-1", CertificateState::Active, true),
+                car_view("VIN-2", CertificateState::Revoked, false),
             ]),
         )
     });
@@ -273,7 +294,16 @@ fn a_busy_twin_gets_each_refused_upload_again_after_its_retry_after() {
                     reply("201 Created", Value::Null)
                 }
             }
-            _ => reply("201 Created", json!({"size": 300_000})),
+            _ => {
+                let index = request.target.rsplit('/').next().unwrap().to_owned();
+                let view = IndexView {
+                    index,
+                    artifact: "cd".repeat(32),
+                    size: 300_000,
+                    chunks: 5,
+                };
+                reply("201 Created", serde_json::to_value(view).unwrap())
+            }
         })
     };
     let dir = tempfile::tempdir().unwrap();

@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use cardeploy_release::now_secs as now;
 use cardeploy_release::{
     ArtifactKind, Envelope, PublicKey, RELEASE_TYPE, Release, TrustedRoot, sha256_hex,
     verify_release,
@@ -51,13 +52,6 @@ fn fails(out: Output) -> String {
     );
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     stderr
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 /// Deterministic filler, different per seed, that does not compress to nothing.

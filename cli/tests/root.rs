@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use cardeploy_release::TrustedRoot;
+use cardeploy_release::now_secs as now;
 
 fn cardeploy(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cardeploy"))
@@ -23,13 +24,6 @@ fn ok(out: Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 #[test]

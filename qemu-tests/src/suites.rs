@@ -6,9 +6,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use serde_json::Value;
+use cardeploy_protocol::Phase;
+use cardeploy_protocol::api::CarView;
 
-use crate::fleet::{Fleet, phase};
+use crate::fleet::{CarOptions, Fleet, TWIN_FROM_GUEST, os, phase, release};
 use crate::machine::{Image, Machine};
 
 /// RAUC's `compatible` of the image (images/README.md).
@@ -70,7 +71,14 @@ impl World {
 
     /// A new qemu car (`CAR`) registered with `fleet`; its disk and console log go to `work`.
     pub fn with_fleet(image: &Image, fleet: Fleet, work: &Path) -> anyhow::Result<Self> {
-        let files = fleet.add_car(CAR, COMPATIBLE, &agent_extra())?;
+        let mut options = CarOptions::new(
+            COMPATIBLE,
+            &format!("{TWIN_FROM_GUEST}:{}", fleet.cars_port),
+        );
+        // What goes into the car's /data/cardeploy.
+        options.out = Some(fleet.dir.join("cars").join(CAR).join("cardeploy"));
+        options.extra_config = agent_extra();
+        let files = fleet.add_car(CAR, &options)?;
         let data = files.parent().context("car files have a parent")?;
         let car = Machine::provision(image, CAR, &work.join("cars"), data)?;
         Ok(Self {
@@ -104,19 +112,22 @@ impl World {
     /// written the slot.
     fn installed(&self, version: &str) -> anyhow::Result<()> {
         let label = format!("{}@{version}", self.line);
-        self.fleet
-            .until(CAR, &format!("{label} to be installed"), UPDATE, |v| {
-                v["reported"]["state"]["release"] == label.as_str()
+        self.fleet.until(
+            CAR,
+            &format!("{label} to be installed"),
+            UPDATE,
+            true,
+            |v| {
+                release(v) == Some(label.as_str())
                     && !matches!(
                         phase(v),
-                        "fetching" | "verifying" | "installing" | "applied"
+                        Some(
+                            Phase::Fetching | Phase::Verifying | Phase::Installing | Phase::Applied
+                        )
                     )
-            })?;
+            },
+        )?;
         Ok(())
-    }
-
-    fn os(view: &Value) -> &Value {
-        &view["reported"]["state"]["os"]
     }
 }
 
@@ -132,31 +143,40 @@ pub fn boot(world: &mut World) -> anyhow::Result<Vec<Measure>> {
         "boot slot A (power on → boot marker)",
         format!("{took:.1?}"),
     );
-    let view = world
-        .fleet
-        .until(CAR, "the car to connect and report slot A", BOOT, |v| {
-            v["connected"] == true && booted_slot(v) == Some("A")
-        })?;
+    let view = world.fleet.until(
+        CAR,
+        "the car to connect and report slot A",
+        BOOT,
+        true,
+        |v| v.connected && booted_slot(v) == Some("A"),
+    )?;
     measure(
         &mut out,
         "power on → connected and reported",
         format!("{:.1?}", on.elapsed()),
     );
-    let os = World::os(&view);
+    let version = os(&view).and_then(|os| os.version.as_deref());
     ensure!(
-        os["version"] == "1.0.0",
-        "the car reports OS version {} instead of 1.0.0: {view}",
-        os["version"]
+        version == Some("1.0.0"),
+        "the car reports OS version {version:?} instead of 1.0.0: {view:?}"
     );
     ensure!(
-        view["reported"]["agent_version"].as_str().is_some(),
-        "no agent version in {view}"
+        view.reported
+            .as_ref()
+            .is_some_and(|r| r.agent_version.is_some()),
+        "no agent version in {view:?}"
     );
     Ok(out)
 }
 
-fn booted_slot(view: &Value) -> Option<&str> {
-    World::os(view)["booted"].as_str()
+fn booted_slot(view: &CarView) -> Option<&str> {
+    os(view).map(|os| os.booted.as_str())
+}
+
+fn last_error(view: &CarView) -> &str {
+    view.state()
+        .and_then(|s| s.last_error.as_deref())
+        .unwrap_or("")
 }
 
 /// update: a signed os@2.0.0 lands in slot B, the car reboots into it, passes the health gate,
@@ -175,8 +195,8 @@ pub fn update(world: &mut World) -> anyhow::Result<Vec<Measure>> {
     );
     let view = world
         .fleet
-        .until(CAR, "os@2.0.0 committed on B", UPDATE, |v| {
-            phase(v) == "committed" && booted_slot(v) == Some("B")
+        .until(CAR, "os@2.0.0 committed on B", UPDATE, true, |v| {
+            phase(v) == Some(Phase::Committed) && booted_slot(v) == Some("B")
         })?;
     world.update_took = Some(deployed.elapsed());
     measure(
@@ -184,16 +204,19 @@ pub fn update(world: &mut World) -> anyhow::Result<Vec<Measure>> {
         "deployment → committed",
         format!("{:.1?}", deployed.elapsed()),
     );
-    let p = &view["progress"];
+    let p = view.progress.clone().unwrap_or_default();
     measure(
         &mut out,
         "bytes fetched for os@2.0.0",
         format!(
             "{} B on the wire for a {} B bundle ({} B from seeds)",
-            p["wire_bytes"], p["planned_bytes"], p["seed_bytes"]
+            p.wire_bytes, p.planned_bytes, p.seed_bytes
         ),
     );
-    ensure!(World::os(&view)["version"] == "2.0.0", "{view}");
+    ensure!(
+        os(&view).and_then(|os| os.version.as_deref()) == Some("2.0.0"),
+        "{view:?}"
+    );
     Ok(out)
 }
 
@@ -207,15 +230,13 @@ pub fn boot_failure(world: &mut World) -> anyhow::Result<Vec<Measure>> {
     world.booted("B", Instant::now())?;
     let view = world
         .fleet
-        .until(CAR, "a rollback after a boot failure", UPDATE, |v| {
-            phase(v) == "rolled-back"
+        .until(CAR, "a rollback after a boot failure", UPDATE, true, |v| {
+            phase(v) == Some(Phase::RolledBack)
         })?;
-    let error = view["reported"]["state"]["last_error"]
-        .as_str()
-        .unwrap_or("");
+    let error = last_error(&view);
     ensure!(
         error.contains("boot failure"),
-        "expected a boot failure, got: {view}"
+        "expected a boot failure, got: {view:?}"
     );
     measure(
         &mut out,
@@ -234,20 +255,22 @@ pub fn health_failure(world: &mut World) -> anyhow::Result<Vec<Measure>> {
     world.installed("4.0.0")?;
     world.booted("A", Instant::now())?;
     world.booted("B", Instant::now())?;
-    let view = world
-        .fleet
-        .until(CAR, "a rollback after a health failure", UPDATE, |v| {
-            phase(v) == "rolled-back"
-                && v["reported"]["state"]["release"] == format!("{}@4.0.0", world.line).as_str()
-        })?;
-    let error = view["reported"]["state"]["last_error"]
-        .as_str()
-        .unwrap_or("");
+    let view = world.fleet.until(
+        CAR,
+        "a rollback after a health failure",
+        UPDATE,
+        true,
+        |v| {
+            phase(v) == Some(Phase::RolledBack)
+                && release(v) == Some(format!("{}@4.0.0", world.line).as_str())
+        },
+    )?;
+    let error = last_error(&view);
     ensure!(
         error.contains("health failure"),
-        "expected a health failure, got: {view}"
+        "expected a health failure, got: {view:?}"
     );
-    ensure!(booted_slot(&view) == Some("B"), "{view}");
+    ensure!(booted_slot(&view) == Some("B"), "{view:?}");
     measure(
         &mut out,
         "deployment → rolled back (health failure)",
@@ -292,7 +315,11 @@ pub fn power_cut(world: &mut World) -> anyhow::Result<Vec<Measure>> {
         let mut seen = String::from("-");
         while deployed.elapsed() < cut {
             if let Ok(view) = world.fleet.show(CAR) {
-                seen = format!("{} {}", phase(&view), view["reported"]["state"]["release"]);
+                seen = format!(
+                    "{} {}",
+                    phase(&view).map_or("-", Phase::as_str),
+                    release(&view).unwrap_or("-")
+                );
             }
             std::thread::sleep(
                 Duration::from_millis(200).min(cut.saturating_sub(deployed.elapsed())),
@@ -309,35 +336,37 @@ pub fn power_cut(world: &mut World) -> anyhow::Result<Vec<Measure>> {
         println!("  round {k}: {line}");
         let view = world
             .fleet
-            .until(CAR, &format!("{label} to end"), UPDATE, |v| {
-                v["reported"]["state"]["release"] == label.as_str()
-                    && matches!(phase(v), "committed" | "rolled-back" | "failed")
+            .until(CAR, &format!("{label} to end"), UPDATE, true, |v| {
+                release(v) == Some(label.as_str())
+                    && matches!(
+                        phase(v),
+                        Some(Phase::Committed | Phase::RolledBack | Phase::Failed)
+                    )
             })?;
-        let state = &view["reported"]["state"];
         let booted = booted_slot(&view).unwrap_or("?").to_owned();
-        let slot_ok = World::os(&view)["slots"]
-            .as_array()
-            .and_then(|slots| slots.iter().find(|s| s["bootname"] == booted.as_str()))
-            .is_some_and(|s| s["boot_status"] == "good");
+        let slot_ok = os(&view)
+            .and_then(|os| {
+                os.slots
+                    .iter()
+                    .find(|s| s.bootname.as_deref() == Some(booted.as_str()))
+            })
+            .is_some_and(|s| s.boot_status.as_deref() == Some("good"));
         ensure!(
             slot_ok,
-            "round {k}: the car runs slot {booted}, which is not marked good: {view}"
+            "round {k}: the car runs slot {booted}, which is not marked good: {view:?}"
         );
-        match phase(&view) {
+        let phase = phase(&view).map_or("-", Phase::as_str);
+        match phase {
             "committed" => committed += 1,
             other => ensure!(
-                state["last_error"].as_str().is_some_and(|e| !e.is_empty()),
-                "round {k}: {other} without a reason: {view}"
+                !last_error(&view).is_empty(),
+                "round {k}: {other} without a reason: {view:?}"
             ),
         }
         measure(
             &mut out,
             format!("round {k} (cut at {cut:.1?}, during \"{seen}\")"),
-            format!(
-                "{} on slot {booted} after {:.1?}",
-                phase(&view),
-                deployed.elapsed()
-            ),
+            format!("{phase} on slot {booted} after {:.1?}", deployed.elapsed()),
         );
     }
     measure(

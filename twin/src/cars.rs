@@ -77,10 +77,9 @@ impl Fleet {
     }
 }
 
+/// [`cardeploy_release::now_secs`] as SQLite stores it.
 pub(crate) fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    i64::try_from(cardeploy_release::now_secs()).unwrap_or(i64::MAX)
 }
 
 pub(crate) struct CarAcceptor {

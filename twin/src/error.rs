@@ -24,6 +24,13 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// Serialising one of the twin's own documents failed: a bug, never the input's fault.
+    #[error("cannot encode {what}: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error(
         "car {car} is at desired-state counter {counter}, the highest there may be: rotate the director key in a new root (`cardeploy root rotate --director-key`), which starts its counters afresh"
     )]
@@ -42,4 +49,8 @@ pub enum Error {
 
 pub(crate) fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
     move |source| Error::Db { what, source }
+}
+
+pub(crate) fn encode(what: &'static str) -> impl FnOnce(serde_json::Error) -> Error {
+    move |source| Error::Encode { what, source }
 }

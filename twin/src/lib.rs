@@ -31,13 +31,9 @@ use cardeploy_link::tls::{PeerRegistry, TlsFiles, server_config};
 use cardeploy_link::{LinkServer, ServerOptions, ServerSecurity, ServerStats};
 use cardeploy_protocol::{CarId, DesiredState};
 
-pub use api::{
-    CarView, CertificateState, ChunkList, DesiredView, DirectorView, EventsPage, IndexView,
-    MissingChunks, NewCar, ReleaseView, SetDesired,
-};
 pub use artifacts::ServedStats;
 pub use config::Config;
-pub use db::{CarRecord, EventRecord, ReleaseSummary, ReportedRecord, StoredDesired};
+pub use db::{CarRecord, StoredDesired};
 pub use error::Error;
 
 use crate::cars::{CarAcceptor, Fleet};
@@ -148,15 +144,15 @@ impl Twin {
                     issued,
                     expires,
                 };
-                StoredDesired {
-                    desired: self.trust.sign_desired(&doc),
+                Ok(StoredDesired {
+                    desired: self.trust.sign_desired(&doc)?,
                     release: release.to_owned(),
                     downgrade,
                     counter,
                     issued,
                     expires,
                     scope: scope.clone(),
-                }
+                })
             })
             .await?;
         // The car may read this release's artifacts from now on.
@@ -259,17 +255,8 @@ fn operator_token(config: &Config) -> Result<String, Error> {
             why: "no randomness for the operator token".into(),
         }
     })?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io(&path))?;
-    file.write_all(token.as_bytes()).map_err(io(&path))?;
-    file.sync_all().map_err(io(&path))?;
+    let token = cardeploy_release::hex::encode(&bytes);
+    cardeploy_chunks::atomic::write(&path, token.as_bytes(), cardeploy_chunks::atomic::PRIVATE)?;
     Ok(token)
 }
 

@@ -5,14 +5,12 @@
 //! The twin holds the director key online, and only that one: it can say *which* release a car
 //! should run and *when*, never *what* a release contains (the offline release key signed that).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
 use cardeploy_release::{
-    CheckedRelease, DESIRED_TYPE, Desired, Envelope, PublicKey, SigningKey, TrustedRoot, sign,
-    verify_release,
+    CheckedRelease, DESIRED_TYPE, Desired, Envelope, PublicKey, SigningKey, TrustedRoot, key_file,
+    sign, verify_release,
 };
 
 use crate::Error;
@@ -38,6 +36,9 @@ pub enum TrustError {
     },
     #[error(transparent)]
     Verify(#[from] cardeploy_release::Error),
+    /// The root verified, but the twin could not keep it: its fault, not the operator's.
+    #[error("could not store the root: {0}")]
+    Store(crate::Error),
 }
 
 struct Chain {
@@ -60,72 +61,40 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    let text = text.trim();
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-/// Write `bytes` to `path` through a temp file, fsync and rename: never a torn file.
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    file.write_all(bytes).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))?;
-    }
-    Ok(())
-}
-
 /// The director key: made at first start, mode 0600, hex PKCS#8 like `cardeploy keys gen`
 /// writes; its public half next to it as `director.pub` for `cardeploy root init --director`.
 fn director_key(data_dir: &Path) -> Result<(SigningKey, PathBuf), Error> {
     let path = data_dir.join("director.key");
     let public = data_dir.join("director.pub");
-    let key = match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let bytes = unhex(&text).ok_or_else(|| Error::Config {
-                path: path.clone(),
-                why: "not a hex PKCS#8 key; restore it from backup (cars trust only this key through the root)".into(),
-            })?;
-            SigningKey::from_pkcs8(&bytes).map_err(|e| Error::Config {
-                path: path.clone(),
-                why: e.to_string(),
-            })?
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = SigningKey::generate().map_err(|e| Error::Config {
-                path: path.clone(),
-                why: e.to_string(),
-            })?;
-            write_atomic(&path, format!("{}\n", hex(key.pkcs8())).as_bytes(), 0o600)?;
+    let config = |path: &Path, e: cardeploy_release::Error| Error::Config {
+        path: path.to_owned(),
+        why: e.to_string(),
+    };
+    let key = match key_file::read_private(&path) {
+        Ok(key) => key,
+        Err(cardeploy_release::Error::KeyFileRead { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            let key = SigningKey::generate().map_err(|e| config(&path, e))?;
+            key_file::write_private(&path, &key).map_err(|e| config(&path, e))?;
             tracing::info!(keyid = %key.public().id(), path = %path.display(), "director key created");
             key
         }
-        Err(e) => return Err(io(&path)(e)),
+        Err(cardeploy_release::Error::KeyFileRead { source, .. }) => {
+            return Err(io(&path)(source));
+        }
+        Err(e) => {
+            return Err(Error::Config {
+                path: path.clone(),
+                why: format!(
+                    "{e}; restore it from backup (cars trust only this key through the root)"
+                ),
+            });
+        }
     };
-    let json = serde_json::to_string_pretty(&key.public()).unwrap_or_default();
-    if std::fs::read_to_string(&public).ok().as_deref() != Some(&format!("{json}\n")) {
-        write_atomic(&public, format!("{json}\n").as_bytes(), 0o644)?;
+    let text = key_file::encode_public(&key.public());
+    if std::fs::read_to_string(&public).ok().as_deref() != Some(&text) {
+        key_file::write_public(&public, &key.public()).map_err(|e| config(&public, e))?;
     }
     Ok((key, public))
 }
@@ -226,11 +195,8 @@ impl Trust {
         }
         let version = next.root().version;
         let path = self.roots_dir.join(format!("{version}.json"));
-        write_atomic(&path, bytes, 0o644).map_err(|e| {
-            TrustError::Verify(cardeploy_release::Error::Malformed(format!(
-                "could not store the root: {e}"
-            )))
-        })?;
+        cardeploy_chunks::atomic::write(&path, bytes, cardeploy_chunks::atomic::PUBLIC)
+            .map_err(|e| TrustError::Store(e.into()))?;
         chain.envelopes.push(envelope);
         chain.trusted = Some(next);
         tracing::info!(version, "root accepted");
@@ -258,9 +224,9 @@ impl Trust {
     }
 
     /// Sign a desired state with the director key.
-    pub fn sign_desired(&self, desired: &Desired) -> Envelope {
-        // Plain struct of strings and numbers: serialising cannot fail.
-        let payload = serde_json::to_vec(desired).unwrap_or_default();
-        sign(DESIRED_TYPE, &payload, &[&self.director])
+    pub fn sign_desired(&self, desired: &Desired) -> Result<Envelope, Error> {
+        let payload =
+            serde_json::to_vec(desired).map_err(crate::error::encode("a desired state"))?;
+        Ok(sign(DESIRED_TYPE, &payload, &[&self.director]))
     }
 }

@@ -178,10 +178,10 @@ impl Assembler {
             .map_err(Error::io("cannot sync", &self.partial))?;
         drop(self.writer);
         fs::rename(&self.partial, &self.out).map_err(Error::io("cannot rename into", &self.out))?;
+        // The partial file grew in place over many windows (resumable), so it is not an
+        // `atomic::write`; its rename is made durable the same way.
         if let Some(dir) = self.out.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(Error::io("cannot sync directory", dir))?;
+            crate::atomic::sync_dir(dir)?;
         }
         Ok(Assembled {
             size: self.written,

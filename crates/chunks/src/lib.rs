@@ -20,6 +20,7 @@
 //! `cargo xtask bench delta`.
 
 mod assemble;
+pub mod atomic;
 mod chunker;
 mod digest;
 mod error;

@@ -1,12 +1,10 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use crate::{ChunkIndex, Digest, Error, Result};
+use crate::{ChunkIndex, Digest, Error, Result, atomic};
 
 /// zstd level for chunks the store compresses itself (those that arrived as deltas). Chunks that
 /// arrive compressed are kept exactly as they arrived.
@@ -34,7 +32,6 @@ const MAX_CHUNK: usize = fastcdc::v2020::MAXIMUM_MAX;
 pub struct Store {
     root: PathBuf,
     dirty: Mutex<BTreeSet<PathBuf>>,
-    seq: AtomicU64,
 }
 
 /// What [`Store::gc`] or [`Store::stats`] found.
@@ -59,7 +56,6 @@ impl Store {
         Ok(Self {
             root: root.to_owned(),
             dirty: Mutex::new(BTreeSet::new()),
-            seq: AtomicU64::new(0),
         })
     }
 
@@ -145,9 +141,7 @@ impl Store {
     /// `chunks/<2 hex>/` may itself be new).
     fn sync_parents(&self, path: &Path, levels: usize) -> Result<()> {
         for dir in path.ancestors().skip(1).take(levels) {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(Error::io("cannot sync directory", dir))?;
+            atomic::sync_dir(dir)?;
         }
         Ok(())
     }
@@ -187,27 +181,19 @@ impl Store {
     pub fn sync(&self) -> Result<()> {
         let dirs = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
         for dir in dirs {
-            File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(Error::io("cannot sync directory", &dir))?;
+            atomic::sync_dir(&dir)?;
         }
         Ok(())
     }
 
+    /// Stage in `tmp/` (emptied on open, so a crash leaves nothing behind where the store
+    /// looks), rename into place, and leave the directory fsync to [`Store::sync`] or the
+    /// durable variants.
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let tmp =
-            self.root
-                .join("tmp")
-                .join(format!("{}.{}.{n}", std::process::id(), fastrand_u64()));
-        let mut file = File::create(&tmp).map_err(Error::io("cannot create", &tmp))?;
-        file.write_all(bytes)
-            .and_then(|()| file.sync_all())
-            .map_err(Error::io("cannot write", &tmp))?;
-        drop(file);
+        let staged = atomic::Staged::new_in(&self.root.join("tmp"), bytes, atomic::PUBLIC)?;
         let dir = path.parent().unwrap_or(&self.root).to_owned();
         fs::create_dir_all(&dir).map_err(Error::io("cannot create", &dir))?;
-        fs::rename(&tmp, path).map_err(Error::io("cannot rename into", path))?;
+        staged.rename_to(path)?;
         self.dirty
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -442,14 +428,4 @@ pub(crate) fn verify(id: &Digest, data: &[u8]) -> Result<()> {
 /// Decompress one zstd frame holding at most one chunk.
 pub(crate) fn decompress(frame: &[u8]) -> Result<Vec<u8>> {
     zstd::bulk::decompress(frame, MAX_CHUNK).map_err(Error::Zstd)
-}
-
-fn fastrand_u64() -> u64 {
-    // Uniqueness of temp names within a process comes from the counter; this only separates
-    // processes sharing a store after a pid is reused.
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    t ^ u64::from(std::process::id()).rotate_left(32)
 }

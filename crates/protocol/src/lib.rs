@@ -5,6 +5,7 @@
 //! docs/protocol.md describes every route; this crate is its executable form. Every message
 //! rejects unknown fields, so a typo on one side is an error instead of a silently ignored value.
 
+pub mod api;
 mod car_id;
 mod error;
 mod messages;

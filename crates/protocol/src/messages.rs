@@ -193,6 +193,24 @@ pub enum Phase {
     RolledBack,
 }
 
+impl Phase {
+    /// The name on the wire and in the twin's views (`pending-reboot`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Fetching => "fetching",
+            Self::Applied => "applied",
+            Self::Failed => "failed",
+            Self::Verifying => "verifying",
+            Self::Installing => "installing",
+            Self::PendingReboot => "pending-reboot",
+            Self::Trial => "trial",
+            Self::Committed => "committed",
+            Self::RolledBack => "rolled-back",
+        }
+    }
+}
+
 /// What the agent says the car runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

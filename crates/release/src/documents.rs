@@ -188,11 +188,7 @@ pub fn safe_name(what: &str, name: &str) -> Result<(), Error> {
 
 /// sha256 hex of bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 /// A release the car may install, with the digest that desired states name it by.

@@ -1,3 +1,5 @@
+use std::path::PathBuf;
+
 /// Why signed metadata was refused. Each variant is one threat with the facts a person needs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -76,4 +78,20 @@ pub enum Error {
     },
     #[error("public key is malformed: {0}")]
     Key(String),
+    #[error("cannot read the key file {path}: {source}")]
+    KeyFileRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a key file written by `cardeploy keys gen`: {why}")]
+    KeyFile { path: PathBuf, why: String },
+    /// Boxed: the chunk crate's error is large and this one travels in every verification result.
+    #[cfg(feature = "sign")]
+    #[error("cannot write the key file {path}: {source}")]
+    KeyFileWrite {
+        path: PathBuf,
+        #[source]
+        source: Box<cardeploy_chunks::Error>,
+    },
 }

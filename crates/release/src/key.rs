@@ -12,7 +12,7 @@ pub struct KeyId(String);
 impl KeyId {
     pub fn of(public: &[u8; 32]) -> Self {
         let digest = ring::digest::digest(&ring::digest::SHA256, public);
-        Self(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+        Self(crate::hex::encode(digest.as_ref()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -71,7 +71,7 @@ mod hex32 {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        s.serialize_str(&crate::hex::encode(bytes))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
@@ -87,13 +87,7 @@ pub(crate) fn parse_hex32(text: &str) -> Result<[u8; 32], Error> {
             text.len()
         )));
     }
-    let mut out = [0u8; 32];
-    for (i, pair) in text.as_bytes().chunks(2).enumerate() {
-        let digit = |c: u8| (c as char).to_digit(16);
-        match (digit(pair[0]), digit(pair[1])) {
-            (Some(h), Some(l)) => out[i] = (h * 16 + l) as u8,
-            _ => return Err(Error::Key(format!("`{text}` is not hex"))),
-        }
-    }
-    Ok(out)
+    crate::hex::decode(text)
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .ok_or_else(|| Error::Key(format!("`{text}` is not hex")))
 }

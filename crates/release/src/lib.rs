@@ -9,7 +9,9 @@
 mod documents;
 mod envelope;
 mod error;
+pub mod hex;
 mod key;
+pub mod key_file;
 mod root;
 mod shape;
 #[cfg(feature = "sign")]
@@ -27,6 +29,14 @@ pub use key::{KeyId, PublicKey};
 pub use root::{ROOT_TYPE, Role, RoleName, Roles, Root, TrustedRoot};
 #[cfg(feature = "sign")]
 pub use sign::{SigningKey, sign};
+
+/// Seconds since the Unix epoch: the clock that expiries and issue times are compared to. A clock
+/// set before 1970 reads as 0, at which every issue time lies in the future and is refused.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use cardeploy_chunks::ChunkIndex;
 use cardeploy_release::{
     Artifact, ArtifactKind, DowngradeOverride, Envelope, OVERRIDE_TYPE, PublicKey, RELEASE_TYPE,
-    ROOT_TYPE, Release, Role, Roles, Root, SigningKey, sign,
+    ROOT_TYPE, Release, Role, Roles, Root, SigningKey, key_file, sign,
 };
 use serde_json::json;
 
@@ -55,11 +55,8 @@ pub fn root_document(
     }
 }
 
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+/// The clock signed documents are checked against.
+pub use cardeploy_release::now_secs as now;
 
 /// A release artifact declared from its chunk index.
 pub fn artifact(kind: ArtifactKind, name: &str, index: &ChunkIndex) -> Artifact {
@@ -110,8 +107,7 @@ impl Signer {
 
     /// For the twin in `data_dir`, which must have started once (it makes its director key).
     pub fn for_twin(data_dir: &Path) -> Self {
-        let text = std::fs::read_to_string(data_dir.join("director.pub")).unwrap();
-        Self::new(serde_json::from_str(&text).unwrap())
+        Self::new(key_file::read_public(&data_dir.join("director.pub")).unwrap())
     }
 
     /// The version 1 root: what a car pins (config `root`).

@@ -6,57 +6,20 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use bytes::Bytes;
-use cardeploy_protocol::{
-    self as protocol, Attributes, CarId, Envelope, FetchProgress, Inspection, route,
-    validate_attribute,
+use cardeploy_protocol::api::{
+    CarView, CertificateState, DesiredView, EventsPage, NewCar, SetDesired,
 };
-use serde::{Deserialize, Serialize};
+use cardeploy_protocol::{self as protocol, CarId, Inspection, route, validate_attribute};
+use serde::Deserialize;
 
-use super::{ApiError, bad_request, blocking, car_id, now_secs, trust_error};
+use super::{ApiError, bad_request, blocking, car_id, trust_error};
 use crate::Twin;
 use crate::cars::now;
-use crate::db::{CarRecord, Conflict, EventRecord, Registration, ReportedRecord, StoredDesired};
+use crate::db::{CarRecord, Conflict, Registration, StoredDesired};
 
 /// Most events one page holds.
 const MAX_EVENTS_PAGE: u32 = 1000;
 const DEFAULT_EVENTS_PAGE: u32 = 100;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewCar {
-    pub id: String,
-    #[serde(default)]
-    pub attributes: Attributes,
-    /// The car's client certificate (PEM), issued by the fleet CA.
-    pub certificate_pem: String,
-}
-
-/// Whether the twin takes a car's certificate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CertificateState {
-    Active,
-    /// Refused at every handshake until the car is re-provisioned with a new certificate.
-    Revoked,
-}
-
-#[derive(Debug, Serialize)]
-pub struct CarView {
-    pub id: CarId,
-    pub attributes: Attributes,
-    pub fingerprint: String,
-    pub certificate: CertificateState,
-    pub revoked_at: Option<i64>,
-    pub connected: bool,
-    pub desired: Option<DesiredView>,
-    pub reported: Option<ReportedRecord>,
-    /// The last download progress the car reported since the twin started.
-    pub progress: Option<FetchProgress>,
-    /// The last OS installation progress the car reported since the twin started.
-    pub install: Option<protocol::InstallProgress>,
-    /// Reports dropped over the rate limit since the twin started.
-    pub dropped_reports: u64,
-}
 
 /// Register a car, or give a revoked one a new certificate. Only a client certificate of the
 /// fleet CA is taken (checked the way the handshake checks it), and never a revoked one.
@@ -218,14 +181,6 @@ pub(super) struct EventsQuery {
     before: Option<i64>,
 }
 
-/// One page of a car's events, oldest first.
-#[derive(Debug, Serialize)]
-pub struct EventsPage {
-    pub events: Vec<EventRecord>,
-    /// `before` of the next, older page; `null` on the oldest one.
-    pub next_before: Option<i64>,
-}
-
 pub(super) async fn events(
     State(twin): State<Arc<Twin>>,
     Path(id): Path<String>,
@@ -243,32 +198,6 @@ pub(super) async fn events(
         events,
         next_before,
     }))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SetDesired {
-    /// The release: its digest (64 hex) or `line@version`, registered with
-    /// `POST /api/v1/releases` (`cardeploy release push`).
-    pub release: String,
-    /// How long the signed desired state stays valid; default the twin's `desired_ttl_secs`.
-    #[serde(default)]
-    pub ttl_secs: Option<u64>,
-    /// A root-signed downgrade override, when the release is older than what the car runs.
-    #[serde(default)]
-    pub downgrade: Option<Envelope>,
-}
-
-/// What the API shows of a car's signed desired state.
-#[derive(Debug, Serialize)]
-pub struct DesiredView {
-    pub counter: u64,
-    pub release: String,
-    pub line: Option<String>,
-    pub version: Option<String>,
-    pub issued: u64,
-    pub expires: u64,
-    pub downgrade: bool,
 }
 
 async fn desired_view(twin: &Twin, stored: &StoredDesired) -> Result<DesiredView, ApiError> {
@@ -303,7 +232,11 @@ pub(super) async fn set_desired(
     // Verified again under the current root: a release whose key was rotated out is refused
     // here, not by every car.
     twin.trust
-        .verify_release(&envelope, now_secs(), twin.config.max_artifact_bytes)
+        .verify_release(
+            &envelope,
+            cardeploy_release::now_secs(),
+            twin.config.max_artifact_bytes,
+        )
         .map_err(trust_error)?;
     let ttl = body.ttl_secs.unwrap_or(twin.config.desired_ttl_secs);
     if !(60..=366 * 86_400).contains(&ttl) {

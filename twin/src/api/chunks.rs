@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use bytes::Bytes;
 use cardeploy_chunks::Digest;
-use serde::{Deserialize, Serialize};
+use cardeploy_protocol::api::{ChunkList, IndexView, MissingChunks};
 
 use super::{ApiError, bad_request, blocking, parse_digest};
 use crate::Twin;
@@ -27,18 +27,6 @@ fn chunk_error(e: cardeploy_chunks::Error) -> ApiError {
         | E::IndexTooLarge { .. } => bad_request(e.to_string()),
         other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
     }
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChunkList {
-    pub chunks: Vec<String>,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct MissingChunks {
-    pub missing: Vec<String>,
 }
 
 /// Which of these chunks the twin lacks: the release tool uploads only those. The ones it has
@@ -94,14 +82,6 @@ pub(super) async fn put_chunk(
         Ok(StatusCode::CREATED)
     })
     .await
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-pub struct IndexView {
-    pub index: String,
-    pub artifact: String,
-    pub size: u64,
-    pub chunks: usize,
 }
 
 fn index_view(id: &Digest, index: &cardeploy_chunks::ChunkIndex) -> IndexView {

@@ -26,12 +26,8 @@ use cardeploy_chunks::Digest;
 use cardeploy_protocol::CarId;
 
 use crate::Twin;
-use crate::cars::now;
 use crate::trust::TrustError;
 
-pub use cars::{CarView, CertificateState, DesiredView, EventsPage, NewCar, SetDesired};
-pub use chunks::{ChunkList, IndexView, MissingChunks};
-pub use releases::{DirectorView, ReleaseView};
 pub(crate) use serve::serve;
 
 #[derive(Debug)]
@@ -123,12 +119,9 @@ fn trust_error(e: TrustError) -> ApiError {
     let status = match &e {
         TrustError::NoRoot | TrustError::DirectorNotNamed { .. } => StatusCode::CONFLICT,
         TrustError::FirstRootVersion(_) | TrustError::Verify(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        TrustError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     ApiError(status, e.to_string())
-}
-
-fn now_secs() -> u64 {
-    u64::try_from(now()).unwrap_or(0)
 }
 
 fn parse_digest(hex: &str) -> Result<Digest, ApiError> {

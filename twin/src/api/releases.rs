@@ -7,17 +7,10 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use bytes::Bytes;
 use cardeploy_protocol::Envelope;
-use serde::Serialize;
+use cardeploy_protocol::api::{DirectorView, ReleaseSummary, ReleaseView, RootAccepted};
 
-use super::{ApiError, blocking, now_secs, parse_digest, trust_error};
+use super::{ApiError, blocking, parse_digest, trust_error};
 use crate::Twin;
-use crate::db::ReleaseSummary;
-
-#[derive(Debug, Serialize)]
-pub struct DirectorView {
-    pub keyid: String,
-    pub public: cardeploy_release::PublicKey,
-}
 
 pub(super) async fn director(State(twin): State<Arc<Twin>>) -> Json<DirectorView> {
     let public = twin.trust.director_public();
@@ -34,11 +27,11 @@ pub(super) async fn list_roots(State(twin): State<Arc<Twin>>) -> Json<Vec<Envelo
 pub(super) async fn add_root(
     State(twin): State<Arc<Twin>>,
     body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<RootAccepted>, ApiError> {
     let scope_before = twin.trust.counter_scope();
     let version = twin
         .trust
-        .add_root(&body, now_secs())
+        .add_root(&body, cardeploy_release::now_secs())
         .map_err(trust_error)?;
     let scope = twin.trust.counter_scope();
     for (car, stored) in twin.db.all_desired().await? {
@@ -56,7 +49,7 @@ pub(super) async fn add_root(
                 .with_car(&car, |live| live.desired.send_replace(Some(message)));
         }
     }
-    Ok(Json(serde_json::json!({ "version": version })))
+    Ok(Json(RootAccepted { version }))
 }
 
 /// Register a release: signed by the release role of the current root (M1–M3), every
@@ -69,7 +62,11 @@ pub(super) async fn add(
         .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
     let checked = twin
         .trust
-        .verify_release(&envelope, now_secs(), twin.config.max_artifact_bytes)
+        .verify_release(
+            &envelope,
+            cardeploy_release::now_secs(),
+            twin.config.max_artifact_bytes,
+        )
         .map_err(trust_error)?;
     // Until the release is stored, the chunk store's gc must not take the indexes checked here.
     let _no_gc = twin.store_gc.clone().read_owned().await;
@@ -131,12 +128,6 @@ pub(super) async fn list(
     State(twin): State<Arc<Twin>>,
 ) -> Result<Json<Vec<ReleaseSummary>>, ApiError> {
     Ok(Json(twin.db.releases().await?))
-}
-
-#[derive(Debug, Serialize)]
-pub struct ReleaseView {
-    pub summary: ReleaseSummary,
-    pub envelope: Envelope,
 }
 
 pub(super) async fn get_one(

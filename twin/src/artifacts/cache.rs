@@ -18,12 +18,10 @@
 //! a lost entry only costs the CPU to make it again.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use cardeploy_chunks::Digest;
+use cardeploy_chunks::{Digest, atomic};
 
 /// What is cached for one position.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,7 +60,6 @@ pub(crate) struct DeltaCache {
     root: PathBuf,
     cap: u64,
     accounts: Mutex<Accounts>,
-    seq: AtomicU64,
 }
 
 fn parse_pair(name: &str) -> Option<(Digest, Digest)> {
@@ -110,7 +107,6 @@ impl DeltaCache {
             root: root.to_owned(),
             cap,
             accounts: Mutex::new(accounts),
-            seq: AtomicU64::new(0),
         };
         cache.evict(None);
         Ok(cache)
@@ -154,34 +150,23 @@ impl DeltaCache {
     }
 
     /// Cache `entry` for `key`, replacing any older one.
-    pub fn put(&self, key: &Key, entry: &Entry) -> std::io::Result<()> {
+    pub fn put(&self, key: &Key, entry: &Entry) -> Result<(), cardeploy_chunks::Error> {
         let bytes = match entry {
             Entry::Whole => WHOLE,
             Entry::Frame(frame) => frame.as_slice(),
         };
         let dir = self.dir(&key.target, &key.base);
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&dir).map_err(|e| cardeploy_chunks::Error::Io {
+            what: "cannot create",
+            path: dir.clone(),
+            source: e,
+        })?;
         let path = self.path(key);
-        let tmp = dir.join(format!(
-            ".{}.{}.{}.tmp",
-            key.position,
-            std::process::id(),
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        ));
-        let written = (|| {
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(bytes)?;
-            file.sync_all()
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+        // No directory fsync: an entry lost to a power cut is made again, and every frame is
+        // checked before it is served; a torn one never is, the rename sees to that.
+        let staged = atomic::Staged::new_in(&dir, bytes, atomic::PUBLIC)?;
         let replaced = file_len(&path);
-        if let Err(e) = std::fs::rename(&tmp, &path) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+        staged.rename_to(&path)?;
         {
             let mut accounts = self.accounts();
             accounts.clock += 1;

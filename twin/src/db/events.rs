@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 
 use cardeploy_protocol::CarId;
-use serde::Serialize;
+use cardeploy_protocol::api::EventView;
 use sqlx::Row;
 
 use super::Db;
@@ -30,15 +30,6 @@ impl Default for EventLimits {
             per_car: 1000,
         }
     }
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct EventRecord {
-    /// Grows with every event of the twin; `before` in a page request.
-    pub id: i64,
-    pub at: i64,
-    pub kind: String,
-    pub message: String,
 }
 
 /// Rows deleted per statement by the age sweep, so that it never holds the write lock for long.
@@ -111,7 +102,7 @@ impl Db {
         car: &CarId,
         limit: u32,
         before: Option<i64>,
-    ) -> Result<(Vec<EventRecord>, Option<i64>), Error> {
+    ) -> Result<(Vec<EventView>, Option<i64>), Error> {
         let rows = sqlx::query(
             "SELECT id, at, kind, message FROM events WHERE car_id = ? AND id < ?
              ORDER BY id DESC LIMIT ?",
@@ -122,9 +113,9 @@ impl Db {
         .fetch_all(&self.pool)
         .await
         .map_err(db("read events"))?;
-        let mut events: Vec<EventRecord> = rows
+        let mut events: Vec<EventView> = rows
             .into_iter()
-            .map(|row| EventRecord {
+            .map(|row| EventView {
                 id: row.get(0),
                 at: row.get(1),
                 kind: row.get(2),

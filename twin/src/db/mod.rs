@@ -15,12 +15,13 @@ mod events;
 use std::path::Path;
 use std::str::FromStr;
 
+use cardeploy_protocol::api::{ReleaseSummary, ReportedView};
 use cardeploy_protocol::{Attributes, CarId, Envelope, ReportedState};
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::error::{Error, db};
+use crate::error::{Error, db, encode};
 
 const SCHEMA: &str = r"
 CREATE TABLE IF NOT EXISTS cars (
@@ -107,27 +108,6 @@ pub struct CarRecord {
     pub revoked_at: Option<i64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct ReportedRecord {
-    pub state: ReportedState,
-    pub epoch: i64,
-    pub seq: i64,
-    pub agent_version: Option<String>,
-    pub updated_at: i64,
-    pub last_seen: i64,
-}
-
-/// A registered release, as listed by the API.
-#[derive(Clone, Debug, Serialize)]
-pub struct ReleaseSummary {
-    pub digest: String,
-    pub line: String,
-    pub version: String,
-    pub compatible: String,
-    pub created: u64,
-    pub artifacts: usize,
-}
-
 fn release_summary(row: &sqlx::sqlite::SqliteRow) -> ReleaseSummary {
     let created: i64 = row.get(4);
     let artifacts: i64 = row.get(5);
@@ -161,7 +141,7 @@ pub struct StoredDesired {
 }
 
 pub use cars::{Conflict, Registration};
-pub use events::{EventLimits, EventRecord};
+pub use events::EventLimits;
 
 #[derive(Clone, Debug)]
 pub struct Db {
@@ -253,7 +233,7 @@ impl Db {
         car: &CarId,
         scope: Option<&str>,
         floor: Option<u64>,
-        make: impl FnOnce(u64) -> StoredDesired,
+        make: impl FnOnce(u64) -> Result<StoredDesired, Error>,
     ) -> Result<StoredDesired, Error> {
         let mut tx = self
             .durable
@@ -278,8 +258,8 @@ impl Db {
                 car: car.to_string(),
                 counter: above,
             })?;
-        let stored = make(counter);
-        let doc = serde_json::to_string(&stored).unwrap_or_default();
+        let stored = make(counter)?;
+        let doc = serde_json::to_string(&stored).map_err(encode("a signed desired state"))?;
         sqlx::query(
             "INSERT INTO signed_desired (car_id, counter, document) VALUES (?, ?, ?)
              ON CONFLICT(car_id) DO UPDATE SET counter = excluded.counter, document = excluded.document",
@@ -411,7 +391,7 @@ impl Db {
         .transpose()
     }
 
-    pub async fn reported(&self, car: &CarId) -> Result<Option<ReportedRecord>, Error> {
+    pub async fn reported(&self, car: &CarId) -> Result<Option<ReportedView>, Error> {
         let row = sqlx::query(
             "SELECT document, epoch, seq, agent_version, updated_at, last_seen FROM reported WHERE car_id = ?",
         )
@@ -421,7 +401,7 @@ impl Db {
         .map_err(db("read reported state"))?;
         row.map(|row| {
             let doc: String = row.get(0);
-            Ok(ReportedRecord {
+            Ok(ReportedView {
                 state: serde_json::from_str(&doc)
                     .map_err(corrupt(car.as_str(), "reported state"))?,
                 epoch: row.get(1),
@@ -443,7 +423,7 @@ impl Db {
         agent_version: &str,
         now: i64,
     ) -> Result<(), Error> {
-        let doc = serde_json::to_string(state).unwrap_or_default();
+        let doc = serde_json::to_string(state).map_err(encode("a reported state"))?;
         sqlx::query(
             "INSERT INTO reported (car_id, document, epoch, seq, agent_version, updated_at, last_seen)
              VALUES (?, ?, -1, -1, ?, ?, ?)
@@ -472,7 +452,7 @@ impl Db {
         seq: i64,
         now: i64,
     ) -> Result<bool, Error> {
-        let doc = serde_json::to_string(state).unwrap_or_default();
+        let doc = serde_json::to_string(state).map_err(encode("a reported state"))?;
         let result = sqlx::query(
             "INSERT INTO reported (car_id, document, epoch, seq, agent_version, updated_at, last_seen)
              VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?5)

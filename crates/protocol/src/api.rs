@@ -1,0 +1,179 @@
+//! The views of the twin's operator REST API (`/api/v1/...`), defined once: the twin serializes
+//! them and the `cardeploy` CLI (and the test harnesses) deserialize them, so a renamed field is
+//! a compile error on both sides instead of a `null` the CLI prints. docs/architecture.md
+//! describes the routes.
+//!
+//! Requests reject unknown fields, like every message of this crate (a typo in a client is an
+//! error). Answers do not: a twin that shows one field more must not break an older CLI.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Attributes, CarId, Envelope, FetchProgress, InstallProgress, ReportedState};
+
+/// `POST /api/v1/cars`: register a car, or give a revoked one a new certificate.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewCar {
+    pub id: String,
+    #[serde(default)]
+    pub attributes: Attributes,
+    /// The car's client certificate (PEM), issued by the fleet CA.
+    pub certificate_pem: String,
+}
+
+/// Whether the twin takes a car's certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CertificateState {
+    Active,
+    /// Refused at every handshake until the car is re-provisioned with a new certificate.
+    Revoked,
+}
+
+impl CertificateState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
+/// One car's twin: `GET /api/v1/cars/{id}`, each of `GET /api/v1/cars`, and the answer to
+/// registration and revocation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CarView {
+    pub id: CarId,
+    pub attributes: Attributes,
+    /// SHA-256 of the car's current certificate (the revoked one while `revoked_at` is set).
+    pub fingerprint: String,
+    pub certificate: CertificateState,
+    pub revoked_at: Option<i64>,
+    pub connected: bool,
+    pub desired: Option<DesiredView>,
+    pub reported: Option<ReportedView>,
+    /// The last download progress the car reported since the twin started.
+    pub progress: Option<FetchProgress>,
+    /// The last OS installation progress the car reported since the twin started.
+    pub install: Option<InstallProgress>,
+    /// Reports dropped over the rate limit since the twin started.
+    pub dropped_reports: u64,
+}
+
+impl CarView {
+    /// What the car last reported, if it ever did.
+    pub fn state(&self) -> Option<&ReportedState> {
+        self.reported.as_ref().map(|r| &r.state)
+    }
+}
+
+/// What a car last reported, with the numbering that orders its reports.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReportedView {
+    pub state: ReportedState,
+    pub epoch: i64,
+    pub seq: i64,
+    pub agent_version: Option<String>,
+    pub updated_at: i64,
+    pub last_seen: i64,
+}
+
+/// `PUT /api/v1/cars/{id}/desired`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetDesired {
+    /// The release: its digest (64 hex) or `line@version`, registered with
+    /// `POST /api/v1/releases` (`cardeploy release push`).
+    pub release: String,
+    /// How long the signed desired state stays valid; default the twin's `desired_ttl_secs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// A root-signed downgrade override, when the release is older than what the car runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downgrade: Option<Envelope>,
+}
+
+/// What the API shows of a car's signed desired state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DesiredView {
+    pub counter: u64,
+    pub release: String,
+    pub line: Option<String>,
+    pub version: Option<String>,
+    pub issued: u64,
+    pub expires: u64,
+    pub downgrade: bool,
+}
+
+/// One event of a car's log.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventView {
+    /// Grows with every event of the twin; `before` in a page request.
+    pub id: i64,
+    pub at: i64,
+    pub kind: String,
+    pub message: String,
+}
+
+/// `GET /api/v1/cars/{id}/events`: one page of a car's events, oldest first.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventsPage {
+    pub events: Vec<EventView>,
+    /// `before` of the next, older page; `null` on the oldest one.
+    pub next_before: Option<i64>,
+}
+
+/// `GET /api/v1/director`: the twin's director key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DirectorView {
+    pub keyid: String,
+    pub public: cardeploy_release::PublicKey,
+}
+
+/// The answer to `POST /api/v1/roots`: the root version the twin took.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RootAccepted {
+    pub version: u64,
+}
+
+/// A registered release: each of `GET /api/v1/releases`, and the answer to
+/// `POST /api/v1/releases`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseSummary {
+    pub digest: String,
+    pub line: String,
+    pub version: String,
+    pub compatible: String,
+    pub created: u64,
+    pub artifacts: usize,
+}
+
+/// `GET /api/v1/releases/{digest or line@version}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReleaseView {
+    pub summary: ReleaseSummary,
+    pub envelope: Envelope,
+}
+
+/// `POST /api/v1/chunks/missing`: which of these chunks (sha256 hex) does the twin lack?
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkList {
+    pub chunks: Vec<String>,
+}
+
+/// The answer to [`ChunkList`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MissingChunks {
+    pub missing: Vec<String>,
+}
+
+/// A chunk index the twin holds: `PUT` and `GET /api/v1/indexes/{id}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IndexView {
+    pub index: String,
+    pub artifact: String,
+    pub size: u64,
+    pub chunks: usize,
+}
