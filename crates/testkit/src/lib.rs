@@ -1,10 +1,11 @@
-//! Dev-only helpers for tests at the lower tiers of DESIGN.md §10: a fault-injecting TCP proxy,
+//! Dev-only helpers for the lower test tiers (docs/architecture.md, "Test tiers"): a fault-injecting TCP proxy,
 //! a throw-away fleet PKI, finding the workspace's binaries, a real RAUC on a private bus
 //! ([`rauc`]) and a hostile car speaking raw RSocket ([`hostile`]). Never a dependency of a
 //! product crate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cross;
 pub mod hostile;
 pub mod procs;
 pub mod rauc;
