@@ -2,8 +2,9 @@
 //! aarch64 toolchain, a Python venv) so that a fresh Debian 12 machine runs them as they are.
 //! `cargo xtask --help` lists them; this file only parses the command line and dispatches.
 //!
-//! Modules, each using only those below it in this list (a unit test keeps it so):
-//! [`ci`] (the test command) · [`demo`] · [`qemu`] · [`image`] · [`bench`] · [`yocto`] ·
+//! Modules, each using only some of those after it in this list (the `layering` test fails on
+//! any import cycle):
+//! [`ci`] (the test command) · [`demo`] · [`qemu`] · [`image`] · [`bench`](mod@bench) · [`yocto`] ·
 //! [`fuzz`] · [`doc_check`] · [`debian`] (Debian package fetching, shared by image and bench) ·
 //! [`host`] (apt, root, venvs) · [`cross`] (cross/) · [`synthetic`] · [`sh`] (running commands).
 

@@ -2,7 +2,7 @@
 //! cardeploy against the tools people use today, on real data (Debian arm64 root filesystems,
 //! PyPI aarch64 wheels in an OCI layer) that [`inputs`] downloads and builds itself.
 //!
-//! Per pair: the external tools ([`tools`]; their results are cached in
+//! Per pair: the external tools ([`tools`](mod@tools); their results are cached in
 //! `target/bench-delta/<pair>/tools.json` keyed by the inputs' recipe and sizes, because bsdiff
 //! alone may run 15 minutes per pair — `--fresh` measures again), then cardeploy through the real
 //! twin and agent binaries ([`cardeploy`]). Writes `results.md`,
