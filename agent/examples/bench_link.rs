@@ -6,7 +6,12 @@
 //! - dead-peer detection through a black-holing proxy (car side and twin side);
 //! - agent idle RSS (x86_64, and aarch64 under qemu-user when given) and binary size.
 //!
-//! Arguments: --twin BIN --agent BIN [--aarch64-agent BIN] [--cars 1000,10000] [--out FILE]
+//! `--smoke` (part of `cargo xtask test`) runs the same with 20 cars and fails when a figure is
+//! not sane: a push not delivered to every car, a dead peer not detected within seconds, an agent
+//! that does not connect or exits, an RSS outside what a running agent can have.
+//!
+//! Arguments: --twin BIN --agent BIN [--aarch64-agent BIN] [--cars 1000,10000] [--smoke]
+//! [--out FILE]
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,8 +24,8 @@ use std::time::{Duration, Instant};
 use cardeploy_link::{Bytes, Requester};
 use cardeploy_pki::{FleetPki, write_file};
 use cardeploy_protocol::{self as protocol, DesiredState, Hello, ReportedState, route};
-use cardeploy_testkit::procs::{arg, http, rss_kib, start_twin};
-use cardeploy_testkit::signing::Signer;
+use cardeploy_testkit::procs::{TwinProcess, arg, http, rss_kib, start_twin};
+use cardeploy_testkit::signing::{COMPATIBLE, Signer};
 use cardeploy_testkit::{Fault, FaultProxy};
 use futures::StreamExt;
 use serde_json::json;
@@ -52,6 +57,40 @@ async fn link(pki: &Path, car: &Car, port: u16, heartbeat: Duration) -> Requeste
     requester
 }
 
+fn car_view(twin: &TwinProcess, id: &str) -> serde_json::Value {
+    let mut r = http()
+        .get(&format!("{}/api/v1/cars/{id}", twin.api))
+        .header("Authorization", &format!("Bearer {}", twin.token))
+        .call()
+        .unwrap();
+    r.body_mut().read_json().unwrap()
+}
+
+/// Until the twin shows car `id` connected; `check` runs on every round (it panics when the
+/// process that should connect has gone).
+async fn wait_connected(twin: &TwinProcess, id: &str, within: Duration, mut check: impl FnMut()) {
+    let started = Instant::now();
+    while car_view(twin, id)["connected"] != true {
+        check();
+        assert!(
+            started.elapsed() < within,
+            "{id} did not connect in {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_disconnected(twin: &TwinProcess, id: &str) {
+    let started = Instant::now();
+    while car_view(twin, id)["connected"] == true {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the twin still shows {id} connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index]
@@ -62,8 +101,9 @@ async fn main() {
     let twin_bin = PathBuf::from(arg("--twin").expect("--twin BIN"));
     let agent_bin = PathBuf::from(arg("--agent").expect("--agent BIN"));
     let aarch64 = arg("--aarch64-agent").map(PathBuf::from);
+    let smoke = std::env::args().any(|a| a == "--smoke");
     let counts: Vec<usize> = arg("--cars")
-        .unwrap_or_else(|| "1000,10000".into())
+        .unwrap_or_else(|| if smoke { "20" } else { "1000,10000" }.into())
         .split(',')
         .map(|n| n.parse().unwrap())
         .collect();
@@ -93,6 +133,16 @@ async fn main() {
         cars.push(Car { id, cert, key });
     }
     let twin = start_twin(&twin_bin, &data, 30);
+    // One root for the whole run: the twin registers releases under it and the agent whose idle
+    // RSS is measured pins it (an agent without a root refuses to start). It lives in the
+    // signer's temporary directory, so the signer lives as long as `main`.
+    let signer = Arc::new(Signer::for_twin(&data));
+    {
+        let (signer, api, token) = (signer.clone(), twin.api.clone(), twin.token.clone());
+        tokio::task::spawn_blocking(move || signer.push_root_to(&api, &token))
+            .await
+            .unwrap();
+    }
     eprintln!("registering {max} cars");
     {
         let api = twin.api.clone();
@@ -172,11 +222,9 @@ async fn main() {
             let api = twin.api.clone();
             let token = twin.token.clone();
             let ids: Vec<String> = cars[..count].iter().map(|c| c.id.clone()).collect();
-            let data = data.clone();
+            let signer = signer.clone();
             let sent: Vec<(String, Instant)> = tokio::task::spawn_blocking(move || {
                 // One signed release; the twin signs a desired state per car naming it.
-                let signer = Signer::for_twin(&data);
-                signer.push_root_to(&api, &token);
                 let release =
                     signer.publish_to(&api, &token, &signer.manifest("bench", "1.0.0", vec![]));
                 let agent = http();
@@ -209,6 +257,12 @@ async fn main() {
                 "| desired-state push, {count} cars (REST call → car), delivered | {}/{count} | all |\n",
                 latencies.len()
             );
+            assert_eq!(
+                latencies.len(),
+                count,
+                "a desired state reached {} of {count} connected cars in 30 s",
+                latencies.len()
+            );
             report += &format!(
                 "| push latency median / p99 | {:.1} ms / {:.1} ms | p99 ≤ 1 s |\n",
                 percentile(&latencies, 0.5).as_secs_f64() * 1e3,
@@ -227,7 +281,9 @@ async fn main() {
     let requester = link(&pki_dir, car, proxy.addr.port(), Duration::from_secs(1)).await;
     let blackholed = Instant::now();
     proxy.set(Fault::Blackhole);
-    requester.closed().await;
+    tokio::time::timeout(Duration::from_secs(30), requester.closed())
+        .await
+        .expect("the car never noticed its black-holed twin (heartbeat 1 s) in 30 s");
     let car_side = blackholed.elapsed();
     let twin_side = {
         let api = twin.api.clone();
@@ -258,44 +314,73 @@ async fn main() {
         twin_side.as_secs_f64()
     );
 
-    // Agent idle RSS.
+    // Agent idle RSS: a real agent, configured like a car (its certificate, the pinned root),
+    // measured once it is connected and has nothing to do.
     let agent_toml = work.path().join("agent.toml");
     std::fs::write(
         &agent_toml,
         format!(
-            "car_id = \"{}\"\ntwin = \"localhost:{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nstate_dir = \"{}\"\nheartbeat_secs = 10\n",
+            "car_id = \"{}\"\ntwin = \"localhost:{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nstate_dir = \"{}\"\n\
+             heartbeat_secs = 10\nroot = \"{}\"\ncompatible = \"{COMPATIBLE}\"\n",
             car.id,
             twin.cars_port,
             pki_dir.join("ca.pem").display(),
             car.cert.display(),
             car.key.display(),
-            work.path().join("state").display()
+            work.path().join("state").display(),
+            signer.root_path().display(),
         ),
     )
     .unwrap();
     let mut runs: Vec<(&str, Command)> = vec![("x86_64", Command::new(&agent_bin))];
     if let Some(bin) = &aarch64 {
-        let mut qemu = Command::new("qemu-aarch64-static");
-        qemu.args(["-L", "/"]).arg(bin);
-        runs.push(("aarch64 (qemu-user, RSS includes the emulator)", qemu));
+        runs.push((
+            "aarch64 (qemu-user, RSS includes the emulator)",
+            cardeploy_testkit::cross::aarch64_runner(bin),
+        ));
     }
     for (label, mut cmd) in runs {
+        let log = work.path().join("agent.log");
         let mut child = cmd
             .arg("--config")
             .arg(&agent_toml)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        tokio::time::sleep(Duration::from_secs(8)).await;
+        let alive = |child: &mut std::process::Child| {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "the {label} agent exited ({status}) instead of running:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        wait_connected(&twin, &car.id, Duration::from_secs(60), || {
+            alive(&mut child)
+        })
+        .await;
+        // Idle: connected, hello answered, nothing to fetch; let start-up allocations settle.
+        tokio::time::sleep(Duration::from_secs(if smoke { 1 } else { 8 })).await;
+        alive(&mut child);
         let rss = rss_kib(child.id());
         let _ = child.kill();
         let _ = child.wait();
+        if smoke {
+            // A running Rust agent with tokio and rustls cannot be below 1 MiB; an unoptimised
+            // one far over 64 MiB would mean a leak, not a debug build.
+            assert!(
+                (1024..64 * 1024).contains(&rss),
+                "the {label} agent's idle RSS is {rss} KiB"
+            );
+        }
         report += &format!(
             "| agent idle RSS, {label} | {:.1} MiB | ≤ 10 MiB |\n",
             rss as f64 / 1024.0
         );
+        // The next run connects as the same car: wait until the twin has seen this one go.
+        wait_disconnected(&twin, &car.id).await;
     }
     if let Some(bin) = &aarch64 {
         let size = std::fs::metadata(bin).unwrap().len();
@@ -306,6 +391,13 @@ async fn main() {
     }
     drop(twin);
     println!("{report}");
+    if smoke {
+        assert!(
+            car_side < Duration::from_secs(10) && twin_side < Duration::from_secs(10),
+            "dead peer detected after {car_side:?} (car) / {twin_side:?} (twin) with a 1 s heartbeat"
+        );
+        println!("bench link --smoke: figures are sane");
+    }
     if let Some(out) = arg("--out") {
         std::fs::write(out, &report).unwrap();
     }

@@ -166,10 +166,8 @@ async fn the_aarch64_agent_connects_and_reports_under_qemu_user() {
     let env = Env::new();
     let twin = env.twin().await;
     let config = env.car(&twin, "VIN-ARM64").await;
-    // -L /: the guest's sysroot is the host's multiarch root (libc6:arm64); with
-    // -L /usr/aarch64-linux-gnu multi-threaded binaries hang (machine notes).
-    let mut qemu = Command::new("qemu-aarch64-static");
-    qemu.arg("-L").arg("/").arg(&binary);
+    // The runner of cross/config.toml (qemu-user), where its choices are explained.
+    let qemu = cardeploy_testkit::cross::aarch64_runner(std::path::Path::new(&binary));
     let agent = Agent::start_with(qemu, &config);
     until(&twin, "VIN-ARM64", "the aarch64 agent to connect", |v| {
         v["connected"] == true && v["reported"]["state"]["phase"] == "idle"

@@ -1,4 +1,4 @@
-//! Signed metadata on the twin (docs/release-format.md, DESIGN.md §5): the director key that
+//! Signed metadata on the twin (docs/release-format.md, "Roles"): the director key that
 //! signs every desired state, the chain of roots operators upload, and the check that a release
 //! is signed by the release role of the current root.
 //!

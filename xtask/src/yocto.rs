@@ -17,7 +17,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
-use crate::{python_venv, root, run};
+use crate::host::{as_root, python_venv};
+use crate::sh::{root, run};
 
 const LAYER: &str = "meta-cardeploy";
 /// The recipe whose `update_crates` task writes the file (the CLI recipe requires the same one).
@@ -30,12 +31,7 @@ const OELINT: &str = "oelint-adv==9.11.2";
 const KAS: &str = "kas==5.5";
 
 /// `cargo xtask crates-inc [--check]`.
-pub fn crates_inc(args: &[String]) -> anyhow::Result<()> {
-    let check = match args {
-        [] => false,
-        [flag] if flag == "--check" => true,
-        _ => bail!("usage: cargo xtask crates-inc [--check]"),
-    };
+pub fn crates_inc(check: bool) -> anyhow::Result<()> {
     let path = root().join(CRATES_INC);
     let want = expected_crates_inc(&root())?;
     if check {
@@ -199,7 +195,7 @@ fn md5sum(data: &[u8]) -> anyhow::Result<String> {
 
 /// `cargo xtask yocto-lint`: the crates.inc and license checks, oelint-adv, the kas schema.
 pub fn lint() -> anyhow::Result<()> {
-    crates_inc(&["--check".to_owned()])?;
+    crates_inc(true)?;
     // oelint-adv and kas, pinned, in a venv of their own.
     let venv = python_venv(".venv-yocto", &[OELINT, KAS])?;
     let layer = root().join(LAYER);
@@ -295,23 +291,7 @@ const LAYER_REPOS: &[&str] = &[
 ];
 
 /// `cargo xtask yocto-parse --layers DIR [--user NAME]`.
-pub fn parse(args: &[String]) -> anyhow::Result<()> {
-    let mut layers = None;
-    let mut user = "yocto".to_owned();
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--layers" => layers = it.next().map(PathBuf::from),
-            "--user" => user = it.next().cloned().context("--user needs a name")?,
-            _ => bail!("usage: cargo xtask yocto-parse --layers DIR [--user NAME]"),
-        }
-    }
-    let layers = layers.context(
-        "usage: cargo xtask yocto-parse --layers DIR [--user NAME]\n\
-         DIR holds git checkouts of bitbake, openembedded-core, meta-openembedded, \
-         meta-virtualization and meta-rauc at the commits of images/kas/cardeploy-qemuarm64.yml \
-         (meta-cardeploy/README.md, \"Validate the layer offline\")",
-    )?;
+pub fn parse(layers: &Path, user: &str) -> anyhow::Result<()> {
     let layers = layers
         .canonicalize()
         .with_context(|| format!("{}", layers.display()))?;
@@ -320,7 +300,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<()> {
             bail!("{} is not a git checkout", layers.join(repo).display());
         }
     }
-    if !crate::as_root() {
+    if !as_root() {
         bail!(
             "yocto-parse runs bitbake as the user {user} (bitbake refuses root) and needs root to do so"
         );
@@ -331,7 +311,7 @@ pub fn parse(args: &[String]) -> anyhow::Result<()> {
         .env("KAS_PIN", KAS)
         .arg(&layers)
         .arg(root())
-        .arg(&user)
+        .arg(user)
         .arg(root().join(KAS_DIR).join("cardeploy-qemuarm64.yml")))?;
     println!(
         "yocto-parse: passed in {:.0} s",

@@ -2,7 +2,8 @@
 //! `rsocket_rust` types.
 //!
 //! rsocket_rust 0.7.5 is the implementation the product is specified on, and it has measured gaps
-//! (DESIGN.md §4). Each is closed here, at the application layer:
+//! (docs/protocol.md, "rsocket_rust gaps and how they are closed"). Each is closed here, at the
+//! application layer:
 //!
 //! | gap | closed by |
 //! |---|---|

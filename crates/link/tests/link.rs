@@ -1,5 +1,5 @@
 //! Real connections on loopback: mutual TLS, routing, deadlines, limits, windows and dead peers.
-//! Each rsocket_rust gap listed in docs/protocol.md has a test here.
+//! Each rsocket_rust gap docs/protocol.md lists (closed in `crates/link`) has a test here.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

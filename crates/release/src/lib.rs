@@ -1,4 +1,4 @@
-//! Signed metadata for cardeploy (DESIGN.md §5, docs/release-format.md): DSSE envelopes whose
+//! Signed metadata for cardeploy (docs/release-format.md: the roles and the bytes): DSSE envelopes whose
 //! payload travels exactly as it was signed, ed25519 keys (ring) named by the sha256 of their
 //! public key, and k-of-n threshold verification. Verification is always compiled; signing and
 //! key generation only with feature `sign`, which the car agent never enables.

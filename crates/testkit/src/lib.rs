@@ -1,4 +1,4 @@
-//! Dev-only helpers for tests at the lower tiers of DESIGN.md §10: a fault-injecting TCP proxy,
+//! Dev-only helpers for the lower test tiers (docs/architecture.md, "Test tiers"): a fault-injecting TCP proxy,
 //! a throw-away fleet PKI, finding the workspace's binaries, a real RAUC on a private bus
 //! ([`rauc`]), a hostile car speaking raw RSocket ([`hostile`]), and the fleet bootstrap with
 //! the real binaries that the system tests and the demo share ([`fleet`]). Never a dependency
@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cross;
 pub mod fleet;
 pub mod hostile;
 pub mod procs;

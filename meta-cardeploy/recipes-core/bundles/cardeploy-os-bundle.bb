@@ -1,7 +1,7 @@
 SUMMARY = "cardeploy OS update: cardeploy-image's root file system as a signed RAUC bundle"
 DESCRIPTION = "A verity RAUC bundle of cardeploy-image for slot class rootfs, with an \
                uncompressed squashfs so the slot image's bytes appear as they are in the bundle: a car then \
-               takes most chunks of the update from the slot it runs (DESIGN.md §6). The cardeploy release for \
+               takes most chunks of the update from the slot it runs (docs/delta.md, RAUC bundles). The cardeploy release for \
                the pipeline to sign and push is made beside it (classes-recipe/cardeploy_release.bbclass)."
 SECTION = "base"
 LICENSE = "MIT"

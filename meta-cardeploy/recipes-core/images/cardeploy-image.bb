@@ -29,7 +29,7 @@ IMAGE_FSTYPES = "ext4 wic"
 
 # Every slot image gets the same file-system UUID and directory-hash seed: metadata checksums are
 # seeded by the UUID, so with a random one nearly every metadata block of two releases differs,
-# and the running slot stops being a useful seed for deltas (DESIGN.md §6).
+# and the running slot stops being a useful seed for deltas (docs/delta.md, RAUC bundles).
 CARDEPLOY_FS_UUID ??= "c4d0e1a2-5b6c-4d7e-8f90-a1b2c3d4e5f6"
 # ext4 is an image type, an override oelint does not know.
 # nooelint: oelint.vars.specific

@@ -9,18 +9,20 @@ use cardeploy_qemu_tests::fleet::Fleet;
 use cardeploy_qemu_tests::machine::Image;
 use cardeploy_qemu_tests::suites::{self, World};
 
-use crate::demo::step;
+use crate::host::as_root;
+use crate::image;
+use crate::sh::step;
 
 /// Runs on the demo's running twin (its data directory is `data`).
 pub fn main(data: &Path, bin: &Path, api: &str, cars_port: u16) -> anyhow::Result<()> {
     step(
         "a qemu-aarch64 car: U-Boot boot counting, A/B slots, RAUC, the agent (cargo xtask image)",
     );
-    if !crate::as_root() {
+    if !as_root() {
         println!("  SKIPPED: building the image and booting it needs root (mmdebstrap, apt)");
         return Ok(());
     }
-    let image = Image::load(&crate::image::main(&[])?)?;
+    let image = Image::load(&image::main(&image::Options::default())?)?;
     let fleet = Fleet::attach(bin, data, api, cars_port);
     let work = data.join("qemu");
     let mut world = World::with_fleet(&image, fleet, &work)?;

@@ -1,5 +1,8 @@
 //! The main job: a real twin, a real car agent, a desired-state change seen end to end. Every
-//! step uses the same binaries and CLI commands a person would.
+//! step uses the same binaries and CLI commands a person would. The qemu car comes last
+//! ([`qemu`]).
+
+mod qemu;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -8,7 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::{cargo, root, run};
+use crate::sh::{cargo, root, run, step};
+use crate::synthetic;
 
 const CAR: &str = "DEMO-CAR-1";
 /// The demo car's hardware, as RAUC's `compatible` would name it.
@@ -63,10 +67,6 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-pub(crate) fn step(text: &str) {
-    println!("\n== {text}");
 }
 
 struct Cli {
@@ -149,46 +149,6 @@ fn release(
         bail!("cardeploy release push {dir_arg} failed");
     }
     Ok(String::from_utf8(out.stdout)?.trim().to_owned())
-}
-
-/// A stand-in OS image: compressible text-like bytes with some binary noise, deterministic.
-fn image(len: usize) -> Vec<u8> {
-    let words: [&[u8]; 6] = [
-        b"lib ",
-        b"usr/share ",
-        b"systemd\n",
-        b"0x7f ELF ",
-        b"config ",
-        b"car\n",
-    ];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut out = Vec::with_capacity(len + 16);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        if x.is_multiple_of(8) {
-            out.extend_from_slice(&x.to_le_bytes());
-        } else {
-            out.extend_from_slice(words[(x >> 32) as usize % words.len()]);
-        }
-    }
-    out.truncate(len);
-    out
-}
-
-/// What a security update does to an image: small rewrites in a few places, one file grown.
-fn security_update(old: &[u8]) -> Vec<u8> {
-    let mut new = old.to_vec();
-    for k in 1..6 {
-        let at = new.len() * k / 6;
-        for b in &mut new[at..at + 2000] {
-            *b = b.wrapping_add(3);
-        }
-    }
-    let mid = new.len() / 2;
-    new.splice(mid..mid, image(40_000).into_iter().rev());
-    new
 }
 
 pub fn main() -> anyhow::Result<()> {
@@ -369,8 +329,8 @@ pub fn main() -> anyhow::Result<()> {
     let images = data.join("images");
     std::fs::create_dir_all(&images)?;
     let (v1, v2) = (images.join("rootfs-v1.img"), images.join("rootfs-v2.img"));
-    let old = image(24 << 20);
-    let new = security_update(&old);
+    let old = synthetic::image(24 << 20);
+    let new = synthetic::security_update(&old);
     std::fs::write(&v1, &old)?;
     std::fs::write(&v2, &new)?;
     // The car's running slot holds v1: it is the agent's seed.
@@ -449,7 +409,7 @@ pub fn main() -> anyhow::Result<()> {
         view["reported"]["state"]["release"]
     );
 
-    crate::demo_qemu::main(&data, &bin, &cli.api, cars_port)?;
+    qemu::main(&data, &bin, &cli.api, cars_port)?;
 
     step("cardeploy car inspect: the twin asks the car over the same connection");
     run(cli.cmd().args(["car", "inspect", CAR]))?;

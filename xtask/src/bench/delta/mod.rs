@@ -1,12 +1,17 @@
 //! `cargo xtask bench delta`: bytes on the wire, time and receiving-side memory of an update,
 //! cardeploy against the tools people use today, on real data (Debian arm64 root filesystems,
-//! PyPI aarch64 wheels in an OCI layer) that `delta_inputs` downloads and builds itself.
+//! PyPI aarch64 wheels in an OCI layer) that [`inputs`] downloads and builds itself.
 //!
-//! Per pair: the external tools (`delta_tools`; their results are cached in
+//! Per pair: the external tools ([`tools`](mod@tools); their results are cached in
 //! `target/bench-delta/<pair>/tools.json` keyed by the inputs' recipe and sizes, because bsdiff
 //! alone may run 15 minutes per pair — `--fresh` measures again), then cardeploy through the real
-//! twin and agent binaries (`agent/examples/bench_delta.rs`). Writes `results.md`,
+//! twin and agent binaries ([`cardeploy`]). Writes `results.md`,
 //! `results.json` and the plot `delta.png` under `target/bench-delta/`.
+
+mod cardeploy;
+mod inputs;
+mod smoke;
+mod tools;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,9 +19,26 @@ use std::process::Command;
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::delta_inputs::{Pair, build_inputs};
-use crate::delta_tools::{ToolRun, measure_tools};
-use crate::{root, run as sh, venv};
+use super::build::{self, Profile};
+use crate::host::venv;
+use crate::sh::{root, run};
+use inputs::{Pair, build_inputs};
+use tools::{ToolRun, measure_tools};
+
+pub use smoke::smoke;
+
+/// `cargo xtask bench delta` arguments.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Measure the external tools again instead of reusing their cached results (bsdiff alone
+    /// may take 15 minutes per pair).
+    #[arg(long)]
+    pub fresh: bool,
+    /// A small synthetic pair made here (no download, no external tools) through the debug
+    /// build, failing when a figure is not sane (what `cargo xtask test` runs).
+    #[arg(long, conflicts_with = "fresh")]
+    pub smoke: bool,
+}
 
 /// Receiving-side memory a tool may use and still count as "applies within 64 MiB".
 const MEMORY_BOUND_KIB: u64 = 64 * 1024;
@@ -63,46 +85,25 @@ fn tools(pair: &Pair, work: &Path, fresh: bool) -> anyhow::Result<Vec<Value>> {
     Ok(rows)
 }
 
-fn cardeploy(pair: &Pair, bins: &Path, work: &Path) -> anyhow::Result<Value> {
-    let out = work.join(&pair.name).join("cardeploy.json");
-    sh(Command::new(bins.join("examples/bench_delta"))
-        .arg("--twin")
-        .arg(bins.join("cardeploy-twin"))
-        .arg("--agent")
-        .arg(bins.join("cardeploy-agent"))
-        .arg("--cli")
-        .arg(bins.join("cardeploy"))
-        .arg("--old")
-        .arg(&pair.old)
-        .arg("--new")
-        .arg(&pair.new)
-        .arg("--work")
-        .arg(work.join("cardeploy-run"))
-        .arg("--out")
-        .arg(&out))?;
-    let _ = std::fs::remove_dir_all(work.join("cardeploy-run"));
-    Ok(serde_json::from_str(&std::fs::read_to_string(&out)?)?)
-}
-
 fn mib(kib: Option<u64>) -> String {
     kib.map_or("-".into(), |k| format!("{:.0}", k as f64 / 1024.0))
 }
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
-    let fresh = args.iter().any(|a| a == "--fresh");
+pub fn run_bench(options: &Options) -> anyhow::Result<()> {
+    if options.smoke {
+        let bins = build::build(Profile::Debug, cardeploy::PACKAGES, cardeploy::EXAMPLE)?;
+        return smoke(&bins);
+    }
     let work = root().join("target/bench-delta");
     let pairs = build_inputs(&work)?;
-    let bins = crate::bench::measure_build(
-        &["cardeploy-twin", "cardeploy-agent", "cardeploy"],
-        "bench_delta",
-    )?;
+    let bins = build::build(Profile::Measure, cardeploy::PACKAGES, cardeploy::EXAMPLE)?;
 
     let mut md = String::from("# cargo xtask bench delta\n\n");
     let mut summary = String::new();
     let mut plot_pairs = Vec::new();
     for pair in &pairs {
-        let rows = tools(pair, &work, fresh)?;
-        let ours = cardeploy(pair, &bins, &work)?;
+        let rows = tools(pair, &work, options.fresh)?;
+        let ours = cardeploy::run(pair, &bins, &work)?;
         let full = rows
             .iter()
             .find(|r| r["tool"] == "full")
@@ -148,7 +149,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 r["note"].as_str().unwrap_or(""),
             );
         }
-        // The targets of issue 3.
+        // The targets cardeploy set itself against the tools in use (docs/delta.md).
         let ours_wire = first["wire_bytes"].as_u64().unwrap_or(u64::MAX);
         let tools_only: Vec<&Value> = rows
             .iter()
@@ -236,9 +237,9 @@ fn plot(results: &Path, png: &PathBuf) -> anyhow::Result<()> {
         .output()
         .is_ok_and(|o| o.status.success());
     if !has {
-        sh(Command::new(&python).args(["-m", "pip", "install", "-q", "matplotlib==3.9.2"]))?;
+        run(Command::new(&python).args(["-m", "pip", "install", "-q", "matplotlib==3.9.2"]))?;
     }
-    sh(Command::new(&python)
+    run(Command::new(&python)
         .arg(root().join("xtask/scripts/plot_delta.py"))
         .arg(results)
         .arg(png))

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::delta_inputs::{Pair, prerequisites};
-use crate::describe;
+use super::inputs::{Pair, prerequisites};
+use crate::sh::{describe, fresh_dir, run};
 
 /// One tool on one pair.
 pub struct ToolRun {
@@ -145,13 +145,6 @@ fn verify(tool: &str, out: &Path, pair: &Pair) -> anyhow::Result<()> {
     }
     fs::remove_file(out)?;
     Ok(())
-}
-
-fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
-    if dir.exists() {
-        fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
-    }
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
 }
 
 fn full(pair: &Pair, dir: &Path) -> anyhow::Result<ToolRun> {
@@ -395,13 +388,11 @@ fn casync(pair: &Pair, dir: &Path) -> anyhow::Result<ToolRun> {
         a
     };
     // The car's side: the chunks of the image it already has.
-    crate::run(
-        cmd(
-            "casync",
-            &[&"make", &store_arg(&old_store), &old_index, &pair.old],
-        )
-        .stdout(Stdio::null()),
-    )?;
+    run(cmd(
+        "casync",
+        &[&"make", &store_arg(&old_store), &old_index, &pair.old],
+    )
+    .stdout(Stdio::null()))?;
     let (encode, _) = measure(&mut cmd(
         "casync",
         &[&"make", &store_arg(&new_store), &new_index, &pair.new],
@@ -523,7 +514,7 @@ fn block_hash(pair: &Pair, dir: &Path) -> anyhow::Result<Vec<ToolRun>> {
         filelist.push(&list_path);
         let mut out_dir = std::ffi::OsString::from("--output-dir-flat=");
         out_dir.push(&zst_dir);
-        crate::run(&mut cmd(
+        run(&mut cmd(
             "zstd",
             &[&"-q", &"-3", &"-T1", &filelist, &out_dir],
         ))?;

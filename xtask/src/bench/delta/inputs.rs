@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
 
-use crate::{as_root, describe, installed, root, run};
+use crate::debian::{self, Control, MERGED_USR_HOOK, Packages, SOURCE_DATE_EPOCH};
+use crate::host::{as_root, installed};
+use crate::sh::{fresh_dir, output, root, run};
 
 /// One benchmark input: OLD is what the car has, NEW what it should get.
 pub struct Pair {
@@ -37,21 +39,14 @@ pub struct Pair {
 
 /// Bump when the way inputs are built changes, so recorded pairs are rebuilt.
 const RECIPE_VERSION: u32 = 1;
-/// 2026-01-01T00:00:00Z: file times in the images, mke2fs time, dpkg database.
-pub(crate) const SOURCE_DATE_EPOCH: u64 = 1_767_225_600;
 /// Every image has this size (old and new alike), with room to spare for `rootfs-step`.
 const IMAGE_MIB: u64 = 576;
 const FS_UUID: &str = "c0ffee00-ca4d-4e91-8d1a-00000000e4c0";
 const FS_HASH_SEED: &str = "5eed5eed-ca4d-4e91-8d1a-00000000e4c0";
 
-const DEBIAN: &str = "http://deb.debian.org/debian";
-const DEBIAN_SECURITY: &str = "http://deb.debian.org/debian-security";
-pub(crate) const MERGED_USR_HOOK: &str = "/usr/share/mmdebstrap/hooks/merged-usr/setup00.sh";
-
-/// apt packages the bench needs on the host (input building and the measured tools).
+/// apt packages the bench needs on the host besides the Debian package fetching
+/// (`debian::HOST_TOOLS`): input building and the measured tools.
 const APT_HOST: &[&str] = &[
-    "mmdebstrap",
-    "debian-archive-keyring",
     "e2fsprogs",
     "zstd",
     "xdelta3",
@@ -187,7 +182,12 @@ pub(crate) fn prerequisites() -> anyhow::Result<PathBuf> {
     let has_arm64 = String::from_utf8_lossy(&arches.stdout)
         .split_whitespace()
         .any(|a| a == "arm64");
-    let missing: Vec<&str> = APT_HOST.iter().copied().filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = APT_HOST
+        .iter()
+        .chain(debian::HOST_TOOLS)
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
     if !has_arm64 || !missing.is_empty() {
         if !as_root() {
             bail!(
@@ -216,15 +216,6 @@ pub(crate) fn prerequisites() -> anyhow::Result<PathBuf> {
 
 // ---------------------------------------------------------------------------------------------
 // root filesystems
-
-pub(crate) fn sources(updates: bool) -> Vec<String> {
-    let mut lines = vec![format!("deb {DEBIAN} bookworm main")];
-    if updates {
-        lines.push(format!("deb {DEBIAN} bookworm-updates main"));
-        lines.push(format!("deb {DEBIAN_SECURITY} bookworm-security main"));
-    }
-    lines
-}
 
 fn security_set() -> Vec<&'static str> {
     ESSENTIAL.iter().chain(ECU).copied().collect()
@@ -257,8 +248,8 @@ fn rootfs_security(work: &Path) -> anyhow::Result<Pair> {
     let (old_set, new_set) = (security_set(), security_set());
     let recipe = format!(
         "cardeploy bench input rootfs-security, recipe v{RECIPE_VERSION}\n{}{}",
-        rootfs_recipe("old", &old_set, &sources(false)),
-        rootfs_recipe("new", &new_set, &sources(true)),
+        rootfs_recipe("old", &old_set, &debian::sources(false)),
+        rootfs_recipe("new", &new_set, &debian::sources(true)),
     );
     let pair = Pair {
         name: "rootfs-security".into(),
@@ -273,8 +264,8 @@ fn rootfs_security(work: &Path) -> anyhow::Result<Pair> {
     }
     fresh_dir(&dir)?;
     let scratch = work.join("scratch");
-    let old = build_rootfs(&scratch, &old_set, &sources(false), &pair.old)?;
-    let new = build_rootfs(&scratch, &new_set, &sources(true), &pair.new)?;
+    let old = build_rootfs(&scratch, &old_set, &debian::sources(false), &pair.old)?;
+    let new = build_rootfs(&scratch, &new_set, &debian::sources(true), &pair.new)?;
     let mut text = provenance_header(&pair, &recipe)?;
     text.push_str(&package_diff(&old, &new));
     text.push_str(&package_list("OLD packages (bookworm only)", &old));
@@ -298,7 +289,7 @@ fn rootfs_step(work: &Path, security: &Pair) -> anyhow::Result<Pair> {
          added to the include list: {}\n{}",
         STEP_REMOVE.join(","),
         STEP_ADD.join(","),
-        rootfs_recipe("new", &new_set, &sources(true)),
+        rootfs_recipe("new", &new_set, &debian::sources(true)),
     );
     let pair = Pair {
         name: "rootfs-step".into(),
@@ -318,16 +309,18 @@ fn rootfs_step(work: &Path, security: &Pair) -> anyhow::Result<Pair> {
             .with_context(|| format!("cannot copy {}", security.new.display()))?;
     }
     let old = read_package_section(&security.provenance, "NEW packages")?;
-    let new = build_rootfs(&work.join("scratch"), &new_set, &sources(true), &pair.new)?;
+    let new = build_rootfs(
+        &work.join("scratch"),
+        &new_set,
+        &debian::sources(true),
+        &pair.new,
+    )?;
     let mut text = provenance_header(&pair, &recipe)?;
     text.push_str(&package_diff(&old, &new));
     text.push_str(&package_list("NEW packages (current versions)", &new));
     finish(&dir, &recipe, &pair, &text)?;
     Ok(pair)
 }
-
-/// name (with `:arch` for Multi-Arch: same) -> (version, architecture)
-type Packages = BTreeMap<String, (String, String)>;
 
 /// mmdebstrap (extract variant) into a scratch tree, the dpkg database from the packages' control
 /// data, fixed host-dependent files, clamped mtimes, then a reproducible ext4 image.
@@ -342,21 +335,7 @@ fn build_rootfs(
         fs::remove_dir_all(&tree).with_context(|| format!("cannot remove {}", tree.display()))?;
     }
     fs::create_dir_all(&tree)?;
-    run(Command::new("nice")
-        .args([
-            "-n",
-            "10",
-            "mmdebstrap",
-            "--variant=extract",
-            "--architectures=arm64",
-        ])
-        .arg(format!("--include={}", includes.join(",")))
-        .arg(format!("--setup-hook={MERGED_USR_HOOK}"))
-        .arg("--skip=cleanup/apt/cache")
-        .arg("bookworm")
-        .arg(&tree)
-        .args(sources)
-        .env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH.to_string()))?;
+    debian::extract(&tree, includes, sources)?;
     let packages = dpkg_database(scratch, &tree)?;
     // apt's binary caches (kept with the .debs) embed build times; apt regenerates them anyway.
     for cache in ["pkgcache.bin", "srcpkgcache.bin"] {
@@ -390,19 +369,9 @@ fn build_rootfs(
 /// maintainer scripts) as dpkg would have after unpacking, from the downloaded .debs, then removes
 /// the .debs. Returns the package set.
 fn dpkg_database(scratch: &Path, tree: &Path) -> anyhow::Result<Packages> {
-    let archives = tree.join("var/cache/apt/archives");
     let info = tree.join("var/lib/dpkg/info");
     let ctrl = scratch.join("control");
-    let mut debs: Vec<PathBuf> = fs::read_dir(&archives)
-        .with_context(|| format!("cannot read {}", archives.display()))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
-        .collect();
-    debs.sort();
-    if debs.is_empty() {
-        bail!("mmdebstrap left no packages in {}", archives.display());
-    }
+    let debs = debian::debs(tree)?;
     // The merged-usr hook registers a dummy package; it is not part of the image.
     for entry in fs::read_dir(&info)?.filter_map(Result::ok) {
         if entry
@@ -416,13 +385,8 @@ fn dpkg_database(scratch: &Path, tree: &Path) -> anyhow::Result<Packages> {
     let mut packages = Packages::new();
     let mut status: BTreeMap<String, String> = BTreeMap::new();
     for deb in &debs {
-        let control = output(Command::new("dpkg-deb").arg("-f").arg(deb))?;
-        let field = |name: &str| {
-            control
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
-                .map(str::to_owned)
-        };
+        let control = Control::read(deb)?;
+        let field = |name: &str| control.field(name);
         let name = field("Package").with_context(|| format!("{} has no Package", deb.display()))?;
         let version = field("Version").unwrap_or_default();
         let arch = field("Architecture").unwrap_or_default();
@@ -432,7 +396,7 @@ fn dpkg_database(scratch: &Path, tree: &Path) -> anyhow::Result<Packages> {
             name.clone()
         };
         let mut paragraph = String::new();
-        for line in control.lines() {
+        for line in control.text.lines() {
             paragraph.push_str(line);
             paragraph.push('\n');
             if line.starts_with("Package: ") {
@@ -718,13 +682,6 @@ fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
     Ok(same.success())
 }
 
-fn fresh_dir(dir: &Path) -> anyhow::Result<()> {
-    if dir.exists() {
-        fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
-    }
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
-}
-
 /// Writes the provenance, then the recipe: a pair counts as built only once recipe.txt exists.
 fn finish(dir: &Path, recipe: &str, pair: &Pair, provenance: &str) -> anyhow::Result<()> {
     fs::write(&pair.provenance, provenance)?;
@@ -803,20 +760,4 @@ fn read_package_section(provenance: &Path, title: &str) -> anyhow::Result<Packag
         bail!("{} has no section {title}", provenance.display());
     }
     Ok(packages)
-}
-
-/// stdout of a command that must succeed.
-pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {}", describe(cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed ({}): {}",
-            describe(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    String::from_utf8(out.stdout).with_context(|| format!("{} printed non-UTF-8", describe(cmd)))
 }

@@ -1,0 +1,49 @@
+//! `cargo xtask test`: every check, in the order that fails cheapest first. `.ci/run` runs this
+//! and nothing else.
+
+use crate::sh::{cargo, root, run};
+use crate::{bench, cross, doc_check, fuzz, host, image, qemu, yocto};
+
+/// How long each fuzz target runs in the test command.
+const FUZZ_SECONDS: u64 = 20;
+
+pub fn test() -> anyhow::Result<()> {
+    host::deps(true)?;
+    let python = host::venv()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    // The docs name only what exists (links, repository paths) and cite nothing outside it.
+    doc_check::check(&root())?;
+    // The Yocto layer: crate list fresh, oelint-adv clean, kas files valid (seconds, PyPI only).
+    yocto::lint()?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The rustdoc build fails on warnings, broken intra-doc links included.
+    run(cargo()
+        .args(["doc", "--workspace", "--no-deps", "--locked"])
+        .env("RUSTDOCFLAGS", "-D warnings"))?;
+    // The aarch64 agent is built once per run and tested under qemu-user by agent/tests/agent.rs.
+    let aarch64 = cross::agent()?;
+    run(cargo()
+        .args(["test", "--workspace", "--locked"])
+        .env("CARDEPLOY_PYTHON", &python)
+        .env("CARDEPLOY_AARCH64_AGENT", &aarch64))?;
+    // Every bench in its smoke mode, on the debug build `cargo test` just made, so a bench that
+    // breaks fails here; the figures themselves stay in `cargo xtask bench`.
+    bench::smoke_all(&bench::debug_bins())?;
+    // Tier 4: the qemu-aarch64 system tests, on an image holding the agent built above.
+    let image = image::main(&image::Options {
+        agent: Some(aarch64),
+    })?;
+    qemu::suites(&image, &[])?;
+    // Every parser of untrusted input, fuzzed for a bounded time; a crash fails the run.
+    fuzz::fuzz(FUZZ_SECONDS)?;
+    println!("xtask test: all checks passed");
+    Ok(())
+}
