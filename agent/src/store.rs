@@ -1,9 +1,8 @@
 //! Where the state lives: `state.json` in the state directory, written atomically before every
-//! effect (temp file, fsync, rename, fsync of the directory). A crash at any moment leaves either
+//! effect (`cardeploy_chunks::atomic`: temp file, fsync, rename, fsync of the directory). A crash at any moment leaves either
 //! the old or the new file, never a torn one.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -87,34 +86,10 @@ impl Store {
             path: self.path(),
             source: std::io::Error::other(e),
         })?;
-        write_atomic(&self.path(), &bytes)
+        // What the car accepted and holds is nobody else's business on the ECU.
+        cardeploy_chunks::atomic::write(&self.path(), &bytes, cardeploy_chunks::atomic::PRIVATE)?;
+        Ok(())
     }
-}
-
-/// Write `path` so that a crash leaves either its old or its new content: a temp file beside
-/// it, fsync, rename, fsync of the directory.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
-    // One writer per file in the agent (the state cell, the root store): a fixed temp name is
-    // enough, and a crash leaves at most one stale temp file that the next write replaces.
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(bytes).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io(path))?;
-    // The rename is durable only once the directory entry is.
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
-    Ok(())
 }
 
 #[cfg(test)]

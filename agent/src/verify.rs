@@ -96,7 +96,8 @@ impl Roots {
                 path: self.dir.clone(),
                 why: e.to_string(),
             })?;
-            crate::store::write_atomic(&self.dir.join(format!("{version}.json")), bytes)?;
+            let path = self.dir.join(format!("{version}.json"));
+            cardeploy_chunks::atomic::write(&path, bytes, cardeploy_chunks::atomic::PUBLIC)?;
         }
         Ok(())
     }

@@ -11,7 +11,6 @@ use cardeploy_protocol::{
 
 use super::Fetcher;
 use crate::Error;
-use crate::error::io;
 
 impl Fetcher {
     /// An index from the local cache (checked against its id) or from the twin.
@@ -28,10 +27,7 @@ impl Fetcher {
         }
         let bytes = self.index_pages(link, id).await?;
         let index = ChunkIndex::decode_expecting(&bytes, id, self.max_artifact)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &bytes)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(io(&path))?;
+        cardeploy_chunks::atomic::write(&path, &bytes, cardeploy_chunks::atomic::PUBLIC)?;
         Ok(index)
     }
 
