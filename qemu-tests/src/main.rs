@@ -20,6 +20,14 @@ struct Cli {
     /// Suites to run (default: all, in order): boot, update, boot-failure, health-failure,
     /// power-cut. Later suites start from where earlier ones left the car.
     suites: Vec<String>,
+    /// Power-cut rounds (default 10, or CARDEPLOY_QEMU_POWER_CUTS). A soak runs many:
+    /// `power-cut --rounds 100 --seed 7`.
+    #[arg(long, value_name = "N")]
+    rounds: Option<u64>,
+    /// First seed of the power-cut rounds: round k cuts at a moment drawn from seed + k, so a
+    /// failed round is reproduced with the same seed.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    seed: u64,
 }
 
 fn main() -> ExitCode {
@@ -32,7 +40,12 @@ fn main() -> ExitCode {
         if work.exists() {
             std::fs::remove_dir_all(&work)?;
         }
-        cardeploy_qemu_tests::suites::run(&image, &bin, &work, &cli.suites)
+        let defaults = cardeploy_qemu_tests::suites::PowerCuts::default();
+        let power_cuts = cardeploy_qemu_tests::suites::PowerCuts {
+            rounds: cli.rounds.unwrap_or(defaults.rounds),
+            seed: cli.seed,
+        };
+        cardeploy_qemu_tests::suites::run(&image, &bin, &work, &cli.suites, power_cuts)
     })();
     match result {
         Ok(()) => ExitCode::SUCCESS,
