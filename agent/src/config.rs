@@ -199,7 +199,7 @@ impl Config {
                     "compatible is missing: give this hardware's RAUC compatible, or add [os] to read it from RAUC".into(),
                 ));
             }
-            (_, Some(os)) => os.validate().map_err(bad)?,
+            (_, Some(os)) => os.validate().map_err(|e| bad(e.to_string()))?,
             _ => {}
         }
         if !self.twin.contains(':') {

@@ -30,6 +30,18 @@ pub enum Error {
     },
     #[error(transparent)]
     Chunks(#[from] cardeploy_chunks::Error),
+    /// A file on the car is not what the release declares (damaged on disk after its fetch).
+    #[error(
+        "{} has {size} bytes with sha256 {digest}; the release declares {declared_size} bytes with sha256 {declared_digest}",
+        path.display()
+    )]
+    NotAsDeclared {
+        path: PathBuf,
+        size: u64,
+        digest: String,
+        declared_size: u64,
+        declared_digest: String,
+    },
     #[error("refused: {0}")]
     Refused(#[from] cardeploy_release::Error),
     /// The twin's answer does not fit what was asked (a missing chunk, a page that does not

@@ -212,6 +212,17 @@ impl Notifier {
     }
 }
 
+/// Why `$NOTIFY_SOCKET` cannot be used.
+#[derive(Debug, thiserror::Error)]
+enum SocketError {
+    #[error("not an absolute path or an @abstract socket (the forms this agent speaks)")]
+    Form,
+    #[error("not a usable socket address: {0}")]
+    Address(#[source] std::io::Error),
+    #[error("cannot make a non-blocking datagram socket: {0}")]
+    Socket(#[source] std::io::Error),
+}
+
 /// The watchdog ping task; aborted when dropped, so it never outlives `run`.
 #[derive(Debug)]
 pub struct Watchdog(tokio::task::JoinHandle<()>);
@@ -223,25 +234,18 @@ impl Drop for Watchdog {
 }
 
 impl Socket {
-    fn open(name: &OsStr) -> Result<Self, String> {
+    fn open(name: &OsStr) -> Result<Self, SocketError> {
         let bytes = name.as_bytes();
         let to = match bytes.first() {
             Some(b'@') => SocketAddr::from_abstract_name(&bytes[1..]),
             Some(b'/') => SocketAddr::from_pathname(name),
-            _ => {
-                return Err(
-                    "not an absolute path or an @abstract socket (the forms this agent speaks)"
-                        .to_owned(),
-                );
-            }
+            _ => return Err(SocketError::Form),
         }
-        .map_err(|e| format!("not a usable socket address: {e}"))?;
-        let socket = UnixDatagram::unbound().map_err(|e| format!("cannot make a socket: {e}"))?;
+        .map_err(SocketError::Address)?;
+        let socket = UnixDatagram::unbound().map_err(SocketError::Socket)?;
         // A datagram to a receiver whose queue is full would block the runtime's thread; better
         // to lose that one message (and log it).
-        socket
-            .set_nonblocking(true)
-            .map_err(|e| format!("cannot make the socket non-blocking: {e}"))?;
+        socket.set_nonblocking(true).map_err(SocketError::Socket)?;
         Ok(Self {
             socket,
             to,
@@ -251,7 +255,8 @@ impl Socket {
     }
 
     fn send(&self, message: &str) {
-        let what = message.lines().next().unwrap_or_default();
+        // A message is never empty; the first line names it in a log.
+        let what = message.lines().next().unwrap_or(message);
         match self.socket.send_to_addr(message.as_bytes(), &self.to) {
             Ok(_) => {}
             Err(e) if !self.failed.swap(true, Ordering::Relaxed) => tracing::warn!(

@@ -29,22 +29,40 @@ struct RefFields {
     label: Option<String>,
 }
 
-impl TryFrom<RefFields> for ReleaseRef {
-    type Error = String;
+/// Why a release in a state file cannot be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum Unreadable {
+    #[error("release label {0:?} is not line@version")]
+    Label(String),
+    #[error("release label {label:?}: {source}")]
+    Version {
+        label: String,
+        #[source]
+        source: semver::Error,
+    },
+    #[error("a release names its line and version")]
+    Incomplete,
+    #[error(transparent)]
+    Index(#[from] cardeploy_chunks::Error),
+}
 
-    fn try_from(f: RefFields) -> Result<Self, String> {
+impl TryFrom<RefFields> for ReleaseRef {
+    type Error = Unreadable;
+
+    fn try_from(f: RefFields) -> Result<Self, Unreadable> {
         let (line, version) = match (f.line, f.version, f.label) {
             (Some(line), Some(version), _) => (line, version),
             (_, _, Some(label)) => {
-                let (line, version) = label
-                    .split_once('@')
-                    .ok_or_else(|| format!("release label {label:?} is not line@version"))?;
-                let version = version
-                    .parse()
-                    .map_err(|e| format!("release label {label:?}: {e}"))?;
+                let Some((line, version)) = label.split_once('@') else {
+                    return Err(Unreadable::Label(label));
+                };
+                let version = version.parse().map_err(|source| Unreadable::Version {
+                    label: label.clone(),
+                    source,
+                })?;
                 (line.to_owned(), version)
             }
-            _ => return Err("a release names its line and version".to_owned()),
+            _ => return Err(Unreadable::Incomplete),
         };
         Ok(Self {
             digest: f.digest,
@@ -114,9 +132,9 @@ struct ReleaseFields {
 }
 
 impl TryFrom<ReleaseFields> for Release {
-    type Error = String;
+    type Error = Unreadable;
 
-    fn try_from(f: ReleaseFields) -> Result<Self, String> {
+    fn try_from(f: ReleaseFields) -> Result<Self, Unreadable> {
         Release::new(
             ReleaseRef {
                 digest: f.digest,
@@ -125,7 +143,7 @@ impl TryFrom<ReleaseFields> for Release {
             },
             f.artifacts,
         )
-        .map_err(|e| e.to_string())
+        .map_err(Unreadable::from)
     }
 }
 

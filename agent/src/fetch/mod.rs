@@ -68,8 +68,13 @@ impl Fetcher {
 
     /// Where an artifact lives once assembled.
     pub fn artifact_path(&self, name: &str, index: &Digest) -> PathBuf {
+        self.artifacts.join(file_name(name, index))
+    }
+
+    /// Where it is assembled until it is complete (the assembler's name for it).
+    fn partial_path(&self, name: &str, index: &Digest) -> PathBuf {
         self.artifacts
-            .join(format!("{name}@{}", &index.hex()[..16]))
+            .join(format!("{}.partial", file_name(name, index)))
     }
 
     /// One chunk, whole (no base offered, so the twin sends no delta).
@@ -118,13 +123,8 @@ impl Fetcher {
     ) -> Result<PathBuf, Error> {
         match self.fetch_one(link, artifact, base, progress).await {
             Err(e) if disk_full(&e) => {
-                let mut name = self
-                    .artifact_path(artifact.name(), &artifact.index)
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_owned();
-                name.push(".partial");
-                let have = std::fs::metadata(self.artifacts.join(name)).map_or(0, |m| m.len());
+                let partial = self.partial_path(artifact.name(), &artifact.index);
+                let have = std::fs::metadata(partial).map_or(0, |m| m.len());
                 Err(Error::DiskFull {
                     path: self.artifacts.clone(),
                     needed: artifact.declared.size.saturating_sub(have),
@@ -140,14 +140,7 @@ impl Fetcher {
     pub fn prune_partials(&self, keep: &[HeldArtifact]) {
         let wanted: Vec<PathBuf> = keep
             .iter()
-            .filter_map(|a| {
-                let mut name = self
-                    .artifact_path(a.name(), &a.index)
-                    .file_name()?
-                    .to_owned();
-                name.push(".partial");
-                Some(self.artifacts.join(name))
-            })
+            .map(|a| self.partial_path(a.name(), &a.index))
             .collect();
         let Ok(dir) = std::fs::read_dir(&self.artifacts) else {
             return;
@@ -397,6 +390,12 @@ impl Fetcher {
             fetched = report.fetched_bytes, wire = report.wire_bytes, "artifact assembled and verified");
         Ok(out)
     }
+}
+
+/// The file name of an assembled artifact: its name and the start of its index id (a new
+/// version is another file, so the old one stays a seed until the new one is complete).
+fn file_name(name: &str, index: &Digest) -> String {
+    format!("{name}@{}", &index.hex()[..16])
 }
 
 /// Bytes free for an unprivileged writer on the file system holding `dir` (0 when unknown).

@@ -207,7 +207,7 @@ async fn perform(
                 Ok(()) => tokio::time::sleep(REBOOT_GRACE).await,
                 Err(e) => {
                     tracing::error!("{e}");
-                    host.notice("reboot", e).await;
+                    host.notice("reboot", e.to_string()).await;
                     tokio::time::sleep(Duration::from_secs(30)).await;
                 }
             }

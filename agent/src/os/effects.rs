@@ -9,6 +9,9 @@ use super::host::Host;
 use super::machine::{Facts, OsUpdate, Outcome};
 use super::observe::bootname_of;
 use super::policy::OsConfig;
+use super::health::run;
+use crate::Error;
+use crate::error::io;
 use crate::release::HeldArtifact;
 
 /// Hash the bundle on disk again: what RAUC installs must be what the release names.
@@ -43,16 +46,14 @@ pub(super) async fn verify(host: &Host, current: &OsUpdate) -> Outcome {
 }
 
 /// Size and sha256 of a file on disk against its declaration, read in blocks.
-fn check_file(path: &std::path::Path, artifact: &HeldArtifact) -> Result<(), String> {
+fn check_file(path: &std::path::Path, artifact: &HeldArtifact) -> Result<(), Error> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
     let mut hasher = cardeploy_chunks::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let n = file.read(&mut buf).map_err(io(path))?;
         if n == 0 {
             break;
         }
@@ -62,12 +63,13 @@ fn check_file(path: &std::path::Path, artifact: &HeldArtifact) -> Result<(), Str
     let digest = hasher.finish().hex();
     let declared = &artifact.declared;
     if size != declared.size || digest != declared.digest {
-        return Err(format!(
-            "{} has {size} bytes with sha256 {digest}; the release declares {} bytes with sha256 {}",
-            path.display(),
-            declared.size,
-            declared.digest
-        ));
+        return Err(Error::NotAsDeclared {
+            path: path.to_owned(),
+            size,
+            digest,
+            declared_size: declared.size,
+            declared_digest: declared.digest.clone(),
+        });
     }
     Ok(())
 }
@@ -154,35 +156,39 @@ pub(super) async fn install(
     }
 }
 
+/// Why the car could not be rebooted.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RebootError {
+    #[error("os.reboot_command is empty")]
+    EmptyCommand,
+    #[error(
+        "reboot failed: {command} did not work and reboot(2) said {errno} (the agent needs CAP_SYS_BOOT)"
+    )]
+    Refused { command: String, errno: nix::Error },
+    #[error("the reboot task stopped: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// The init system reboots; if that fails, reboot(2).
-pub(super) async fn reboot(config: &OsConfig) -> Result<(), String> {
-    let (program, args) = config
-        .reboot_command
-        .split_first()
-        .ok_or("os.reboot_command is empty")?;
+pub(super) async fn reboot(config: &OsConfig) -> Result<(), RebootError> {
+    if config.reboot_command.is_empty() {
+        return Err(RebootError::EmptyCommand);
+    }
     tracing::warn!(command = ?config.reboot_command, "rebooting");
-    let ran = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(program).args(args).status(),
-    )
-    .await;
-    match ran {
-        Ok(Ok(status)) if status.success() => return Ok(()),
-        Ok(Ok(status)) => tracing::error!("{program} exited with {status}; calling reboot(2)"),
-        Ok(Err(e)) => tracing::error!("cannot run {program}: {e}; calling reboot(2)"),
-        Err(_) => tracing::error!("{program} did not finish within 60 s; calling reboot(2)"),
+    match run(&config.reboot_command, Duration::from_secs(60)).await {
+        Ok(_) => return Ok(()),
+        Err(e) => tracing::error!("{e}; calling reboot(2)"),
     }
     let direct = tokio::task::spawn_blocking(|| {
         nix::unistd::sync();
         nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT)
     })
-    .await;
+    .await?;
     match direct {
-        Ok(Err(errno)) => Err(format!(
-            "reboot failed: {} did not work and reboot(2) said {errno} (the agent needs CAP_SYS_BOOT)",
-            config.reboot_command.join(" ")
-        )),
-        Ok(Ok(never)) => match never {},
-        Err(e) => Err(format!("reboot task failed: {e}")),
+        Err(errno) => Err(RebootError::Refused {
+            command: config.reboot_command.join(" "),
+            errno,
+        }),
+        Ok(never) => match never {},
     }
 }

@@ -10,13 +10,35 @@ use super::policy::{self, Check, K3sCheck, OsConfig};
 /// Longest a single health-check program may run.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Run a program; Ok when it exits 0, else what went wrong.
-async fn run_check(argv: &[String]) -> Result<String, String> {
+/// Why a program the OS driver ran did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RunError {
+    #[error("the command is empty")]
+    Empty,
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program} did not finish within {} s", limit.as_secs())]
+    Timeout { program: String, limit: Duration },
+    /// `stderr` is its last 200 characters.
+    #[error("{command} exited with {status}{}{stderr}", if stderr.is_empty() { "" } else { ": " })]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
+
+/// Run a program within `limit`; its stdout when it exits 0.
+pub(super) async fn run(argv: &[String], limit: Duration) -> Result<String, RunError> {
     let Some((program, args)) = argv.split_first() else {
-        return Err("empty command".into());
+        return Err(RunError::Empty);
     };
     let out = tokio::time::timeout(
-        CHECK_TIMEOUT,
+        limit,
         tokio::process::Command::new(program)
             .args(args)
             .stdin(std::process::Stdio::null())
@@ -24,34 +46,33 @@ async fn run_check(argv: &[String]) -> Result<String, String> {
             .output(),
     )
     .await
-    .map_err(|_| {
-        format!(
-            "{program} did not finish within {} s",
-            CHECK_TIMEOUT.as_secs()
-        )
+    .map_err(|_| RunError::Timeout {
+        program: program.clone(),
+        limit,
     })?
-    .map_err(|e| format!("cannot run {program}: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    .map_err(|source| RunError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
     if out.status.success() {
-        Ok(stdout)
-    } else {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: String = stderr
-            .trim()
-            .chars()
-            .rev()
-            .take(200)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        Err(format!(
-            "{} exited with {}{}{tail}",
-            argv.join(" "),
-            out.status,
-            if tail.is_empty() { "" } else { ": " }
-        ))
+        return Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned());
     }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = stderr.trim();
+    let tail_from = stderr
+        .char_indices()
+        .rev()
+        .nth(199)
+        .map_or(0, |(at, _)| at);
+    Err(RunError::Failed {
+        command: argv.join(" "),
+        status: out.status,
+        stderr: stderr[tail_from..].to_owned(),
+    })
+}
+
+async fn run_check(argv: &[String]) -> Result<String, RunError> {
+    run(argv, CHECK_TIMEOUT).await
 }
 
 fn on_path(program: &str) -> bool {
@@ -73,7 +94,7 @@ pub(super) async fn check_health(host: &Host, config: &OsConfig) -> Health {
     if !h.command.is_empty() {
         checks.push(match run_check(&h.command).await {
             Ok(_) => Check::Ok,
-            Err(why) => Check::Missing(why),
+            Err(why) => Check::Missing(why.to_string()),
         });
     }
     checks.push(policy::twin_check(

@@ -145,33 +145,33 @@ fn default_twin_grace() -> u64 {
 
 impl OsConfig {
     /// Problems a person must fix in the configuration, if any.
-    pub fn validate(&self) -> Result<(), String> {
-        if let RebootPolicy::Window { start, end } = &self.reboot {
-            let (s, e) = (minutes(start)?, minutes(end)?);
-            if s == e {
-                return Err(format!(
-                    "os.reboot window {start}-{end} is empty: give two different times"
-                ));
-            }
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if let RebootPolicy::Window { start, end } = &self.reboot
+            && minutes(start)? == minutes(end)?
+        {
+            return Err(Invalid::EmptyWindow {
+                start: start.clone(),
+                end: end.clone(),
+            });
         }
         if self.reboot_command.is_empty() {
-            return Err("os.reboot_command is empty: e.g. [\"systemctl\", \"reboot\"]".into());
+            return Err(Invalid::EmptyRebootCommand);
         }
         if self.max_installs == 0 || self.max_trial_boots == 0 {
-            return Err("os.max_installs and os.max_trial_boots must be at least 1".into());
+            return Err(Invalid::ZeroAttempts);
         }
         if self.install_timeout_secs == 0 {
-            return Err("os.install_timeout_secs must be above 0".into());
+            return Err(Invalid::ZeroInstallTimeout);
         }
         let h = &self.health;
         if h.deadline_secs == 0 || h.interval_secs == 0 {
-            return Err("os.health.deadline_secs and interval_secs must be above 0".into());
+            return Err(Invalid::ZeroHealthTimes);
         }
         if h.twin_grace_secs >= h.deadline_secs {
-            return Err(format!(
-                "os.health.twin_grace_secs ({}) must be below deadline_secs ({}): an offline car would always fail its health gate",
-                h.twin_grace_secs, h.deadline_secs
-            ));
+            return Err(Invalid::GraceBeyondDeadline {
+                grace: h.twin_grace_secs,
+                deadline: h.deadline_secs,
+            });
         }
         Ok(())
     }
@@ -185,9 +185,30 @@ impl OsConfig {
     }
 }
 
+/// What is wrong with an `[os]` configuration, said so that a person can fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("os.reboot window time {0:?}: expected HH:MM (UTC), e.g. \"02:30\"")]
+    WindowTime(String),
+    #[error("os.reboot window {start}-{end} is empty: give two different times")]
+    EmptyWindow { start: String, end: String },
+    #[error("os.reboot_command is empty: e.g. [\"systemctl\", \"reboot\"]")]
+    EmptyRebootCommand,
+    #[error("os.max_installs and os.max_trial_boots must be at least 1")]
+    ZeroAttempts,
+    #[error("os.install_timeout_secs must be above 0")]
+    ZeroInstallTimeout,
+    #[error("os.health.deadline_secs and interval_secs must be above 0")]
+    ZeroHealthTimes,
+    #[error(
+        "os.health.twin_grace_secs ({grace}) must be below deadline_secs ({deadline}): an offline car would always fail its health gate"
+    )]
+    GraceBeyondDeadline { grace: u64, deadline: u64 },
+}
+
 /// "HH:MM" → minutes after midnight.
-fn minutes(hhmm: &str) -> Result<u32, String> {
-    let bad = || format!("os.reboot window time {hhmm:?}: expected HH:MM (UTC), e.g. \"02:30\"");
+fn minutes(hhmm: &str) -> Result<u32, Invalid> {
+    let bad = || Invalid::WindowTime(hhmm.to_owned());
     let (h, m) = hhmm.split_once(':').ok_or_else(bad)?;
     let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
     if h > 23 || m > 59 || hhmm.len() != 5 {
@@ -328,14 +349,18 @@ mod tests {
         let mut c: OsConfig = toml::from_str("").unwrap();
         assert!(c.validate().is_ok());
         c.reboot = window("2:00", "04:00");
-        assert!(c.validate().unwrap_err().contains("HH:MM"));
+        let e = c.validate().unwrap_err();
+        assert_eq!(e, Invalid::WindowTime("2:00".into()));
+        assert!(e.to_string().contains("HH:MM"), "{e}");
         c.reboot = window("04:00", "04:00");
-        assert!(c.validate().unwrap_err().contains("empty"));
+        assert!(matches!(c.validate(), Err(Invalid::EmptyWindow { .. })));
         c.reboot = window("24:00", "04:00");
-        assert!(c.validate().is_err());
+        assert_eq!(c.validate(), Err(Invalid::WindowTime("24:00".into())));
         c.reboot = RebootPolicy::Immediately;
         c.health.twin_grace_secs = c.health.deadline_secs;
-        assert!(c.validate().unwrap_err().contains("twin_grace_secs"));
+        let e = c.validate().unwrap_err();
+        assert!(matches!(e, Invalid::GraceBeyondDeadline { .. }));
+        assert!(e.to_string().contains("twin_grace_secs"), "{e}");
         let parsed: OsConfig = toml::from_str(
             "reboot = { when = \"parked\", file = \"/run/p\" }\n[health]\nunits = [\"a.service\"]\n",
         )
