@@ -42,7 +42,13 @@ fn copy_database(from: &Path, to: &Path) {
         let source = from.join(name);
         let target = to.join(name);
         if source.exists() {
-            std::fs::copy(&source, &target).unwrap();
+            // A new file renamed into place, as a restore from a backup makes it: the stopped
+            // twin's last SQLite connection may still be closing on its own thread (a pool's
+            // close returns once its connections are released, not once SQLite let go of the
+            // file), and a final checkpoint into the old file must not land in the restored one.
+            let staged = to.join(format!("{name}.restoring"));
+            std::fs::copy(&source, &staged).unwrap();
+            std::fs::rename(&staged, &target).unwrap();
         } else {
             let _ = std::fs::remove_file(&target);
         }
