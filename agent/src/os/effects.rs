@@ -5,11 +5,11 @@ use std::time::Duration;
 use cardeploy_protocol::{InstallProgress, ReportBody};
 use cardeploy_rauc::{InstallArgs, Rauc};
 
+use super::health::run;
 use super::host::Host;
 use super::machine::{Facts, OsUpdate, Outcome};
 use super::observe::bootname_of;
 use super::policy::OsConfig;
-use super::health::run;
 use crate::Error;
 use crate::error::io;
 use crate::release::HeldArtifact;

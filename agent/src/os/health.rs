@@ -59,11 +59,7 @@ pub(super) async fn run(argv: &[String], limit: Duration) -> Result<String, RunE
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     let stderr = stderr.trim();
-    let tail_from = stderr
-        .char_indices()
-        .rev()
-        .nth(199)
-        .map_or(0, |(at, _)| at);
+    let tail_from = stderr.char_indices().rev().nth(199).map_or(0, |(at, _)| at);
     Err(RunError::Failed {
         command: argv.join(" "),
         status: out.status,
