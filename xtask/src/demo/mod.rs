@@ -210,35 +210,8 @@ pub fn main() -> anyhow::Result<()> {
     step(
         "signing keys and the root of trust: offline root and release keys, the twin's director key",
     );
-    std::fs::create_dir_all(data.join("keys"))?;
-    for name in ["keys/root", "keys/release"] {
-        run(cli.cmd().args(["keys", "gen", name]).current_dir(&data))?;
-    }
-    run(cli
-        .cmd()
-        .args(["root", "director", "--out", "keys/director.pub"])
-        .current_dir(&data))?;
-    run(cli
-        .cmd()
-        .args([
-            "root",
-            "init",
-            "--root-key",
-            "keys/root.pub",
-            "--release-key",
-            "keys/release.pub",
-            "--director-key",
-            "keys/director.pub",
-            "--sign-with",
-            "keys/root.key",
-            "--out",
-            "root.json",
-        ])
-        .current_dir(&data))?;
-    run(cli
-        .cmd()
-        .args(["root", "push", "root.json"])
-        .current_dir(&data))?;
+    // The same bootstrap the tests and the qemu suites use: keys, director key, root v1 pushed.
+    cardeploy_qemu_tests::fleet::Fleet::attach(&bin, &data, &cli.api, cars_port).init_root()?;
 
     step(&format!(
         "cardeploy car add {CAR}: issue its certificate, pin the root, register it with the twin"
