@@ -2,10 +2,10 @@
 //! desired state, persists it atomically before acting, reports what it did, and keeps going when
 //! the twin is away (reconnecting with exponential backoff and full jitter).
 //!
-//! One owner per concern (docs/architecture.md has the map): the state cell ([`cell`]) is the
-//! only writer of the persisted [`state`]; the reporter ([`reporter`]) is the only way out to
-//! the twin; the session ([`session`]) holds the connection; the deployer ([`deploy`]) takes a
-//! desired state through its state machine, the fetcher ([`fetch`]) brings its artifacts, and
+//! One owner per concern (docs/architecture.md has the map): the state cell (`cell`) is the
+//! only writer of the persisted [`state`]; the reporter (`reporter`) is the only way out to
+//! the twin; the session (`session`) holds the connection; the deployer ([`deploy`]) takes a
+//! desired state through its state machine, the fetcher (`fetch`) brings its artifacts, and
 //! the workload parts apply it — the OS driver ([`os`]) through a narrow handle.
 //!
 //! [`run`] is the whole daemon; `main` only parses arguments and wires SIGTERM. Tests run the real

@@ -54,7 +54,7 @@ pub struct State {
     /// release, whatever line it claims).
     #[serde(default)]
     pub installed_os: Option<InstalledOs>,
-    /// What the twin is told; derived from the rest by [`State::derive_reported`], except the
+    /// What the twin is told; derived from the rest by [`State::derive`], except the
     /// OS slots, which the OS driver observes.
     pub reported: ReportedState,
     /// Artifacts the car holds, by name: the id of each one's chunk index. The previous version
