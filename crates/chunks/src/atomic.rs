@@ -5,7 +5,7 @@
 //! It lives here because this is the lowest crate of the workspace that does file I/O and every
 //! writer already depends on it (the twin, the CLI, the testkit, the agent); only the release
 //! crate's `sign` feature (which writes key files) gains an edge to it. A reader sees the old
-//! file or the new one, never a torn one; after [`write`] returns, a power cut keeps the new one.
+//! file or the new one, never a torn one; after [`write()`] returns, a power cut keeps the new one.
 //!
 //! Callers that write many files into few directories (the chunk store) use the two halves,
 //! [`Staged::new_in`] and [`Staged::rename_to`], and fsync each directory once with [`sync_dir`].
