@@ -17,7 +17,7 @@ use crate::release::HeldArtifact;
 /// Hash the bundle on disk again: what RAUC installs must be what the release names.
 pub(super) async fn verify(host: &Host, current: &OsUpdate) -> Outcome {
     let Some(bundle) = host.bundle() else {
-        return Outcome::VerifyFailed("the target release names no OS bundle".into());
+        return Outcome::VerifyFailed("the accepted release names no OS bundle".into());
     };
     let (path, artifact) = bundle;
     let checked = tokio::task::spawn_blocking({
@@ -82,7 +82,7 @@ pub(super) async fn install(
     facts: &Facts,
 ) -> Outcome {
     let Some((path, _)) = host.bundle() else {
-        return Outcome::InstallRefused("the target release names no OS bundle".into());
+        return Outcome::InstallRefused("the accepted release names no OS bundle".into());
     };
     let label = current.release().map_or_else(String::new, |r| r.label());
     tracing::info!(bundle = %path.display(), release = %label, "installing");
