@@ -7,7 +7,7 @@ use cardeploy_rauc::{InstallArgs, Rauc};
 
 use super::health::run;
 use super::host::Host;
-use super::machine::{Facts, OsUpdate, Outcome};
+use super::machine::{Bootname, Facts, OsUpdate, Outcome};
 use super::observe::bootname_of;
 use super::policy::OsConfig;
 use crate::Error;
@@ -115,7 +115,7 @@ pub(super) async fn install(
         Ok(()) => {
             let slots = rauc.slots().await.unwrap_or_default();
             let to = match rauc.primary().await {
-                Ok(name) => bootname_of(&slots, &name),
+                Ok(name) => bootname_of(&slots, &name).map(Bootname::from),
                 Err(_) => None,
             }
             // A backend that cannot say its primary: the other slot of the booted one's class.
@@ -132,6 +132,7 @@ pub(super) async fn install(
                             && s.bootname.as_deref() != Some(facts.booted.as_str())
                     })
                     .and_then(|s| s.bootname.clone())
+                    .map(Bootname::from)
             });
             match to {
                 Some(to) if to != facts.booted => Outcome::Installed {

@@ -308,8 +308,8 @@ fn settled(current: &OsUpdate, facts: &Facts) -> Step {
 fn unknown_slot(
     release: &ReleaseRef,
     facts: &Facts,
-    from: &str,
-    to: &str,
+    from: &Bootname,
+    to: &Bootname,
     wanted: Option<&Wanted>,
 ) -> Step {
     step(

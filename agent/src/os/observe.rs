@@ -109,7 +109,7 @@ pub(super) async fn observe(
     Ok(Observed {
         facts: Facts {
             boot_id,
-            booted,
+            booted: booted.into(),
             rauc_idle,
             now,
             reboot: policy::reboot_gate(&config.reboot, now, parked),
@@ -125,7 +125,7 @@ pub(super) async fn observe(
 
 pub(super) fn os_report(observed: &Observed, update: &OsUpdate) -> OsReport {
     OsReport {
-        booted: observed.facts.booted.clone(),
+        booted: observed.facts.booted.to_string(),
         version: observed.version.clone(),
         primary: observed.primary.clone(),
         update: update.name().to_owned(),

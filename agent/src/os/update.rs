@@ -7,6 +7,41 @@ use serde::{Deserialize, Serialize};
 
 use crate::release::ReleaseRef;
 
+/// A slot as the bootloader names it (RAUC's `bootname`, e.g. `A`): what the car boots.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Bootname(pub String);
+
+impl std::fmt::Display for Bootname {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Bootname {
+    fn from(name: &str) -> Self {
+        Self(name.to_owned())
+    }
+}
+
+impl From<String> for Bootname {
+    fn from(name: String) -> Self {
+        Self(name)
+    }
+}
+
+impl PartialEq<str> for Bootname {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl Bootname {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Why the car is back on the previous slot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
@@ -44,15 +79,15 @@ pub enum OsUpdate {
     /// the install happened in: a different one means the car rebooted.
     PendingReboot {
         release: ReleaseRef,
-        from: String,
-        to: String,
+        from: Bootname,
+        to: Bootname,
         boot_id: String,
     },
     /// Running slot `to`, not committed. `boots` counts boots into it during the trial.
     Trial {
         release: ReleaseRef,
-        from: String,
-        to: String,
+        from: Bootname,
+        to: Bootname,
         boot_id: String,
         /// Unix seconds: the health gate must pass before this.
         deadline: u64,
@@ -62,18 +97,18 @@ pub enum OsUpdate {
     /// reboots (when the policy allows) and the bootloader starts `from`.
     MarkedBad {
         release: ReleaseRef,
-        from: String,
-        to: String,
+        from: Bootname,
+        to: Bootname,
         boot_id: String,
         why: String,
         marked: bool,
     },
     /// The release runs on slot `slot`, marked good.
-    Committed { release: ReleaseRef, slot: String },
+    Committed { release: ReleaseRef, slot: Bootname },
     /// Back on slot `slot`; the release is never installed again on its own.
     RolledBack {
         release: ReleaseRef,
-        slot: String,
+        slot: Bootname,
         reason: RollbackReason,
     },
     /// The release could not be installed. `retry`: a newer desired state (higher counter) for
@@ -153,7 +188,7 @@ pub struct Facts {
     /// The kernel's boot id: changes with every boot.
     pub boot_id: String,
     /// Bootname of the running slot (RAUC's `BootSlot`).
-    pub booted: String,
+    pub booted: Bootname,
     /// RAUC is not installing anything.
     pub rauc_idle: bool,
     pub now: u64,
@@ -294,8 +329,8 @@ pub enum Outcome {
     VerifyFailed(String),
     /// Installed; `to` is the bootname RAUC made primary.
     Installed {
-        from: String,
-        to: String,
+        from: Bootname,
+        to: Bootname,
         boot_id: String,
     },
     /// RAUC refused or failed the bundle (signature, compatible, a write error): retrying the
