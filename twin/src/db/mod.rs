@@ -18,8 +18,10 @@ use std::str::FromStr;
 use cardeploy_protocol::api::{ReleaseSummary, ReportedView};
 use cardeploy_protocol::{Attributes, CarId, Envelope, ReportedState};
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Connection, Row, SqlitePool};
 
 use crate::error::{Error, db, encode};
 
@@ -149,6 +151,8 @@ pub struct Db {
     /// `synchronous=FULL`, one connection: see the module docs.
     durable: SqlitePool,
     events: EventLimits,
+    /// How to reach the file again, for the last checkpoint at close.
+    options: SqliteConnectOptions,
 }
 
 fn corrupt(car: &str, what: &'static str) -> impl FnOnce(serde_json::Error) -> Error {
@@ -177,13 +181,14 @@ impl Db {
         migrate(&pool).await?;
         let durable = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(options.synchronous(SqliteSynchronous::Full))
+            .connect_with(options.clone().synchronous(SqliteSynchronous::Full))
             .await
             .map_err(db("open"))?;
         Ok(Self {
             pool,
             durable,
             events,
+            options,
         })
     }
 
@@ -544,6 +549,27 @@ impl Db {
     pub async fn close(&self) {
         self.durable.close().await;
         self.pool.close().await;
+        // A pool's close returns once its connections are handed back, which can be before
+        // SQLite has let go of the file (a connection dropped by a task closes on its own
+        // thread). A last checkpoint through a connection of our own, awaited, leaves twin.db
+        // complete by itself when the twin stops: a backup of the file alone holds everything,
+        // and nothing that was only in the WAL can be lost by copying the files one by one.
+        let settled = async {
+            let mut conn = SqliteConnection::connect_with(&self.options).await?;
+            let (busy,): (i64,) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(&mut conn)
+                .await
+                .map(|(busy, _, _): (i64, i64, i64)| (busy,))?;
+            conn.close().await?;
+            Ok::<_, sqlx::Error>(busy == 0)
+        };
+        match settled.await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                "the database was still in use at shutdown: its last changes stay in the WAL file beside it"
+            ),
+            Err(e) => tracing::warn!("last checkpoint at shutdown: {e}"),
+        }
     }
 }
 
