@@ -219,3 +219,29 @@ impl Twin {
         tracing::info!(%target, %base, chunks = window.positions.len(), took = ?started.elapsed(), "deltas made ahead");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(n: u32) -> (Digest, Digest) {
+        (Digest::of(&n.to_le_bytes()), Digest::of(b"base"))
+    }
+
+    #[test]
+    fn a_pair_has_one_job_at_a_time_and_pending_pairs_are_bounded() {
+        let jobs = Jobs::default();
+        assert!(jobs.claim(pair(0)));
+        assert!(!jobs.claim(pair(0)), "the same pair twice");
+        for n in 1..PAIRS_PENDING as u32 {
+            assert!(jobs.claim(pair(n)));
+        }
+        assert_eq!(jobs.pending(), PAIRS_PENDING);
+        assert!(!jobs.claim(pair(PAIRS_PENDING as u32)), "one pair too many");
+        jobs.release(&pair(0));
+        assert!(
+            jobs.claim(pair(0)),
+            "a pair whose job ended may be made again"
+        );
+    }
+}
