@@ -283,7 +283,7 @@ async fn main() {
         eprintln!("pushing OLD and NEW");
         let (v1, push_old) = push(&bench, &cli, &old);
         let (v2, push_new) = push(&bench, &cli, &new);
-        eprintln!("car 1: update with deltas made on demand");
+        eprintln!("car 1: update with deltas made ahead");
         let first = update(&bench, &proxy, "CAR1", &old, &v1, &v2);
         eprintln!("car 2: update with cached deltas");
         let cached = update(&bench, &proxy, "CAR2", &old, &v1, &v2);
