@@ -26,7 +26,7 @@ use cardeploy_protocol::{
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
-use crate::artifacts::{Checker, digest};
+use crate::artifacts::{Checker, Effort, digest};
 use crate::{Error, Twin};
 
 fn refuse(e: impl std::fmt::Display) -> Refusal {
@@ -262,7 +262,9 @@ pub(crate) fn chunks(
                         let job = {
                             let twin = twin.clone();
                             on_pool(&twin.clone(), &car, move || {
-                                let made = twin.artifacts.make(&mut window, i);
+                                let mut maker = twin.artifacts.maker(Effort::OnDemand);
+                                let all = i..window.positions.len();
+                                let made = twin.artifacts.make(&mut window, all, &mut maker);
                                 (window, made)
                             })
                             .await

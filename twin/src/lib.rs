@@ -9,6 +9,7 @@
 //! reports are rate-limited per car (`limits.rs`), and a revoked certificate is refused at the
 //! next handshake. The operator API bounds every body, time and upload (`api/`).
 
+mod ahead;
 mod api;
 mod artifacts;
 mod cars;
@@ -53,6 +54,8 @@ pub struct Twin {
     release_indexes: Mutex<HashMap<String, Arc<Vec<cardeploy_chunks::Digest>>>>,
     /// Permits of the delta pool (`delta_workers`).
     delta_pool: Arc<tokio::sync::Semaphore>,
+    /// Pairs whose deltas are being made ahead of the cars.
+    ahead: ahead::Jobs,
     /// Chunk and index uploads in progress (`max_concurrent_uploads` permits).
     uploads: Arc<tokio::sync::Semaphore>,
     /// Held for reading by everything that relies on a stored chunk or index staying (uploads,
@@ -196,6 +199,11 @@ impl Running {
         self.twin.artifacts.cache_bytes()
     }
 
+    /// (target, base) pairs whose deltas are being made ahead, waiting or running.
+    pub fn deltas_ahead_pending(&self) -> usize {
+        self.twin.ahead.pending()
+    }
+
     /// Cars with an open connection right now.
     pub fn connected_cars(&self) -> usize {
         self.twin.fleet.connected_count()
@@ -278,6 +286,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         trust: trust::Trust::open(&config.data_dir)?,
         release_indexes: Mutex::new(HashMap::new()),
         delta_pool: Arc::new(tokio::sync::Semaphore::new(config.delta_workers.max(1))),
+        ahead: ahead::Jobs::default(),
         uploads: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_uploads)),
         store_gc: Arc::new(tokio::sync::RwLock::new(())),
         config,

@@ -546,7 +546,94 @@ async fn a_car_reads_only_its_own_artifacts_and_foreign_bases_cost_no_delta_work
         .unwrap();
     let frames = ask_with(&link, &indexes[2], None).await.unwrap();
     assert_eq!(frames.len(), indexes[2].chunks.len());
+    // Whatever cars ask for, none of it starts deltas made ahead: only operator actions do.
+    assert_eq!(twin.deltas_ahead_pending(), 0);
+    assert_eq!(
+        twin.served()
+            .ahead_pairs
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     drop(stranger);
+}
+
+#[tokio::test]
+async fn a_release_registered_while_cars_run_the_last_one_has_its_deltas_made_before_the_first_car_asks()
+ {
+    let env = Env::new();
+    let twin = env.start().await;
+    let signer = env.signer();
+    let v1 = noise(11, 1_500_000);
+    let mut v2 = v1.clone();
+    for at in [200_000, 700_000, 1_200_000] {
+        v2[at..at + 300].fill(9);
+    }
+    let (i1, i2) = (
+        common::upload(&twin, &v1).await,
+        common::upload(&twin, &v2).await,
+    );
+    let release = |version: &str, index: &cardeploy_chunks::ChunkIndex| {
+        let a = cardeploy_testkit::signing::artifact(ArtifactKind::OciLayer, "app", index);
+        signer.manifest("app", version, vec![a])
+    };
+    let (r1, r2) = (release("1.0.0", &i1), release("2.0.0", &i2));
+    let files = register(&env, &twin, "VIN-AHEAD").await;
+    signer
+        .desire(twin.api_addr, &twin.operator_token, "VIN-AHEAD", &r1)
+        .await;
+    let link = car_link(&env, &twin, &files, "VIN-AHEAD").await;
+    let hello = Hello {
+        agent_version: "test".into(),
+        reported: ReportedState {
+            release: Some("app@1.0.0".into()),
+            ..ReportedState::idle()
+        },
+    };
+    link.request_response(route::CAR_HELLO, Bytes::from(protocol::encode(&hello)))
+        .await
+        .unwrap();
+    // Registering 2.0.0 plans the pair (2.0.0, 1.0.0) before the call returns.
+    signer
+        .publish(twin.api_addr, &twin.operator_token, &r2)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while twin.deltas_ahead_pending() > 0 {
+        assert!(Instant::now() < deadline, "deltas ahead not made in 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let served = twin.served();
+    let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(load(&served.ahead_pairs), 1);
+    let held: std::collections::HashSet<_> = i1.chunks.iter().map(|c| c.id).collect();
+    let missing: Vec<u32> = (0..i2.chunks.len() as u32)
+        .filter(|&p| !held.contains(&i2.chunks[p as usize].id))
+        .collect();
+    assert!(!missing.is_empty());
+    assert_eq!(load(&served.ahead_chunks), missing.len() as u64);
+    signer
+        .desire(twin.api_addr, &twin.operator_token, "VIN-AHEAD", &r2)
+        .await;
+    // The first car's window: every frame from the cache, no delta job on its behalf, and deltas
+    // where the chunk barely changed.
+    let request = protocol::encode(&ChunksRequest {
+        index: i2.id().hex(),
+        base: Some(i1.id().hex()),
+        chunks: missing.clone(),
+    });
+    let frames = link
+        .request_window(
+            route::ARTIFACT_CHUNKS,
+            Bytes::from(request),
+            cardeploy_link::Window {
+                max_items: 64,
+                max_bytes: 16 << 20,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(frames.len(), missing.len());
+    assert_eq!(load(&served.delta_jobs), 0);
+    assert_eq!(load(&served.deltas), missing.len() as u64);
 }
 
 async fn ask_with(

@@ -177,3 +177,15 @@ pub struct IndexView {
     pub size: u64,
     pub chunks: usize,
 }
+
+/// `GET /api/v1/deltas`: the delta work of the twin (docs/delta.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltasView {
+    /// (target, base) pairs whose deltas are being made ahead of the cars, waiting or running.
+    pub ahead_pending: usize,
+    /// Pairs made ahead completely, and chunks made ahead, since the twin started.
+    pub ahead_pairs: u64,
+    pub ahead_chunks: u64,
+    /// Bytes the delta cache holds.
+    pub cache_bytes: u64,
+}

@@ -262,6 +262,14 @@ pub(super) async fn set_desired(
         )
         .await?;
     tracing::info!(car = %id, counter = stored.counter, release = %summary.digest, "desired state signed and set");
+    // The deltas this car will ask for, if no job for the pair made them yet (a car that
+    // registered after the release did not count then).
+    if let Err(e) = twin
+        .deltas_ahead(&summary.digest, std::slice::from_ref(&id))
+        .await
+    {
+        tracing::warn!(car = %id, release = %summary.digest, "no deltas made ahead: {e}");
+    }
     Ok(Json(desired_view(&twin, &stored).await?))
 }
 

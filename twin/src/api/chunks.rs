@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use bytes::Bytes;
 use cardeploy_chunks::Digest;
-use cardeploy_protocol::api::{ChunkList, IndexView, MissingChunks};
+use cardeploy_protocol::api::{ChunkList, DeltasView, IndexView, MissingChunks};
 
 use super::{ApiError, bad_request, blocking, parse_digest};
 use crate::Twin;
@@ -32,6 +32,21 @@ fn chunk_error(e: cardeploy_chunks::Error) -> ApiError {
 /// Which of these chunks the twin lacks: the release tool uploads only those. The ones it has
 /// are held (their time refreshed) so that the gc spares them until the index naming them
 /// arrives.
+/// `GET /api/v1/deltas`: what the twin's delta work stands at.
+pub(super) async fn deltas(State(twin): State<Arc<Twin>>) -> Json<DeltasView> {
+    let served = &twin.artifacts.served;
+    Json(DeltasView {
+        ahead_pending: twin.ahead.pending(),
+        ahead_pairs: served
+            .ahead_pairs
+            .load(std::sync::atomic::Ordering::Relaxed),
+        ahead_chunks: served
+            .ahead_chunks
+            .load(std::sync::atomic::Ordering::Relaxed),
+        cache_bytes: twin.artifacts.cache_bytes(),
+    })
+}
+
 pub(super) async fn missing(
     State(twin): State<Arc<Twin>>,
     Json(list): Json<ChunkList>,

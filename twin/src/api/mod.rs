@@ -72,6 +72,7 @@ pub fn router(twin: Arc<Twin>) -> Router {
         )
         .route("/api/v1/releases", get(releases::list).post(releases::add))
         .route("/api/v1/releases/{reference}", get(releases::get_one))
+        .route("/api/v1/deltas", get(chunks::deltas))
         .route("/api/v1/chunks/missing", post(chunks::missing))
         .route("/api/v1/chunks/{id}", put(chunks::put_chunk))
         .route(

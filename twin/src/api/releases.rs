@@ -116,6 +116,16 @@ pub(super) async fn add(
     }
     let new = twin.db.insert_release(&summary, &envelope).await?;
     tracing::info!(digest = %summary.digest, line = %summary.line, version = %summary.version, new, "release registered");
+    if new {
+        // The deltas the fleet will ask for, made now at the configured level rather than on
+        // demand while the first car waits. Planned here, so `GET /api/v1/deltas` counts them
+        // when this call returns; made in the background.
+        let cars: Vec<_> = twin.db.cars().await?.into_iter().map(|c| c.id).collect();
+        match twin.deltas_ahead(&summary.digest, &cars).await {
+            Ok(pairs) => tracing::info!(release = %summary.digest, pairs, "deltas made ahead"),
+            Err(e) => tracing::warn!(release = %summary.digest, "no deltas made ahead: {e}"),
+        }
+    }
     let status = if new {
         StatusCode::CREATED
     } else {

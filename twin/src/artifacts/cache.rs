@@ -2,13 +2,17 @@
 //! the CPU a delta costs is spent once per pair and not once per car.
 //!
 //! ```text
-//! <data_dir>/chunks/deltas/<target index>.<base index>/<position>   a transit frame, or "W"
+//! <data_dir>/chunks/deltas/<target index>.<base index>/<position>.<grade>   a transit frame, or "W"
 //! ```
 //!
 //! The key is everything a frame depends on. A delta frame depends on the base's bytes (named by
 //! the base index) and a context frame on the target's bytes just before the chunk (named by the
 //! target index and the position), so one chunk at the same place in two targets has two
 //! entries. "W" records that a whole frame from the chunk store was best, without copying it.
+//!
+//! The grade says how hard the twin tried ([`Grade`]): `full` entries were made at the configured
+//! level and are final; `trial` entries were made on demand where a cheap trial decided against
+//! the configured level, and making the pair's deltas ahead replaces them with `full` ones.
 //!
 //! Entries are written atomically (a unique temp name in the entry's directory, fsync, rename),
 //! and the caller checks every frame it reads by decoding it ([`super::window`]); a bad one is
@@ -33,6 +37,34 @@ pub(crate) enum Entry {
 }
 
 const WHOLE: &[u8] = b"W";
+
+/// How an entry was made, which says whether making it again could give fewer bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Grade {
+    /// Every candidate was made at the configured level: final.
+    Full,
+    /// Made on demand, where a cheap trial kept the configured level from being tried; making
+    /// it ahead, at the configured level, may find a smaller frame.
+    Trial,
+}
+
+impl Grade {
+    const ALL: [Grade; 2] = [Grade::Full, Grade::Trial];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Grade::Full => "full",
+            Grade::Trial => "trial",
+        }
+    }
+}
+
+/// Whether `name` is an entry's file name: `<position>.<grade>`.
+fn is_entry_name(name: &str) -> bool {
+    name.split_once('.').is_some_and(|(position, grade)| {
+        position.parse::<u32>().is_ok() && Grade::ALL.iter().any(|g| g.suffix() == grade)
+    })
+}
 
 /// One cached frame: the chunk at `position` of `target`, for a car that holds `base`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -90,10 +122,12 @@ impl DeltaCache {
             let mut bytes = 0;
             for entry in std::fs::read_dir(&dir)? {
                 let path = entry?.path();
+                // Entries of the layout before grades (`<position>` alone) go too: they were
+                // made on demand, and cannot say whether a cheap trial cut them short.
                 let is_entry = path
                     .file_name()
                     .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.parse::<u32>().is_ok());
+                    .is_some_and(is_entry_name);
                 if is_entry {
                     bytes += file_len(&path);
                 } else {
@@ -122,9 +156,9 @@ impl DeltaCache {
         self.root.join(format!("{}.{}", target.hex(), base.hex()))
     }
 
-    fn path(&self, key: &Key) -> PathBuf {
+    fn path(&self, key: &Key, grade: Grade) -> PathBuf {
         self.dir(&key.target, &key.base)
-            .join(key.position.to_string())
+            .join(format!("{}.{}", key.position, grade.suffix()))
     }
 
     fn touch(&self, key: &Key) {
@@ -138,19 +172,34 @@ impl DeltaCache {
             .used = clock;
     }
 
-    /// The entry for `key`, if one is cached. The caller verifies a frame before serving it.
-    pub fn get(&self, key: &Key) -> Option<Entry> {
-        let bytes = std::fs::read(self.path(key)).ok()?;
+    /// The entry for `key`, if one is cached, and its grade (a `full` one first). The caller
+    /// verifies a frame before serving it.
+    pub fn get(&self, key: &Key) -> Option<(Entry, Grade)> {
+        let (bytes, grade) = Grade::ALL
+            .iter()
+            .find_map(|&g| Some((std::fs::read(self.path(key, g)).ok()?, g)))?;
         self.touch(key);
-        Some(if bytes == WHOLE {
+        let entry = if bytes == WHOLE {
             Entry::Whole
         } else {
             Entry::Frame(bytes)
-        })
+        };
+        Some((entry, grade))
     }
 
-    /// Cache `entry` for `key`, replacing any older one.
-    pub fn put(&self, key: &Key, entry: &Entry) -> Result<(), cardeploy_chunks::Error> {
+    /// Whether a final (`full`) entry is cached for `key`.
+    pub fn has_full(&self, key: &Key) -> bool {
+        self.path(key, Grade::Full).exists()
+    }
+
+    /// Cache `entry` for `key` with its `grade`, replacing any older one of that grade; a `full`
+    /// entry also replaces a `trial` one.
+    pub fn put(
+        &self,
+        key: &Key,
+        entry: &Entry,
+        grade: Grade,
+    ) -> Result<(), cardeploy_chunks::Error> {
         let bytes = match entry {
             Entry::Whole => WHOLE,
             Entry::Frame(frame) => frame.as_slice(),
@@ -161,7 +210,7 @@ impl DeltaCache {
             path: dir.clone(),
             source: e,
         })?;
-        let path = self.path(key);
+        let path = self.path(key, grade);
         // No directory fsync: an entry lost to a power cut is made again, and every frame is
         // checked before it is served; a torn one never is, the rename sees to that.
         let staged = atomic::Staged::new_in(&dir, bytes, atomic::PUBLIC)?;
@@ -176,15 +225,23 @@ impl DeltaCache {
             pair.used = clock;
             accounts.total = (accounts.total + bytes.len() as u64).saturating_sub(replaced);
         }
+        if grade == Grade::Full {
+            self.remove(&self.path(key, Grade::Trial), key);
+        }
         self.evict(Some((key.target, key.base)));
         Ok(())
     }
 
-    /// Remove an entry found bad; the caller makes it again.
+    /// Remove an entry found bad, of either grade; the caller makes it again.
     pub fn discard(&self, key: &Key) {
-        let path = self.path(key);
-        let len = file_len(&path);
-        if std::fs::remove_file(&path).is_ok() {
+        for grade in Grade::ALL {
+            self.remove(&self.path(key, grade), key);
+        }
+    }
+
+    fn remove(&self, path: &Path, key: &Key) {
+        let len = file_len(path);
+        if std::fs::remove_file(path).is_ok() {
             let mut accounts = self.accounts();
             accounts.total = accounts.total.saturating_sub(len);
             if let Some(pair) = accounts.pairs.get_mut(&(key.target, key.base)) {
@@ -277,21 +334,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = DeltaCache::open(dir.path(), 1 << 20).unwrap();
         cache
-            .put(&key(1, 9, 4), &Entry::Frame(b"for T1".to_vec()))
+            .put(
+                &key(1, 9, 4),
+                &Entry::Frame(b"for T1".to_vec()),
+                Grade::Full,
+            )
             .unwrap();
         cache
-            .put(&key(2, 9, 4), &Entry::Frame(b"for T2".to_vec()))
+            .put(
+                &key(2, 9, 4),
+                &Entry::Frame(b"for T2".to_vec()),
+                Grade::Full,
+            )
             .unwrap();
-        cache.put(&key(1, 9, 5), &Entry::Whole).unwrap();
+        cache
+            .put(&key(1, 9, 5), &Entry::Whole, Grade::Full)
+            .unwrap();
         assert_eq!(
-            cache.get(&key(1, 9, 4)),
+            cache.get(&key(1, 9, 4)).map(|(e, _)| e),
             Some(Entry::Frame(b"for T1".to_vec()))
         );
         assert_eq!(
-            cache.get(&key(2, 9, 4)),
+            cache.get(&key(2, 9, 4)).map(|(e, _)| e),
             Some(Entry::Frame(b"for T2".to_vec()))
         );
-        assert_eq!(cache.get(&key(1, 9, 5)), Some(Entry::Whole));
+        assert_eq!(cache.get(&key(1, 9, 5)), Some((Entry::Whole, Grade::Full)));
         assert_eq!(cache.get(&key(1, 8, 4)), None);
         assert_eq!(cache.bytes(), 13);
         cache.discard(&key(1, 9, 4));
@@ -304,15 +371,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = DeltaCache::open(dir.path(), 250).unwrap();
         cache
-            .put(&key(1, 9, 0), &Entry::Frame(vec![1; 100]))
+            .put(&key(1, 9, 0), &Entry::Frame(vec![1; 100]), Grade::Full)
             .unwrap();
         cache
-            .put(&key(2, 9, 0), &Entry::Frame(vec![2; 100]))
+            .put(&key(2, 9, 0), &Entry::Frame(vec![2; 100]), Grade::Full)
             .unwrap();
         // Pair 1 is used again, so pair 2 is the older one when pair 3 arrives.
         assert!(cache.get(&key(1, 9, 0)).is_some());
         cache
-            .put(&key(3, 9, 0), &Entry::Frame(vec![3; 100]))
+            .put(&key(3, 9, 0), &Entry::Frame(vec![3; 100]), Grade::Full)
             .unwrap();
         assert!(cache.bytes() <= 250, "{}", cache.bytes());
         assert!(cache.get(&key(2, 9, 0)).is_none());
@@ -326,7 +393,7 @@ mod tests {
         {
             let cache = DeltaCache::open(dir.path(), 1 << 20).unwrap();
             cache
-                .put(&key(1, 9, 0), &Entry::Frame(vec![1; 10]))
+                .put(&key(1, 9, 0), &Entry::Frame(vec![1; 10]), Grade::Full)
                 .unwrap();
         }
         let pair = dir.path().join(format!(
@@ -335,6 +402,8 @@ mod tests {
             Digest::of(&[9]).hex()
         ));
         std::fs::write(pair.join(".0.1.2.tmp"), b"torn").unwrap();
+        // An entry of the layout before grades: made on demand, maybe cut short by the trial.
+        std::fs::write(pair.join("7"), b"ungraded").unwrap();
         let old = dir.path().join(Digest::of(b"old base").hex());
         std::fs::create_dir_all(&old).unwrap();
         std::fs::write(old.join(Digest::of(b"chunk").hex()), b"old frame").unwrap();
@@ -342,6 +411,34 @@ mod tests {
         assert_eq!(cache.bytes(), 10);
         assert!(!old.exists());
         assert!(!pair.join(".0.1.2.tmp").exists());
+        assert!(!pair.join("7").exists());
+    }
+
+    #[test]
+    fn a_full_entry_replaces_a_trial_one_and_is_read_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DeltaCache::open(dir.path(), 1 << 20).unwrap();
+        cache
+            .put(&key(1, 9, 0), &Entry::Frame(vec![1; 30]), Grade::Trial)
+            .unwrap();
+        assert!(!cache.has_full(&key(1, 9, 0)));
+        assert_eq!(
+            cache.get(&key(1, 9, 0)),
+            Some((Entry::Frame(vec![1; 30]), Grade::Trial))
+        );
+        cache
+            .put(&key(1, 9, 0), &Entry::Frame(vec![2; 10]), Grade::Full)
+            .unwrap();
+        assert!(cache.has_full(&key(1, 9, 0)));
+        assert_eq!(
+            cache.get(&key(1, 9, 0)),
+            Some((Entry::Frame(vec![2; 10]), Grade::Full))
+        );
+        // The trial entry is gone from disk and from the accounts.
+        assert_eq!(cache.bytes(), 10);
+        cache.discard(&key(1, 9, 0));
+        assert_eq!(cache.get(&key(1, 9, 0)), None);
+        assert_eq!(cache.bytes(), 0);
     }
 
     #[test]
@@ -349,10 +446,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = DeltaCache::open(dir.path(), 1 << 20).unwrap();
         cache
-            .put(&key(1, 9, 0), &Entry::Frame(vec![1; 10]))
+            .put(&key(1, 9, 0), &Entry::Frame(vec![1; 10]), Grade::Full)
             .unwrap();
         cache
-            .put(&key(2, 9, 0), &Entry::Frame(vec![2; 20]))
+            .put(&key(2, 9, 0), &Entry::Frame(vec![2; 20]), Grade::Full)
             .unwrap();
         let gone = Digest::of(&[2]);
         assert_eq!(cache.retain(|d| *d != gone), 20);

@@ -11,7 +11,7 @@
 mod cache;
 mod window;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::io::{Read, Seek};
 use std::sync::atomic::AtomicU64;
@@ -21,7 +21,7 @@ use cardeploy_chunks::transit::{MAX_REFERENCE, ReferencePlanner};
 use cardeploy_chunks::{ChunkIndex, Digest, Store};
 use cardeploy_protocol::{ChunksRequest, MAX_WINDOW_BYTES, MAX_WINDOW_CHUNKS, PAGE_BYTES};
 
-pub(crate) use window::{Base, Checker, Window};
+pub(crate) use window::{Base, Checker, Effort, Maker, Window};
 
 use crate::Error;
 use cache::DeltaCache;
@@ -52,6 +52,9 @@ pub struct ServedStats {
     /// Delta jobs running right now, and the most that ever ran at once.
     pub delta_jobs_running: AtomicU64,
     pub delta_jobs_peak: AtomicU64,
+    /// (target, base) pairs made ahead completely, and chunks made ahead (`crate::ahead`).
+    pub ahead_pairs: AtomicU64,
+    pub ahead_chunks: AtomicU64,
 }
 
 /// A map that keeps its `cap` most recently used entries: indexes and reference planners are
@@ -212,6 +215,39 @@ impl Artifacts {
         let planner = Arc::new(ReferencePlanner::new(target, base, MAX_REFERENCE));
         lock(&self.planners).insert((*target_id, *base_id), planner.clone());
         planner
+    }
+
+    /// The encoders of one delta job at `effort`.
+    pub fn maker(&self, effort: Effort) -> Maker {
+        Maker::new(effort, self.delta_level)
+    }
+
+    /// The window of every position of `target_id` whose chunk is not in `base_id`, each chunk
+    /// once (a car holding the base fetches nothing else): what making the pair's deltas ahead
+    /// covers. Blocking (may load indexes from disk).
+    pub fn ahead_window(&self, target_id: &Digest, base_id: &Digest) -> Result<Window, Refused> {
+        let target = self.index(target_id)?;
+        let index = self.index(base_id)?;
+        let planner = self.planner(target_id, &target, base_id, &index);
+        let held: HashSet<Digest> = index.chunks.iter().map(|c| c.id).collect();
+        let mut seen = HashSet::new();
+        let positions = (0..target.chunks.len() as u32)
+            .filter(|&p| {
+                let id = target.chunks[p as usize].id;
+                !held.contains(&id) && seen.insert(id)
+            })
+            .collect();
+        Ok(Window {
+            target_id: *target_id,
+            target,
+            base: Some(Base {
+                id: *base_id,
+                index,
+                planner,
+            }),
+            positions,
+            uncached: Default::default(),
+        })
     }
 
     /// Check an `artifact.chunks` request against its index and the window limits. Blocking

@@ -17,15 +17,51 @@ use cardeploy_chunks::transit::{
 };
 use cardeploy_chunks::{ChunkIndex, Digest};
 
-use super::cache::{Entry, Key};
+use super::cache::{Entry, Grade, Key};
 use super::{Artifacts, Refused};
 
 /// Target bytes before a chunk used as its dictionary when it has no good old version.
 const CONTEXT_BYTES: u32 = 512 << 10;
-/// zstd level of the quick trial that decides whether a delta is worth the configured level.
+/// zstd level of the quick trial that decides, on demand only, whether a delta is worth the
+/// configured level.
 const PROBE_LEVEL: i32 = 3;
-/// A trial delta must beat the whole frame by this much (per mille) to be made properly.
+/// On demand, a trial delta must beat the whole frame by this much (per mille) to be made at the
+/// configured level.
 const PROBE_GAIN_PERMILLE: usize = 900;
+
+/// How hard [`Artifacts::make`] tries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Effort {
+    /// A car is waiting: a cheap trial decides whether the configured level is tried at all.
+    /// The trial is a poor judge — at level 3 zstd keeps only the last few hundred KiB of a
+    /// large reference findable, so it misses old versions the configured level finds — which
+    /// is why what it decided is cached as a `trial` entry, to be replaced when made ahead.
+    OnDemand,
+    /// Ahead of the cars (`crate::ahead`): every candidate at the configured level.
+    Ahead,
+}
+
+/// The encoders of one delta job, kept across the calls of a job so a reference's zstd
+/// dictionary (up to 8 MiB, costly to load at high levels) is built once for the chunks that
+/// share it.
+#[derive(Debug)]
+pub(crate) struct Maker {
+    effort: Effort,
+    encoder: DeltaEncoder,
+    probe: DeltaEncoder,
+    checker: Checker,
+}
+
+impl Maker {
+    pub fn new(effort: Effort, level: i32) -> Self {
+        Self {
+            effort,
+            encoder: DeltaEncoder::new(level),
+            probe: DeltaEncoder::new(PROBE_LEVEL),
+            checker: Checker::default(),
+        }
+    }
+}
 
 /// The base a car offered: an artifact it holds completely.
 pub(crate) struct Base {
@@ -169,7 +205,7 @@ impl Artifacts {
             return self.whole_frame(&window.target, p).map(Some);
         }
         let key = window.key(base, i);
-        match self.cache.get(&key) {
+        match self.cache.get(&key).map(|(entry, _)| entry) {
             None => Ok(None),
             Some(Entry::Whole) => self.whole_frame(&window.target, p).map(Some),
             Some(Entry::Frame(bytes)) => {
@@ -187,40 +223,62 @@ impl Artifacts {
         }
     }
 
-    /// Make the frames of `window.positions[from..]` that the cache lacks and cache them; a
+    /// Make the frames of `window.positions[range]` that the cache lacks and cache them; a
     /// position whose frame cannot be cached (a full disk) is served whole. Each frame is decoded
-    /// and checked before it is cached, so the cache only ever receives good frames. Blocking and
+    /// and checked before it is cached, so the cache only ever receives good frames. On demand a
+    /// position with any entry is skipped; ahead, only one with a `full` entry. Blocking and
     /// CPU-heavy: runs on the delta pool.
-    pub fn make(&self, window: &mut Window, from: usize) -> Result<(), Refused> {
+    pub fn make(
+        &self,
+        window: &mut Window,
+        range: std::ops::Range<usize>,
+        maker: &mut Maker,
+    ) -> Result<(), Refused> {
         let Some(base) = &window.base else {
             return Ok(());
         };
-        let mut encoder = DeltaEncoder::new(self.delta_level);
-        // Most changed chunks of compressed artifacts (RAUC bundles, OCI layers) have no useful
-        // reference: a cheap trial at a low level finds that out, so the expensive level (an
-        // 8 MiB dictionary at level 19 takes about a second per chunk) is spent only where it
-        // pays.
-        let mut probe = DeltaEncoder::new(PROBE_LEVEL);
-        let mut checker = Checker::default();
+        let ahead = maker.effort == Effort::Ahead;
         let started = std::time::Instant::now();
         let mut uncached = Vec::new();
-        for i in from..window.positions.len() {
+        let count = range.len();
+        for i in range {
             let key = window.key(base, i);
-            if self.cache.get(&key).is_some() {
+            let done = if ahead {
+                self.cache.has_full(&key)
+            } else {
+                self.cache.get(&key).is_some()
+            };
+            if done {
                 continue;
             }
             let p = window.positions[i] as usize;
             let c = window.target.chunks[p];
             let (stored, raw) = self.store.get_both(&c.id)?;
             let whole_len = stored.len();
+            // Most changed chunks of compressed artifacts (RAUC bundles, OCI layers) have no
+            // useful reference: on demand, a cheap trial at a low level finds that out, so a
+            // waiting car does not pay the expensive level (an 8 MiB dictionary at level 19
+            // takes about a second per chunk) where it does not pay.
             let promising = |trial: usize| trial * 1000 < whole_len * PROBE_GAIN_PERMILLE;
+            let mut grade = Grade::Full;
             let mut best: Option<Frame> = None;
             if let Some(r) = base.planner.reference(p) {
-                let trial = probe.delta(c.id, &raw, r, || self.dictionary(base, r))?;
-                let delta = if promising(trial.data.len()) {
-                    encoder.delta(c.id, &raw, r, || self.dictionary(base, r))?
+                let delta = if ahead {
+                    maker
+                        .encoder
+                        .delta(c.id, &raw, r, || self.dictionary(base, r))?
                 } else {
-                    trial
+                    let trial = maker
+                        .probe
+                        .delta(c.id, &raw, r, || self.dictionary(base, r))?;
+                    if promising(trial.data.len()) {
+                        maker
+                            .encoder
+                            .delta(c.id, &raw, r, || self.dictionary(base, r))?
+                    } else {
+                        grade = Grade::Trial;
+                        trial
+                    }
                 };
                 if delta.data.len() < whole_len {
                     best = Some(delta);
@@ -232,11 +290,16 @@ impl Artifacts {
             if p > 0 && so_far * 10 >= whole_len * 7 {
                 let preceding = self.preceding(&window.target, p, CONTEXT_BYTES)?;
                 if !preceding.is_empty() {
-                    let trial = probe.context(c.id, &raw, &preceding)?;
-                    let context = if promising(trial.data.len()) {
-                        encoder.context(c.id, &raw, &preceding)?
+                    let context = if ahead {
+                        maker.encoder.context(c.id, &raw, &preceding)?
                     } else {
-                        trial
+                        let trial = maker.probe.context(c.id, &raw, &preceding)?;
+                        if promising(trial.data.len()) {
+                            maker.encoder.context(c.id, &raw, &preceding)?
+                        } else {
+                            grade = Grade::Trial;
+                            trial
+                        }
                     };
                     if context.data.len() < so_far {
                         best = Some(context);
@@ -246,7 +309,7 @@ impl Artifacts {
             let entry = match best {
                 Some(frame) => {
                     let bytes = frame.encode();
-                    if self.check(window, base, p, &bytes, &mut checker)? {
+                    if self.check(window, base, p, &bytes, &mut maker.checker)? {
                         Entry::Frame(bytes)
                     } else {
                         tracing::error!(chunk = %c.id, encoding = ?frame.encoding,
@@ -256,14 +319,14 @@ impl Artifacts {
                 }
                 None => Entry::Whole,
             };
-            if let Err(e) = self.cache.put(&key, &entry) {
+            if let Err(e) = self.cache.put(&key, &entry, grade) {
                 tracing::warn!("delta cache: {e}; position {p} is sent whole");
                 uncached.push(i);
             }
         }
         // Deltas cost CPU once per (target, base, position); a slow window is worth knowing.
-        if started.elapsed() > std::time::Duration::from_secs(2) {
-            tracing::info!(chunks = window.positions.len() - from, took = ?started.elapsed(),
+        if !ahead && started.elapsed() > std::time::Duration::from_secs(2) {
+            tracing::info!(chunks = count, took = ?started.elapsed(),
                 target = %window.target_id, base = %base.id, "slow delta window");
         }
         window.uncached.extend(uncached);
