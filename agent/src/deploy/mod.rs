@@ -86,7 +86,7 @@ impl Deployer {
     }
 
     fn on_disk(&self) -> impl Fn(&str, &cardeploy_chunks::Digest) -> bool + '_ {
-        |name, index| self.fetcher.artifact_path(name, index).is_file()
+        |name, index| self.fetcher.on_disk(name, index)
     }
 
     async fn refuse(&self, message: String) {

@@ -71,6 +71,11 @@ impl Fetcher {
         self.artifacts.join(file_name(name, index))
     }
 
+    /// Whether the artifact is assembled on disk.
+    pub fn on_disk(&self, name: &str, index: &Digest) -> bool {
+        self.artifact_path(name, index).is_file()
+    }
+
     /// Where it is assembled until it is complete (the assembler's name for it).
     fn partial_path(&self, name: &str, index: &Digest) -> PathBuf {
         self.artifacts

@@ -83,9 +83,7 @@ impl Host {
         Some(Wanted {
             release: release.id.clone(),
             counter: state.accepted,
-            ready: !state.missing(release, |name, index| {
-                self.fetcher.artifact_path(name, index).is_file()
-            }),
+            ready: !state.missing(release, |name, index| self.fetcher.on_disk(name, index)),
         })
     }
 
