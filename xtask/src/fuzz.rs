@@ -13,6 +13,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "transit_frame",
     "envelope",
     "release_documents",
+    "registry_request",
 ];
 
 pub fn fuzz(seconds: u64) -> anyhow::Result<()> {

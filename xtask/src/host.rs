@@ -23,6 +23,10 @@ const APT_RAUC: &[&str] = &[
     "openssl",
 ];
 
+/// Clients nobody here wrote, for the car's registry (crates/registry/tests/clients.rs):
+/// skopeo, and containerd with `ctr` (the containerd k3s embeds).
+const APT_REGISTRY_CLIENTS: &[&str] = &["skopeo", "containerd"];
+
 pub fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
@@ -59,10 +63,10 @@ pub fn apt_install(who: &str, wanted: &[&str]) -> anyhow::Result<()> {
     .with_context(|| format!("cannot install {missing:?}"))
 }
 
-/// `cargo xtask deps`: RAUC and Python for the tests, and (with `cross_too`) the aarch64
+/// `cargo xtask deps`: RAUC, the registry's clients and Python for the tests, and (with `cross_too`) the aarch64
 /// toolchain of cross/install.sh; then the rsocket-py venv.
 pub fn deps(cross_too: bool) -> anyhow::Result<()> {
-    let mut wanted = APT_RAUC.to_vec();
+    let mut wanted = [APT_RAUC, APT_REGISTRY_CLIENTS].concat();
     if !Path::new("/usr/bin/python3").exists() && which("python3").is_none() {
         wanted.push("python3");
     }

@@ -1,7 +1,8 @@
 //! Dev-only helpers for the lower test tiers (docs/architecture.md, "Test tiers"): a fault-injecting TCP proxy,
 //! a throw-away fleet PKI, finding the workspace's binaries, a real RAUC on a private bus
 //! ([`rauc`]), a hostile car speaking raw RSocket ([`hostile`]), and the fleet bootstrap with
-//! the real binaries that the system tests and the demo share ([`fleet`]). Never a dependency
+//! the real binaries that the system tests and the demo share ([`fleet`]), OCI images made on
+//! the spot ([`oci`]). Never a dependency
 //! of a product crate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -9,6 +10,7 @@
 pub mod cross;
 pub mod fleet;
 pub mod hostile;
+pub mod oci;
 pub mod procs;
 pub mod rauc;
 pub mod signing;

@@ -53,7 +53,7 @@ pub fn unavailable() -> Option<String> {
             missing.join(", ")
         ));
     }
-    if !is_root() {
+    if !crate::procs::is_root() {
         why.push("not root (RAUC installs need /dev/loop-control)".to_owned());
     }
     if !Path::new("/dev/loop-control").exists() {
@@ -631,17 +631,6 @@ fn program(name: &str) -> Option<PathBuf> {
 fn need(name: &str) -> io::Result<PathBuf> {
     program(name)
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{name} not found")))
-}
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
 }
 
 fn invalid(why: String) -> io::Error {
