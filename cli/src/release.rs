@@ -18,14 +18,16 @@ use anyhow::{Context, anyhow, bail};
 use cardeploy_chunks::ChunkIndex;
 use cardeploy_protocol::api::ReleaseSummary;
 use cardeploy_release::{
-    Artifact, ArtifactKind, Envelope, MAX_ENVELOPE_BYTES, RELEASE_TYPE, Release, RoleName,
+    Artifact, ArtifactKind, Envelope, Image, MAX_ENVELOPE_BYTES, RELEASE_TYPE, Release, RoleName,
     SigningKey, TrustedRoot, Workload, check_artifact, key_file, now_secs, sha256_hex,
     verify_release,
 };
 use clap::Subcommand;
 use indicatif::HumanBytes;
-use serde::Deserialize;
 use serde_json::Value;
+
+mod images;
+mod workloads;
 
 use crate::api::{Api, ApiArgs, with_hint};
 use crate::artifact;
@@ -150,14 +152,18 @@ pub struct CreateArgs {
     /// A RAUC bundle: the OS update, shipped as artifact `rootfs`.
     #[arg(long, value_name = "BUNDLE.raucb")]
     os: Option<PathBuf>,
-    /// An OCI image layout directory (oci-layout, index.json, blobs/sha256/...), e.g. from
-    /// `skopeo copy docker://IMAGE oci:DIR` or
-    /// `docker buildx build --output type=oci,tar=false,dest=DIR`. Every manifest, config and
-    /// layer becomes an artifact. Repeat for several images.
-    #[arg(long = "image", value_name = "OCI_LAYOUT_DIR")]
-    images: Vec<PathBuf>,
+    /// A container image: an OCI image layout directory (oci-layout, index.json,
+    /// blobs/sha256/...) holding one image, e.g. from `skopeo copy docker://IMAGE oci:DIR` or
+    /// `docker buildx build --platform linux/arm64 --output type=oci,tar=false,dest=DIR`,
+    /// served on the car as NAME (default: the directory's name). Layers are stored
+    /// uncompressed, so the next version travels as deltas; the manifest is rewritten to match
+    /// and signed with the release. Repeat for several images.
+    #[arg(long = "image", value_name = "[NAME=]OCI_LAYOUT_DIR")]
+    images: Vec<images::ImageArg>,
     /// A directory of Kubernetes manifests: each *.yaml, *.yml and *.json file becomes a
-    /// workload named after the file (k8s/infotainment.yaml → infotainment).
+    /// workload named after the file (k8s/infotainment.yaml → infotainment), stored as JSON
+    /// with every container image rewritten to `registry.cardeploy.local/NAME@sha256:…`, the
+    /// car's registry by digest. A container image no --image carries is refused.
     #[arg(long, value_name = "DIR")]
     manifests: Option<PathBuf>,
     /// The release directory to write.
@@ -281,13 +287,32 @@ fn create(args: &CreateArgs) -> anyhow::Result<()> {
             expect: None,
         });
     }
+    let out = &args.out;
+    if out.join(SIGNED_FILE).exists() {
+        bail!(
+            "{} already holds a signed release: choose a new --out directory (or remove {} if you mean to replace it)",
+            out.display(),
+            out.join(SIGNED_FILE).display()
+        );
+    }
     let mut seen_blobs = BTreeSet::new();
-    for layout in &args.images {
-        oci_sources(layout, &mut seen_blobs, &mut sources)?;
+    let mut prepared = Vec::new();
+    for image in &args.images {
+        if prepared
+            .iter()
+            .any(|p: &images::Prepared| p.name == image.name)
+        {
+            bail!(
+                "two --image arguments are both named `{}`: name one NAME=DIR",
+                image.name
+            );
+        }
+        prepared.push(images::prepare(image, out, &mut seen_blobs, &mut sources)?);
     }
     let mut workload_names = Vec::new();
     if let Some(dir) = &args.manifests {
-        for (name, path) in kube_manifests(dir)? {
+        for (name, path) in workloads::kube_manifests(dir)? {
+            let path = workloads::prepare(&name, &path, &prepared, out)?;
             workload_names.push(name.clone());
             sources.push(Source {
                 kind: ArtifactKind::KubeManifest,
@@ -308,14 +333,6 @@ fn create(args: &CreateArgs) -> anyhow::Result<()> {
         }
     }
 
-    let out = &args.out;
-    if out.join(SIGNED_FILE).exists() {
-        bail!(
-            "{} already holds a signed release: choose a new --out directory (or remove {} if you mean to replace it)",
-            out.display(),
-            out.join(SIGNED_FILE).display()
-        );
-    }
     std::fs::create_dir_all(out.join(INDEXES_DIR))
         .with_context(|| format!("creating {}", out.join(INDEXES_DIR).display()))?;
 
@@ -375,6 +392,14 @@ fn create(args: &CreateArgs) -> anyhow::Result<()> {
         created: now_secs(),
         artifacts,
         workloads,
+        images: prepared
+            .into_iter()
+            .map(|p| Image {
+                name: p.name,
+                manifest: p.manifest,
+                tag: p.tag,
+            })
+            .collect(),
     };
     let mut payload = serde_json::to_vec_pretty(&release)?;
     payload.push(b'\n');
@@ -475,226 +500,6 @@ fn raucm_compatible(manifest: &str) -> Option<String> {
         }
     }
     None
-}
-
-/// `*.yaml`, `*.yml` and `*.json` files of `dir`, sorted, each named after its stem.
-fn kube_manifests(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    let entries = std::fs::read_dir(dir)
-        .with_context(|| format!("reading the directory {}", dir.display()))?;
-    let mut found = BTreeMap::new();
-    for entry in entries {
-        let path = entry
-            .with_context(|| format!("reading the directory {}", dir.display()))?
-            .path();
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if !path.is_file() || !matches!(ext, "yaml" | "yml" | "json") {
-            continue;
-        }
-        let stem = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .ok_or_else(|| anyhow!("{} has no usable name", path.display()))?
-            .to_owned();
-        check_name(&stem)
-            .map_err(|e| anyhow!("{}: the workload name {e}; rename the file", path.display()))?;
-        if let Some(other) = found.insert(stem.clone(), absolute(&path)?) {
-            bail!(
-                "{} and {} would both be workload `{stem}`: keep one",
-                other.display(),
-                path.display()
-            );
-        }
-    }
-    if found.is_empty() {
-        bail!(
-            "{} holds no *.yaml, *.yml or *.json manifest",
-            dir.display()
-        );
-    }
-    Ok(found.into_iter().collect())
-}
-
-// OCI image layout (https://github.com/opencontainers/image-spec/blob/main/image-layout.md): only
-// the fields needed to find the blobs; unknown fields are ignored, as the spec asks.
-
-#[derive(Deserialize)]
-struct OciLayout {
-    #[serde(rename = "imageLayoutVersion")]
-    version: String,
-}
-
-#[derive(Deserialize)]
-struct OciIndex {
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct OciManifest {
-    config: Descriptor,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-}
-
-const INDEX_TYPES: [&str; 2] = [
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
-
-/// The sha256 hex of a descriptor's digest; refuses anything that could leave `blobs/sha256`.
-fn blob_hex(layout: &Path, digest: &str) -> anyhow::Result<String> {
-    let Some(hex) = digest.strip_prefix("sha256:") else {
-        bail!(
-            "{}: blob {digest} is not sha256: only sha256 layouts are supported",
-            layout.display()
-        );
-    };
-    if hex.len() != 64
-        || !hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        bail!("{}: `{digest}` is not a sha256 digest", layout.display());
-    }
-    Ok(hex.to_owned())
-}
-
-fn blob_path(layout: &Path, hex: &str) -> PathBuf {
-    layout.join("blobs").join("sha256").join(hex)
-}
-
-/// A small JSON blob (manifest, index), verified against its digest before it is parsed.
-fn read_json_blob<T: serde::de::DeserializeOwned>(
-    layout: &Path,
-    desc: &Descriptor,
-) -> anyhow::Result<(T, String)> {
-    let hex = blob_hex(layout, &desc.digest)?;
-    let path = blob_path(layout, &hex);
-    let size = std::fs::metadata(&path)
-        .with_context(|| format!("{}: blob {} is missing", layout.display(), desc.digest))?
-        .len();
-    if size > MAX_OCI_JSON_BYTES {
-        bail!(
-            "{} is {size} bytes: too large for an OCI manifest",
-            path.display()
-        );
-    }
-    let bytes = read(&path)?;
-    if sha256_hex(&bytes) != hex {
-        bail!(
-            "{} does not hash to its name: the OCI layout is damaged; export the image again",
-            path.display()
-        );
-    }
-    let value = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not an OCI manifest", path.display()))?;
-    Ok((value, hex))
-}
-
-/// The manifests, configs and layers of one OCI layout, each blob once across all images.
-fn oci_sources(
-    layout: &Path,
-    seen: &mut BTreeSet<String>,
-    out: &mut Vec<Source>,
-) -> anyhow::Result<()> {
-    let marker = layout.join("oci-layout");
-    let text = std::fs::read(&marker).map_err(|_| {
-        anyhow!(
-            "{} is not an OCI image layout (no oci-layout file): export one with `skopeo copy docker://IMAGE oci:DIR` or `docker buildx build --output type=oci,tar=false,dest=DIR`",
-            layout.display()
-        )
-    })?;
-    let marker: OciLayout = serde_json::from_slice(&text)
-        .with_context(|| format!("{} is not an oci-layout file", layout.display()))?;
-    if !marker.version.starts_with("1.") {
-        bail!(
-            "{}: image layout version {} is not supported (1.x is)",
-            layout.display(),
-            marker.version
-        );
-    }
-    let index_path = layout.join("index.json");
-    let index: OciIndex = serde_json::from_slice(&read(&index_path)?)
-        .with_context(|| format!("{} is not an OCI index", index_path.display()))?;
-    if index.manifests.is_empty() {
-        bail!("{} lists no image", index_path.display());
-    }
-    let mut add = |kind: ArtifactKind, short_kind: &str, desc: &Descriptor| -> anyhow::Result<()> {
-        let hex = blob_hex(layout, &desc.digest)?;
-        if !seen.insert(hex.clone()) {
-            return Ok(());
-        }
-        let path = absolute(&blob_path(layout, &hex))
-            .with_context(|| format!("{}: blob {} is missing", layout.display(), desc.digest))?;
-        out.push(Source {
-            kind,
-            name: format!("{short_kind}-{}", &hex[..16]),
-            path,
-            expect: Some((hex, desc.size)),
-        });
-        Ok(())
-    };
-    for desc in &index.manifests {
-        let desc = single_platform(layout, desc)?;
-        let (manifest, _) = read_json_blob::<OciManifest>(layout, &desc)?;
-        add(ArtifactKind::OciManifest, "manifest", &desc)?;
-        add(ArtifactKind::OciConfig, "config", &manifest.config)?;
-        for layer in &manifest.layers {
-            add(ArtifactKind::OciLayer, "layer", layer)?;
-        }
-    }
-    Ok(())
-}
-
-/// An image manifest's descriptor. An image index (what `docker buildx` writes even for one
-/// platform, to carry its attestations) is followed to its one image manifest; a car runs one
-/// platform, so an index of several is refused rather than shipping them all.
-fn single_platform(layout: &Path, desc: &Descriptor) -> anyhow::Result<Descriptor> {
-    let mut desc = Descriptor {
-        media_type: desc.media_type.clone(),
-        digest: desc.digest.clone(),
-        size: desc.size,
-        annotations: BTreeMap::new(),
-    };
-    // Indexes may nest; a few levels are plenty for anything a build tool writes.
-    for _ in 0..4 {
-        if !INDEX_TYPES.contains(&desc.media_type.as_str()) {
-            return Ok(desc);
-        }
-        let (index, _) = read_json_blob::<OciIndex>(layout, &desc)?;
-        let images: Vec<Descriptor> = index
-            .manifests
-            .into_iter()
-            .filter(|d| {
-                d.annotations
-                    .get("vnd.docker.reference.type")
-                    .is_none_or(|t| t != "attestation-manifest")
-            })
-            .collect();
-        let [image] = <[Descriptor; 1]>::try_from(images).map_err(|images| {
-            anyhow!(
-                "{}: {} is an image index of {} platforms; a release carries one: export the car's platform only (`skopeo copy --override-arch arm64 ...` or `docker buildx build --platform linux/arm64 ...`)",
-                layout.display(),
-                desc.digest,
-                images.len()
-            )
-        })?;
-        desc = image;
-    }
-    bail!(
-        "{}: image indexes nested too deep under {}",
-        layout.display(),
-        desc.digest
-    )
 }
 
 // ---------------------------------------------------------------------------------------------

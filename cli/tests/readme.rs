@@ -139,41 +139,17 @@ fn release_inputs(dir: &Path) -> Result<(), String> {
         Ok(out) => return Err(String::from_utf8_lossy(&out.stderr).into_owned()),
         Err(e) => return Err(format!("mksquashfs (package squashfs-tools): {e}")),
     }
-    let layout = dir.join("oci/app");
-    let blobs = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let blob = |data: &[u8], media_type: &str| {
-        let hex = cardeploy_release::sha256_hex(data);
-        std::fs::write(blobs.join(&hex), data).unwrap();
-        serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": data.len()})
-    };
-    let config = blob(b"{}", "application/vnd.oci.image.config.v1+json");
-    let layer = blob(
-        b"a layer, not really gzip",
-        "application/vnd.oci.image.layer.v1.tar+gzip",
+    // An arm64 image of one plain tar layer, as `skopeo copy ... oci:oci/app` would leave it.
+    let layout = cardeploy_testkit::oci::Layout::new(&dir.join("oci/app"));
+    let image = layout.image(
+        "arm64",
+        &[cardeploy_testkit::oci::tar(&[("app/run", b"#!/bin/sh\n")])],
     );
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config,
-        "layers": [layer],
-    }))
-    .unwrap();
-    let top = blob(&manifest, "application/vnd.oci.image.manifest.v1+json");
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion": "1.0.0"}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [top]})).unwrap(),
-    )
-    .unwrap();
+    layout.list(&[(&image.manifest, "1.0.0")]);
     std::fs::create_dir_all(dir.join("k8s")).unwrap();
     std::fs::write(
         dir.join("k8s/app.yaml"),
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: app\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: app\nspec:\n  containers:\n  - name: app\n    image: app:1.0.0\n",
     )
     .unwrap();
     Ok(())

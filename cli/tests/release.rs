@@ -76,11 +76,47 @@ fn blob(layout: &Path, media_type: &str, data: &[u8]) -> serde_json::Value {
     json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": data.len()})
 }
 
-fn image_manifest(layout: &Path, config: &[u8], layers: &[&[u8]]) -> Vec<u8> {
-    let config = blob(layout, "application/vnd.oci.image.config.v1+json", config);
+/// How a fixture layer is packed in its layout.
+#[derive(Clone, Copy)]
+enum Pack {
+    Tar,
+    Gzip,
+    Zstd,
+}
+
+/// An image manifest over `layers` (raw bytes, packed as given), with a config whose diff ids
+/// are the raw layers' digests, as a builder writes them.
+fn image_manifest(layout: &Path, arch: &str, layers: &[(&[u8], Pack)]) -> Vec<u8> {
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|(l, _)| format!("sha256:{}", sha256_hex(l)))
+        .collect();
+    let config = json!({"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}});
+    let config = blob(
+        layout,
+        "application/vnd.oci.image.config.v1+json",
+        config.to_string().as_bytes(),
+    );
     let layers: Vec<_> = layers
         .iter()
-        .map(|l| blob(layout, "application/vnd.oci.image.layer.v1.tar+gzip", l))
+        .map(|(l, pack)| match pack {
+            Pack::Tar => blob(layout, "application/vnd.oci.image.layer.v1.tar", l),
+            Pack::Gzip => {
+                let mut gz =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                gz.write_all(l).unwrap();
+                blob(
+                    layout,
+                    "application/vnd.oci.image.layer.v1.tar+gzip",
+                    &gz.finish().unwrap(),
+                )
+            }
+            Pack::Zstd => blob(
+                layout,
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+                &zstd::encode_all(*l, 3).unwrap(),
+            ),
+        })
         .collect();
     serde_json::to_vec(&json!({
         "schemaVersion": 2,
@@ -105,10 +141,12 @@ fn layout_files(layout: &Path, top: serde_json::Value) {
 }
 
 /// A fleet's keys and root, a fake bundle, two OCI layouts and a manifests directory:
-/// - `oci/app`: one manifest with layers L1, L2 and L1 again (a blob listed twice ships once);
+/// - `oci/app`: one manifest with layers L1 (plain tar), L2 (gzip) and L1 again (a blob listed
+///   twice ships once);
 /// - `oci/tools`: what `docker buildx` writes, an image index holding the image manifest (layers
-///   L1, shared with `app`, and L3) and an attestation manifest, which is not shipped;
-/// - `k8s/`: app.yaml and db.yml become workloads, README.md is not a manifest.
+///   L1, shared with `app`, and L3 as zstd) and an attestation manifest, which is not shipped;
+/// - `k8s/`: app.yaml (a Deployment running `app`) and db.yml (a StatefulSet running
+///   `registry.example.com/tools:1`) become workloads, README.md is not a manifest.
 struct Fleet {
     dir: tempfile::TempDir,
     release_key_id: String,
@@ -146,7 +184,11 @@ impl Fleet {
 
         let (l1, l2, l3) = (bytes(2, 150_000), bytes(3, 40_000), bytes(4, 10_000));
         let app = d.join("oci/app");
-        let manifest = image_manifest(&app, br#"{"architecture":"arm64"}"#, &[&l1, &l2, &l1]);
+        let manifest = image_manifest(
+            &app,
+            "arm64",
+            &[(&l1, Pack::Tar), (&l2, Pack::Gzip), (&l1, Pack::Tar)],
+        );
         let top = blob(
             &app,
             "application/vnd.oci.image.manifest.v1+json",
@@ -155,7 +197,7 @@ impl Fleet {
         layout_files(&app, top);
 
         let tools = d.join("oci/tools");
-        let manifest = image_manifest(&tools, br#"{"architecture":"arm64","x":1}"#, &[&l1, &l3]);
+        let manifest = image_manifest(&tools, "arm64", &[(&l1, Pack::Tar), (&l3, Pack::Zstd)]);
         let image = blob(
             &tools,
             "application/vnd.oci.image.manifest.v1+json",
@@ -179,12 +221,12 @@ impl Fleet {
         std::fs::create_dir_all(d.join("k8s")).unwrap();
         std::fs::write(
             d.join("k8s/app.yaml"),
-            "kind: Deployment\nmetadata: {name: app}\n",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: app}\nspec:\n  template:\n    spec:\n      containers:\n      - {name: main, image: app}\n",
         )
         .unwrap();
         std::fs::write(
             d.join("k8s/db.yml"),
-            "kind: StatefulSet\nmetadata: {name: db}\n",
+            "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db}\nspec:\n  template:\n    spec:\n      containers:\n      - {name: db, image: 'registry.example.com/tools:1'}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: db}\n",
         )
         .unwrap();
         std::fs::write(d.join("k8s/README.md"), "not a manifest\n").unwrap();
@@ -256,20 +298,20 @@ fn a_release_is_created_signed_verified_and_inspected() {
     let kinds: Vec<(ArtifactKind, &str)> = release
         .artifacts
         .iter()
-        .map(|a| (a.kind, a.name.split('-').next().unwrap()))
+        .map(|a| (a.kind, a.name.as_str()))
         .collect();
     use ArtifactKind::*;
     assert_eq!(
         kinds,
         [
             (RaucBundle, "rootfs"),
-            (OciManifest, "manifest"),
-            (OciConfig, "config"),
-            (OciLayer, "layer"),
-            (OciLayer, "layer"),
-            (OciManifest, "manifest"),
-            (OciConfig, "config"),
-            (OciLayer, "layer"),
+            (OciConfig, "app.config"),
+            (OciLayer, "app.layer-1"),
+            (OciLayer, "app.layer-2"),
+            (OciManifest, "app.manifest"),
+            (OciConfig, "tools.config"),
+            (OciLayer, "tools.layer-2"),
+            (OciManifest, "tools.manifest"),
             (KubeManifest, "app"),
             (KubeManifest, "db"),
         ],
@@ -283,13 +325,6 @@ fn a_release_is_created_signed_verified_and_inspected() {
         let data = std::fs::read(source).unwrap();
         assert_eq!(a.digest, sha256_hex(&data), "{}", a.name);
         assert_eq!(a.size, data.len() as u64);
-        if a.kind != RaucBundle && a.kind != KubeManifest {
-            assert_eq!(
-                &a.name[a.name.len() - 16..],
-                &a.digest[..16],
-                "named by digest"
-            );
-        }
         let index = std::fs::read(d.join("rel/indexes").join(&a.index)).unwrap();
         assert_eq!(
             sha256_hex(&index),
@@ -297,14 +332,74 @@ fn a_release_is_created_signed_verified_and_inspected() {
             "the index file is named by its id"
         );
     }
+    // Layers travel uncompressed: each is the raw layer, named by its diff id, and the
+    // rewritten manifests say so.
+    let digest_of = |name: &str| {
+        release
+            .artifacts
+            .iter()
+            .find(|a| a.name == name)
+            .unwrap()
+            .digest
+            .clone()
+    };
+    for (name, raw) in [
+        ("app.layer-1", bytes(2, 150_000)),
+        ("app.layer-2", bytes(3, 40_000)),
+        ("tools.layer-2", bytes(4, 10_000)),
+    ] {
+        assert_eq!(digest_of(name), sha256_hex(&raw), "{name}");
+        assert_eq!(std::fs::read(&sources[name]).unwrap(), raw, "{name}");
+    }
+    for image in ["app", "tools"] {
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&sources[&format!("{image}.manifest")]).unwrap())
+                .unwrap();
+        assert_eq!(
+            manifest["mediaType"],
+            "application/vnd.oci.image.manifest.v1+json"
+        );
+        for layer in manifest["layers"].as_array().unwrap() {
+            assert_eq!(
+                layer["mediaType"], "application/vnd.oci.image.layer.v1.tar",
+                "{image}"
+            );
+        }
+    }
+    let images: Vec<(&str, &str)> = release
+        .images
+        .iter()
+        .map(|i| (i.name.as_str(), i.manifest.as_str()))
+        .collect();
+    let (app_manifest, tools_manifest) = (digest_of("app.manifest"), digest_of("tools.manifest"));
+    assert_eq!(
+        images,
+        [
+            ("app", app_manifest.as_str()),
+            ("tools", tools_manifest.as_str())
+        ]
+    );
+    // Workloads are JSON, their images the car's registry by digest.
     let workloads: Vec<(&str, &str)> = release
         .workloads
         .iter()
         .map(|w| (w.name.as_str(), w.digest.as_str()))
         .collect();
-    let app = sha256_hex(&std::fs::read(d.join("k8s/app.yaml")).unwrap());
-    let db = sha256_hex(&std::fs::read(d.join("k8s/db.yml")).unwrap());
+    let (app, db) = (digest_of("app"), digest_of("db"));
     assert_eq!(workloads, [("app", app.as_str()), ("db", db.as_str())]);
+    let app: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&sources["app"]).unwrap()).unwrap();
+    assert_eq!(
+        app[0]["spec"]["template"]["spec"]["containers"][0]["image"],
+        format!("registry.cardeploy.local/app@sha256:{app_manifest}")
+    );
+    let db: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&sources["db"]).unwrap()).unwrap();
+    assert_eq!(db.as_array().unwrap().len(), 2, "both documents of db.yml");
+    assert_eq!(
+        db[0]["spec"]["template"]["spec"]["containers"][0]["image"],
+        format!("registry.cardeploy.local/tools@sha256:{tools_manifest}")
+    );
 
     ok(cardeploy(
         d,
@@ -443,17 +538,33 @@ fn a_source_changed_since_create_stops_push_before_the_twin_is_contacted() {
         "{err}"
     );
 
-    std::fs::write(
-        d.join("k8s/app.yaml"),
-        "kind: Deployment\nmetadata: {name: evil}\n",
-    )
-    .unwrap();
+    // A layer the release took from the layout as it was (a plain tar is not copied).
+    let l1 = sha256_hex(&bytes(2, 150_000));
+    std::fs::write(d.join("oci/app/blobs/sha256").join(&l1), bytes(9, 150_000)).unwrap();
     let err = fails(cardeploy(d, &push));
     assert!(
-        err.contains("app.yaml changed since `release create`"),
+        err.contains(&format!("{l1} changed since `release create`")),
         "{err}"
     );
     assert!(!err.contains("cannot reach"), "{err}");
+}
+
+#[test]
+fn a_workload_naming_an_image_the_release_does_not_carry_is_refused_with_its_name() {
+    let fleet = Fleet::new();
+    let d = fleet.path();
+    std::fs::write(
+        d.join("k8s/radio.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: radio}\nspec:\n  containers:\n  - {name: tuner, image: 'acme/radio:2'}\n",
+    )
+    .unwrap();
+    let err = fails(fleet.create());
+    assert!(
+        err.contains("workload `radio` (pod/radio, container `tuner`) names image `acme/radio:2`")
+            && err.contains("--image acme/radio="),
+        "{err}"
+    );
+    assert!(!d.join("rel/release.json").exists());
 }
 
 #[test]
@@ -461,11 +572,11 @@ fn an_oci_blob_that_does_not_hash_to_its_name_is_refused() {
     let fleet = Fleet::new();
     let d = fleet.path();
     let blobs = d.join("oci/app/blobs/sha256");
-    let l2 = sha256_hex(&bytes(3, 40_000));
-    std::fs::write(blobs.join(&l2), bytes(5, 40_000)).unwrap();
+    let l1 = sha256_hex(&bytes(2, 150_000));
+    std::fs::write(blobs.join(&l1), bytes(5, 150_000)).unwrap();
     let err = fails(fleet.create());
     assert!(
-        err.contains(&l2) && err.contains("the OCI layout is damaged"),
+        err.contains(&l1) && err.contains("the OCI layout is damaged"),
         "{err}"
     );
     assert!(!d.join("rel/release.json").exists());

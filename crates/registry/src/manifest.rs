@@ -182,35 +182,10 @@ pub fn parse_digest(s: &str) -> Result<Digest, String> {
         .map_err(|e: cardeploy_chunks::Error| e.to_string())
 }
 
-/// The spec's repository name grammar: path components of `[a-z0-9]+` runs joined by `.`, `_`,
-/// `__` or `-+`, separated by `/`; 255 characters at most.
+/// The spec's repository name grammar (one implementation, with the release checks: an image
+/// a release names is one this registry can serve).
 pub fn valid_repository(name: &str) -> bool {
-    name.len() <= 255 && !name.is_empty() && name.split('/').all(valid_component)
-}
-
-fn valid_component(c: &str) -> bool {
-    let b = c.as_bytes();
-    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
-    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
-        return false;
-    }
-    let mut i = 0;
-    while i < b.len() {
-        if alnum(b[i]) {
-            i += 1;
-            continue;
-        }
-        // A separator run: `.`, `_`, `__` or one or more `-`, always between alphanumerics.
-        let start = i;
-        while i < b.len() && !alnum(b[i]) {
-            i += 1;
-        }
-        let sep = &c[start..i];
-        if !(sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-')) {
-            return false;
-        }
-    }
-    true
+    cardeploy_release::check_repository(name).is_ok()
 }
 
 /// The spec's tag grammar: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.

@@ -45,6 +45,25 @@ pub struct Workload {
     pub digest: String,
 }
 
+/// A container image the release carries, as the car's registry serves it: the repository
+/// `registry.cardeploy.local/<name>`, whose image is the `oci-manifest` artifact `manifest`.
+/// Workloads name it by that digest (`cardeploy release create` rewrites their references).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    /// Repository name (the OCI distribution spec's grammar, [`check_repository`]).
+    pub name: String,
+    /// sha256 (hex) of the image manifest.
+    pub manifest: String,
+    /// The tag the image was built with, served too (for people; workloads use the digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// The host workloads name the car's registry by; k3s mirrors it to the agent's registry on
+/// loopback (`/etc/rancher/k3s/registries.yaml`).
+pub const CAR_REGISTRY: &str = "registry.cardeploy.local";
+
 /// The release manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +79,9 @@ pub struct Release {
     pub artifacts: Vec<Artifact>,
     #[serde(default)]
     pub workloads: Vec<Workload>,
+    /// Absent from releases without containers, so their bytes are as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<Image>,
 }
 
 /// The desired state for one car.
@@ -186,6 +208,33 @@ pub fn safe_name(what: &str, name: &str) -> Result<(), Error> {
     }
 }
 
+/// M3's rule for image names, the OCI distribution spec's repository grammar: `/`-separated
+/// components of lowercase alphanumeric runs joined by `.`, `_`, `__` or one or more `-`; at
+/// most 255 characters.
+pub fn check_repository(name: &str) -> Result<(), Error> {
+    fn component(c: &str) -> bool {
+        let b = c.as_bytes();
+        let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+        if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+            return false;
+        }
+        // Every run of separators between alphanumerics is `.`, `_`, `__` or `-+`.
+        c.split(|x: char| x.is_ascii_lowercase() || x.is_ascii_digit())
+            .filter(|sep| !sep.is_empty())
+            .all(|sep| sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-'))
+    }
+    if !name.is_empty() && name.len() <= 255 && name.split('/').all(component) {
+        Ok(())
+    } else {
+        Err(Error::UnsafeName {
+            what:
+                "image name (an OCI repository name: lowercase a-z 0-9, joined by . _ __ - and /)"
+                    .to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
 /// sha256 hex of bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     crate::hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
@@ -252,6 +301,25 @@ pub fn verify_release(
             return Err(Error::Malformed(format!(
                 "workload `{}` has no kube-manifest artifact of the same name and digest",
                 w.name
+            )));
+        }
+    }
+    // M3 (images): a valid repository name, once each, whose manifest the release carries.
+    let mut image_names = BTreeSet::new();
+    for i in &release.images {
+        check_repository(&i.name)?;
+        hex64("image manifest", &i.manifest)?;
+        if !image_names.insert(i.name.as_str()) {
+            return Err(Error::Malformed(format!("image `{}` listed twice", i.name)));
+        }
+        let carried = release
+            .artifacts
+            .iter()
+            .any(|a| a.kind == ArtifactKind::OciManifest && a.digest == i.manifest);
+        if !carried {
+            return Err(Error::Malformed(format!(
+                "image `{}` names manifest {}, which is no oci-manifest artifact of the release",
+                i.name, i.manifest
             )));
         }
     }

@@ -18,10 +18,11 @@ mod shape;
 mod sign;
 
 pub use documents::{
-    Artifact, ArtifactKind, CarContext, CheckedRelease, CounterMark, DESIRED_TYPE, Desired,
-    DowngradeOverride, InstalledOs, MAX_CLOCK_SKEW_SECS, MAX_COUNTER, MAX_COUNTER_STEP,
-    MAX_DESIRED_LIFETIME_SECS, OVERRIDE_TYPE, RELEASE_TYPE, Release, Workload, check_artifact,
-    check_desired, check_line, check_release, older, safe_name, sha256_hex, verify_release,
+    Artifact, ArtifactKind, CAR_REGISTRY, CarContext, CheckedRelease, CounterMark, DESIRED_TYPE,
+    Desired, DowngradeOverride, Image, InstalledOs, MAX_CLOCK_SKEW_SECS, MAX_COUNTER,
+    MAX_COUNTER_STEP, MAX_DESIRED_LIFETIME_SECS, OVERRIDE_TYPE, RELEASE_TYPE, Release, Workload,
+    check_artifact, check_desired, check_line, check_release, check_repository, older, safe_name,
+    sha256_hex, verify_release,
 };
 pub use envelope::{Envelope, MAX_ENVELOPE_BYTES, MAX_SIGNATURES, Signature, Verified, pae};
 pub use error::Error;

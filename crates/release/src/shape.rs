@@ -15,7 +15,7 @@ use crate::Error;
 
 /// The only fields of the documents that hold arrays; every other place an array stands is
 /// where an object or a scalar belongs.
-const ARRAY_FIELDS: &[&str] = &["keyids", "artifacts", "workloads"];
+const ARRAY_FIELDS: &[&str] = &["keyids", "artifacts", "workloads", "images"];
 
 /// Read `payload` as the document `what`, after S1: it is one JSON object, arrays appear only
 /// as the values of the fields that are lists, and hold no arrays themselves.

@@ -320,6 +320,7 @@ fn manifest(version: &str) -> Release {
             index: "cd".repeat(32),
         }],
         workloads: vec![],
+        images: Vec::new(),
     }
 }
 
@@ -562,6 +563,42 @@ fn a_workload_must_be_carried_by_a_manifest_artifact() {
         index: "34".repeat(32),
     });
     assert!(check_release(&f.root, &f.release(&m), &car_in(&f.root), None).is_ok());
+}
+
+#[test]
+fn an_image_must_have_a_repository_name_and_its_manifest_among_the_artifacts() {
+    let f = fleet();
+    let mut m = manifest("1.5.0");
+    m.images.push(Image {
+        name: "acme/nav".into(),
+        manifest: "56".repeat(32),
+        tag: Some("2.0".into()),
+    });
+    let err = check_release(&f.root, &f.release(&m), &car_in(&f.root), None).unwrap_err();
+    assert!(
+        matches!(err, Error::Malformed(ref m) if m.contains("acme/nav")),
+        "{err}"
+    );
+    m.artifacts.push(Artifact {
+        kind: ArtifactKind::OciManifest,
+        name: "acme.nav.manifest".into(),
+        digest: "56".repeat(32),
+        size: 500,
+        index: "78".repeat(32),
+    });
+    assert!(check_release(&f.root, &f.release(&m), &car_in(&f.root), None).is_ok());
+    for bad in ["Acme/nav", "acme//nav", "../nav", "nav-", "a___b", ""] {
+        m.images[0].name = bad.into();
+        let err = check_release(&f.root, &f.release(&m), &car_in(&f.root), None).unwrap_err();
+        assert!(matches!(err, Error::UnsafeName { .. }), "{bad}: {err}");
+    }
+    m.images[0].name = "acme/nav".into();
+    m.images.push(m.images[0].clone());
+    let err = check_release(&f.root, &f.release(&m), &car_in(&f.root), None).unwrap_err();
+    assert!(
+        matches!(err, Error::Malformed(ref m) if m.contains("twice")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -146,6 +146,7 @@ impl Signer {
             created: now(),
             artifacts,
             workloads: Vec::new(),
+            images: Vec::new(),
         }
     }
 

@@ -105,6 +105,7 @@ fn release_doc(index: &ChunkIndex) -> Release {
         created: NOW - 100,
         artifacts: vec![artifact(index)],
         workloads: Vec::new(),
+        images: Vec::new(),
     }
 }
 
