@@ -42,6 +42,10 @@ pub struct Config {
     /// and verified but not installed.
     #[serde(default)]
     pub os: Option<crate::os::OsConfig>,
+    /// Containers: the car's registry (crates/registry) serving the images of the release on
+    /// the car. Without it, OCI artifacts are fetched and verified but not served.
+    #[serde(default)]
+    pub containers: Option<crate::containers::ContainersConfig>,
     /// Heartbeat interval until the twin says otherwise, seconds.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,

@@ -65,6 +65,17 @@ pub enum Error {
         "compatible = {configured:?} in the agent's configuration, but RAUC says {rauc:?}: remove it from agent.toml (RAUC's system.conf is the authority) or fix one of them"
     )]
     Compatible { configured: String, rauc: String },
+    #[error(
+        "cannot listen on {addr} for the car's registry ({source}): another process holds the port; free it or set [containers] registry in agent.toml (and the image's registries.yaml) to another address"
+    )]
+    RegistryListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The release's OCI artifacts on disk do not make the images it names.
+    #[error("the release's images cannot be served: {0}")]
+    Images(#[from] cardeploy_registry::Error),
     #[error("RAUC: {0}")]
     Rauc(#[from] cardeploy_rauc::Error),
     #[error(transparent)]

@@ -13,6 +13,7 @@
 
 mod cell;
 mod config;
+pub mod containers;
 pub mod deploy;
 mod error;
 mod fetch;
@@ -120,12 +121,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             reached.clone(),
         ))
     });
+    let (containers, registry) = match &config.containers {
+        Some(c) => {
+            let (containers, task) = containers::Containers::start(c, fetcher.clone()).await?;
+            // What the car held when it stopped is served again at once (a rollback needs it).
+            if let Some(release) = cell.read(|s| s.release.clone())
+                && release
+                    .artifacts
+                    .iter()
+                    .all(|a| fetcher.on_disk(a.name(), &a.index))
+                && let Err(e) = containers.serve(&release)
+            {
+                tracing::error!("{e}");
+            }
+            (Some(containers), Some(task))
+        }
+        None => (None, None),
+    };
     let deployer = Arc::new(deploy::Deployer {
         cell: cell.clone(),
         reporter: reporter.clone(),
         fetcher,
         parts: deploy::Parts {
             os: os_host.clone(),
+            containers,
         },
         roots,
         trusted: Mutex::new(trusted),
@@ -155,6 +174,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     session::keep_connected(agent, security, shutdown).await;
     if let Some(driver) = driver {
         driver.abort();
+    }
+    if let Some(registry) = registry {
+        registry.abort();
     }
     drop(watchdog);
     tracing::info!("agent stopped");

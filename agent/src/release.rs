@@ -2,7 +2,7 @@
 //! accepted, and never re-parsed from strings afterwards.
 
 use cardeploy_chunks::Digest;
-use cardeploy_release::{Artifact, ArtifactKind};
+use cardeploy_release::{Artifact, ArtifactKind, Image};
 use serde::{Deserialize, Serialize};
 
 /// Names one release: the sha256 of its signed manifest, and the line and version people know it
@@ -93,6 +93,9 @@ pub struct Release {
     #[serde(flatten)]
     pub id: ReleaseRef,
     pub artifacts: Vec<HeldArtifact>,
+    /// The container images it carries, as the car's registry serves them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<Image>,
 }
 
 /// An artifact of a release, its chunk index id parsed. Stored as the release declares it.
@@ -129,6 +132,8 @@ struct ReleaseFields {
     line: String,
     version: semver::Version,
     artifacts: Vec<Artifact>,
+    #[serde(default)]
+    images: Vec<Image>,
 }
 
 impl TryFrom<ReleaseFields> for Release {
@@ -142,6 +147,7 @@ impl TryFrom<ReleaseFields> for Release {
                 version: f.version,
             },
             f.artifacts,
+            f.images,
         )
         .map_err(Unreadable::from)
     }
@@ -150,12 +156,20 @@ impl TryFrom<ReleaseFields> for Release {
 impl Release {
     /// A release from its verified manifest; every artifact's index id must parse (the
     /// release checks made sure of that already, so a failure here is a damaged state file).
-    pub fn new(id: ReleaseRef, artifacts: Vec<Artifact>) -> Result<Self, cardeploy_chunks::Error> {
+    pub fn new(
+        id: ReleaseRef,
+        artifacts: Vec<Artifact>,
+        images: Vec<Image>,
+    ) -> Result<Self, cardeploy_chunks::Error> {
         let artifacts = artifacts
             .into_iter()
             .map(HeldArtifact::try_from)
             .collect::<Result<_, _>>()?;
-        Ok(Self { id, artifacts })
+        Ok(Self {
+            id,
+            artifacts,
+            images,
+        })
     }
 
     /// Whether the release carries an OS bundle (a part for the OS driver).

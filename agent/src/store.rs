@@ -131,6 +131,7 @@ mod tests {
                         size: 10,
                         index: "ab".repeat(32),
                     }],
+                    Vec::new(),
                 )
                 .unwrap(),
             ),

@@ -349,3 +349,219 @@ async fn a_release_signed_with_the_cli_is_verified_and_recorded_by_the_car() {
     assert_eq!(state["installed"]["os"], "3.0.0");
     assert_eq!(state["last_counter"], 4);
 }
+
+/// The car's registry: a release made with `--image` (a gzip layer the CLI stores uncompressed)
+/// reaches the car, and skopeo copies the image out of the agent's registry by the digest the
+/// release names, every blob byte for byte what the pipeline signed. Needs skopeo (the test
+/// command installs it); under `CI=true` its absence fails the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_release_is_served_by_the_cars_registry_with_the_signed_digests() {
+    let test = "a_container_release_is_served_by_the_cars_registry_with_the_signed_digests";
+    if Command::new("skopeo").arg("--version").output().is_err() {
+        cardeploy_testkit::cannot_run(test, "skopeo (apt-get install skopeo)");
+        return;
+    }
+    let env = Env::new();
+    env.no_root.set(true).unwrap();
+    let twin = env.twin().await;
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    cardeploy(dir, &twin, &env, &["keys", "gen", "keys/root"]);
+    cardeploy(dir, &twin, &env, &["keys", "gen", "keys/release"]);
+    cardeploy(
+        dir,
+        &twin,
+        &env,
+        &["root", "director", "--out", "keys/director.pub"],
+    );
+    cardeploy(
+        dir,
+        &twin,
+        &env,
+        &[
+            "root",
+            "init",
+            "--root-key",
+            "keys/root.pub",
+            "--release-key",
+            "keys/release.pub",
+            "--director-key",
+            "keys/director.pub",
+            "--sign-with",
+            "keys/root.key",
+            "--out",
+            "root.json",
+        ],
+    );
+    cardeploy(dir, &twin, &env, &["root", "push", "root.json"]);
+
+    // An arm64 image whose second layer is gzip-compressed, as builders write them.
+    let layout = cardeploy_testkit::oci::Layout::new(&dir.join("oci/nav"));
+    let conf = cardeploy_testkit::oci::tar(&[("etc/nav.conf", b"zoom=3\n")]);
+    let map = cardeploy_testkit::oci::tar(&[(
+        "usr/share/nav/map",
+        &cardeploy_testkit::noise(5, 1 << 20),
+    )]);
+    let image = layout.image("arm64", &[conf.clone(), map.clone()]);
+    gzip_layer(&layout, &image, 1);
+    std::fs::create_dir_all(dir.join("k8s")).unwrap();
+    std::fs::write(
+        dir.join("k8s/nav.yaml"),
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: nav}\nspec:\n  template:\n    spec:\n      containers:\n      - {name: nav, image: 'ghcr.io/acme/nav:1.0'}\n",
+    )
+    .unwrap();
+    cardeploy(
+        dir,
+        &twin,
+        &env,
+        &[
+            "release",
+            "create",
+            "--line",
+            "apps",
+            "--version",
+            "1.0.0",
+            "--compatible",
+            COMPATIBLE,
+            "--image",
+            "acme/nav=oci/nav",
+            "--manifests",
+            "k8s",
+            "--out",
+            "rel",
+        ],
+    );
+    cardeploy(
+        dir,
+        &twin,
+        &env,
+        &["release", "sign", "rel", "--key", "keys/release.key"],
+    );
+    let digest = cardeploy(dir, &twin, &env, &["release", "push", "rel"])
+        .trim()
+        .to_owned();
+    let release: cardeploy_release::Release =
+        serde_json::from_slice(&std::fs::read(dir.join("rel/release.json")).unwrap()).unwrap();
+    let manifest = release.images[0].manifest.clone();
+
+    // The registry's port: a free one, named in the car's configuration.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = env
+        .car_config(
+            &twin,
+            "VIN-OCI",
+            &format!("localhost:{}", env.cars_port),
+            &dir.join("root.json"),
+            &format!("[containers]\nregistry = \"127.0.0.1:{port}\"\n"),
+        )
+        .await;
+    let _agent = Agent::start(&config);
+    cardeploy(
+        dir,
+        &twin,
+        &env,
+        &["car", "set-desired", "VIN-OCI", "--release", &digest],
+    );
+    until(&twin, "VIN-OCI", "the car to fetch apps@1.0.0", |v| {
+        v["reported"]["state"]["phase"] == "applied"
+            && v["reported"]["state"]["release"] == "apps@1.0.0"
+    })
+    .await;
+
+    let policy = dir.join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    let out = dir.join("pulled");
+    let copied = Command::new("skopeo")
+        .arg("--policy")
+        .arg(&policy)
+        .args([
+            "--override-arch",
+            "arm64",
+            "--override-os",
+            "linux",
+            "copy",
+            "--src-tls-verify=false",
+        ])
+        .args([
+            "--dest-oci-accept-uncompressed-layers",
+            "--preserve-digests",
+        ])
+        .arg(format!(
+            "docker://127.0.0.1:{port}/acme/nav@sha256:{manifest}"
+        ))
+        .arg(format!("oci:{}:1.0", out.display()))
+        .output()
+        .unwrap();
+    assert!(
+        copied.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&copied.stderr)
+    );
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+    assert_eq!(
+        index["manifests"][0]["digest"],
+        format!("sha256:{manifest}")
+    );
+    // The layers arrive uncompressed: the raw tars, under the diff ids the config names.
+    for layer in [&conf, &map] {
+        let hex = cardeploy_release::sha256_hex(layer);
+        assert_eq!(
+            &std::fs::read(out.join("blobs/sha256").join(&hex)).unwrap(),
+            layer
+        );
+    }
+    // Every blob the release signed is what the car served.
+    let sources: std::collections::BTreeMap<String, std::path::PathBuf> =
+        serde_json::from_slice(&std::fs::read(dir.join("rel/sources.json")).unwrap()).unwrap();
+    for a in release
+        .artifacts
+        .iter()
+        .filter(|a| a.name.starts_with("acme.nav."))
+    {
+        let pulled = std::fs::read(out.join("blobs/sha256").join(&a.digest)).unwrap();
+        assert_eq!(
+            pulled,
+            std::fs::read(&sources[&a.name]).unwrap(),
+            "{}",
+            a.name
+        );
+    }
+}
+
+/// Replaces layer `i` of `image` in `layout` by its gzip form (digest and size updated in a new
+/// manifest, which `index.json` then lists).
+fn gzip_layer(
+    layout: &cardeploy_testkit::oci::Layout,
+    image: &cardeploy_testkit::oci::Image,
+    i: usize,
+) {
+    use std::io::Write;
+    let raw = std::fs::read(layout.path(&image.layers[i].digest)).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&raw).unwrap();
+    let packed = layout.blob(
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        &gz.finish().unwrap(),
+    );
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(layout.path(&image.manifest.digest)).unwrap())
+            .unwrap();
+    manifest["layers"][i] = serde_json::json!({
+        "mediaType": packed.media_type, "digest": packed.digest_string(), "size": packed.size,
+    });
+    let manifest = layout.blob(
+        cardeploy_testkit::oci::OCI_MANIFEST,
+        serde_json::to_vec(&manifest).unwrap().as_slice(),
+    );
+    layout.list(&[(&manifest, "1.0")]);
+}

@@ -36,7 +36,11 @@ fn the_images_agent_toml_with_a_provisioned_car_toml_is_a_valid_configuration() 
     let conf = layer().join("recipes-cardeploy/cardeploy-conf");
     let recipe = std::fs::read_to_string(conf.join("cardeploy-conf.bb")).unwrap();
     let template = std::fs::read_to_string(conf.join("files/agent.toml.in")).unwrap();
-    let vars = defaults(&recipe);
+    let mut vars = defaults(&recipe);
+    // Layer-wide defaults (the registry's address, shared with cardeploy-k3s-conf).
+    vars.extend(defaults(
+        &std::fs::read_to_string(layer().join("conf/layer.conf")).unwrap(),
+    ));
     let var = |name: &str| {
         vars.get(name)
             .unwrap_or_else(|| panic!("cardeploy-conf.bb has no `{name} ??=` default"))
@@ -48,7 +52,8 @@ fn the_images_agent_toml_with_a_provisioned_car_toml_is_a_valid_configuration() 
         .replace("@SEEDS@", &toml_list(&var("CARDEPLOY_SEEDS")))
         .replace("@REBOOT@", &var("CARDEPLOY_REBOOT"))
         .replace("@HEALTH_DEADLINE@", &var("CARDEPLOY_HEALTH_DEADLINE"))
-        .replace("@HEALTH_UNITS@", &toml_list(&var("CARDEPLOY_HEALTH_UNITS")));
+        .replace("@HEALTH_UNITS@", &toml_list(&var("CARDEPLOY_HEALTH_UNITS")))
+        .replace("@REGISTRY@", &var("CARDEPLOY_REGISTRY"));
     assert!(
         !rendered.contains('@'),
         "a placeholder the recipe does not fill: {rendered}"
@@ -80,6 +85,19 @@ fn the_images_agent_toml_with_a_provisioned_car_toml_is_a_valid_configuration() 
     assert_eq!(
         os.health.deadline_secs.to_string(),
         var("CARDEPLOY_HEALTH_DEADLINE")
+    );
+    // The agent's registry listens where k3s's mirror points.
+    let containers = config
+        .containers
+        .expect("the image's agent.toml has [containers]");
+    assert_eq!(containers.registry.to_string(), var("CARDEPLOY_REGISTRY"));
+    let mirror = std::fs::read_to_string(
+        layer().join("recipes-cardeploy/cardeploy-k3s-conf/files/registries.yaml"),
+    )
+    .unwrap();
+    assert!(
+        mirror.contains("http://@REGISTRY@"),
+        "registries.yaml mirrors to the same variable: {mirror}"
     );
 }
 

@@ -16,6 +16,7 @@ pub use machine::Deployment;
 use machine::Event;
 
 use crate::cell::Cell;
+use crate::containers::Containers;
 use crate::fetch::Fetcher;
 use crate::os::host::Host;
 use crate::release::{Release, ReleaseRef};
@@ -30,6 +31,7 @@ const DISK_RECHECK: Duration = Duration::from_secs(5);
 /// join beside it (a handle of their own, a claim on the releases that carry their artifacts).
 pub(crate) struct Parts {
     pub os: Option<Arc<Host>>,
+    pub containers: Option<Arc<Containers>>,
 }
 
 impl Parts {
@@ -126,7 +128,11 @@ impl Deployer {
                     line: checked.release.line.clone(),
                     version: checked.version.clone(),
                 };
-                Ok(Release::new(id, checked.release.artifacts.clone())?)
+                Ok(Release::new(
+                    id,
+                    checked.release.artifacts.clone(),
+                    checked.release.images.clone(),
+                )?)
             });
         let release = match release {
             Ok(release) => release,
@@ -194,6 +200,14 @@ impl Deployer {
         };
         // Downloads of a replaced desired state are never finished: their partial files go.
         self.fetcher.prune_partials(&release.artifacts);
+        // A release already on the car is served at once (one being fetched, when it is there).
+        if !fetch
+            && let Some(containers) = &self.parts.containers
+            && let Err(e) = containers.serve(&release)
+        {
+            tracing::error!("{e}");
+            self.reporter.event("images", e.to_string()).await;
+        }
         let reported = self.cell.reported();
         tracing::info!(counter, release = %release.id.digest, line = %release.id.line,
             version = %release.id.version, phase = ?reported.phase, "desired state verified and accepted");
@@ -282,10 +296,21 @@ impl Deployer {
     pub async fn fetched(&self, result: Result<(), Error>) -> Result<Option<u64>, Error> {
         let (event, needed) = match result {
             Ok(()) => {
-                let parts = self
-                    .cell
-                    .read(|s| s.release.as_ref().is_some_and(|r| self.parts.apply(r)));
-                (Event::Fetched { parts }, None)
+                let release = self.cell.read(|s| s.release.clone());
+                let served = match (&self.parts.containers, &release) {
+                    (Some(containers), Some(release)) => containers.serve(release),
+                    _ => Ok(()),
+                };
+                match served {
+                    Ok(()) => {
+                        let parts = release.as_ref().is_some_and(|r| self.parts.apply(r));
+                        (Event::Fetched { parts }, None)
+                    }
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        (Event::FetchFailed(e.to_string()), None)
+                    }
+                }
             }
             Err(e @ Error::Link(_)) => return Err(e),
             Err(e @ Error::DiskFull { needed, .. }) => {

@@ -19,6 +19,9 @@ CARDEPLOY_HEALTH_DEADLINE ??= "300"
 # too whenever k3s is installed.
 CARDEPLOY_HEALTH_UNITS ??= "k3s.service"
 
+# CARDEPLOY_REGISTRY (conf/layer.conf): the address of the agent's registry, the one k3s's
+# registries.yaml mirrors.
+
 SRC_URI = "file://agent.toml.in"
 
 S = "${UNPACKDIR}"
@@ -30,7 +33,7 @@ do_compile[noexec] = "1"
 # The keys are not in SRC_URI: a missing file then gets the message below instead of a fetcher
 # error, and the task still re-runs when a key changes.
 do_install[file-checksums] += "${CARDEPLOY_KEYS_DIR}/fleet-ca.pem:False ${CARDEPLOY_KEYS_DIR}/root.json:False ${CARDEPLOY_KEYS_DIR}/DEVELOPMENT:False"
-do_install[vardeps] += "CARDEPLOY_TWIN CARDEPLOY_KEYS_DIR CARDEPLOY_STATE_DIR CARDEPLOY_SEEDS CARDEPLOY_REBOOT CARDEPLOY_HEALTH_DEADLINE CARDEPLOY_HEALTH_UNITS"
+do_install[vardeps] += "CARDEPLOY_TWIN CARDEPLOY_KEYS_DIR CARDEPLOY_STATE_DIR CARDEPLOY_SEEDS CARDEPLOY_REBOOT CARDEPLOY_HEALTH_DEADLINE CARDEPLOY_HEALTH_UNITS CARDEPLOY_REGISTRY"
 
 do_install() {
     for f in fleet-ca.pem root.json; do
@@ -61,6 +64,7 @@ do_install() {
         -e "s#@REBOOT@#${CARDEPLOY_REBOOT}#" \
         -e "s#@HEALTH_DEADLINE@#${CARDEPLOY_HEALTH_DEADLINE}#" \
         -e "s#@HEALTH_UNITS@#$units#" \
+        -e "s#@REGISTRY@#${CARDEPLOY_REGISTRY}#" \
         ${UNPACKDIR}/agent.toml.in > ${D}${sysconfdir}/cardeploy/agent.toml
     chmod 0644 ${D}${sysconfdir}/cardeploy/agent.toml
 }

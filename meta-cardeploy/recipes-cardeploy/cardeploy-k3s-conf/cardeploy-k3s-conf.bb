@@ -16,8 +16,7 @@ INHIBIT_DEFAULT_DEPS = "1"
 do_configure[noexec] = "1"
 do_compile[noexec] = "1"
 
-# Where the agent serves container images to k3s (host:port on loopback).
-CARDEPLOY_REGISTRY ??= "127.0.0.1:5000"
+# CARDEPLOY_REGISTRY (conf/layer.conf): where the agent serves container images to k3s.
 
 do_install() {
     install -d ${D}${sysconfdir}/rancher/k3s/config.yaml.d
