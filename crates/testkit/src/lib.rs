@@ -2,7 +2,7 @@
 //! a throw-away fleet PKI, finding the workspace's binaries, a real RAUC on a private bus
 //! ([`rauc`]), a hostile car speaking raw RSocket ([`hostile`]), and the fleet bootstrap with
 //! the real binaries that the system tests and the demo share ([`fleet`]), OCI images made on
-//! the spot ([`oci`]). Never a dependency
+//! the spot ([`oci`]), and a Kubernetes API-server double ([`kube`]). Never a dependency
 //! of a product crate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -10,6 +10,7 @@
 pub mod cross;
 pub mod fleet;
 pub mod hostile;
+pub mod kube;
 pub mod oci;
 pub mod procs;
 pub mod rauc;
