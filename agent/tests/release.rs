@@ -82,6 +82,39 @@ fn publish(
         .to_owned()
 }
 
+/// The pipeline's keys (`keys/root`, `keys/release`), the twin's director key, the root naming
+/// them (`root.json`), uploaded to the twin.
+fn keys_and_root(dir: &Path, twin: &cardeploy_twin::Running, env: &Env) {
+    cardeploy(dir, &twin, &env, &["keys", "gen", "keys/root"]);
+    cardeploy(dir, &twin, &env, &["keys", "gen", "keys/release"]);
+    cardeploy(
+        dir,
+        &twin,
+        &env,
+        &["root", "director", "--out", "keys/director.pub"],
+    );
+    cardeploy(
+        dir,
+        &twin,
+        &env,
+        &[
+            "root",
+            "init",
+            "--root-key",
+            "keys/root.pub",
+            "--release-key",
+            "keys/release.pub",
+            "--director-key",
+            "keys/director.pub",
+            "--sign-with",
+            "keys/root.key",
+            "--out",
+            "root.json",
+        ],
+    );
+    cardeploy(dir, &twin, &env, &["root", "push", "root.json"]);
+}
+
 async fn refused(twin: &cardeploy_twin::Running, car: &str, containing: &str) -> String {
     let started = Instant::now();
     loop {
@@ -128,34 +161,7 @@ async fn a_release_signed_with_the_cli_is_verified_and_recorded_by_the_car() {
     std::fs::write(dir.join("os-2.raucb"), &v2).unwrap();
 
     // The pipeline's keys, the twin's director key, the root naming them, uploaded.
-    cardeploy(dir, &twin, &env, &["keys", "gen", "keys/root"]);
-    cardeploy(dir, &twin, &env, &["keys", "gen", "keys/release"]);
-    cardeploy(
-        dir,
-        &twin,
-        &env,
-        &["root", "director", "--out", "keys/director.pub"],
-    );
-    cardeploy(
-        dir,
-        &twin,
-        &env,
-        &[
-            "root",
-            "init",
-            "--root-key",
-            "keys/root.pub",
-            "--release-key",
-            "keys/release.pub",
-            "--director-key",
-            "keys/director.pub",
-            "--sign-with",
-            "keys/root.key",
-            "--out",
-            "root.json",
-        ],
-    );
-    cardeploy(dir, &twin, &env, &["root", "push", "root.json"]);
+    keys_and_root(dir, &twin, &env);
 
     let config = env
         .car_config(
@@ -367,34 +373,7 @@ async fn a_container_release_is_served_by_the_cars_registry_with_the_signed_dige
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
     std::fs::create_dir_all(dir.join("keys")).unwrap();
-    cardeploy(dir, &twin, &env, &["keys", "gen", "keys/root"]);
-    cardeploy(dir, &twin, &env, &["keys", "gen", "keys/release"]);
-    cardeploy(
-        dir,
-        &twin,
-        &env,
-        &["root", "director", "--out", "keys/director.pub"],
-    );
-    cardeploy(
-        dir,
-        &twin,
-        &env,
-        &[
-            "root",
-            "init",
-            "--root-key",
-            "keys/root.pub",
-            "--release-key",
-            "keys/release.pub",
-            "--director-key",
-            "keys/director.pub",
-            "--sign-with",
-            "keys/root.key",
-            "--out",
-            "root.json",
-        ],
-    );
-    cardeploy(dir, &twin, &env, &["root", "push", "root.json"]);
+    keys_and_root(dir, &twin, &env);
 
     // An arm64 image whose second layer is gzip-compressed, as builders write them.
     let layout = cardeploy_testkit::oci::Layout::new(&dir.join("oci/nav"));

@@ -6,13 +6,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use cardeploy_registry::{Catalog, Platform, Registry};
+use cardeploy_registry::Catalog;
 use cardeploy_testkit::oci::{Image, Layout, tar};
 use cardeploy_testkit::{cannot_run, eventually, noise};
 
@@ -30,8 +31,7 @@ struct Served {
     layout: Layout,
     image: Image,
     addr: SocketAddr,
-    _registry: Arc<Registry>,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _running: common::Running,
 }
 
 /// An arm64 image of two layers (one of 3 MiB, so blobs stream in several pieces), served as
@@ -49,31 +49,13 @@ async fn served() -> Served {
     );
     layout.list(&[(&image.manifest, "1.0")]);
     let catalog = Catalog::from_layout(&layout.dir, "cardeploy/nav").unwrap();
-    let registry = Registry::new(
-        catalog,
-        Platform {
-            os: "linux".into(),
-            architecture: "arm64".into(),
-            variant: None,
-        },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(cardeploy_registry::serve(
-        listener,
-        registry.clone(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let running = common::serve(catalog).await;
     Served {
         dir,
         layout,
         image,
-        addr,
-        _registry: registry,
-        _stop: stop,
+        addr: running.addr,
+        _running: running,
     }
 }
 

@@ -3,10 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use cardeploy_registry::{Catalog, Platform, Registry};
+use cardeploy_registry::{Catalog, Registry};
 use cardeploy_testkit::oci::{Image, Layout, OCI_INDEX, OCI_MANIFEST, tar};
 use cardeploy_testkit::procs::http;
 
@@ -17,7 +19,7 @@ struct Served {
     arm: Image,
     addr: SocketAddr,
     registry: Arc<Registry>,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _running: common::Running,
 }
 
 /// `nav` holds a single image tagged `1.0` and an index tagged `multi` (amd64 and arm64 images);
@@ -41,32 +43,15 @@ async fn served() -> Served {
     let o = other.image("arm64", &[tar(&[("o", b"other")])]);
     other.list(&[(&o.manifest, "1")]);
     catalog.add_layout(&other.dir, "other").unwrap();
-    let registry = Registry::new(
-        catalog,
-        Platform {
-            os: "linux".into(),
-            architecture: "arm64".into(),
-            variant: None,
-        },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(cardeploy_registry::serve(
-        listener,
-        registry.clone(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let running = common::serve(catalog).await;
     Served {
         _dir: dir,
         layout,
         image,
         arm,
-        addr,
-        registry,
-        _stop: stop,
+        addr: running.addr,
+        registry: running.registry.clone(),
+        _running: running,
     }
 }
 

@@ -31,6 +31,18 @@ fn deployment(name: &str, image: &str, replicas: i32) -> serde_json::Value {
     })
 }
 
+/// Server-side apply as the agent does it (field manager `cardeploy`); the object back.
+async fn apply(api: &Api<Deployment>, object: serde_json::Value) -> Deployment {
+    let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+    api.patch(
+        &name,
+        &PatchParams::apply("cardeploy"),
+        &Patch::Apply(object),
+    )
+    .await
+    .unwrap()
+}
+
 fn ready(replicas: i32) -> impl Fn(Option<&Deployment>) -> bool {
     move |d: Option<&Deployment>| {
         d.and_then(|d| d.status.as_ref()).is_some_and(|s| {
@@ -132,14 +144,7 @@ async fn reqwest_like_apply(double: &ApiServerDouble, manager: &str) -> (u16, St
 async fn a_field_another_manager_owns_conflicts_unless_forced() {
     let double = ApiServerDouble::start().await;
     let deployments: Api<Deployment> = Api::namespaced(client(&double).await, "default");
-    deployments
-        .patch(
-            "nav",
-            &PatchParams::apply("cardeploy"),
-            &Patch::Apply(deployment("nav", "nav:1", 1)),
-        )
-        .await
-        .unwrap();
+    apply(&deployments, deployment("nav", "nav:1", 1)).await;
     let err = deployments
         .patch(
             "nav",
@@ -301,14 +306,7 @@ async fn discovery_names_the_kinds_served() {
 async fn the_api_server_can_go_away_and_come_back_with_its_objects() {
     let double = ApiServerDouble::start().await;
     let deployments: Api<Deployment> = Api::namespaced(client(&double).await, "default");
-    deployments
-        .patch(
-            "nav",
-            &PatchParams::apply("cardeploy"),
-            &Patch::Apply(deployment("nav", "nav:1", 1)),
-        )
-        .await
-        .unwrap();
+    apply(&deployments, deployment("nav", "nav:1", 1)).await;
     double.go_away();
     let gone = within("a refused connection", deployments.get("nav")).await;
     assert!(gone.is_err(), "the API server is away");

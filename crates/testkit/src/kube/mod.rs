@@ -277,10 +277,8 @@ enum Target {
         namespace: Option<String>,
     },
     Object {
-        resource: Resource,
+        key: Key,
         kind: &'static str,
-        namespace: String,
-        name: String,
     },
 }
 
@@ -355,10 +353,12 @@ fn target(path: &str) -> Option<Target> {
                 return None;
             }
             Some(Target::Object {
-                resource: Resource::new(group, version, plural),
+                key: Key {
+                    resource: Resource::new(group, version, plural),
+                    namespace: namespace.unwrap_or_default(),
+                    name: (*name).to_owned(),
+                },
                 kind: k.3,
-                namespace: namespace.unwrap_or_default(),
-                name: (*name).to_owned(),
             })
         }
         _ => None,
@@ -463,61 +463,16 @@ async fn handle(State(shared): State<Shared>, request: Request) -> Response {
                         "metadata": {"resourceVersion": world.store.version().to_string()}, "items": items}),
             )
         }
-        (
-            Method::GET,
-            Target::Object {
-                resource,
-                kind,
-                namespace,
-                name,
-            },
-        ) => {
-            let key = Key {
-                resource,
-                namespace,
-                name,
-            };
+        (Method::GET, Target::Object { key, kind }) => {
             match shared.lock().store.objects.get(&key) {
                 Some(s) => ok_json(StatusCode::OK, &s.object),
-                None => status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    format!("{}s \"{}\" not found", kind.to_lowercase(), key.name),
-                ),
+                None => not_found(kind, &key),
             }
         }
-        (
-            Method::PATCH,
-            Target::Object {
-                resource,
-                kind,
-                namespace,
-                name,
-            },
-        ) => apply(
-            &shared,
-            resource,
-            kind,
-            namespace,
-            name,
-            &content_type,
-            &params,
-            &body,
-        ),
-        (
-            Method::DELETE,
-            Target::Object {
-                resource,
-                kind,
-                namespace,
-                name,
-            },
-        ) => {
-            let key = Key {
-                resource,
-                namespace,
-                name,
-            };
+        (Method::PATCH, Target::Object { key, kind }) => {
+            apply(&shared, key, kind, &content_type, &params, &body)
+        }
+        (Method::DELETE, Target::Object { key, kind }) => {
             let event = shared.lock().store.delete(&key);
             match event {
                 Some(e) => {
@@ -525,11 +480,7 @@ async fn handle(State(shared): State<Shared>, request: Request) -> Response {
                     shared.settle(vec![e]);
                     ok_json(StatusCode::OK, &object)
                 }
-                None => status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    format!("{}s \"{}\" not found", kind.to_lowercase(), key.name),
-                ),
+                None => not_found(kind, &key),
             }
         }
         (method, _) => status(
@@ -542,13 +493,18 @@ async fn handle(State(shared): State<Shared>, request: Request) -> Response {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+fn not_found(kind: &str, key: &Key) -> Response {
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!("{}s \"{}\" not found", kind.to_lowercase(), key.name),
+    )
+}
+
 fn apply(
     shared: &Shared,
-    resource: Resource,
+    key: Key,
     kind: &str,
-    namespace: String,
-    name: String,
     content_type: &str,
     params: &std::collections::BTreeMap<String, String>,
     body: &Bytes,
@@ -587,6 +543,7 @@ fn apply(
             format!("the body's kind {} is not {kind}", config["kind"]),
         );
     }
+    let namespace = &key.namespace;
     if !namespace.is_empty() {
         let ns_key = Key {
             resource: Resource::new("", "v1", "namespaces"),
@@ -605,11 +562,6 @@ fn apply(
     if kind == "Deployment" && config["spec"].is_object() && config["spec"]["replicas"].is_null() {
         config["spec"]["replicas"] = json!(1);
     }
-    let key = Key {
-        resource,
-        namespace,
-        name,
-    };
     let result = shared.lock().store.apply(&key, &config, manager, force);
     match result {
         Ok(event) => {
