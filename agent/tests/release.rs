@@ -85,18 +85,18 @@ fn publish(
 /// The pipeline's keys (`keys/root`, `keys/release`), the twin's director key, the root naming
 /// them (`root.json`), uploaded to the twin.
 fn keys_and_root(dir: &Path, twin: &cardeploy_twin::Running, env: &Env) {
-    cardeploy(dir, &twin, &env, &["keys", "gen", "keys/root"]);
-    cardeploy(dir, &twin, &env, &["keys", "gen", "keys/release"]);
+    cardeploy(dir, twin, env, &["keys", "gen", "keys/root"]);
+    cardeploy(dir, twin, env, &["keys", "gen", "keys/release"]);
     cardeploy(
         dir,
-        &twin,
-        &env,
+        twin,
+        env,
         &["root", "director", "--out", "keys/director.pub"],
     );
     cardeploy(
         dir,
-        &twin,
-        &env,
+        twin,
+        env,
         &[
             "root",
             "init",
@@ -112,7 +112,7 @@ fn keys_and_root(dir: &Path, twin: &cardeploy_twin::Running, env: &Env) {
             "root.json",
         ],
     );
-    cardeploy(dir, &twin, &env, &["root", "push", "root.json"]);
+    cardeploy(dir, twin, env, &["root", "push", "root.json"]);
 }
 
 async fn refused(twin: &cardeploy_twin::Running, car: &str, containing: &str) -> String {
