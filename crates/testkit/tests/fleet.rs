@@ -39,7 +39,11 @@ fn a_bootstrapped_fleet_takes_a_car_and_a_release_end_to_end() {
 
     let k8s = dir.path().join("k8s");
     std::fs::create_dir_all(&k8s).unwrap();
-    std::fs::write(k8s.join("app.yaml"), "kind: Namespace\n").unwrap();
+    std::fs::write(
+        k8s.join("app.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: app}\n",
+    )
+    .unwrap();
     let digest = fleet
         .release(
             "app",
