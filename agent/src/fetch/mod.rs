@@ -6,7 +6,7 @@
 //! the next attempt verifies the partial file chunk by chunk, keeps every good chunk, and plans
 //! the rest.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,9 +20,11 @@ use cardeploy_protocol::{self as protocol, ChunksRequest, FetchProgress, route};
 use crate::error::io;
 use crate::{Config, Error};
 
+mod disk;
 mod frames;
 mod pages;
 
+use disk::{disk_full, free_bytes};
 use frames::{Applied, Local, append_until, apply};
 pub(crate) use pages::desired_item;
 
@@ -159,20 +161,6 @@ impl Fetcher {
                     Err(e) => tracing::warn!("could not remove {}: {e}", path.display()),
                 }
             }
-        }
-    }
-
-    /// Wait until the artifacts' disk has `needed` bytes free, checking every `every`.
-    pub async fn room_for(&self, needed: u64, every: Duration) {
-        loop {
-            let dir = self.artifacts.clone();
-            let free = tokio::task::spawn_blocking(move || free_bytes(&dir))
-                .await
-                .unwrap_or(0);
-            if free >= needed {
-                return;
-            }
-            tokio::time::sleep(every).await;
         }
     }
 
@@ -401,27 +389,6 @@ impl Fetcher {
 /// version is another file, so the old one stays a seed until the new one is complete).
 fn file_name(name: &str, index: &Digest) -> String {
     format!("{name}@{}", &index.hex()[..16])
-}
-
-/// Bytes free for an unprivileged writer on the file system holding `dir` (0 when unknown).
-fn free_bytes(dir: &Path) -> u64 {
-    nix::sys::statvfs::statvfs(dir).map_or(0, |s| {
-        s.blocks_available().saturating_mul(s.fragment_size())
-    })
-}
-
-/// Whether `e` is, at its root, a write that found no space left on the device.
-fn disk_full(e: &Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && io.raw_os_error() == Some(nix::libc::ENOSPC)
-        {
-            return true;
-        }
-        source = err.source();
-    }
-    false
 }
 
 #[cfg(test)]
