@@ -123,7 +123,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     });
     let (containers, registry) = match &config.containers {
         Some(c) => {
-            let (containers, task) = containers::Containers::start(c, fetcher.clone()).await?;
+            let (containers, task) =
+                containers::Containers::start(c, fetcher.clone(), cell.clone(), reporter.clone())
+                    .await?;
             // What the car held when it stopped is served again at once (a rollback needs it).
             if let Some(release) = cell.read(|s| s.release.clone())
                 && release

@@ -515,6 +515,68 @@ async fn a_container_release_is_served_by_the_cars_registry_with_the_signed_dige
             a.name
         );
     }
+
+    // A layer damaged on the car's disk (same size, a later time) is refused, not served; the
+    // agent forgets it, removes the file and tells the twin which artifact it was.
+    let layer = release
+        .artifacts
+        .iter()
+        .find(|a| a.name == "acme.nav.layer-2")
+        .unwrap();
+    let held = env.car_dir.path().join(format!(
+        "state/artifacts/acme.nav.layer-2@{}",
+        &layer.index[..16]
+    ));
+    let mut bytes = std::fs::read(&held).unwrap();
+    bytes[700] ^= 0xff;
+    std::fs::write(&held, &bytes).unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&held)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let url = format!(
+        "http://127.0.0.1:{port}/v2/acme/nav/blobs/sha256:{}",
+        layer.digest
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        cardeploy_testkit::procs::http()
+            .get(&url)
+            .call()
+            .unwrap()
+            .status()
+            .as_u16()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 404, "a damaged blob is not served");
+    let started = Instant::now();
+    loop {
+        let (_, events) = call(&twin, "GET", "/api/v1/cars/VIN-OCI/events?limit=100", None).await;
+        let told = events["events"].as_array().unwrap().iter().any(|e| {
+            e["kind"] == "images"
+                && e["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("acme.nav.layer-2")
+        });
+        if told {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no event about the damaged layer: {events}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!held.exists(), "the damaged file is removed");
+    let state: Value = serde_json::from_slice(&std::fs::read(env.state_file()).unwrap()).unwrap();
+    assert!(
+        state["artifacts"].get("acme.nav.layer-2").is_none(),
+        "forgotten: {state}"
+    );
 }
 
 /// Replaces layer `i` of `image` in `layout` by its gzip form (digest and size updated in a new

@@ -14,8 +14,10 @@ use cardeploy_release::ArtifactKind;
 use serde::Deserialize;
 
 use crate::Error;
+use crate::cell::Cell;
 use crate::fetch::Fetcher;
 use crate::release::Release;
+use crate::reporter::Reporter;
 
 /// `[containers]` in agent.toml.
 #[derive(Clone, Debug, Deserialize)]
@@ -43,6 +45,8 @@ impl Containers {
     pub async fn start(
         config: &ContainersConfig,
         fetcher: Arc<Fetcher>,
+        cell: Arc<Cell>,
+        reporter: Arc<Reporter>,
     ) -> Result<(Arc<Self>, tokio::task::JoinHandle<()>), Error> {
         let listener = tokio::net::TcpListener::bind(config.registry)
             .await
@@ -53,11 +57,17 @@ impl Containers {
         let addr = listener.local_addr().unwrap_or(config.registry);
         let registry = Registry::new(Catalog::default(), Platform::host());
         let serving = registry.clone();
+        let watching = registry.clone();
+        let paths = fetcher.clone();
         let task = tokio::spawn(async move {
-            if let Err(e) =
-                cardeploy_registry::serve(listener, serving, std::future::pending()).await
-            {
-                tracing::error!("the car's registry stopped: {e}");
+            let damaged = forget_damaged(watching, paths, cell, reporter);
+            tokio::select! {
+                served = cardeploy_registry::serve(listener, serving, std::future::pending()) => {
+                    if let Err(e) = served {
+                        tracing::error!("the car's registry stopped: {e}");
+                    }
+                }
+                () = damaged => {}
             }
         });
         tracing::info!(%addr, "the car's registry listens");
@@ -94,5 +104,53 @@ impl Containers {
             tracing::info!(release = %release.id, images = release.images.len(), "the car's registry serves the release's images");
         }
         Ok(())
+    }
+}
+
+/// A blob the registry found damaged on disk is forgotten and its file removed, as the OS part
+/// does with a damaged bundle: the next desired state for the release fetches it again, and the
+/// twin hears which artifact it was.
+async fn forget_damaged(
+    registry: Arc<Registry>,
+    fetcher: Arc<Fetcher>,
+    cell: Arc<Cell>,
+    reporter: Arc<Reporter>,
+) {
+    loop {
+        let damaged = registry.next_damaged().await;
+        let Some(release) = cell.read(|s| s.release.clone()) else {
+            continue;
+        };
+        for a in release.artifacts.iter().filter(|a| {
+            a.declared
+                .digest
+                .parse::<Digest>()
+                .is_ok_and(|d| damaged.contains(&d))
+        }) {
+            let path = fetcher.artifact_path(a.name(), &a.index);
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!("could not remove {}: {e}", path.display());
+            }
+            if let Err(why) = cell
+                .update(|s| {
+                    s.artifacts.remove(a.name());
+                })
+                .await
+            {
+                tracing::error!("could not persist forgetting {}: {why}", a.name());
+            }
+            reporter
+                .event(
+                    "images",
+                    format!(
+                        "{} of {} was damaged on disk: not served, removed; the next desired state for the release fetches it again",
+                        a.name(),
+                        release.id
+                    ),
+                )
+                .await;
+        }
     }
 }

@@ -63,9 +63,15 @@ impl Registry {
             .clone()
     }
 
-    /// Blobs found damaged on disk since the last call: not served; the agent fetches them again.
+    /// Blobs found damaged on disk since the last call: not served (the agent forgets them, so
+    /// the next desired state for the release fetches them again).
     pub fn take_damaged(&self) -> BTreeSet<Digest> {
         self.verifier.take_damaged()
+    }
+
+    /// Waits until a blob is found damaged; returns those found since the last call.
+    pub async fn next_damaged(&self) -> BTreeSet<Digest> {
+        self.verifier.next_damaged().await
     }
 
     /// The axum router of the `/v2/` API.
@@ -370,7 +376,7 @@ async fn blob(
     if let Err(refused) = registry.verifier.check(digest, &file.path, file.size).await {
         let message = match refused {
             Refused::Damaged { path, why } => format!(
-                "blob sha256:{digest} is damaged on this car ({}: {why}); the agent fetches it again",
+                "blob sha256:{digest} is damaged on this car ({}: {why}); it is not served, and the car fetches it again with the next desired state",
                 path.display()
             ),
             Refused::Unreadable { path, source } => {

@@ -44,6 +44,8 @@ type Slot = Arc<tokio::sync::Mutex<Option<Stamp>>>;
 pub(crate) struct Verifier {
     slots: Mutex<HashMap<Digest, Slot>>,
     damaged: Mutex<BTreeSet<Digest>>,
+    /// Signalled when a blob is found damaged (a permit is kept if nobody waits yet).
+    found: tokio::sync::Notify,
 }
 
 impl Verifier {
@@ -97,15 +99,27 @@ impl Verifier {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(digest);
+        self.found.notify_one();
         Refused::Damaged {
             path: path.to_owned(),
             why,
         }
     }
 
-    /// Blobs found damaged since the last call (the agent fetches them again).
+    /// Blobs found damaged since the last call.
     pub fn take_damaged(&self) -> BTreeSet<Digest> {
         std::mem::take(&mut *self.damaged.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Waits until some blob is found damaged; those found since the last call.
+    pub async fn next_damaged(&self) -> BTreeSet<Digest> {
+        loop {
+            let taken = self.take_damaged();
+            if !taken.is_empty() {
+                return taken;
+            }
+            self.found.notified().await;
+        }
     }
 
     /// Forgets every blob not in `keep` (after the catalog changed).
