@@ -4,6 +4,7 @@
 //! sane, so that `cargo xtask test` notices a bench that broke ([`smoke_all`]).
 
 mod build;
+mod containers;
 mod delta;
 mod hostile;
 mod link;
@@ -25,6 +26,9 @@ pub enum Bench {
     /// p99 to honest cars quiet and under attack, CPU for requests naming a base the car does not
     /// own, revocation to session closed. Table in target/bench-hostile.md.
     Hostile(hostile::Options),
+    /// The car's registry: a large layer pulled by skopeo from it against reading and copying
+    /// the file, and the memory serving adds. Table in target/bench-containers.md.
+    Containers(containers::Options),
 }
 
 pub fn run(bench: &Bench) -> anyhow::Result<()> {
@@ -32,6 +36,7 @@ pub fn run(bench: &Bench) -> anyhow::Result<()> {
         Bench::Link(options) => link::run_bench(options),
         Bench::Delta(options) => delta::run_bench(options),
         Bench::Hostile(options) => hostile::run_bench(options),
+        Bench::Containers(options) => containers::run_bench(options),
     }
 }
 
@@ -39,7 +44,8 @@ pub fn run(bench: &Bench) -> anyhow::Result<()> {
 pub fn smoke_all(bins: &Path) -> anyhow::Result<()> {
     link::smoke(bins)?;
     delta::smoke(bins)?;
-    hostile::smoke(bins)
+    hostile::smoke(bins)?;
+    containers::smoke(bins)
 }
 
 /// Where the debug build puts the binaries the smoke runs need.
