@@ -452,34 +452,15 @@ async fn a_container_release_is_served_by_the_cars_registry_with_the_signed_dige
     })
     .await;
 
-    let policy = dir.join("policy.json");
-    std::fs::write(
-        &policy,
-        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-    )
-    .unwrap();
     let out = dir.join("pulled");
-    let copied = Command::new("skopeo")
-        .arg("--policy")
-        .arg(&policy)
-        .args([
-            "--override-arch",
-            "arm64",
-            "--override-os",
-            "linux",
-            "copy",
-            "--src-tls-verify=false",
-        ])
-        .args([
-            "--dest-oci-accept-uncompressed-layers",
-            "--preserve-digests",
-        ])
-        .arg(format!(
-            "docker://127.0.0.1:{port}/acme/nav@sha256:{manifest}"
-        ))
-        .arg(format!("oci:{}:1.0", out.display()))
-        .output()
-        .unwrap();
+    let copied = cardeploy_testkit::oci::skopeo_copy(
+        dir,
+        &format!("docker://127.0.0.1:{port}/acme/nav@sha256:{manifest}"),
+        &out,
+        "1.0",
+    )
+    .output()
+    .unwrap();
     assert!(
         copied.status.success(),
         "skopeo: {}",

@@ -9,7 +9,6 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -82,26 +81,11 @@ fn read_secs(path: &Path) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
-fn skopeo_copy(addr: std::net::SocketAddr, manifest: &str, policy: &Path, dest: &Path) -> f64 {
+fn pull(addr: std::net::SocketAddr, manifest: &str, dir: &Path, dest: &Path) -> f64 {
     let _ = std::fs::remove_dir_all(dest);
     let started = Instant::now();
-    let out = Command::new("skopeo")
-        .arg("--policy")
-        .arg(policy)
-        .args([
-            "--override-arch",
-            "arm64",
-            "--override-os",
-            "linux",
-            "copy",
-            "--src-tls-verify=false",
-        ])
-        .args([
-            "--dest-oci-accept-uncompressed-layers",
-            "--preserve-digests",
-        ])
-        .arg(format!("docker://{addr}/bench/layer@{manifest}"))
-        .arg(format!("oci:{}:1", dest.display()))
+    let source = format!("docker://{addr}/bench/layer@{manifest}");
+    let out = cardeploy_testkit::oci::skopeo_copy(dir, &source, dest, "1")
         .output()
         .expect("skopeo (apt-get install skopeo)");
     assert!(
@@ -142,12 +126,6 @@ fn main() {
         manifest.to_string().as_bytes(),
     );
     layout.list(&[(&manifest, "1")]);
-    let policy = work.path().join("policy.json");
-    std::fs::write(
-        &policy,
-        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-    )
-    .unwrap();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -227,8 +205,8 @@ fn main() {
         "the GET brought {fetched} bytes for a {size}-byte blob"
     );
     let dest = scratch.path().join("pulled");
-    let first = skopeo_copy(addr, &manifest.digest_string(), &policy, &dest);
-    let second = skopeo_copy(addr, &manifest.digest_string(), &policy, &dest);
+    let first = pull(addr, &manifest.digest_string(), work.path(), &dest);
+    let second = pull(addr, &manifest.digest_string(), work.path(), &dest);
     sampling.store(false, Ordering::Relaxed);
     sampler.join().unwrap();
     let identical = {

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cardeploy_registry::Catalog;
-use cardeploy_testkit::oci::{Image, Layout, tar};
+use cardeploy_testkit::oci::{Image, Layout, skopeo, skopeo_copy, tar};
 use cardeploy_testkit::{cannot_run, eventually, noise};
 
 fn have(tool: &str) -> bool {
@@ -75,24 +75,6 @@ async fn run(mut command: Command) -> Vec<u8> {
     out.stdout
 }
 
-fn skopeo(dir: &Path) -> Command {
-    // Our own trust policy: the test must not depend on the host's /etc/containers/policy.json.
-    let policy = dir.join("policy.json");
-    std::fs::write(
-        &policy,
-        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-    )
-    .unwrap();
-    let mut c = Command::new("skopeo");
-    c.arg("--policy")
-        .arg(policy)
-        .arg("--override-arch")
-        .arg("arm64")
-        .arg("--override-os")
-        .arg("linux");
-    c
-}
-
 #[tokio::test]
 async fn skopeo_copies_an_image_out_of_the_registry_with_identical_digests() {
     if !have("skopeo") {
@@ -105,17 +87,7 @@ async fn skopeo_copies_an_image_out_of_the_registry_with_identical_digests() {
     let s = served().await;
     let source = format!("docker://{}/cardeploy/nav", s.addr);
     let out = s.dir.path().join("copied");
-    let mut copy = skopeo(s.dir.path());
-    // skopeo compresses uncompressed layers for an `oci:` destination unless told not to;
-    // --preserve-digests makes it fail rather than change any digest.
-    copy.args([
-        "copy",
-        "--src-tls-verify=false",
-        "--dest-oci-accept-uncompressed-layers",
-        "--preserve-digests",
-    ])
-    .arg(format!("{source}:1.0"))
-    .arg(format!("oci:{}:1.0", out.display()));
+    let copy = skopeo_copy(s.dir.path(), &format!("{source}:1.0"), &out, "1.0");
     run(copy).await;
     // The copy's index names our manifest digest, and every blob is byte for byte ours.
     let index: serde_json::Value =

@@ -2,6 +2,7 @@
 //! them, so registry and release tests need no image from the network.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use cardeploy_chunks::Digest;
 use serde_json::json;
@@ -153,4 +154,37 @@ impl Layout {
         });
         std::fs::write(self.dir.join("index.json"), index.to_string()).unwrap();
     }
+}
+
+/// skopeo for an arm64 car, with a trust policy of its own written into `dir` (a test must not
+/// depend on the host's /etc/containers/policy.json).
+pub fn skopeo(dir: &Path) -> Command {
+    let policy = dir.join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    let mut c = Command::new("skopeo");
+    c.arg("--policy")
+        .arg(policy)
+        .args(["--override-arch", "arm64", "--override-os", "linux"]);
+    c
+}
+
+/// `skopeo copy` of `source` (`docker://HOST/NAME:TAG` or `@DIGEST`, plain HTTP) into the OCI
+/// layout `dest` under tag `tag`, every digest kept: skopeo compresses uncompressed layers for an
+/// `oci:` destination unless told not to, and `--preserve-digests` makes it fail rather than
+/// change any digest.
+pub fn skopeo_copy(dir: &Path, source: &str, dest: &Path, tag: &str) -> Command {
+    let mut c = skopeo(dir);
+    c.args([
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-oci-accept-uncompressed-layers",
+        "--preserve-digests",
+        source,
+    ])
+    .arg(format!("oci:{}:{tag}", dest.display()));
+    c
 }
