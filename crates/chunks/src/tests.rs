@@ -603,3 +603,55 @@ fn a_delta_against_more_than_the_reference_limit_is_refused_before_reading_the_b
         "{err}"
     );
 }
+
+/// An index of chunks with the given ids and lengths (the planner looks at nothing else).
+fn index_of(chunks: &[(u64, u32)]) -> ChunkIndex {
+    ChunkIndex {
+        params: Params::DEFAULT,
+        size: chunks.iter().map(|&(_, len)| u64::from(len)).sum(),
+        artifact: Digest::of(b"not read"),
+        chunks: chunks
+            .iter()
+            .map(|&(id, len)| crate::ChunkRef {
+                id: Digest::of(&id.to_le_bytes()),
+                len,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn no_reference_is_larger_than_the_limit_the_car_enforces() {
+    // Chunk lengths across FastCDC's whole range and gaps far larger than the limit, so the
+    // window of a large gap rarely starts on a chunk boundary: the case that once produced
+    // references up to one chunk over the limit, which the car refuses.
+    for seed in 0..200 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let limit = u64::from(rng.u32(1..4)) << 20;
+        let mut len = || rng.u32(16 << 10..=256 << 10);
+        let base: Vec<(u64, u32)> = (0..300).map(|i| (i, len())).collect();
+        let mut rng = fastrand::Rng::with_seed(seed + 1000);
+        let target: Vec<(u64, u32)> = base
+            .iter()
+            .map(|&(id, len)| {
+                if rng.u8(..) < 20 {
+                    (id, len) // shared with the base
+                } else {
+                    (id + 10_000, rng.u32(16 << 10..=256 << 10))
+                }
+            })
+            .collect();
+        let (base, target) = (index_of(&base), index_of(&target));
+        let planner = ReferencePlanner::new(&target, &base, limit);
+        for i in 0..target.chunks.len() {
+            let r = planner.reference(i).unwrap();
+            let chunks = &base.chunks[r.start as usize..(r.start + r.count) as usize];
+            assert!(r.count >= 1);
+            let bytes: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+            assert!(
+                bytes <= limit,
+                "seed {seed}, chunk {i}: reference of {bytes} bytes, limit {limit}"
+            );
+        }
+    }
+}

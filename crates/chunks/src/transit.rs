@@ -246,14 +246,18 @@ impl ReferencePlanner {
             let start = start.min(gap_end - self.max_reference);
             (start, start + self.max_reference)
         };
-        // Whole chunks inside the wanted byte range.
+        // Whole chunks from the one holding `want_start`. That chunk may start before the
+        // wanted range, so the end is held to `max_reference` from where the reference really
+        // starts: the car refuses a larger reference (`DeltaReferenceTooLarge`), and a frame the
+        // twin cannot check by decoding it is sent whole.
         let first = self
             .base_offsets
             .partition_point(|&o| o <= want_start)
             .saturating_sub(1)
             .max(lo);
+        let end = want_end.min(self.base_offsets[first] + self.max_reference);
         let mut last = first;
-        while last < hi && self.base_offsets[last + 1] <= want_end {
+        while last < hi && self.base_offsets[last + 1] <= end {
             last += 1;
         }
         if last == first {
