@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use cardeploy_protocol::ReportedState;
 
 use crate::Error;
-use crate::state::State;
+use crate::state::{Managed, State};
 use crate::store::Store;
 
 pub(crate) struct Cell {
@@ -16,9 +16,9 @@ pub(crate) struct Cell {
     state: Mutex<State>,
     /// Serialises read-modify-persist between the session, the fetch job and the parts.
     writer: tokio::sync::Mutex<()>,
-    /// The agent manages the OS (`[os]` is configured): the OS update is a part of releases
-    /// that carry a bundle.
-    managed_os: bool,
+    /// The parts the agent runs (`[os]`, `[containers] kubeconfig`): what a release with a
+    /// bundle or workloads waits for.
+    managed: Managed,
 }
 
 /// The result of an update.
@@ -35,19 +35,19 @@ impl Cell {
     /// that was moved aside.
     pub fn open(
         store: Store,
-        managed_os: bool,
+        managed: Managed,
         scope: &str,
     ) -> Result<(Self, Option<Error>), Error> {
         let (mut state, warning) = store.load()?;
         state.epoch += 1;
         state.adopt_scope(scope);
-        state.derive(managed_os);
+        state.derive(managed);
         store.save(&state)?;
         let cell = Self {
             store,
             state: Mutex::new(state),
             writer: tokio::sync::Mutex::new(()),
-            managed_os,
+            managed,
         };
         Ok((cell, warning))
     }
@@ -77,7 +77,7 @@ impl Cell {
         let current = self.snapshot();
         let mut next = current.clone();
         let value = f(&mut next);
-        next.derive(self.managed_os);
+        next.derive(self.managed);
         if next == current {
             return Ok(Updated {
                 value,

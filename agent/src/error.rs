@@ -73,6 +73,11 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "kubeconfig {}: {why}; [containers] kubeconfig in agent.toml names the file k3s writes (/etc/rancher/k3s/k3s.yaml)",
+        path.display()
+    )]
+    Kubeconfig { path: PathBuf, why: String },
     /// The release's OCI artifacts on disk do not make the images it names.
     #[error("the release's images cannot be served: {0}")]
     Images(#[from] cardeploy_registry::Error),

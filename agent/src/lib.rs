@@ -63,9 +63,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let roots = verify::Roots::new(&config.state_dir)?;
     let trusted = roots.load(&config.root)?;
     tracing::info!(root = trusted.root().version, "root of trust loaded");
+    let managed = state::Managed {
+        os: config.os.is_some(),
+        workloads: config
+            .containers
+            .as_ref()
+            .is_some_and(|c| c.kubeconfig.is_some()),
+    };
     let (cell, warning) = cell::Cell::open(
         Store::new(&config.state_dir)?,
-        config.os.is_some(),
+        managed,
         &trusted.counter_scope(),
     )?;
     let cell = Arc::new(cell);
@@ -121,24 +128,44 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             reached.clone(),
         ))
     });
-    let (containers, registry) = match &config.containers {
+    let (containers, registry, workloads) = match &config.containers {
         Some(c) => {
             let (containers, task) =
                 containers::Containers::start(c, fetcher.clone(), cell.clone(), reporter.clone())
                     .await?;
             // What the car held when it stopped is served again at once (a rollback needs it).
-            if let Some(release) = cell.read(|s| s.release.clone())
+            let (release, running) = cell.read(|s| {
+                (
+                    s.release.clone(),
+                    s.workloads.running.as_ref().map(|r| r.release.clone()),
+                )
+            });
+            if let Some(release) = release
                 && release
                     .artifacts
                     .iter()
                     .all(|a| fetcher.on_disk(a.name(), &a.index))
-                && let Err(e) = containers.serve(&release)
+                && let Err(e) = containers.serve(&release, running.as_ref())
             {
                 tracing::error!("{e}");
             }
-            (Some(containers), Some(task))
+            let workloads = match &c.kubeconfig {
+                Some(kubeconfig) => {
+                    let part = Arc::new(containers::Workloads::new(
+                        c.clone(),
+                        cell.clone(),
+                        reporter.clone(),
+                        containers.clone(),
+                    ));
+                    let driver =
+                        tokio::spawn(containers::driver::drive(part.clone(), kubeconfig.clone()));
+                    Some((part, driver))
+                }
+                None => None,
+            };
+            (Some(containers), Some(task), workloads)
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let deployer = Arc::new(deploy::Deployer {
         cell: cell.clone(),
@@ -147,6 +174,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         parts: deploy::Parts {
             os: os_host.clone(),
             containers,
+            workloads: workloads.as_ref().map(|(part, _)| part.clone()),
         },
         roots,
         trusted: Mutex::new(trusted),
@@ -179,6 +207,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     if let Some(registry) = registry {
         registry.abort();
+    }
+    if let Some((_, driver)) = workloads {
+        driver.abort();
     }
     drop(watchdog);
     tracing::info!("agent stopped");

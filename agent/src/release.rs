@@ -177,6 +177,13 @@ impl Release {
         self.os_bundle().is_some()
     }
 
+    /// Whether the release carries Kubernetes manifests (a part for the workloads driver).
+    pub fn has_workloads(&self) -> bool {
+        self.artifacts
+            .iter()
+            .any(|a| a.declared.kind == ArtifactKind::KubeManifest)
+    }
+
     /// The release's OS bundle, if it carries one.
     pub fn os_bundle(&self) -> Option<&HeldArtifact> {
         self.artifacts

@@ -19,7 +19,17 @@ use crate::release::Release;
 /// 5: the deployment (`deployment`), the release under `release` (was `target`, with the
 /// manifest digest under `release`), OS releases named by line and version (were a `label`); a
 /// schema-4 file loads with the deployment its reported phase stood for (`Store::load`).
-pub const SCHEMA: u32 = 5;
+/// 6: the workloads' rollout (`workloads`); a schema-5 file loads with none.
+pub const SCHEMA: u32 = 6;
+
+/// The workload parts this agent runs: what a release's deployment waits for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Managed {
+    /// `[os]`: releases with a bundle are installed through RAUC.
+    pub os: bool,
+    /// `[containers] kubeconfig`: releases with workload manifests are rolled out to k3s.
+    pub workloads: bool,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +74,9 @@ pub struct State {
     /// The OS update (A/B through RAUC) and the releases this car will not install again.
     #[serde(default)]
     pub os: crate::os::OsRecord,
+    /// The workloads' rollout on the car's k3s, what runs there, and what was observed.
+    #[serde(default)]
+    pub workloads: crate::containers::rollout::WorkloadsRecord,
 }
 
 impl State {
@@ -163,6 +176,7 @@ impl Default for State {
             reported: ReportedState::idle(),
             artifacts: BTreeMap::new(),
             os: crate::os::OsRecord::default(),
+            workloads: Default::default(),
         }
     }
 }
@@ -172,22 +186,49 @@ impl State {
     /// a deployment whose parts all settled is done, and what the twin is told (the phase and
     /// error, from the deployment and, while the OS works on the release, the OS update; the
     /// release; the counter and its scope).
-    pub fn derive(&mut self, managed_os: bool) {
-        if let Deployment::Applying { release } = &self.deployment
-            && managed_os
-            && crate::deploy::machine::os_settled(&self.os.update, release, self.accepted)
+    pub fn derive(&mut self, managed: Managed) {
+        if let Deployment::Applying { release: id } = &self.deployment
+            && let Some(release) = self.release.as_ref().filter(|r| &r.id == id)
         {
-            self.deployment = crate::deploy::machine::decide(
-                &self.deployment,
-                crate::deploy::machine::Event::PartsSettled,
-            );
+            use crate::deploy::machine::os_settled;
+            let os_part = managed.os && release.has_os();
+            let os_done = !os_part || os_settled(&self.os.update, id, self.accepted);
+            // The workloads start once the OS part committed; an OS that did not leaves them
+            // where they were.
+            let os_committed =
+                !os_part || matches!(&self.os.update, crate::os::OsUpdate::Committed { .. });
+            let workloads_part = managed.workloads && release.has_workloads() && os_committed;
+            let workloads_done = !workloads_part
+                || (self.workloads.rollout.settled(id) && self.workloads.trying.is_none());
+            if os_done && workloads_done {
+                self.deployment = crate::deploy::machine::decide(
+                    &self.deployment,
+                    crate::deploy::machine::Event::PartsSettled,
+                );
+            }
         }
-        let os = managed_os.then_some(&self.os.update);
-        let (phase, error) = crate::deploy::machine::phase(&self.deployment, os);
+        let os = managed.os.then_some(&self.os.update);
+        // A rollout that ended but whose cleanup (removing the old or the failed version) has
+        // not happened yet is still on trial: the twin hears the verdict once it is true on
+        // the car.
+        let rollout = self.workloads.effective();
+        let rollout = managed.workloads.then_some(&rollout);
+        let (phase, error) = crate::deploy::machine::phase(&self.deployment, os, rollout);
         self.reported.phase = phase;
         self.reported.last_error = error;
         self.reported.release = self.release.as_ref().map(|r| r.id.label());
         self.reported.desired_counter = self.last_counter;
         self.reported.counter_scope.clone_from(&self.counter_scope);
+        let workload_phase = crate::containers::driver::phase(&self.workloads.effective());
+        self.reported.workloads = self
+            .workloads
+            .observed
+            .iter()
+            .take(cardeploy_protocol::MAX_WORKLOADS)
+            .map(|w| cardeploy_protocol::WorkloadReport {
+                phase: workload_phase,
+                ..w.clone()
+            })
+            .collect();
     }
 }

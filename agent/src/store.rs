@@ -149,6 +149,7 @@ mod tests {
             },
             artifacts: [("rootfs".to_owned(), Digest([0xab; 32]))].into(),
             os: crate::os::OsRecord::default(),
+            workloads: Default::default(),
         }
     }
 

@@ -13,29 +13,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cardeploy_testkit::signing::COMPATIBLE;
-use cardeploy_testkit::workspace_bin;
+use common::pipeline::{cardeploy, keys_and_root};
 use common::{Agent, Env, call, until};
 use serde_json::Value;
-
-/// Run `cardeploy ARGS` in `dir` against the twin; stdout on success, panic with stderr if not.
-fn cardeploy(dir: &Path, twin: &cardeploy_twin::Running, env: &Env, args: &[&str]) -> String {
-    let out = Command::new(workspace_bin("cardeploy"))
-        .args(args)
-        .current_dir(dir)
-        .env("CARDEPLOY_API", format!("http://{}", twin.api_addr))
-        .env(
-            "CARDEPLOY_TOKEN_FILE",
-            env.data.path().join("operator.token"),
-        )
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cardeploy {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// `release create` + `release sign` + `release push` of `bundle` as `os@version`; the digest.
 fn publish(
@@ -80,39 +60,6 @@ fn publish(
     cardeploy(dir, twin, env, &["release", "push", &out, "--level", "3"])
         .trim()
         .to_owned()
-}
-
-/// The pipeline's keys (`keys/root`, `keys/release`), the twin's director key, the root naming
-/// them (`root.json`), uploaded to the twin.
-fn keys_and_root(dir: &Path, twin: &cardeploy_twin::Running, env: &Env) {
-    cardeploy(dir, twin, env, &["keys", "gen", "keys/root"]);
-    cardeploy(dir, twin, env, &["keys", "gen", "keys/release"]);
-    cardeploy(
-        dir,
-        twin,
-        env,
-        &["root", "director", "--out", "keys/director.pub"],
-    );
-    cardeploy(
-        dir,
-        twin,
-        env,
-        &[
-            "root",
-            "init",
-            "--root-key",
-            "keys/root.pub",
-            "--release-key",
-            "keys/release.pub",
-            "--director-key",
-            "keys/director.pub",
-            "--sign-with",
-            "keys/root.key",
-            "--out",
-            "root.json",
-        ],
-    );
-    cardeploy(dir, twin, env, &["root", "push", "root.json"]);
 }
 
 async fn refused(twin: &cardeploy_twin::Running, car: &str, containing: &str) -> String {

@@ -91,6 +91,11 @@ fn the_images_agent_toml_with_a_provisioned_car_toml_is_a_valid_configuration() 
         .containers
         .expect("the image's agent.toml has [containers]");
     assert_eq!(containers.registry.to_string(), var("CARDEPLOY_REGISTRY"));
+    // Workloads go to the image's k3s, through the kubeconfig k3s writes.
+    assert_eq!(
+        containers.kubeconfig.as_deref(),
+        Some(std::path::Path::new("/etc/rancher/k3s/k3s.yaml"))
+    );
     let mirror = std::fs::read_to_string(
         layer().join("recipes-cardeploy/cardeploy-k3s-conf/files/registries.yaml"),
     )

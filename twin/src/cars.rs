@@ -350,6 +350,12 @@ impl CarResponder {
         let now = now();
         match report.body {
             ReportBody::State { state } => {
+                // Bounded before it is stored: a car cannot make the twin keep more than
+                // MAX_WORKLOADS workloads or longer texts for it.
+                if let Err(why) = state.check() {
+                    tracing::warn!(car = %self.car, "dropped a reported state: {why}");
+                    return Ok(());
+                }
                 if self
                     .twin
                     .db

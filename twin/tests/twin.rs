@@ -541,3 +541,69 @@ async fn chunk_requests_outside_the_index_or_the_window_limits_are_refused() {
         index
     );
 }
+
+#[tokio::test]
+async fn a_reported_state_beyond_the_bounds_is_dropped_not_stored() {
+    let env = Env::new();
+    let twin = env.start().await;
+    let files = register(&env, &twin, "VIN-BIG").await;
+    let link = car_link(&env, &twin, &files, "VIN-BIG").await;
+    hello(&link, Phase::Idle).await;
+    let workload = |n: usize| cardeploy_protocol::WorkloadReport {
+        name: format!("Deployment/w{n}"),
+        release: "app@9.0.0".into(),
+        phase: cardeploy_protocol::WorkloadPhase::Ready,
+        ready_replicas: 1,
+        replicas: 1,
+        last_error: None,
+    };
+    let state = ReportedState {
+        phase: Phase::Committed,
+        release: Some("app@9.0.0".into()),
+        workloads: (0..=cardeploy_protocol::MAX_WORKLOADS)
+            .map(workload)
+            .collect(),
+        ..ReportedState::idle()
+    };
+    let big = Report {
+        epoch: 1,
+        seq: 0,
+        at: 0,
+        body: ReportBody::State { state },
+    };
+    link.fire_and_forget(route::CAR_REPORT, Bytes::from(protocol::encode(&big)))
+        .await
+        .unwrap();
+    // The barrier: a later report of the same car; once it is stored, the big one was handled.
+    let marker = Report {
+        epoch: 1,
+        seq: 1,
+        at: 0,
+        body: ReportBody::Event {
+            kind: "marker".into(),
+            message: "after the big state".into(),
+        },
+    };
+    link.fire_and_forget(route::CAR_REPORT, Bytes::from(protocol::encode(&marker)))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let (_, events) = api_async(&twin, "GET", "/api/v1/cars/VIN-BIG/events", None).await;
+        let events = events["events"].as_array().unwrap().clone();
+        if events.iter().any(|e| e["kind"] == "marker") {
+            assert!(
+                !events.iter().any(|e| e["kind"] == "state"),
+                "the oversized state was stored: {events:?}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the marker report never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, view) = api_async(&twin, "GET", "/api/v1/cars/VIN-BIG", None).await;
+    assert_ne!(view["reported"]["state"]["release"], "app@9.0.0", "{view}");
+}

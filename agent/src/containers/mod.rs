@@ -1,11 +1,22 @@
-//! The containers part: today, the car's registry. Once every artifact of a release is on the
-//! car, its images are served read-only from those files at the address k3s's mirror names
-//! (`/etc/rancher/k3s/registries.yaml`: `registry.cardeploy.local` → `127.0.0.1:5000`), each
-//! blob verified before it is first served (crates/registry). Applying the release's workloads
-//! to k3s joins here, beside the OS part, without touching the session or the reporter.
+//! The containers part: the car's registry and the release's workloads.
+//!
+//! - Once every artifact of a release is on the car, its images are served read-only from those
+//!   files at the address k3s's mirror names (`/etc/rancher/k3s/registries.yaml`:
+//!   `registry.cardeploy.local` → `127.0.0.1:5000`), each blob verified before it is first
+//!   served (crates/registry). The images of the release whose workloads run stay served
+//!   beside them until a newer release's workloads are promoted: a rollback needs no network.
+//! - With a kubeconfig, the release's workloads are applied to the car's k3s and rolled out
+//!   (`driver`: side by side, canary, promote or roll back), beside the OS part, without
+//!   touching the session or the reporter.
+
+pub mod cluster;
+pub(crate) mod driver;
+pub mod manifests;
+pub mod rollout;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use cardeploy_chunks::Digest;
@@ -27,10 +38,125 @@ pub struct ContainersConfig {
     /// `registries.yaml` mirrors `registry.cardeploy.local` to.
     #[serde(default = "default_registry")]
     pub registry: SocketAddr,
+    /// The car's k3s: the kubeconfig the agent applies workloads with (k3s writes
+    /// `/etc/rancher/k3s/k3s.yaml`). Without it, releases with workloads are refused.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// How long a new release's Deployments have to become ready.
+    #[serde(default = "default_ready_secs")]
+    pub ready_secs: u64,
+    /// How long a new version runs beside the previous one, healthy, before it is promoted.
+    #[serde(default = "default_canary_secs")]
+    pub canary_secs: u64,
+    /// Restarts of one container that count as a crash loop.
+    #[serde(default = "default_crash_restarts")]
+    pub crash_restarts: u32,
 }
 
 fn default_registry() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 5000))
+}
+
+fn default_ready_secs() -> u64 {
+    300
+}
+
+fn default_canary_secs() -> u64 {
+    60
+}
+
+fn default_crash_restarts() -> u32 {
+    3
+}
+
+/// Why a step of the workloads' rollout did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
+    #[error(transparent)]
+    Manifest(#[from] manifests::ManifestError),
+    #[error("workload manifest {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not persist {what}: {source}")]
+    Persist {
+        what: &'static str,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error("the rollout of {0} has no objects recorded (a damaged state file?)")]
+    NotRecorded(String),
+}
+
+/// The workloads' handle: what the workloads driver may use of the agent.
+pub(crate) struct Workloads {
+    pub config: ContainersConfig,
+    /// Rung on a new desired state, a finished fetch, an OS commit.
+    pub wake: tokio::sync::Notify,
+    cell: Arc<Cell>,
+    reporter: Arc<Reporter>,
+    fetcher: Arc<Fetcher>,
+    registry: Arc<Containers>,
+}
+
+impl Workloads {
+    pub fn new(
+        config: ContainersConfig,
+        cell: Arc<Cell>,
+        reporter: Arc<Reporter>,
+        registry: Arc<Containers>,
+    ) -> Self {
+        Self {
+            config,
+            wake: tokio::sync::Notify::new(),
+            cell,
+            reporter,
+            fetcher: registry.fetcher.clone(),
+            registry,
+        }
+    }
+
+    /// The release `old` ran before a newer one was promoted: its artifact files that neither
+    /// the accepted release nor the running one uses go.
+    pub fn retired(&self, old: Option<&rollout::Applied>) {
+        let (current, running) = self.cell.read(|s| {
+            (
+                s.release.clone(),
+                s.workloads.running.as_ref().map(|r| r.release.clone()),
+            )
+        });
+        // The registry stops serving the retired release's images before their files go.
+        if let Some(current) = &current
+            && let Err(e) = self.registry.serve(current, running.as_ref())
+        {
+            tracing::error!("{e}");
+        }
+        let Some(old) = old else { return };
+        let kept = self.cell.read(|s| {
+            s.release
+                .iter()
+                .chain(s.workloads.running.as_ref().map(|r| &r.release))
+                .flat_map(|r| r.artifacts.iter().map(|a| (a.name().to_owned(), a.index)))
+                .collect::<std::collections::BTreeSet<_>>()
+        });
+        for a in &old.release.artifacts {
+            if kept.contains(&(a.name().to_owned(), a.index)) {
+                continue;
+            }
+            let path = self.fetcher.artifact_path(a.name(), &a.index);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "retired release's artifact removed")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("could not remove {}: {e}", path.display()),
+            }
+        }
+    }
 }
 
 /// The containers part's handle: the registry it serves and where the artifacts are.
@@ -74,10 +200,17 @@ impl Containers {
         Ok((Arc::new(Self { registry, fetcher }), task))
     }
 
-    /// Serves the images of `release` from its artifacts on disk (all of them must be there).
-    pub fn serve(&self, release: &Release) -> Result<(), Error> {
+    /// Serves the images of `release` from its artifacts on disk (all of them must be there),
+    /// and those of `running`, the release whose workloads run until `release`'s are promoted
+    /// (its files are kept on the car for that).
+    pub fn serve(&self, release: &Release, running: Option<&Release>) -> Result<(), Error> {
         let mut files = BTreeMap::new();
-        for a in &release.artifacts {
+        for a in running
+            .filter(|r| r.id != release.id)
+            .into_iter()
+            .flat_map(|r| &r.artifacts)
+            .chain(&release.artifacts)
+        {
             if !matches!(
                 a.declared.kind,
                 ArtifactKind::OciManifest | ArtifactKind::OciConfig | ArtifactKind::OciLayer
@@ -94,6 +227,12 @@ impl Containers {
             );
         }
         let mut catalog = Catalog::new(files);
+        // The running release's images by digest only: the tags are the new release's.
+        if let Some(running) = running.filter(|r| r.id != release.id) {
+            for image in &running.images {
+                catalog.image(&image.name, &[], image.manifest.parse()?)?;
+            }
+        }
         for image in &release.images {
             let manifest: Digest = image.manifest.parse()?;
             let tags: Vec<&str> = image.tag.iter().map(String::as_str).collect();

@@ -7,6 +7,7 @@
 use cardeploy_protocol::Phase;
 use serde::{Deserialize, Serialize};
 
+use crate::containers::rollout::Rollout;
 use crate::os::OsUpdate;
 use crate::release::ReleaseRef;
 
@@ -141,22 +142,40 @@ pub fn os_settled(os: &OsUpdate, release: &ReleaseRef, accepted: u64) -> bool {
 }
 
 /// The phase the twin sees and the error a person should read: the deployment's, except while
-/// the OS part holds the release — then the OS update's, which says more (installing, trial,
-/// rolled back...). `os` is the OS update when the agent manages the OS.
-pub fn phase(deployment: &Deployment, os: Option<&OsUpdate>) -> (Phase, Option<String>) {
+/// a part holds the release — the OS update's while it works on it (installing, trial, rolled
+/// back...), then the workloads' rollout (trial while they start and run as a canary, committed
+/// once promoted, rolled back). `os` is the OS update when the agent manages the OS, `rollout`
+/// the workloads' when it applies workloads.
+pub fn phase(
+    deployment: &Deployment,
+    os: Option<&OsUpdate>,
+    rollout: Option<&Rollout>,
+) -> (Phase, Option<String>) {
     let os_holds = |release: &ReleaseRef| {
         os.filter(|u| u.release() == Some(release) && !matches!(u, OsUpdate::Fetching { .. }))
     };
+    let rollout_holds = |release: &ReleaseRef| rollout.filter(|r| r.release() == Some(release));
     match deployment {
         Deployment::Idle => (Phase::Idle, None),
         Deployment::Fetching { stalled, .. } => (Phase::Fetching, stalled.clone()),
         Deployment::Applying { release } | Deployment::Done { release } => {
-            match os_holds(release) {
-                Some(update) => (update.phase(), update.problem()),
-                None if matches!(deployment, Deployment::Applying { .. }) => {
+            let os = os_holds(release);
+            match (os, rollout_holds(release)) {
+                (Some(update), _) if !matches!(update, OsUpdate::Committed { .. }) => {
+                    (update.phase(), update.problem())
+                }
+                (_, Some(Rollout::Starting { .. } | Rollout::Canary { .. })) => {
+                    (Phase::Trial, None)
+                }
+                (_, Some(Rollout::Ready { .. })) => (Phase::Committed, None),
+                (_, Some(Rollout::RolledBack { error, .. })) => {
+                    (Phase::RolledBack, Some(error.clone()))
+                }
+                (Some(update), _) => (update.phase(), update.problem()),
+                (None, _) if matches!(deployment, Deployment::Applying { .. }) => {
                     (Phase::Verifying, None)
                 }
-                None => (Phase::Applied, None),
+                (None, _) => (Phase::Applied, None),
             }
         }
         Deployment::Failed { error, .. } => (Phase::Failed, Some(error.clone())),

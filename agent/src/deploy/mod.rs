@@ -16,7 +16,7 @@ pub use machine::Deployment;
 use machine::Event;
 
 use crate::cell::Cell;
-use crate::containers::Containers;
+use crate::containers::{Containers, Workloads};
 use crate::fetch::Fetcher;
 use crate::os::host::Host;
 use crate::release::{Release, ReleaseRef};
@@ -32,18 +32,31 @@ const DISK_RECHECK: Duration = Duration::from_secs(5);
 pub(crate) struct Parts {
     pub os: Option<Arc<Host>>,
     pub containers: Option<Arc<Containers>>,
+    pub workloads: Option<Arc<Workloads>>,
 }
 
 impl Parts {
     /// Whether some part applies `release` (else it is done once it is on the car).
     pub fn apply(&self, release: &Release) -> bool {
-        self.os.is_some() && release.has_os()
+        (self.os.is_some() && release.has_os())
+            || (self.workloads.is_some() && release.has_workloads())
     }
 
     /// Something they may wait for happened (a new release, a finished fetch, the twin).
     pub fn wake(&self) {
         if let Some(os) = &self.os {
             os.wake.notify_one();
+        }
+        if let Some(workloads) = &self.workloads {
+            workloads.wake.notify_one();
+        }
+    }
+
+    /// Serve `release`'s images (and those of the release whose workloads run).
+    fn serve(&self, release: &Release, running: Option<&Release>) -> Result<(), Error> {
+        match &self.containers {
+            Some(containers) => containers.serve(release, running),
+            None => Ok(()),
         }
     }
 }
@@ -89,6 +102,12 @@ impl Deployer {
 
     fn on_disk(&self) -> impl Fn(&str, &cardeploy_chunks::Digest) -> bool + '_ {
         |name, index| self.fetcher.on_disk(name, index)
+    }
+
+    /// The release whose workloads run on the car's k3s (kept until a newer one is promoted).
+    fn running_release(&self) -> Option<Release> {
+        self.cell
+            .read(|s| s.workloads.running.as_ref().map(|r| r.release.clone()))
     }
 
     async fn refuse(&self, message: String) {
@@ -201,10 +220,8 @@ impl Deployer {
         // Downloads of a replaced desired state are never finished: their partial files go.
         self.fetcher.prune_partials(&release.artifacts);
         // A release already on the car is served at once (one being fetched, when it is there).
-        if !fetch
-            && let Some(containers) = &self.parts.containers
-            && let Err(e) = containers.serve(&release)
-        {
+        let running = self.running_release();
+        if !fetch && let Err(e) = self.parts.serve(&release, running.as_ref()) {
             tracing::error!("{e}");
             self.reporter.event("images", e.to_string()).await;
         }
@@ -275,8 +292,19 @@ impl Deployer {
                 .value;
             // The previous version was the base of this download; the new one is the base of
             // the next.
+            // ... unless the release whose workloads run still uses it (a rollback needs it
+            // without the network); it goes when that release retires.
+            let retained = self.cell.read(|s| {
+                s.workloads.running.as_ref().is_some_and(|r| {
+                    r.release
+                        .artifacts
+                        .iter()
+                        .any(|a| a.name() == artifact.name() && Some(a.index) == previous)
+                })
+            });
             if let Some(old) = previous
                 && old != artifact.index
+                && !retained
             {
                 let old_path = self.fetcher.artifact_path(artifact.name(), &old);
                 if let Err(e) = std::fs::remove_file(&old_path)
@@ -297,9 +325,10 @@ impl Deployer {
         let (event, needed) = match result {
             Ok(()) => {
                 let release = self.cell.read(|s| s.release.clone());
-                let served = match (&self.parts.containers, &release) {
-                    (Some(containers), Some(release)) => containers.serve(release),
-                    _ => Ok(()),
+                let running = self.running_release();
+                let served = match &release {
+                    Some(release) => self.parts.serve(release, running.as_ref()),
+                    None => Ok(()),
                 };
                 match served {
                     Ok(()) => {

@@ -227,6 +227,10 @@ pub struct ReportedState {
     /// The A/B system as RAUC sees it, on cars whose agent manages the OS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub os: Option<OsReport>,
+    /// The release's workloads as the car's k3s runs them, on cars whose agent applies
+    /// workloads (at most [`MAX_WORKLOADS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<WorkloadReport>,
 }
 
 impl ReportedState {
@@ -238,6 +242,86 @@ impl ReportedState {
             release: None,
             last_error: None,
             os: None,
+            workloads: Vec::new(),
+        }
+    }
+
+    /// Whether the state is within what the twin keeps for a car: at most [`MAX_WORKLOADS`]
+    /// workloads, no text longer than [`MAX_REPORT_TEXT`]. A car sends what it likes; the twin
+    /// drops a state outside these bounds (and says so) instead of storing it.
+    pub fn check(&self) -> Result<(), String> {
+        if self.workloads.len() > MAX_WORKLOADS {
+            return Err(format!(
+                "{} workloads; at most {MAX_WORKLOADS} are kept",
+                self.workloads.len()
+            ));
+        }
+        let texts = [self.release.as_deref(), self.last_error.as_deref()]
+            .into_iter()
+            .chain(self.workloads.iter().flat_map(|w| {
+                [
+                    Some(w.name.as_str()),
+                    Some(w.release.as_str()),
+                    w.last_error.as_deref(),
+                ]
+            }))
+            .flatten();
+        for text in texts {
+            if text.len() > MAX_REPORT_TEXT {
+                return Err(format!(
+                    "a text of {} bytes; at most {MAX_REPORT_TEXT} are kept",
+                    text.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The most workloads one reported state lists.
+pub const MAX_WORKLOADS: usize = 64;
+/// The longest text (a release label, an error, a workload name) a reported state carries.
+pub const MAX_REPORT_TEXT: usize = 4096;
+
+/// One workload of the release as the car's k3s runs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadReport {
+    /// `Kind/name` of the object in the release's manifests (`Deployment/web`).
+    pub name: String,
+    /// The release it belongs to (`line@version`).
+    pub release: String,
+    pub phase: WorkloadPhase,
+    pub ready_replicas: u32,
+    pub replicas: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Where one workload stands (docs/state-machines.md, "Workloads").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkloadPhase {
+    /// Applied; waiting for its pods to be ready.
+    Starting,
+    /// The new version runs beside the previous one and must stay healthy for the canary time.
+    Canary,
+    /// Ready (and, after a canary, promoted: the previous version is removed).
+    Ready,
+    /// It did not become ready in time or crash-looped; `last_error` says which.
+    Failed,
+    /// It failed and the previous version runs again (or never stopped).
+    RolledBack,
+}
+
+impl WorkloadPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Canary => "canary",
+            Self::Ready => "ready",
+            Self::Failed => "failed",
+            Self::RolledBack => "rolled-back",
         }
     }
 }

@@ -54,6 +54,14 @@ fn reports_round_trip_through_json() {
                 release: Some("infotainment@1.2.0".into()),
                 last_error: None,
                 os: None,
+                workloads: vec![WorkloadReport {
+                    name: "Deployment/nav".into(),
+                    release: "infotainment@1.2.0".into(),
+                    phase: WorkloadPhase::Canary,
+                    ready_replicas: 1,
+                    replicas: 2,
+                    last_error: None,
+                }],
             },
         },
     };
@@ -62,6 +70,31 @@ fn reports_round_trip_through_json() {
     let text = String::from_utf8(bytes).unwrap_or_default();
     assert!(text.contains(r#""type":"state""#), "{text}");
     assert!(text.contains(r#""phase":"applied""#), "{text}");
+    assert!(text.contains(r#""phase":"canary""#), "{text}");
+}
+
+#[test]
+fn a_reported_state_is_bounded() {
+    let workload = |n: usize| WorkloadReport {
+        name: format!("Deployment/w{n}"),
+        release: "a@1.0.0".into(),
+        phase: WorkloadPhase::Ready,
+        ready_replicas: 1,
+        replicas: 1,
+        last_error: None,
+    };
+    let mut state = ReportedState::idle();
+    state.workloads = (0..MAX_WORKLOADS).map(workload).collect();
+    assert!(state.check().is_ok());
+    state.workloads.push(workload(MAX_WORKLOADS));
+    assert!(state.check().unwrap_err().contains("workloads"));
+    let mut state = ReportedState::idle();
+    state.workloads = vec![workload(0)];
+    state.workloads[0].last_error = Some("x".repeat(MAX_REPORT_TEXT + 1));
+    assert!(state.check().is_err());
+    state.workloads[0].last_error = None;
+    state.last_error = Some("x".repeat(MAX_REPORT_TEXT + 1));
+    assert!(state.check().is_err());
 }
 
 #[test]

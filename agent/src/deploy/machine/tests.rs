@@ -99,7 +99,7 @@ fn a_stalled_fetch_keeps_fetching_and_says_why() {
         }
     );
     assert_eq!(
-        phase(&next, None),
+        phase(&next, None, None),
         (Phase::Fetching, Some("disk full".into()))
     );
     // Once it finishes, the stall is forgotten.
@@ -120,7 +120,7 @@ fn a_failed_fetch_fails_the_deployment() {
         }
     );
     assert_eq!(
-        phase(&next, None),
+        phase(&next, None, None),
         (Phase::Failed, Some("index refused".into()))
     );
 }
@@ -166,12 +166,21 @@ fn the_phase_is_the_os_updates_while_the_os_holds_the_release() {
         attempt: 1,
     };
     let applying = Deployment::Applying { release: rel(1) };
-    assert_eq!(phase(&applying, Some(&installing)).0, Phase::Installing);
+    assert_eq!(
+        phase(&applying, Some(&installing), None).0,
+        Phase::Installing
+    );
     // Not yet taken up by the OS machine (it works on an older release, or none).
-    assert_eq!(phase(&applying, Some(&OsUpdate::Idle)).0, Phase::Verifying);
+    assert_eq!(
+        phase(&applying, Some(&OsUpdate::Idle), None).0,
+        Phase::Verifying
+    );
     // The OS machine's own fetching state belongs to the deployment.
     let os_fetching = OsUpdate::Fetching { release: rel(1) };
-    assert_eq!(phase(&fetching(1), Some(&os_fetching)).0, Phase::Fetching);
+    assert_eq!(
+        phase(&fetching(1), Some(&os_fetching), None).0,
+        Phase::Fetching
+    );
     let rolled_back = OsUpdate::RolledBack {
         release: rel(1),
         slot: "A".into(),
@@ -180,12 +189,55 @@ fn the_phase_is_the_os_updates_while_the_os_holds_the_release() {
         },
     };
     let done = Deployment::Done { release: rel(1) };
-    let (phase_now, error) = phase(&done, Some(&rolled_back));
+    let (phase_now, error) = phase(&done, Some(&rolled_back), None);
     assert_eq!(phase_now, Phase::RolledBack);
     assert!(error.unwrap().contains("unit down"));
     // Without an OS part the release is simply applied.
-    assert_eq!(phase(&done, None), (Phase::Applied, None));
-    assert_eq!(phase(&Deployment::Idle, None), (Phase::Idle, None));
+    assert_eq!(phase(&done, None, None), (Phase::Applied, None));
+    assert_eq!(phase(&Deployment::Idle, None, None), (Phase::Idle, None));
+}
+
+#[test]
+fn after_the_os_commits_the_workloads_rollout_gives_the_phase() {
+    use crate::containers::rollout::Rollout;
+    let committed = OsUpdate::Committed {
+        release: rel(1),
+        slot: "B".into(),
+    };
+    let applying = Deployment::Applying { release: rel(1) };
+    let starting = Rollout::Starting {
+        release: rel(1),
+        deadline: 9,
+    };
+    assert_eq!(
+        phase(&applying, Some(&committed), Some(&starting)).0,
+        Phase::Trial
+    );
+    // The OS still installing holds the phase whatever the workloads say.
+    let installing = OsUpdate::Installing {
+        release: rel(1),
+        attempt: 1,
+    };
+    assert_eq!(
+        phase(&applying, Some(&installing), Some(&starting)).0,
+        Phase::Installing
+    );
+    let done = Deployment::Done { release: rel(1) };
+    let ready = Rollout::Ready { release: rel(1) };
+    assert_eq!(phase(&done, None, Some(&ready)), (Phase::Committed, None));
+    let back = Rollout::RolledBack {
+        release: rel(1),
+        error: "crash loop".into(),
+    };
+    assert_eq!(
+        phase(&done, None, Some(&back)),
+        (Phase::RolledBack, Some("crash loop".into()))
+    );
+    // A rollout of another release does not speak for this one.
+    assert_eq!(
+        phase(&applying, None, Some(&Rollout::Ready { release: rel(2) })).0,
+        Phase::Verifying
+    );
 }
 
 #[test]

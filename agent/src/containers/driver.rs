@@ -1,0 +1,362 @@
+//! The workloads driver: once the deployment hands a release to the workloads (every artifact
+//! on the car, and the OS part, if the release has one, committed), it applies the release's
+//! objects to the car's k3s, watches its Deployments against the deadline and the canary time,
+//! and then promotes the release (removing what the previous one ran and this one does not) or
+//! rolls it back (removing what it started anew, applying the previous release's in-place
+//! objects again from the manifests kept on the car). Every step goes through the pure
+//! [`rollout::decide`]; its state is persisted before its effect, and every effect can be
+//! repeated, so a power cut anywhere ends in the same place.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cardeploy_protocol::{WorkloadPhase, WorkloadReport};
+use cardeploy_release::ArtifactKind;
+
+use super::cluster::Cluster;
+use super::manifests::{self, Object, ObjectRef, Strategy};
+use super::rollout::{self, Applied, Event, Rollout};
+use super::{WorkloadError, Workloads};
+use crate::deploy::Deployment;
+use crate::release::Release;
+use crate::{Error, now_secs};
+
+/// How often health is looked at while a rollout waits on it.
+const WATCH_TICK: Duration = Duration::from_millis(500);
+/// How often an idle driver looks again without being woken.
+const IDLE_TICK: Duration = Duration::from_secs(30);
+/// How long to wait before trying the API server again after it failed.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// The release's objects, from its workload manifests on disk.
+pub(super) fn objects(part: &Workloads, release: &Release) -> Result<Vec<Object>, WorkloadError> {
+    let mut files = BTreeMap::new();
+    for a in release
+        .artifacts
+        .iter()
+        .filter(|a| a.declared.kind == ArtifactKind::KubeManifest)
+    {
+        let path = part.fetcher.artifact_path(a.name(), &a.index);
+        let bytes = std::fs::read(&path).map_err(|source| WorkloadError::Read { path, source })?;
+        files.insert(a.name().to_owned(), bytes);
+    }
+    Ok(manifests::objects(&release.id.label(), &files)?)
+}
+
+/// Run the workloads driver until the agent stops. k3s writes its kubeconfig when it starts,
+/// which may be after the agent: until the file makes a client, the driver says why once and
+/// tries again.
+pub(crate) async fn drive(part: Arc<Workloads>, kubeconfig: PathBuf) {
+    let mut told = false;
+    let cluster = loop {
+        match Cluster::connect(&kubeconfig).await {
+            Ok(cluster) => break cluster,
+            Err(e) => {
+                if !told {
+                    tracing::warn!("workloads wait for k3s: {e}");
+                    part.reporter.event("workloads", e.to_string()).await;
+                    told = true;
+                }
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    };
+    if told {
+        tracing::info!("k3s's kubeconfig is there now: workloads are applied");
+    }
+    // The release whose objects this run of the agent applied: after a restart they are
+    // applied again (server-side apply is idempotent), so a crash between persisting
+    // `starting` and applying loses nothing.
+    let mut applied_now: Option<crate::release::ReleaseRef> = None;
+    loop {
+        let wait = match step(&part, &cluster, &mut applied_now).await {
+            Ok(wait) => wait,
+            Err(e) => {
+                tracing::warn!("workloads: {e}");
+                part.reporter.event("workloads", e.to_string()).await;
+                RETRY
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = part.wake.notified() => {}
+        }
+    }
+}
+
+/// One look: returns how long to wait before the next.
+async fn step(
+    part: &Workloads,
+    cluster: &Cluster,
+    applied_now: &mut Option<crate::release::ReleaseRef>,
+) -> Result<Duration, WorkloadError> {
+    let (rollout, record, wanted) = part.cell.read(|s| {
+        (
+            s.workloads.rollout.clone(),
+            s.workloads.clone(),
+            handed_over(s).cloned(),
+        )
+    });
+    // A rollout that ended leaves cleaning to do: promoted, the previous release's objects go;
+    // rolled back, the new ones go and the previous release's in-place objects come back.
+    if let Some(trying) = &record.trying
+        && rollout.settled(&trying.release.id)
+    {
+        return settle(part, cluster, &rollout, trying, record.running.as_ref()).await;
+    }
+    match &rollout {
+        Rollout::Starting { release, .. } | Rollout::Canary { release, .. } => {
+            let Some(trying) = record.trying.as_ref().filter(|t| &t.release.id == release) else {
+                return Err(WorkloadError::NotRecorded(release.to_string()));
+            };
+            if applied_now.as_ref() != Some(release) {
+                let objects = objects(part, &trying.release)?;
+                for object in &objects {
+                    if let Err(e) = cluster.apply(object).await {
+                        if matches!(rollout, Rollout::Starting { .. }) && refused(&e.source) {
+                            let error = e.to_string();
+                            update(part, |r| rollout::decide(r, Event::ApplyFailed(error))).await?;
+                            return Ok(Duration::ZERO);
+                        }
+                        return Err(e.into());
+                    }
+                }
+                tracing::info!(release = %release, objects = objects.len(), "workloads applied");
+                *applied_now = Some(release.clone());
+            }
+            observe(part, cluster, trying, record.running.as_ref()).await?;
+            Ok(WATCH_TICK)
+        }
+        _ => {
+            let Some(release) = wanted else {
+                return Ok(IDLE_TICK);
+            };
+            if rollout.release() == Some(&release.id) {
+                return Ok(IDLE_TICK);
+            }
+            // A new release for the workloads: its objects recorded, then the rollout starts.
+            let started = match objects(part, &release) {
+                Ok(objects) => Ok(Applied {
+                    release: release.clone(),
+                    objects: objects.into_iter().map(|o| o.reference).collect(),
+                }),
+                Err(e) => Err(e.to_string()),
+            };
+            let config = part.config.clone();
+            let now = now_secs();
+            part.cell
+                .update(|s| {
+                    let start = Event::Start {
+                        release: release.id.clone(),
+                        now,
+                        ready_secs: config.ready_secs,
+                    };
+                    s.workloads.rollout = rollout::decide(&s.workloads.rollout, start);
+                    match &started {
+                        Ok(applied) => s.workloads.trying = Some(applied.clone()),
+                        Err(e) => {
+                            s.workloads.trying = None;
+                            s.workloads.rollout = rollout::decide(
+                                &s.workloads.rollout,
+                                Event::ApplyFailed(e.clone()),
+                            );
+                        }
+                    }
+                    s.workloads.observed.clear();
+                })
+                .await
+                .map_err(persist("the workloads' rollout"))?;
+            part.reporter.state(part.cell.reported()).await;
+            Ok(Duration::ZERO)
+        }
+    }
+}
+
+/// The release the deployment hands to the workloads now, if any: every artifact on the car,
+/// workload manifests among them, and the OS part (when the release has one) committed.
+fn handed_over(s: &crate::state::State) -> Option<&Release> {
+    let release = s.release.as_ref()?;
+    let Deployment::Applying { release: id } = &s.deployment else {
+        return None;
+    };
+    if id != &release.id || !release.has_workloads() {
+        return None;
+    }
+    let os_ready = !release.has_os()
+        || matches!(&s.os.update, crate::os::OsUpdate::Committed { .. } if s.os.update.release() == Some(id));
+    os_ready.then_some(release)
+}
+
+/// Whether the API server refused the object itself (a bad manifest): waiting does not help.
+fn refused(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 429 && s.code != 409)
+}
+
+/// Health of every Deployment of the release in rollout, persisted (the twin sees it) and
+/// handed to the rollout.
+async fn observe(
+    part: &Workloads,
+    cluster: &Cluster,
+    trying: &Applied,
+    running: Option<&Applied>,
+) -> Result<(), WorkloadError> {
+    let objects = objects(part, &trying.release)?;
+    let before: BTreeSet<&ObjectRef> = running
+        .map(|r| r.objects.iter().collect())
+        .unwrap_or_default();
+    let mut reports = Vec::new();
+    let (mut ready, mut problem, mut crash, mut canary) = (true, None, false, false);
+    for object in objects.iter().filter(|o| o.runs) {
+        let health = cluster
+            .health(&object.reference, part.config.crash_restarts)
+            .await?;
+        ready &= health.ready_all;
+        if health.crashing {
+            crash = true;
+            problem = health.problem.clone();
+        } else if problem.is_none() && !health.ready_all {
+            problem = health.problem.clone();
+        }
+        // A new version beside a running one: the canary applies.
+        canary |= object.strategy == Strategy::SideBySide
+            && !before.contains(&object.reference)
+            && running.is_some_and(|r| {
+                r.objects
+                    .iter()
+                    .any(|o| o.kind == object.reference.kind && same_workload(o, object))
+            });
+        reports.push(WorkloadReport {
+            name: object.workload.clone(),
+            release: trying.release.id.label(),
+            phase: WorkloadPhase::Starting,
+            ready_replicas: health.ready,
+            replicas: health.replicas,
+            last_error: health
+                .problem
+                .filter(|_| !health.ready_all || health.crashing),
+        });
+    }
+    let now = now_secs();
+    let config = part.config.clone();
+    let event = Event::Observed {
+        ready,
+        problem: problem.map(|p| p.chars().take(1024).collect()),
+        crash,
+        now,
+        canary_secs: config.canary_secs,
+        canary,
+    };
+    let updated = part
+        .cell
+        .update(|s| {
+            s.workloads.rollout = rollout::decide(&s.workloads.rollout, event);
+            s.workloads.observed = reports;
+        })
+        .await
+        .map_err(persist("the workloads' health"))?;
+    if let Some(reported) = updated.reported {
+        part.reporter.state(reported).await;
+    }
+    Ok(())
+}
+
+/// Whether `running` is an earlier version of the same workload as `object`.
+fn same_workload(running: &ObjectRef, object: &Object) -> bool {
+    let base = |name: &str| {
+        name.rsplit_once('-')
+            .map_or(name.to_owned(), |(b, _)| b.to_owned())
+    };
+    running.namespace == object.reference.namespace
+        && base(&running.name) == base(&object.reference.name)
+}
+
+/// The end of a rollout: clean up, then record what runs.
+async fn settle(
+    part: &Workloads,
+    cluster: &Cluster,
+    rollout: &Rollout,
+    trying: &Applied,
+    running: Option<&Applied>,
+) -> Result<Duration, WorkloadError> {
+    let old: BTreeSet<&ObjectRef> = running
+        .map(|r| r.objects.iter().collect())
+        .unwrap_or_default();
+    let new: BTreeSet<&ObjectRef> = trying.objects.iter().collect();
+    let promoted = matches!(rollout, Rollout::Ready { .. });
+    let (remove, keep) = if promoted { (&old, &new) } else { (&new, &old) };
+    for gone in remove.difference(keep) {
+        cluster.delete(gone).await?;
+        tracing::info!(object = %gone, "removed");
+    }
+    if !promoted && let Some(running) = running {
+        // In-place objects the failed release changed come back as the previous release had
+        // them, from its manifests kept on the car.
+        for object in objects(part, &running.release)?
+            .iter()
+            .filter(|o| o.strategy == Strategy::InPlace)
+        {
+            cluster.apply(object).await?;
+        }
+    }
+    let message = match rollout {
+        Rollout::RolledBack { error, .. } => format!(
+            "{}: rolled back ({error}); {} runs",
+            trying.release.id,
+            running.map_or("nothing".to_owned(), |r| r.release.id.to_string())
+        ),
+        _ => format!("{}: workloads promoted", trying.release.id),
+    };
+    let updated = part
+        .cell
+        .update(|s| {
+            if promoted {
+                s.workloads.running = s.workloads.trying.take();
+            } else {
+                s.workloads.trying = None;
+            }
+        })
+        .await
+        .map_err(persist("the end of the rollout"))?;
+    part.reporter.event("workloads", message).await;
+    if let Some(reported) = updated.reported {
+        part.reporter.state(reported).await;
+    }
+    if promoted {
+        part.retired(running);
+    }
+    Ok(Duration::ZERO)
+}
+
+/// The phase of the release's workloads for the twin, from the rollout.
+pub fn phase(rollout: &Rollout) -> WorkloadPhase {
+    match rollout {
+        Rollout::Idle | Rollout::Starting { .. } => WorkloadPhase::Starting,
+        Rollout::Canary { .. } => WorkloadPhase::Canary,
+        Rollout::Ready { .. } => WorkloadPhase::Ready,
+        Rollout::RolledBack { .. } => WorkloadPhase::RolledBack,
+    }
+}
+
+async fn update(
+    part: &Workloads,
+    f: impl FnOnce(&Rollout) -> Rollout,
+) -> Result<(), WorkloadError> {
+    let updated = part
+        .cell
+        .update(|s| s.workloads.rollout = f(&s.workloads.rollout))
+        .await
+        .map_err(persist("the workloads' rollout"))?;
+    if let Some(reported) = updated.reported {
+        part.reporter.state(reported).await;
+    }
+    Ok(())
+}
+
+fn persist(what: &'static str) -> impl FnOnce(Error) -> WorkloadError {
+    move |source| WorkloadError::Persist {
+        what,
+        source: Box::new(source),
+    }
+}
