@@ -70,12 +70,21 @@ pub(crate) async fn drive(part: Arc<Workloads>, kubeconfig: PathBuf) {
     // applied again (server-side apply is idempotent), so a crash between persisting
     // `starting` and applying loses nothing.
     let mut applied_now: Option<crate::release::ReleaseRef> = None;
+    // The twin hears a problem once, not every retry (the API server may be away for long).
+    let mut last_problem: Option<String> = None;
     loop {
         let wait = match step(&part, &cluster, &mut applied_now).await {
-            Ok(wait) => wait,
+            Ok(wait) => {
+                last_problem = None;
+                wait
+            }
             Err(e) => {
-                tracing::warn!("workloads: {e}");
-                part.reporter.event("workloads", e.to_string()).await;
+                let problem = e.to_string();
+                if last_problem.as_ref() != Some(&problem) {
+                    tracing::warn!("workloads: {problem}");
+                    part.reporter.event("workloads", problem.clone()).await;
+                    last_problem = Some(problem);
+                }
                 RETRY
             }
         };

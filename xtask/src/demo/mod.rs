@@ -2,6 +2,7 @@
 //! step uses the same binaries and CLI commands a person would. The qemu car comes last
 //! ([`qemu`]).
 
+mod containers;
 mod qemu;
 
 use std::path::{Path, PathBuf};
@@ -381,6 +382,8 @@ pub fn main() -> anyhow::Result<()> {
         "  the car still runs {}",
         view["reported"]["state"]["release"]
     );
+
+    let agent = containers::main(&cli, &data, &car_dir, agent, start_agent)?;
 
     qemu::main(&data, &bin, &cli.api, cars_port)?;
 
