@@ -375,3 +375,57 @@ async fn a_replace_workload_that_never_gets_ready_is_rolled_back_to_the_previous
 fn kube_client(double: &ApiServerDouble) -> kube::Client {
     kube::Client::try_from(kube::Config::new(double.url().parse().unwrap())).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_away_delays_the_rollout_and_the_twin_hears_why() {
+    let double = ApiServerDouble::start().await;
+    let env = Env::new();
+    env.no_root.set(true).unwrap();
+    let twin = env.twin().await;
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    std::fs::create_dir_all(dir.join("keys")).unwrap();
+    keys_and_root(dir, &twin, &env);
+    let p = Pipeline {
+        dir,
+        twin: &twin,
+        env: &env,
+    };
+    let _agent = car(&env, &twin, &double, dir, "VIN-AWAY").await;
+    let v1 = p.image("away1", b"away 1");
+    let (r1, _) = p.release(
+        "1.0.0",
+        &[("acme/away", &v1)],
+        &deployment("away", "ghcr.io/acme/away:1.0", ""),
+    );
+    double.go_away();
+    p.desire("VIN-AWAY", &r1);
+    // The twin hears why nothing runs yet, once.
+    let started = std::time::Instant::now();
+    loop {
+        let (_, events) =
+            common::call(&twin, "GET", "/api/v1/cars/VIN-AWAY/events?limit=100", None).await;
+        let told = events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "workloads")
+            .count();
+        if told > 0 {
+            assert_eq!(told, 1, "said once, not every retry: {events}");
+            break;
+        }
+        assert!(started.elapsed() < ROLLOUT, "no workloads event: {events}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    double.come_back().await;
+    until_within(
+        &twin,
+        "VIN-AWAY",
+        ROLLOUT,
+        "apps@1.0.0 committed once the API server is back",
+        |v| state_of(v)["release"] == "apps@1.0.0" && state_of(v)["phase"] == "committed",
+    )
+    .await;
+    assert_eq!(deployments(&double, "away-").len(), 1);
+}
