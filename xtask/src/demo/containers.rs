@@ -11,7 +11,7 @@ use cardeploy_testkit::kube::{ApiServerDouble, Failure};
 use cardeploy_testkit::oci::{Layout, tar};
 use serde_json::Value;
 
-use super::{CAR, Cli, Daemon, free_port, release};
+use super::cli::{CAR, Cli, Daemon, free_port, release};
 use crate::sh::{run, step};
 
 /// The Deployment and Service of the demo's navigation app, pinned by `cardeploy release
