@@ -27,16 +27,65 @@ use serde_json::Value;
 /// How long the tests give a rollout: ready deadline and canary time are seconds.
 const ROLLOUT: Duration = Duration::from_secs(30);
 
-struct Pipeline<'a> {
-    dir: &'a Path,
-    twin: &'a cardeploy_twin::Running,
-    env: &'a Env,
+/// One test's world: the API-server double standing in for the car's k3s, a twin, and the
+/// pipeline's keys and root made with the CLI in a working directory.
+struct World {
+    double: ApiServerDouble,
+    env: Env,
+    twin: cardeploy_twin::Running,
+    work: tempfile::TempDir,
 }
 
-impl Pipeline<'_> {
+impl World {
+    async fn new() -> Self {
+        let double = ApiServerDouble::start().await;
+        let env = Env::new();
+        env.no_root.set(true).unwrap();
+        let twin = env.twin().await;
+        let work = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(work.path().join("keys")).unwrap();
+        keys_and_root(work.path(), &twin, &env);
+        Self {
+            double,
+            env,
+            twin,
+            work,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// A car with `[containers]` naming the double, its agent started.
+    async fn car(&self, id: &str) -> Agent {
+        self.car_with(id, 2).await
+    }
+
+    /// The same with a canary time of `canary_secs`.
+    async fn car_with(&self, id: &str, canary_secs: u64) -> Agent {
+        let kubeconfig = self.dir().join("kubeconfig");
+        self.double.write_kubeconfig(&kubeconfig);
+        let port = common::free_port();
+        let config = self
+            .env
+            .car_config(
+                &self.twin,
+                id,
+                &format!("localhost:{}", self.env.cars_port),
+                &self.dir().join("root.json"),
+                &format!(
+                    "[containers]\nregistry = \"127.0.0.1:{port}\"\nkubeconfig = \"{}\"\nready_secs = 4\ncanary_secs = {canary_secs}\n",
+                    kubeconfig.display()
+                ),
+            )
+            .await;
+        Agent::start(&config)
+    }
+
     /// An arm64 image `name` whose one layer holds `content`, as a layout under `oci/`.
     fn image(&self, name: &str, content: &[u8]) -> String {
-        let dir = self.dir.join("oci").join(name);
+        let dir = self.dir().join("oci").join(name);
         let _ = std::fs::remove_dir_all(&dir);
         let layout = Layout::new(&dir);
         let image = layout.image("arm64", &[tar(&[("srv/app", content)])]);
@@ -47,7 +96,7 @@ impl Pipeline<'_> {
     /// `apps@version` with `images` (NAME=DIR) and the manifests `yaml`, signed and pushed;
     /// returns the release digest and the image references the workloads were rewritten to.
     fn release(&self, version: &str, images: &[(&str, &str)], yaml: &str) -> (String, Vec<String>) {
-        let k8s = self.dir.join(format!("k8s-{version}"));
+        let k8s = self.dir().join(format!("k8s-{version}"));
         std::fs::create_dir_all(&k8s).unwrap();
         std::fs::write(k8s.join("app.yaml"), yaml).unwrap();
         let out = format!("rel-{version}");
@@ -69,18 +118,23 @@ impl Pipeline<'_> {
             args.extend(["--image".into(), format!("{name}={dir}")]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        cardeploy(self.dir, self.twin, self.env, &args);
+        cardeploy(self.dir(), &self.twin, &self.env, &args);
         cardeploy(
-            self.dir,
-            self.twin,
-            self.env,
+            self.dir(),
+            &self.twin,
+            &self.env,
             &["release", "sign", &out, "--key", "keys/release.key"],
         );
-        let digest = cardeploy(self.dir, self.twin, self.env, &["release", "push", &out])
-            .trim()
-            .to_owned();
+        let digest = cardeploy(
+            self.dir(),
+            &self.twin,
+            &self.env,
+            &["release", "push", &out],
+        )
+        .trim()
+        .to_owned();
         let release: cardeploy_release::Release = serde_json::from_slice(
-            &std::fs::read(self.dir.join(&out).join("release.json")).unwrap(),
+            &std::fs::read(self.dir().join(&out).join("release.json")).unwrap(),
         )
         .unwrap();
         let refs = release
@@ -100,9 +154,9 @@ impl Pipeline<'_> {
 
     fn desire(&self, car: &str, digest: &str) {
         cardeploy(
-            self.dir,
-            self.twin,
-            self.env,
+            self.dir(),
+            &self.twin,
+            &self.env,
             &["car", "set-desired", car, "--release", digest],
         );
     }
@@ -126,56 +180,19 @@ fn deployments(double: &ApiServerDouble, prefix: &str) -> Vec<String> {
         .collect()
 }
 
-/// A car with `[containers]` naming the double, its agent started.
-async fn car(
-    env: &Env,
-    twin: &cardeploy_twin::Running,
-    double: &ApiServerDouble,
-    dir: &Path,
-    id: &str,
-) -> Agent {
-    let kubeconfig = dir.join("kubeconfig");
-    double.write_kubeconfig(&kubeconfig);
-    let port = common::free_port();
-    let config = env
-        .car_config(
-            twin,
-            id,
-            &format!("localhost:{}", env.cars_port),
-            &dir.join("root.json"),
-            &format!(
-                "[containers]\nregistry = \"127.0.0.1:{port}\"\nkubeconfig = \"{}\"\nready_secs = 4\ncanary_secs = 2\n",
-                kubeconfig.display()
-            ),
-        )
-        .await;
-    Agent::start(&config)
-}
-
 fn state_of(v: &Value) -> &Value {
     &v["reported"]["state"]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_version_runs_beside_the_old_is_promoted_and_a_crash_loop_is_rolled_back() {
-    let double = ApiServerDouble::start().await;
+    let w = World::new().await;
+    let (double, twin, p) = (&w.double, &w.twin, &w);
     double.ready_after(Duration::from_millis(300));
-    let env = Env::new();
-    env.no_root.set(true).unwrap();
-    let twin = env.twin().await;
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path();
-    std::fs::create_dir_all(dir.join("keys")).unwrap();
-    keys_and_root(dir, &twin, &env);
-    let p = Pipeline {
-        dir,
-        twin: &twin,
-        env: &env,
-    };
-    let _agent = car(&env, &twin, &double, dir, "VIN-K8S").await;
+    let _agent = w.car("VIN-K8S").await;
 
     // Something the agent did not apply, in the same namespace: it must survive every prune.
-    let theirs = kube_client(&double);
+    let theirs = kube_client(double);
     let cm: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
         kube::Api::namespaced(theirs, "default");
     cm.patch(
@@ -200,7 +217,7 @@ async fn a_new_version_runs_beside_the_old_is_promoted_and_a_crash_loop_is_rolle
         ),
     );
     p.desire("VIN-K8S", &r1);
-    let seen = until_within(&twin, "VIN-K8S", ROLLOUT, "apps@1.0.0 committed", |v| {
+    let seen = until_within(twin, "VIN-K8S", ROLLOUT, "apps@1.0.0 committed", |v| {
         state_of(v)["release"] == "apps@1.0.0" && state_of(v)["phase"] == "committed"
     })
     .await;
@@ -213,7 +230,7 @@ async fn a_new_version_runs_beside_the_old_is_promoted_and_a_crash_loop_is_rolle
         .unwrap_or_else(|| panic!("no nav in {workloads}"));
     assert_eq!(nav["phase"], "ready", "{nav}");
     assert_eq!(nav["ready_replicas"], 2, "{nav}");
-    let first = deployments(&double, "nav-");
+    let first = deployments(double, "nav-");
     assert_eq!(first.len(), 1, "{first:?}");
     let d = double
         .object("apps", "deployments", "default", &first[0])
@@ -244,19 +261,20 @@ async fn a_new_version_runs_beside_the_old_is_promoted_and_a_crash_loop_is_rolle
         &format!("{}{SERVICE}", deployment("nav", "ghcr.io/acme/nav:1.0", "")),
     );
     p.desire("VIN-K8S", &r2);
-    until_within(&twin, "VIN-K8S", ROLLOUT, "apps@2.0.0 in its canary", |v| {
-        state_of(v)["release"] == "apps@2.0.0" && state_of(v)["workloads"][0]["phase"] == "canary"
+    until_within(twin, "VIN-K8S", ROLLOUT, "apps@2.0.0 in its canary", |v| {
+        state_of(v)["workloads"][0]["release"] == "apps@2.0.0"
+            && state_of(v)["workloads"][0]["phase"] == "canary"
     })
     .await;
-    let both = deployments(&double, "nav-");
+    let both = deployments(double, "nav-");
     assert_eq!(both.len(), 2, "old and new side by side: {both:?}");
     assert!(both.contains(&first[0]));
-    let promoted = until_within(&twin, "VIN-K8S", ROLLOUT, "apps@2.0.0 promoted", |v| {
+    let promoted = until_within(twin, "VIN-K8S", ROLLOUT, "apps@2.0.0 promoted", |v| {
         state_of(v)["release"] == "apps@2.0.0" && state_of(v)["phase"] == "committed"
     })
     .await;
     assert_eq!(state_of(&promoted)["workloads"][0]["phase"], "ready");
-    let second = deployments(&double, "nav-");
+    let second = deployments(double, "nav-");
     assert_eq!(second.len(), 1, "the old version is removed: {second:?}");
     assert_ne!(second[0], first[0]);
     assert!(
@@ -276,7 +294,7 @@ async fn a_new_version_runs_beside_the_old_is_promoted_and_a_crash_loop_is_rolle
     );
     double.fail(&refs[0], Failure::CrashLoop);
     p.desire("VIN-K8S", &r3);
-    let back = until_within(&twin, "VIN-K8S", ROLLOUT, "apps@3.0.0 rolled back", |v| {
+    let back = until_within(twin, "VIN-K8S", ROLLOUT, "apps@3.0.0 rolled back", |v| {
         state_of(v)["release"] == "apps@3.0.0" && state_of(v)["phase"] == "rolled-back"
     })
     .await;
@@ -284,11 +302,11 @@ async fn a_new_version_runs_beside_the_old_is_promoted_and_a_crash_loop_is_rolle
     assert!(error.contains("crash"), "{back}");
     // The cleanup follows the persisted verdict: wait for it, not for a time.
     let started = std::time::Instant::now();
-    while deployments(&double, "nav-") != second {
+    while deployments(double, "nav-") != second {
         assert!(
             started.elapsed() < ROLLOUT,
             "the failed version is not removed: {:?}",
-            deployments(&double, "nav-")
+            deployments(double, "nav-")
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -302,20 +320,9 @@ async fn a_new_version_runs_beside_the_old_is_promoted_and_a_crash_loop_is_rolle
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replace_workload_that_never_gets_ready_is_rolled_back_to_the_previous_manifest() {
-    let double = ApiServerDouble::start().await;
-    let env = Env::new();
-    env.no_root.set(true).unwrap();
-    let twin = env.twin().await;
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path();
-    std::fs::create_dir_all(dir.join("keys")).unwrap();
-    keys_and_root(dir, &twin, &env);
-    let p = Pipeline {
-        dir,
-        twin: &twin,
-        env: &env,
-    };
-    let _agent = car(&env, &twin, &double, dir, "VIN-MODEM").await;
+    let w = World::new().await;
+    let (double, twin, p) = (&w.double, &w.twin, &w);
+    let _agent = w.car("VIN-MODEM").await;
     let replace = "cardeploy.io/strategy: replace";
 
     let v1 = p.image("modem1", b"modem 1");
@@ -325,7 +332,7 @@ async fn a_replace_workload_that_never_gets_ready_is_rolled_back_to_the_previous
         &deployment("modem", "ghcr.io/acme/modem:1.0", replace),
     );
     p.desire("VIN-MODEM", &r1);
-    until_within(&twin, "VIN-MODEM", ROLLOUT, "apps@1.0.0 committed", |v| {
+    until_within(twin, "VIN-MODEM", ROLLOUT, "apps@1.0.0 committed", |v| {
         state_of(v)["release"] == "apps@1.0.0" && state_of(v)["phase"] == "committed"
     })
     .await;
@@ -343,7 +350,7 @@ async fn a_replace_workload_that_never_gets_ready_is_rolled_back_to_the_previous
     );
     double.fail(&refs2[0], Failure::NeverReady);
     p.desire("VIN-MODEM", &r2);
-    let back = until_within(&twin, "VIN-MODEM", ROLLOUT, "apps@2.0.0 rolled back", |v| {
+    let back = until_within(twin, "VIN-MODEM", ROLLOUT, "apps@2.0.0 rolled back", |v| {
         state_of(v)["release"] == "apps@2.0.0" && state_of(v)["phase"] == "rolled-back"
     })
     .await;
@@ -369,7 +376,7 @@ async fn a_replace_workload_that_never_gets_ready_is_rolled_back_to_the_previous
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(deployments(&double, "modem"), vec!["modem".to_owned()]);
+    assert_eq!(deployments(double, "modem"), vec!["modem".to_owned()]);
 }
 
 fn kube_client(double: &ApiServerDouble) -> kube::Client {
@@ -378,20 +385,9 @@ fn kube_client(double: &ApiServerDouble) -> kube::Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_away_delays_the_rollout_and_the_twin_hears_why() {
-    let double = ApiServerDouble::start().await;
-    let env = Env::new();
-    env.no_root.set(true).unwrap();
-    let twin = env.twin().await;
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path();
-    std::fs::create_dir_all(dir.join("keys")).unwrap();
-    keys_and_root(dir, &twin, &env);
-    let p = Pipeline {
-        dir,
-        twin: &twin,
-        env: &env,
-    };
-    let _agent = car(&env, &twin, &double, dir, "VIN-AWAY").await;
+    let w = World::new().await;
+    let (double, twin, p) = (&w.double, &w.twin, &w);
+    let _agent = w.car("VIN-AWAY").await;
     let v1 = p.image("away1", b"away 1");
     let (r1, _) = p.release(
         "1.0.0",
@@ -404,7 +400,7 @@ async fn the_api_server_away_delays_the_rollout_and_the_twin_hears_why() {
     let started = std::time::Instant::now();
     loop {
         let (_, events) =
-            common::call(&twin, "GET", "/api/v1/cars/VIN-AWAY/events?limit=100", None).await;
+            common::call(twin, "GET", "/api/v1/cars/VIN-AWAY/events?limit=100", None).await;
         let told = events["events"]
             .as_array()
             .unwrap()
@@ -420,12 +416,85 @@ async fn the_api_server_away_delays_the_rollout_and_the_twin_hears_why() {
     }
     double.come_back().await;
     until_within(
-        &twin,
+        twin,
         "VIN-AWAY",
         ROLLOUT,
         "apps@1.0.0 committed once the API server is back",
         |v| state_of(v)["release"] == "apps@1.0.0" && state_of(v)["phase"] == "committed",
     )
     .await;
-    assert_eq!(deployments(&double, "away-").len(), 1);
+    assert_eq!(deployments(double, "away-").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_release_during_a_canary_rolls_the_canary_back_and_starts_from_what_ran() {
+    let w = World::new().await;
+    let (double, twin, p) = (&w.double, &w.twin, &w);
+    // A canary long enough for the next desired state to arrive in it.
+    let _agent = w.car_with("VIN-NEXT", 120).await;
+    let v1 = p.image("next1", b"next 1");
+    let (r1, _) = p.release(
+        "1.0.0",
+        &[("acme/nav", &v1)],
+        &deployment("nav", "ghcr.io/acme/nav:1.0", ""),
+    );
+    p.desire("VIN-NEXT", &r1);
+    until_within(twin, "VIN-NEXT", ROLLOUT, "apps@1.0.0 committed", |v| {
+        state_of(v)["release"] == "apps@1.0.0" && state_of(v)["phase"] == "committed"
+    })
+    .await;
+    let first = deployments(double, "nav-");
+    let v2 = p.image("next2", b"next 2");
+    let (r2, _) = p.release(
+        "2.0.0",
+        &[("acme/nav", &v2)],
+        &deployment("nav", "ghcr.io/acme/nav:1.0", ""),
+    );
+    p.desire("VIN-NEXT", &r2);
+    until_within(twin, "VIN-NEXT", ROLLOUT, "apps@2.0.0 in its canary", |v| {
+        state_of(v)["workloads"][0]["release"] == "apps@2.0.0"
+            && state_of(v)["workloads"][0]["phase"] == "canary"
+    })
+    .await;
+    let with_second = deployments(double, "nav-");
+    assert_eq!(with_second.len(), 2, "{with_second:?}");
+    let v3 = p.image("next3", b"next 3");
+    let (r3, _) = p.release(
+        "3.0.0",
+        &[("acme/nav", &v3)],
+        &deployment("nav", "ghcr.io/acme/nav:1.0", ""),
+    );
+    p.desire("VIN-NEXT", &r3);
+    until_within(twin, "VIN-NEXT", ROLLOUT, "apps@3.0.0 in its canary", |v| {
+        state_of(v)["workloads"][0]["release"] == "apps@3.0.0"
+            && state_of(v)["workloads"][0]["phase"] == "canary"
+    })
+    .await;
+    let now = deployments(double, "nav-");
+    assert_eq!(
+        now.len(),
+        2,
+        "the new canary beside what ran before: {now:?}"
+    );
+    assert!(now.contains(&first[0]), "1.0.0 still runs: {now:?}");
+    assert!(
+        with_second
+            .iter()
+            .all(|d| d == &first[0] || !now.contains(d)),
+        "2.0.0's version is removed: {now:?}"
+    );
+    let (_, events) =
+        common::call(twin, "GET", "/api/v1/cars/VIN-NEXT/events?limit=100", None).await;
+    assert!(
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "workloads"
+                && e["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("superseded by apps@3.0.0")),
+        "{events}"
+    );
 }

@@ -101,11 +101,12 @@ async fn step(
     cluster: &Cluster,
     applied_now: &mut Option<crate::release::ReleaseRef>,
 ) -> Result<Duration, WorkloadError> {
-    let (rollout, record, wanted) = part.cell.read(|s| {
+    let (rollout, record, wanted, accepted) = part.cell.read(|s| {
         (
             s.workloads.rollout.clone(),
             s.workloads.clone(),
             handed_over(s).cloned(),
+            s.release.as_ref().map(|r| r.id.clone()),
         )
     });
     // A rollout that ended leaves cleaning to do: promoted, the previous release's objects go;
@@ -116,6 +117,13 @@ async fn step(
         return settle(part, cluster, &rollout, trying, record.running.as_ref()).await;
     }
     match &rollout {
+        Rollout::Starting { release, .. } | Rollout::Canary { release, .. }
+            if accepted.as_ref().is_some_and(|a| a != release) =>
+        {
+            let by = accepted.map(|a| a.to_string()).unwrap_or_default();
+            update(part, |r| rollout::decide(r, Event::Superseded(by))).await?;
+            Ok(Duration::ZERO)
+        }
         Rollout::Starting { release, .. } | Rollout::Canary { release, .. } => {
             let Some(trying) = record.trying.as_ref().filter(|t| &t.release.id == release) else {
                 return Err(WorkloadError::NotRecorded(release.to_string()));
@@ -332,9 +340,9 @@ async fn settle(
     if let Some(reported) = updated.reported {
         part.reporter.state(reported).await;
     }
-    if promoted {
-        part.retired(running);
-    }
+    // Promoted: the previous release retires. Rolled back: the failed release's files go too,
+    // unless it is still the accepted release (the car keeps what it was told to run).
+    part.retired(if promoted { running } else { Some(trying) });
     Ok(Duration::ZERO)
 }
 

@@ -120,8 +120,9 @@ impl Workloads {
         }
     }
 
-    /// The release `old` ran before a newer one was promoted: its artifact files that neither
-    /// the accepted release nor the running one uses go.
+    /// `old` is done with: the release that ran before a newer one was promoted, or one that
+    /// was rolled back. Its artifact files that neither the accepted release nor the running one
+    /// uses go, and the registry serves what is left.
     pub fn retired(&self, old: Option<&rollout::Applied>) {
         let (current, running) = self.cell.read(|s| {
             (

@@ -83,6 +83,9 @@ pub enum Event {
     },
     /// The release's objects could not be applied.
     ApplyFailed(String),
+    /// A newer desired state names another release before this rollout ended: it is rolled
+    /// back, so the new one starts from what ran before.
+    Superseded(String),
     /// The Deployments' health: all ready, or the first problem; `crash`: the problem is a crash
     /// loop (waiting does not help).
     Observed {
@@ -144,6 +147,13 @@ pub fn decide(current: &Rollout, event: Event) -> Rollout {
         (Rollout::Starting { release, .. }, Event::ApplyFailed(error)) => Rollout::RolledBack {
             release: release.clone(),
             error,
+        },
+        (
+            Rollout::Starting { release, .. } | Rollout::Canary { release, .. },
+            Event::Superseded(by),
+        ) => Rollout::RolledBack {
+            release: release.clone(),
+            error: format!("superseded by {by} before it was promoted"),
         },
         (
             Rollout::Starting { release, deadline },

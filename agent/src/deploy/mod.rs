@@ -292,10 +292,12 @@ impl Deployer {
                 .value;
             // The previous version was the base of this download; the new one is the base of
             // the next.
-            // ... unless the release whose workloads run still uses it (a rollback needs it
-            // without the network); it goes when that release retires.
+            // ... unless the release whose workloads run, or the one still in its rollout,
+            // uses it (a rollback needs it without the network, a rollout its manifests); it
+            // goes when that release retires.
             let retained = self.cell.read(|s| {
-                s.workloads.running.as_ref().is_some_and(|r| {
+                let w = &s.workloads;
+                w.running.iter().chain(&w.trying).any(|r| {
                     r.release
                         .artifacts
                         .iter()

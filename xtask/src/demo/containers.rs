@@ -131,7 +131,7 @@ pub fn main(
         .cmd()
         .args(["car", "set-desired", CAR, "--release", &v2]))?;
     cli.until("nav@2.0.0's canary", |v| {
-        v["reported"]["state"]["release"] == "nav@2.0.0"
+        v["reported"]["state"]["workloads"][0]["release"] == "nav@2.0.0"
             && v["reported"]["state"]["workloads"][0]["phase"] == "canary"
     })?;
     println!(

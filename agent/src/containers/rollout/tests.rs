@@ -159,3 +159,22 @@ fn settled_states_ignore_observations() {
         assert_eq!(decide(&settled, Event::ApplyFailed("x".into())), settled);
     }
 }
+
+#[test]
+fn a_rollout_superseded_before_its_end_rolls_back() {
+    let canary = Rollout::Canary {
+        release: release(1),
+        until: 150,
+    };
+    for current in [starting(1), canary] {
+        let next = decide(&current, Event::Superseded("app@2.0.0".into()));
+        assert!(
+            matches!(next, Rollout::RolledBack { ref error, .. } if error.contains("superseded by app@2.0.0")),
+            "{next:?}"
+        );
+    }
+    let ready = Rollout::Ready {
+        release: release(1),
+    };
+    assert_eq!(decide(&ready, Event::Superseded("x".into())), ready);
+}
