@@ -137,11 +137,19 @@ impl Workloads {
             tracing::error!("{e}");
         }
         let Some(old) = old else { return };
+        // Kept: the accepted release's files, the running release's, and every artifact the car
+        // holds as the latest of its name — the base (seed) a fetch in progress may be reading;
+        // the fetch removes it itself once the newer version is there.
         let kept = self.cell.read(|s| {
             s.release
                 .iter()
                 .chain(s.workloads.running.as_ref().map(|r| &r.release))
                 .flat_map(|r| r.artifacts.iter().map(|a| (a.name().to_owned(), a.index)))
+                .chain(
+                    s.artifacts
+                        .iter()
+                        .map(|(name, index)| (name.clone(), *index)),
+                )
                 .collect::<std::collections::BTreeSet<_>>()
         });
         for a in &old.release.artifacts {

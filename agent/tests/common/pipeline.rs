@@ -29,34 +29,16 @@ pub fn cardeploy(dir: &Path, twin: &cardeploy_twin::Running, env: &Env, args: &[
 }
 
 /// The pipeline's keys (`keys/root`, `keys/release`), the twin's director key, the root naming
-/// them (`root.json`), uploaded to the twin.
+/// them (`root.json`), uploaded to the twin: the fleet bootstrap the demo and the qemu suites use.
 pub fn keys_and_root(dir: &Path, twin: &cardeploy_twin::Running, env: &Env) {
-    cardeploy(dir, twin, env, &["keys", "gen", "keys/root"]);
-    cardeploy(dir, twin, env, &["keys", "gen", "keys/release"]);
-    cardeploy(
+    let bin = workspace_bin("cardeploy");
+    cardeploy_testkit::fleet::Fleet::attach(
+        bin.parent().unwrap(),
         dir,
-        twin,
-        env,
-        &["root", "director", "--out", "keys/director.pub"],
-    );
-    cardeploy(
-        dir,
-        twin,
-        env,
-        &[
-            "root",
-            "init",
-            "--root-key",
-            "keys/root.pub",
-            "--release-key",
-            "keys/release.pub",
-            "--director-key",
-            "keys/director.pub",
-            "--sign-with",
-            "keys/root.key",
-            "--out",
-            "root.json",
-        ],
-    );
-    cardeploy(dir, twin, env, &["root", "push", "root.json"]);
+        &format!("http://{}", twin.api_addr),
+        env.cars_port,
+    )
+    .with_token_file(&env.data.path().join("operator.token"))
+    .init_root()
+    .unwrap();
 }

@@ -209,6 +209,13 @@ impl Fleet {
         }
     }
 
+    /// The same, with the operator token where the twin that runs keeps it (a twin started by
+    /// a test keeps its data elsewhere).
+    pub fn with_token_file(mut self, token_file: &Path) -> Self {
+        token_file.clone_into(&mut self.token_file);
+        self
+    }
+
     /// The twin's data directory.
     pub fn twin_data(&self) -> PathBuf {
         self.dir.join("twin")
