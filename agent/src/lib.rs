@@ -134,12 +134,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 containers::Containers::start(c, fetcher.clone(), cell.clone(), reporter.clone())
                     .await?;
             // What the car held when it stopped is served again at once (a rollback needs it).
-            let (release, running) = cell.read(|s| {
-                (
-                    s.release.clone(),
-                    s.workloads.running.as_ref().map(|r| r.release.clone()),
-                )
-            });
+            let (release, running) =
+                cell.read(|s| (s.release.clone(), s.workloads.running_release().cloned()));
             if let Some(release) = release
                 && release
                     .artifacts
@@ -153,6 +149,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 Some(kubeconfig) => {
                     let part = Arc::new(containers::Workloads::new(
                         c.clone(),
+                        managed.os,
                         cell.clone(),
                         reporter.clone(),
                         containers.clone(),

@@ -132,6 +132,33 @@ impl State {
         }
     }
 
+    /// Whether the OS part is done with `release` for the workloads to take it: it has no
+    /// OS part (`managed_os` false, or no bundle), or the OS update committed it.
+    pub fn os_committed(&self, managed_os: bool, release: &Release) -> bool {
+        !(managed_os && release.has_os())
+            || matches!(&self.os.update, crate::os::OsUpdate::Committed { .. }
+                if self.os.update.release() == Some(&release.id))
+    }
+
+    /// Whether the artifact file `name` at `index` must stay on the car: the accepted release,
+    /// the release whose workloads run (a rollback needs it without the network) or the one in
+    /// rollout uses it, or it is the latest version of its name the car holds (the base a fetch
+    /// in progress may be reading; that fetch removes it once its newer version is there).
+    pub fn keeps_file(&self, name: &str, index: &Digest) -> bool {
+        let w = &self.workloads;
+        self.artifacts.get(name) == Some(index)
+            || self
+                .release
+                .iter()
+                .chain(w.running_release())
+                .chain(w.trying.as_ref().map(|t| &t.release))
+                .any(|r| {
+                    r.artifacts
+                        .iter()
+                        .any(|a| a.name() == name && &a.index == index)
+                })
+    }
+
     /// A schema-4 state had no deployment: the one its reported phase stood for.
     pub(crate) fn deployment_from_phase(&self) -> Deployment {
         let Some(release) = &self.release else {
@@ -195,9 +222,9 @@ impl State {
             let os_done = !os_part || os_settled(&self.os.update, id, self.accepted);
             // The workloads start once the OS part committed; an OS that did not leaves them
             // where they were.
-            let os_committed =
-                !os_part || matches!(&self.os.update, crate::os::OsUpdate::Committed { .. });
-            let workloads_part = managed.workloads && release.has_workloads() && os_committed;
+            let workloads_part = managed.workloads
+                && release.has_workloads()
+                && self.os_committed(managed.os, release);
             let workloads_done = !workloads_part
                 || (self.workloads.rollout.settled(id) && self.workloads.trying.is_none());
             if os_done && workloads_done {
@@ -219,7 +246,7 @@ impl State {
         self.reported.release = self.release.as_ref().map(|r| r.id.label());
         self.reported.desired_counter = self.last_counter;
         self.reported.counter_scope.clone_from(&self.counter_scope);
-        let workload_phase = crate::containers::driver::phase(&self.workloads.effective());
+        let workload_phase = self.workloads.effective().workload_phase();
         self.reported.workloads = self
             .workloads
             .observed
@@ -230,5 +257,74 @@ impl State {
                 ..w.clone()
             })
             .collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cardeploy_release::{Artifact, ArtifactKind};
+
+    use super::*;
+    use crate::os::OsUpdate;
+    use crate::release::ReleaseRef;
+
+    fn release(kinds: &[ArtifactKind]) -> Release {
+        let id = ReleaseRef {
+            digest: Digest([7; 32]),
+            line: "car".into(),
+            version: semver::Version::new(1, 0, 0),
+        };
+        let artifacts = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, kind)| Artifact {
+                kind: *kind,
+                name: format!("a{i}"),
+                digest: "cd".repeat(32),
+                size: 1,
+                index: "ab".repeat(32),
+            })
+            .collect();
+        Release::new(id, artifacts, Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn the_workloads_wait_for_the_os_part_only_when_there_is_one() {
+        let both = release(&[ArtifactKind::RaucBundle, ArtifactKind::KubeManifest]);
+        let mut state = State::default();
+        // No [os]: nothing installs the bundle, nothing to wait for.
+        assert!(state.os_committed(false, &both));
+        assert!(!state.os_committed(true, &both));
+        state.os.update = OsUpdate::Committed {
+            release: both.id.clone(),
+            slot: "B".into(),
+        };
+        assert!(state.os_committed(true, &both));
+        // A commit of another release does not count.
+        let mut other = both.clone();
+        other.id.digest = Digest([8; 32]);
+        assert!(!state.os_committed(true, &other));
+        let workloads_only = release(&[ArtifactKind::KubeManifest]);
+        assert!(State::default().os_committed(true, &workloads_only));
+    }
+
+    #[test]
+    fn the_car_keeps_the_files_of_the_releases_it_may_need() {
+        let mut state = State::default();
+        let r = release(&[ArtifactKind::OciLayer]);
+        let index = r.artifacts[0].index;
+        assert!(!state.keeps_file("a0", &index));
+        state.artifacts.insert("a0".into(), index);
+        assert!(state.keeps_file("a0", &index), "the latest held version");
+        state.artifacts.clear();
+        state.workloads.running = Some(crate::containers::rollout::Applied {
+            release: r,
+            objects: Vec::new(),
+        });
+        assert!(
+            state.keeps_file("a0", &index),
+            "the running workloads' release"
+        );
+        assert!(!state.keeps_file("a1", &index));
     }
 }

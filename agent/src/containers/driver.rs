@@ -17,11 +17,11 @@ use cardeploy_release::ArtifactKind;
 
 use super::cluster::Cluster;
 use super::manifests::{self, Object, ObjectRef, Strategy};
-use super::rollout::{self, Applied, Event, Rollout};
+use super::rollout::{self, Applied, Event, Rollout, WorkloadsRecord};
 use super::{WorkloadError, Workloads};
 use crate::deploy::Deployment;
-use crate::release::Release;
-use crate::{Error, now_secs};
+use crate::now_secs;
+use crate::release::{Release, ReleaseRef};
 
 /// How often health is looked at while a rollout waits on it.
 const WATCH_TICK: Duration = Duration::from_millis(500);
@@ -66,10 +66,11 @@ pub(crate) async fn drive(part: Arc<Workloads>, kubeconfig: PathBuf) {
     if told {
         tracing::info!("k3s's kubeconfig is there now: workloads are applied");
     }
-    // The release whose objects this run of the agent applied: after a restart they are
-    // applied again (server-side apply is idempotent), so a crash between persisting
-    // `starting` and applying loses nothing.
-    let mut applied_now: Option<crate::release::ReleaseRef> = None;
+    // The release whose objects this run of the agent applied, with the objects (read from its
+    // manifests once, not on every look at its health): after a restart they are applied again
+    // (server-side apply is idempotent), so a crash between persisting `starting` and applying
+    // loses nothing.
+    let mut applied_now: Option<(ReleaseRef, Vec<Object>)> = None;
     // The twin hears a problem once, not every retry (the API server may be away for long).
     let mut last_problem: Option<String> = None;
     loop {
@@ -99,51 +100,61 @@ pub(crate) async fn drive(part: Arc<Workloads>, kubeconfig: PathBuf) {
 async fn step(
     part: &Workloads,
     cluster: &Cluster,
-    applied_now: &mut Option<crate::release::ReleaseRef>,
+    applied_now: &mut Option<(ReleaseRef, Vec<Object>)>,
 ) -> Result<Duration, WorkloadError> {
-    let (rollout, record, wanted, accepted) = part.cell.read(|s| {
+    let (record, wanted, accepted) = part.cell.read(|s| {
         (
-            s.workloads.rollout.clone(),
             s.workloads.clone(),
-            handed_over(s).cloned(),
+            handed_over(s, part.managed_os).cloned(),
             s.release.as_ref().map(|r| r.id.clone()),
         )
     });
+    let rollout = &record.rollout;
     // A rollout that ended leaves cleaning to do: promoted, the previous release's objects go;
     // rolled back, the new ones go and the previous release's in-place objects come back.
     if let Some(trying) = &record.trying
         && rollout.settled(&trying.release.id)
     {
-        return settle(part, cluster, &rollout, trying, record.running.as_ref()).await;
+        return settle(part, cluster, rollout, trying, record.running.as_ref()).await;
     }
-    match &rollout {
+    match rollout {
         Rollout::Starting { release, .. } | Rollout::Canary { release, .. }
             if accepted.as_ref().is_some_and(|a| a != release) =>
         {
             let by = accepted.map(|a| a.to_string()).unwrap_or_default();
-            update(part, |r| rollout::decide(r, Event::Superseded(by))).await?;
+            update(part, |s| {
+                s.rollout = rollout::decide(&s.rollout, Event::Superseded(by))
+            })
+            .await?;
             Ok(Duration::ZERO)
         }
         Rollout::Starting { release, .. } | Rollout::Canary { release, .. } => {
             let Some(trying) = record.trying.as_ref().filter(|t| &t.release.id == release) else {
                 return Err(WorkloadError::NotRecorded(release.to_string()));
             };
-            if applied_now.as_ref() != Some(release) {
-                let objects = objects(part, &trying.release)?;
-                for object in &objects {
-                    if let Err(e) = cluster.apply(object).await {
-                        if matches!(rollout, Rollout::Starting { .. }) && refused(&e.source) {
-                            let error = e.to_string();
-                            update(part, |r| rollout::decide(r, Event::ApplyFailed(error))).await?;
-                            return Ok(Duration::ZERO);
+            let objects = match applied_now {
+                Some((applied, objects)) if applied == release => objects,
+                _ => {
+                    let objects = objects(part, &trying.release)?;
+                    for object in &objects {
+                        if let Err(e) = cluster.apply(object).await {
+                            if matches!(rollout, Rollout::Starting { .. }) && refused(&e.source) {
+                                let error = e.to_string();
+                                update(part, |s| {
+                                    s.rollout =
+                                        rollout::decide(&s.rollout, Event::ApplyFailed(error))
+                                })
+                                .await?;
+                                return Ok(Duration::ZERO);
+                            }
+                            return Err(e.into());
                         }
-                        return Err(e.into());
                     }
+                    tracing::info!(release = %release, objects = objects.len(), "workloads applied");
+                    &applied_now.insert((release.clone(), objects)).1
                 }
-                tracing::info!(release = %release, objects = objects.len(), "workloads applied");
-                *applied_now = Some(release.clone());
-            }
-            observe(part, cluster, trying, record.running.as_ref()).await?;
+            };
+            observe(part, cluster, objects, trying, record.running.as_ref()).await?;
             Ok(WATCH_TICK)
         }
         _ => {
@@ -161,31 +172,23 @@ async fn step(
                 }),
                 Err(e) => Err(e.to_string()),
             };
-            let config = part.config.clone();
-            let now = now_secs();
-            part.cell
-                .update(|s| {
-                    let start = Event::Start {
-                        release: release.id.clone(),
-                        now,
-                        ready_secs: config.ready_secs,
-                    };
-                    s.workloads.rollout = rollout::decide(&s.workloads.rollout, start);
-                    match &started {
-                        Ok(applied) => s.workloads.trying = Some(applied.clone()),
-                        Err(e) => {
-                            s.workloads.trying = None;
-                            s.workloads.rollout = rollout::decide(
-                                &s.workloads.rollout,
-                                Event::ApplyFailed(e.clone()),
-                            );
-                        }
+            let start = Event::Start {
+                release: release.id.clone(),
+                now: now_secs(),
+                ready_secs: part.config.ready_secs,
+            };
+            update(part, |s| {
+                s.rollout = rollout::decide(&s.rollout, start);
+                match started {
+                    Ok(applied) => s.trying = Some(applied),
+                    Err(e) => {
+                        s.trying = None;
+                        s.rollout = rollout::decide(&s.rollout, Event::ApplyFailed(e));
                     }
-                    s.workloads.observed.clear();
-                })
-                .await
-                .map_err(persist("the workloads' rollout"))?;
-            part.reporter.state(part.cell.reported()).await;
+                }
+                s.observed.clear();
+            })
+            .await?;
             Ok(Duration::ZERO)
         }
     }
@@ -193,17 +196,13 @@ async fn step(
 
 /// The release the deployment hands to the workloads now, if any: every artifact on the car,
 /// workload manifests among them, and the OS part (when the release has one) committed.
-fn handed_over(s: &crate::state::State) -> Option<&Release> {
+fn handed_over(s: &crate::state::State, managed_os: bool) -> Option<&Release> {
     let release = s.release.as_ref()?;
     let Deployment::Applying { release: id } = &s.deployment else {
         return None;
     };
-    if id != &release.id || !release.has_workloads() {
-        return None;
-    }
-    let os_ready = !release.has_os()
-        || matches!(&s.os.update, crate::os::OsUpdate::Committed { .. } if s.os.update.release() == Some(id));
-    os_ready.then_some(release)
+    (id == &release.id && release.has_workloads() && s.os_committed(managed_os, release))
+        .then_some(release)
 }
 
 /// Whether the API server refused the object itself (a bad manifest): waiting does not help.
@@ -216,10 +215,10 @@ fn refused(e: &kube::Error) -> bool {
 async fn observe(
     part: &Workloads,
     cluster: &Cluster,
+    objects: &[Object],
     trying: &Applied,
     running: Option<&Applied>,
 ) -> Result<(), WorkloadError> {
-    let objects = objects(part, &trying.release)?;
     let before: BTreeSet<&ObjectRef> = running
         .map(|r| r.objects.iter().collect())
         .unwrap_or_default();
@@ -255,28 +254,19 @@ async fn observe(
                 .filter(|_| !health.ready_all || health.crashing),
         });
     }
-    let now = now_secs();
-    let config = part.config.clone();
     let event = Event::Observed {
         ready,
         problem: problem.map(|p| p.chars().take(1024).collect()),
         crash,
-        now,
-        canary_secs: config.canary_secs,
+        now: now_secs(),
+        canary_secs: part.config.canary_secs,
         canary,
     };
-    let updated = part
-        .cell
-        .update(|s| {
-            s.workloads.rollout = rollout::decide(&s.workloads.rollout, event);
-            s.workloads.observed = reports;
-        })
-        .await
-        .map_err(persist("the workloads' health"))?;
-    if let Some(reported) = updated.reported {
-        part.reporter.state(reported).await;
-    }
-    Ok(())
+    update(part, |s| {
+        s.rollout = rollout::decide(&s.rollout, event);
+        s.observed = reports;
+    })
+    .await
 }
 
 /// Whether `running` is an earlier version of the same workload as `object`.
@@ -325,55 +315,37 @@ async fn settle(
         ),
         _ => format!("{}: workloads promoted", trying.release.id),
     };
-    let updated = part
-        .cell
-        .update(|s| {
-            if promoted {
-                s.workloads.running = s.workloads.trying.take();
-            } else {
-                s.workloads.trying = None;
-            }
-        })
-        .await
-        .map_err(persist("the end of the rollout"))?;
+    update(part, |s| {
+        if promoted {
+            s.running = s.trying.take();
+        } else {
+            s.trying = None;
+        }
+    })
+    .await?;
     part.reporter.event("workloads", message).await;
-    if let Some(reported) = updated.reported {
-        part.reporter.state(reported).await;
-    }
     // Promoted: the previous release retires. Rolled back: the failed release's files go too,
     // unless it is still the accepted release (the car keeps what it was told to run).
     part.retired(if promoted { running } else { Some(trying) });
     Ok(Duration::ZERO)
 }
 
-/// The phase of the release's workloads for the twin, from the rollout.
-pub fn phase(rollout: &Rollout) -> WorkloadPhase {
-    match rollout {
-        Rollout::Idle | Rollout::Starting { .. } => WorkloadPhase::Starting,
-        Rollout::Canary { .. } => WorkloadPhase::Canary,
-        Rollout::Ready { .. } => WorkloadPhase::Ready,
-        Rollout::RolledBack { .. } => WorkloadPhase::RolledBack,
-    }
-}
-
+/// Change the workloads' record through the state cell (persisted before anything follows
+/// from it), then tell the twin if what it sees changed.
 async fn update(
     part: &Workloads,
-    f: impl FnOnce(&Rollout) -> Rollout,
+    f: impl FnOnce(&mut WorkloadsRecord),
 ) -> Result<(), WorkloadError> {
     let updated = part
         .cell
-        .update(|s| s.workloads.rollout = f(&s.workloads.rollout))
+        .update(|s| f(&mut s.workloads))
         .await
-        .map_err(persist("the workloads' rollout"))?;
+        .map_err(|source| WorkloadError::Persist {
+            what: "the workloads' rollout",
+            source: Box::new(source),
+        })?;
     if let Some(reported) = updated.reported {
         part.reporter.state(reported).await;
     }
     Ok(())
-}
-
-fn persist(what: &'static str) -> impl FnOnce(Error) -> WorkloadError {
-    move |source| WorkloadError::Persist {
-        what,
-        source: Box::new(source),
-    }
 }

@@ -95,6 +95,8 @@ pub enum WorkloadError {
 /// The workloads' handle: what the workloads driver may use of the agent.
 pub(crate) struct Workloads {
     pub config: ContainersConfig,
+    /// The agent manages the OS: a release with a bundle reaches the workloads once committed.
+    pub managed_os: bool,
     /// Rung on a new desired state, a finished fetch, an OS commit.
     pub wake: tokio::sync::Notify,
     cell: Arc<Cell>,
@@ -106,12 +108,14 @@ pub(crate) struct Workloads {
 impl Workloads {
     pub fn new(
         config: ContainersConfig,
+        managed_os: bool,
         cell: Arc<Cell>,
         reporter: Arc<Reporter>,
         registry: Arc<Containers>,
     ) -> Self {
         Self {
             config,
+            managed_os,
             wake: tokio::sync::Notify::new(),
             cell,
             reporter,
@@ -121,15 +125,12 @@ impl Workloads {
     }
 
     /// `old` is done with: the release that ran before a newer one was promoted, or one that
-    /// was rolled back. Its artifact files that neither the accepted release nor the running one
-    /// uses go, and the registry serves what is left.
+    /// was rolled back. Its artifact files the car does not keep (`State::keeps_file`) go, and
+    /// the registry serves what is left.
     pub fn retired(&self, old: Option<&rollout::Applied>) {
-        let (current, running) = self.cell.read(|s| {
-            (
-                s.release.clone(),
-                s.workloads.running.as_ref().map(|r| r.release.clone()),
-            )
-        });
+        let (current, running) = self
+            .cell
+            .read(|s| (s.release.clone(), s.workloads.running_release().cloned()));
         // The registry stops serving the retired release's images before their files go.
         if let Some(current) = &current
             && let Err(e) = self.registry.serve(current, running.as_ref())
@@ -137,23 +138,8 @@ impl Workloads {
             tracing::error!("{e}");
         }
         let Some(old) = old else { return };
-        // Kept: the accepted release's files, the running release's, and every artifact the car
-        // holds as the latest of its name — the base (seed) a fetch in progress may be reading;
-        // the fetch removes it itself once the newer version is there.
-        let kept = self.cell.read(|s| {
-            s.release
-                .iter()
-                .chain(s.workloads.running.as_ref().map(|r| &r.release))
-                .flat_map(|r| r.artifacts.iter().map(|a| (a.name().to_owned(), a.index)))
-                .chain(
-                    s.artifacts
-                        .iter()
-                        .map(|(name, index)| (name.clone(), *index)),
-                )
-                .collect::<std::collections::BTreeSet<_>>()
-        });
         for a in &old.release.artifacts {
-            if kept.contains(&(a.name().to_owned(), a.index)) {
+            if self.cell.read(|s| s.keeps_file(a.name(), &a.index)) {
                 continue;
             }
             let path = self.fetcher.artifact_path(a.name(), &a.index);

@@ -58,6 +58,11 @@ pub struct WorkloadsRecord {
 }
 
 impl WorkloadsRecord {
+    /// The release whose workloads run (kept on the car until a newer one is promoted).
+    pub fn running_release(&self) -> Option<&Release> {
+        self.running.as_ref().map(|r| &r.release)
+    }
+
     /// The rollout as the twin should see it: one that ended but still has its cleanup to do
     /// (the old version or the failed one to remove) is still a canary.
     pub fn effective(&self) -> Rollout {
@@ -112,6 +117,17 @@ impl Rollout {
     /// Whether the rollout of `release` ended (ready or rolled back).
     pub fn settled(&self, release: &ReleaseRef) -> bool {
         matches!(self, Self::Ready { release: r } | Self::RolledBack { release: r, .. } if r == release)
+    }
+
+    /// The phase of the release's workloads for the twin.
+    pub fn workload_phase(&self) -> cardeploy_protocol::WorkloadPhase {
+        use cardeploy_protocol::WorkloadPhase;
+        match self {
+            Self::Idle | Self::Starting { .. } => WorkloadPhase::Starting,
+            Self::Canary { .. } => WorkloadPhase::Canary,
+            Self::Ready { .. } => WorkloadPhase::Ready,
+            Self::RolledBack { .. } => WorkloadPhase::RolledBack,
+        }
     }
 
     pub fn name(&self) -> &'static str {

@@ -106,8 +106,7 @@ impl Deployer {
 
     /// The release whose workloads run on the car's k3s (kept until a newer one is promoted).
     fn running_release(&self) -> Option<Release> {
-        self.cell
-            .read(|s| s.workloads.running.as_ref().map(|r| r.release.clone()))
+        self.cell.read(|s| s.workloads.running_release().cloned())
     }
 
     async fn refuse(&self, message: String) {
@@ -292,21 +291,12 @@ impl Deployer {
                 .value;
             // The previous version was the base of this download; the new one is the base of
             // the next.
-            // ... unless the release whose workloads run, or the one still in its rollout,
-            // uses it (a rollback needs it without the network, a rollout its manifests); it
-            // goes when that release retires.
-            let retained = self.cell.read(|s| {
-                let w = &s.workloads;
-                w.running.iter().chain(&w.trying).any(|r| {
-                    r.release
-                        .artifacts
-                        .iter()
-                        .any(|a| a.name() == artifact.name() && Some(a.index) == previous)
-                })
-            });
+            // ... unless a release the car keeps uses it (the running workloads' for a rollback
+            // without the network, the one in rollout for its manifests); it goes when that
+            // release retires.
             if let Some(old) = previous
                 && old != artifact.index
-                && !retained
+                && !self.cell.read(|s| s.keeps_file(artifact.name(), &old))
             {
                 let old_path = self.fetcher.artifact_path(artifact.name(), &old);
                 if let Err(e) = std::fs::remove_file(&old_path)
