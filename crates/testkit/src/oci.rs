@@ -8,6 +8,7 @@ use cardeploy_chunks::Digest;
 use serde_json::json;
 
 pub const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const LAYER_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -105,12 +106,27 @@ impl Layout {
     /// An image of uncompressed `layers` for linux/`arch` (its config's diff ids are the layer
     /// digests, as for any uncompressed layer), not yet listed in `index.json`.
     pub fn image(&self, arch: &str, layers: &[Vec<u8>]) -> Image {
-        let layers: Vec<Blob> = layers.iter().map(|l| self.blob(LAYER_TAR, l)).collect();
+        let layers: Vec<(Blob, Digest)> = layers
+            .iter()
+            .map(|l| {
+                let blob = self.blob(LAYER_TAR, l);
+                let diff_id = blob.digest;
+                (blob, diff_id)
+            })
+            .collect();
+        self.image_of(arch, &layers)
+    }
+
+    /// An image of layer blobs already written (compressed or not), each with its diff id (the
+    /// digest of the uncompressed tar), for linux/`arch`, not yet listed in `index.json`.
+    pub fn image_of(&self, arch: &str, layers: &[(Blob, Digest)]) -> Image {
+        let diff_ids: Vec<String> = layers.iter().map(|(_, d)| format!("sha256:{d}")).collect();
+        let layers: Vec<Blob> = layers.iter().map(|(b, _)| b.clone()).collect();
         let config = json!({
             "architecture": arch,
             "os": "linux",
             "config": { "Cmd": ["/bin/true"] },
-            "rootfs": { "type": "layers", "diff_ids": layers.iter().map(Blob::digest_string).collect::<Vec<_>>() },
+            "rootfs": { "type": "layers", "diff_ids": diff_ids },
         });
         let config = self.blob(OCI_CONFIG, config.to_string().as_bytes());
         let manifest = json!({

@@ -26,8 +26,10 @@ pub enum Bench {
     /// p99 to honest cars quiet and under attack, CPU for requests naming a base the car does not
     /// own, revocation to session closed. Table in target/bench-hostile.md.
     Hostile(hostile::Options),
-    /// The car's registry: a large layer pulled by skopeo from it against reading and copying
-    /// the file, and the memory serving adds. Table in target/bench-containers.md.
+    /// Containers on the car: a real container update's bytes on the wire against a layer pull
+    /// and the delta tools, rollback time with its breakdown, and the car's registry (a large
+    /// layer pulled by skopeo against reading the file, the memory serving adds). Table in
+    /// target/bench-containers.md.
     Containers(containers::Options),
 }
 

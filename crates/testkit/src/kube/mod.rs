@@ -14,7 +14,8 @@
 //!
 //! In place of the controllers and the kubelet it fills in Pods and Deployment status
 //! ([`controller`]), with failures injected by image (never Ready, crash loop). The API server
-//! can go away and come back on the same address ([`ApiServerDouble::go_away`]).
+//! can go away and come back on the same address ([`ApiServerDouble::go_away`]). It keeps a journal
+//! of the requests it answered, with their times ([`ApiServerDouble::journal`]).
 //!
 //! Where it is simpler than the real server (say so in a test that leans on it): lists inside an
 //! apply are replaced whole (the real server merges `containers` by name); bodies are JSON (the
@@ -25,12 +26,13 @@ pub mod controller;
 mod select;
 pub mod store;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::State;
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -64,9 +66,36 @@ struct World {
 struct Shared {
     world: Arc<Mutex<World>>,
     events: broadcast::Sender<Event>,
+    journal: Arc<Mutex<VecDeque<Request>>>,
+}
+
+/// How many requests the journal keeps (the oldest go first).
+const JOURNAL: usize = 10_000;
+
+/// One request the double answered, as its journal keeps it: what a bench reads to tell when the
+/// agent did what (a rollback's breakdown).
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// When the request arrived and when its answer was ready.
+    pub start: Instant,
+    pub end: Instant,
+    pub method: String,
+    /// The path, without the query.
+    pub path: String,
+    /// For an apply, the images of the object's pod template (empty for other kinds).
+    pub images: Vec<String>,
+    pub status: u16,
 }
 
 impl Shared {
+    fn record(&self, request: Request) {
+        let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
+        if journal.len() == JOURNAL {
+            journal.pop_front();
+        }
+        journal.push_back(request);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, World> {
         self.world.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -139,6 +168,7 @@ impl ApiServerDouble {
                 behaviour: Behaviour::default(),
             })),
             events,
+            journal: Arc::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -215,6 +245,17 @@ impl ApiServerDouble {
                 k.resource.group == group && k.resource.plural == plural && k.namespace == namespace
             })
             .map(|k| k.name.clone())
+            .collect()
+    }
+
+    /// The requests answered so far, oldest first (the last 10,000).
+    pub fn journal(&self) -> Vec<Request> {
+        self.shared
+            .journal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
             .collect()
     }
 
@@ -400,7 +441,8 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn handle(State(shared): State<Shared>, request: Request) -> Response {
+async fn handle(State(shared): State<Shared>, request: axum::extract::Request) -> Response {
+    let start = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let params = query(request.uri().query());
@@ -413,6 +455,56 @@ async fn handle(State(shared): State<Shared>, request: Request) -> Response {
     let body = axum::body::to_bytes(request.into_body(), 16 << 20)
         .await
         .unwrap_or_default();
+    let images = if method == Method::PATCH {
+        serde_json::from_slice::<Value>(&body)
+            .map(|object| images_of(&object))
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let response = respond(
+        &shared,
+        method.clone(),
+        &path,
+        &params,
+        &content_type,
+        &body,
+    )
+    .await;
+    shared.record(Request {
+        start,
+        end: Instant::now(),
+        method: method.to_string(),
+        path,
+        images,
+        status: response.status().as_u16(),
+    });
+    response
+}
+
+/// The images of a workload object's pod template (a Deployment's, say), in order.
+fn images_of(object: &Value) -> Vec<String> {
+    object["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .map(|containers| {
+            containers
+                .iter()
+                .filter_map(|c| c["image"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn respond(
+    shared: &Shared,
+    method: Method,
+    path: &str,
+    params: &std::collections::BTreeMap<String, String>,
+    content_type: &str,
+    body: &Bytes,
+) -> Response {
+    let shared = shared.clone();
+    let path = path.to_owned();
     let Some(target) = target(&path) else {
         return status(
             StatusCode::NOT_FOUND,
@@ -438,7 +530,7 @@ async fn handle(State(shared): State<Shared>, request: Request) -> Response {
                 Err(why) => return status(StatusCode::BAD_REQUEST, "BadRequest", why),
             };
             if params.get("watch").is_some_and(|w| w == "true" || w == "1") {
-                return watch(&shared, resource, namespace, selector, &params);
+                return watch(&shared, resource, namespace, selector, params);
             }
             let world = shared.lock();
             let items: Vec<Value> = world
@@ -470,7 +562,7 @@ async fn handle(State(shared): State<Shared>, request: Request) -> Response {
             }
         }
         (Method::PATCH, Target::Object { key, kind }) => {
-            apply(&shared, key, kind, &content_type, &params, &body)
+            apply(&shared, key, kind, content_type, params, body)
         }
         (Method::DELETE, Target::Object { key, kind }) => {
             let event = shared.lock().store.delete(&key);

@@ -330,6 +330,18 @@ fn build_rootfs(
     sources: &[String],
     image: &Path,
 ) -> anyhow::Result<Packages> {
+    let (tree, packages) = build_tree(scratch, includes, sources)?;
+    make_ext4(&tree, image)?;
+    fs::remove_dir_all(&tree).with_context(|| format!("cannot remove {}", tree.display()))?;
+    Ok(packages)
+}
+
+/// The tree of [`build_rootfs`] under `scratch/rootfs`, before it becomes an image.
+fn build_tree(
+    scratch: &Path,
+    includes: &[&str],
+    sources: &[String],
+) -> anyhow::Result<(PathBuf, Packages)> {
     let tree = scratch.join("rootfs");
     if tree.exists() {
         fs::remove_dir_all(&tree).with_context(|| format!("cannot remove {}", tree.display()))?;
@@ -360,9 +372,7 @@ fn build_rootfs(
         .args(["-exec", "touch", "-h", "-c", "-d"])
         .arg(format!("@{SOURCE_DATE_EPOCH}"))
         .args(["{}", "+"]))?;
-    make_ext4(&tree, image)?;
-    fs::remove_dir_all(&tree).with_context(|| format!("cannot remove {}", tree.display()))?;
-    Ok(packages)
+    Ok((tree, packages))
 }
 
 /// Writes `/var/lib/dpkg/status` and `/var/lib/dpkg/info/*` (file lists, md5sums, conffiles,
@@ -522,9 +532,53 @@ fn used_inodes(dump: &str) -> anyhow::Result<Vec<u64>> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// OCI layer
+// OCI layers
 
-fn layer_minor(work: &Path, python: &Path) -> anyhow::Result<Pair> {
+/// The base under [`layer_minor`]'s application layer in `cargo xtask bench containers`: what a
+/// `python:3.11-slim`-like image's base layer holds, from Debian 12 arm64 packages.
+const BASE_PYTHON: &[&str] = &["python3", "ca-certificates", "tzdata"];
+
+/// `base-python/layer.tar`: the Essential set and [`BASE_PYTHON`] as one reproducible layer tar
+/// (the dpkg database written as for the root filesystems; mtimes clamped, owners root).
+pub(crate) fn base_layer(work: &Path) -> anyhow::Result<PathBuf> {
+    let dir = work.join("base-python");
+    let includes: Vec<&str> = ESSENTIAL.iter().chain(BASE_PYTHON).copied().collect();
+    let sources = debian::sources(true);
+    let recipe = format!(
+        "cardeploy bench input base-python, recipe v{RECIPE_VERSION}\n\
+         mmdebstrap --variant=extract --architectures=arm64 --setup-hook={MERGED_USR_HOOK}\n\
+         \x20 sources: {}\n\
+         \x20 include: {}\n\
+         tar --sort=name --mtime=@{SOURCE_DATE_EPOCH} --owner=0 --group=0 --numeric-owner\n",
+        sources.join(" | "),
+        includes.join(","),
+    );
+    let layer = dir.join("layer.tar");
+    if fs::read_to_string(dir.join("recipe.txt")).is_ok_and(|r| r == recipe) && layer.is_file() {
+        eprintln!("bench inputs: reusing {}", dir.display());
+        return Ok(layer);
+    }
+    fresh_dir(&dir)?;
+    let scratch = work.join("scratch");
+    let (tree, packages) = build_tree(&scratch, &includes, &sources)?;
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&tree)
+        .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner"])
+        .arg(format!("--mtime=@{SOURCE_DATE_EPOCH}"))
+        .arg("-cf")
+        .arg(&layer)
+        .arg("."))?;
+    fs::remove_dir_all(&tree).with_context(|| format!("cannot remove {}", tree.display()))?;
+    fs::write(
+        dir.join("provenance.txt"),
+        package_list("packages (bookworm + updates + security)", &packages),
+    )?;
+    fs::write(dir.join("recipe.txt"), recipe)?;
+    Ok(layer)
+}
+
+pub(crate) fn layer_minor(work: &Path, python: &Path) -> anyhow::Result<Pair> {
     let dir = work.join("layer-minor");
     let recipe = format!(
         "cardeploy bench input layer-minor, recipe v{RECIPE_VERSION}\n\

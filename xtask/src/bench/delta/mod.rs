@@ -89,6 +89,33 @@ fn mib(kib: Option<u64>) -> String {
     kib.map_or("-".into(), |k| format!("{:.0}", k as f64 / 1024.0))
 }
 
+/// What `cargo xtask bench containers` measures a container update on: a Debian arm64 base layer
+/// and the `layer-minor` application layers (OLD, NEW) built here, with the external tools'
+/// results on the application layers (cached as this bench caches them).
+pub struct ContainerInputs {
+    pub base: PathBuf,
+    pub old_app: PathBuf,
+    pub new_app: PathBuf,
+    pub provenance: PathBuf,
+    pub tools: Vec<Value>,
+}
+
+pub fn container_inputs(fresh: bool) -> anyhow::Result<ContainerInputs> {
+    let work = root().join("target/bench-delta");
+    let python = inputs::prerequisites()?;
+    std::fs::create_dir_all(&work)?;
+    let base = inputs::base_layer(&work)?;
+    let pair = inputs::layer_minor(&work, &python)?;
+    let tools = tools(&pair, &work, fresh)?;
+    Ok(ContainerInputs {
+        base,
+        old_app: pair.old,
+        new_app: pair.new,
+        provenance: pair.provenance,
+        tools,
+    })
+}
+
 pub fn run_bench(options: &Options) -> anyhow::Result<()> {
     if options.smoke {
         let bins = build::build(Profile::Debug, cardeploy::PACKAGES, cardeploy::EXAMPLE)?;
