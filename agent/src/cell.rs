@@ -56,6 +56,11 @@ impl Cell {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The parts the agent runs.
+    pub fn managed(&self) -> Managed {
+        self.managed
+    }
+
     /// Look at the state as it is durably now.
     pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
         f(&self.lock())

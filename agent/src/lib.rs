@@ -119,6 +119,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => (None, config.compatible.clone().unwrap_or_default()),
     };
     let reached = Arc::new(AtomicBool::new(false));
+    // The OS and the workloads drivers wake each other when their state moves: a release with
+    // both starts its workloads once the new slot passed its checks, and commits the slot once
+    // they are promoted.
+    let os_wake = Arc::new(tokio::sync::Notify::new());
+    let workloads_wake = Arc::new(tokio::sync::Notify::new());
     let os_host = config.os.clone().map(|os_config| {
         Arc::new(os::host::Host::new(
             os_config,
@@ -126,6 +131,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             reporter.clone(),
             fetcher.clone(),
             reached.clone(),
+            (os_wake.clone(), workloads_wake.clone()),
         ))
     });
     let (containers, registry, workloads) = match &config.containers {
@@ -153,6 +159,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                         cell.clone(),
                         reporter.clone(),
                         containers.clone(),
+                        (workloads_wake.clone(), os_wake.clone()),
                     ));
                     let driver =
                         tokio::spawn(containers::driver::drive(part.clone(), kubeconfig.clone()));

@@ -132,12 +132,61 @@ impl State {
         }
     }
 
-    /// Whether the OS part is done with `release` for the workloads to take it: it has no
-    /// OS part (`managed_os` false, or no bundle), or the OS update committed it.
-    pub fn os_committed(&self, managed_os: bool, release: &Release) -> bool {
+    /// Whether the OS part lets the workloads of `release` start: it has no OS part
+    /// (`managed_os` false, or no bundle), the OS update committed it, or the new slot passed
+    /// its health checks and waits for the workloads to commit with them.
+    pub fn os_ready_for_workloads(&self, managed_os: bool, release: &Release) -> bool {
+        use crate::os::{OsUpdate, TrialGate};
         !(managed_os && release.has_os())
-            || matches!(&self.os.update, crate::os::OsUpdate::Committed { .. }
-                if self.os.update.release() == Some(&release.id))
+            || self.os.update.release() == Some(&release.id)
+                && matches!(
+                    &self.os.update,
+                    OsUpdate::Committed { .. }
+                        | OsUpdate::Trial {
+                            gate: TrialGate::Workloads | TrialGate::Commit,
+                            ..
+                        }
+                )
+    }
+
+    /// Whether the OS part of `release` ended without committing it (rolled back, or failed
+    /// for good): its workloads must not stay on a car whose OS went back.
+    pub fn os_gave_up(&self, managed_os: bool, release: &Release) -> Option<String> {
+        use crate::os::OsUpdate;
+        if !(managed_os && release.has_os()) || self.os.update.release() != Some(&release.id) {
+            return None;
+        }
+        match &self.os.update {
+            OsUpdate::RolledBack { .. } | OsUpdate::MarkedBad { .. } => {
+                Some(self.os.update.problem().unwrap_or_default())
+            }
+            OsUpdate::Failed { retry: false, .. } => {
+                Some(self.os.update.problem().unwrap_or_default())
+            }
+            _ => None,
+        }
+    }
+
+    /// How the workloads of the release on OS trial stand, for the OS's verdict.
+    pub fn workloads_gate(&self, managed: Managed) -> crate::os::WorkloadsGate {
+        use crate::containers::rollout::Rollout;
+        use crate::os::WorkloadsGate;
+        let Some(release) = self.release.as_ref() else {
+            return WorkloadsGate::NotPart;
+        };
+        if !managed.workloads
+            || !release.has_workloads()
+            || self.os.update.release() != Some(&release.id)
+        {
+            return WorkloadsGate::NotPart;
+        }
+        match self.workloads.effective() {
+            r if r.release() != Some(&release.id) => WorkloadsGate::NotStarted,
+            Rollout::Idle => WorkloadsGate::NotStarted,
+            Rollout::Starting { .. } | Rollout::Canary { .. } => WorkloadsGate::Running,
+            Rollout::Ready { .. } => WorkloadsGate::Ready,
+            Rollout::RolledBack { error, .. } => WorkloadsGate::RolledBack(error),
+        }
     }
 
     /// Whether the artifact file `name` at `index` must stay on the car: the accepted release,
@@ -220,11 +269,11 @@ impl State {
             use crate::deploy::machine::os_settled;
             let os_part = managed.os && release.has_os();
             let os_done = !os_part || os_settled(&self.os.update, id, self.accepted);
-            // The workloads start once the OS part committed; an OS that did not leaves them
-            // where they were.
+            // The workloads start once the OS part passed its checks (the slot commits when
+            // they are promoted); an OS that did not leaves them where they were.
             let workloads_part = managed.workloads
                 && release.has_workloads()
-                && self.os_committed(managed.os, release);
+                && self.os_ready_for_workloads(managed.os, release);
             let workloads_done = !workloads_part
                 || (self.workloads.rollout.settled(id) && self.workloads.trying.is_none());
             if os_done && workloads_done {
@@ -265,7 +314,7 @@ mod tests {
     use cardeploy_release::{Artifact, ArtifactKind};
 
     use super::*;
-    use crate::os::OsUpdate;
+    use crate::os::{OsUpdate, TrialGate, WorkloadsGate};
     use crate::release::ReleaseRef;
 
     fn release(kinds: &[ArtifactKind]) -> Release {
@@ -293,19 +342,103 @@ mod tests {
         let both = release(&[ArtifactKind::RaucBundle, ArtifactKind::KubeManifest]);
         let mut state = State::default();
         // No [os]: nothing installs the bundle, nothing to wait for.
-        assert!(state.os_committed(false, &both));
-        assert!(!state.os_committed(true, &both));
+        assert!(state.os_ready_for_workloads(false, &both));
+        assert!(!state.os_ready_for_workloads(true, &both));
+        let trial = |gate| OsUpdate::Trial {
+            release: both.id.clone(),
+            from: "A".into(),
+            to: "B".into(),
+            boot_id: "b".into(),
+            deadline: 0,
+            boots: 1,
+            gate,
+        };
+        // On trial, the workloads start once the OS checks passed (and commit with the slot).
+        state.os.update = trial(TrialGate::Os);
+        assert!(!state.os_ready_for_workloads(true, &both));
+        state.os.update = trial(TrialGate::Workloads);
+        assert!(state.os_ready_for_workloads(true, &both));
         state.os.update = OsUpdate::Committed {
             release: both.id.clone(),
             slot: "B".into(),
         };
-        assert!(state.os_committed(true, &both));
+        assert!(state.os_ready_for_workloads(true, &both));
         // A commit of another release does not count.
         let mut other = both.clone();
         other.id.digest = Digest([8; 32]);
-        assert!(!state.os_committed(true, &other));
+        assert!(!state.os_ready_for_workloads(true, &other));
         let workloads_only = release(&[ArtifactKind::KubeManifest]);
-        assert!(State::default().os_committed(true, &workloads_only));
+        assert!(State::default().os_ready_for_workloads(true, &workloads_only));
+    }
+
+    #[test]
+    fn the_os_trial_sees_how_the_workloads_of_its_release_stand() {
+        use crate::containers::rollout::Rollout;
+        let both = release(&[ArtifactKind::RaucBundle, ArtifactKind::KubeManifest]);
+        let managed = Managed {
+            os: true,
+            workloads: true,
+        };
+        let mut state = State {
+            release: Some(both.clone()),
+            ..State::default()
+        };
+        state.os.update = OsUpdate::Trial {
+            release: both.id.clone(),
+            from: "A".into(),
+            to: "B".into(),
+            boot_id: "b".into(),
+            deadline: 0,
+            boots: 1,
+            gate: TrialGate::Workloads,
+        };
+        assert_eq!(state.workloads_gate(managed), WorkloadsGate::NotStarted);
+        // A car without workloads, or a release without them: the OS decides alone.
+        let no_workloads = Managed {
+            os: true,
+            workloads: false,
+        };
+        assert_eq!(state.workloads_gate(no_workloads), WorkloadsGate::NotPart);
+        let id = both.id.clone();
+        for (rollout, gate) in [
+            (
+                Rollout::Starting {
+                    release: id.clone(),
+                    deadline: 9,
+                },
+                WorkloadsGate::Running,
+            ),
+            (
+                Rollout::Canary {
+                    release: id.clone(),
+                    until: 9,
+                },
+                WorkloadsGate::Running,
+            ),
+            (
+                Rollout::Ready {
+                    release: id.clone(),
+                },
+                WorkloadsGate::Ready,
+            ),
+            (
+                Rollout::RolledBack {
+                    release: id.clone(),
+                    error: "crash loop".into(),
+                },
+                WorkloadsGate::RolledBack("crash loop".into()),
+            ),
+        ] {
+            state.workloads.rollout = rollout;
+            assert_eq!(state.workloads_gate(managed), gate);
+        }
+        // Promoted but the old version not removed yet: still running.
+        state.workloads.rollout = Rollout::Ready { release: id };
+        state.workloads.trying = Some(crate::containers::rollout::Applied {
+            release: both.clone(),
+            objects: Vec::new(),
+        });
+        assert_eq!(state.workloads_gate(managed), WorkloadsGate::Running);
     }
 
     #[test]

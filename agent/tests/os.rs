@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cardeploy_release::ArtifactKind;
+use cardeploy_testkit::kube::{ApiServerDouble, Failure};
 use cardeploy_testkit::rauc::{RaucSystem, Signer as BundleSigner};
 use cardeploy_testkit::signing::{COMPATIBLE, artifact_from_view};
 use cardeploy_twin::Running;
@@ -42,6 +43,26 @@ fn skip() -> bool {
 
 impl Car {
     async fn new() -> Self {
+        Self::new_with("").await
+    }
+
+    /// The same car running workloads too, on the API-server double standing in for its k3s.
+    async fn with_workloads(double: &ApiServerDouble) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        double.write_kubeconfig(&kubeconfig);
+        let car = Self::new_with(&format!(
+            "[containers]\nregistry = \"127.0.0.1:{}\"\nkubeconfig = \"{}\"\nready_secs = 4\ncanary_secs = 1\n",
+            common::free_port(),
+            kubeconfig.display()
+        ))
+        .await;
+        // The kubeconfig's directory lives as long as the car.
+        std::mem::forget(dir);
+        car
+    }
+
+    async fn new_with(more: &str) -> Self {
         let env = Env::new();
         let twin = env.twin().await;
         let rauc = RaucSystem::start(COMPATIBLE, "A").unwrap();
@@ -53,7 +74,7 @@ impl Car {
             "[os]\nrauc_bus = \"{bus}\"\nboot_id_file = \"{d}/boot_id\"\n\
              reboot_command = [\"sh\", \"-c\", \"echo reboot >> {d}/reboots\"]\n\
              [os.health]\ndeadline_secs = {DEADLINE}\ninterval_secs = 1\ntwin_grace_secs = 0\n\
-             command = [\"sh\", \"-c\", \"echo >> {d}/health-checks; test -e {d}/healthy\"]\n",
+             command = [\"sh\", \"-c\", \"echo >> {d}/health-checks; test -e {d}/healthy\"]\n{more}",
             bus = rauc.bus_address(),
         );
         let addr = format!("localhost:{}", env.cars_port);
@@ -150,6 +171,33 @@ impl Car {
 
     /// Build a bundle, push it to the twin, sign `os@version` around it and make it desired.
     async fn deploy(&self, version: &str, bundle_compatible: &str, signer: BundleSigner) {
+        self.deploy_with(version, bundle_compatible, signer, &[])
+            .await;
+    }
+
+    /// The same with workload manifests (`name`, YAML) in the release beside the bundle.
+    async fn deploy_with(
+        &self,
+        version: &str,
+        bundle_compatible: &str,
+        signer: BundleSigner,
+        manifests: &[(&str, &str)],
+    ) {
+        let mut extra = Vec::new();
+        for (name, yaml) in manifests {
+            let file = self.dir.path().join(format!("{version}-{name}"));
+            std::fs::write(&file, yaml).unwrap();
+            let index = common::push_artifact(&self.twin, &self.env, &file, 3);
+            let (status, view) =
+                call(&self.twin, "GET", &format!("/api/v1/indexes/{index}"), None).await;
+            assert_eq!(status, 200, "{view}");
+            extra.push(artifact_from_view(
+                ArtifactKind::KubeManifest,
+                name,
+                &index,
+                &view,
+            ));
+        }
         let bundle = self.dir.path().join(format!("os-{version}.raucb"));
         let content = format!("VERSION={version}\n");
         self.rauc
@@ -166,9 +214,8 @@ impl Car {
             call(&self.twin, "GET", &format!("/api/v1/indexes/{index}"), None).await;
         assert_eq!(status, 200, "{view}");
         let artifact = artifact_from_view(ArtifactKind::RaucBundle, "rootfs", &index, &view);
-        self.env
-            .desire(&self.twin, CAR, "os", version, vec![artifact])
-            .await;
+        extra.insert(0, artifact);
+        self.env.desire(&self.twin, CAR, "os", version, extra).await;
     }
 
     /// Poll the twin until the car reports `phase` (a failed phase that is not awaited fails
@@ -511,5 +558,113 @@ async fn a_health_failure_survives_an_agent_killed_after_marking_bad() {
         view["reported"]["state"]["last_error"]
             .to_string()
             .contains("health failure")
+    );
+}
+
+/// A Deployment as `cardeploy release create` stores workload manifests: a JSON array.
+fn app(image: &str) -> String {
+    serde_json::json!([{
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "app"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "app"}},
+            "template": {
+                "metadata": {"labels": {"app": "app"}},
+                "spec": {"containers": [{"name": "main", "image": image}]},
+            },
+        },
+    }])
+    .to_string()
+}
+
+/// A release with a bundle and workloads: the slot is marked good only once the workloads are
+/// promoted on it; workloads that fail on the new slot take the slot back with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_with_os_and_workloads_commits_only_when_both_are_healthy() {
+    if skip() {
+        return;
+    }
+    let double = ApiServerDouble::start().await;
+    let mut car = Car::with_workloads(&double).await;
+    car.healthy(true);
+    car.start();
+
+    // os@2.0.0: the OS is healthy, its workload crash-loops on the new slot.
+    double.fail("example.com/app:2", Failure::CrashLoop);
+    car.deploy_with(
+        "2.0.0",
+        COMPATIBLE,
+        BundleSigner::Trusted,
+        &[("app.yaml", &app("example.com/app:2"))],
+    )
+    .await;
+    car.reboot_requested(1).await;
+    assert!(
+        double.names("apps", "deployments", "default").is_empty(),
+        "no workload may start before the new slot runs"
+    );
+    car.reboot_into("B");
+    // The OS passes its checks, the workload starts on B, crash-loops: B is marked bad.
+    car.reboot_requested(2).await;
+    let (_, bootloader) = car.rauc.bootloader_state();
+    assert_eq!(bootloader.get("B").map(String::as_str), Some("bad"));
+    assert!(
+        double.names("apps", "deployments", "default").is_empty(),
+        "the failed workload is removed: {:?}",
+        double.names("apps", "deployments", "default")
+    );
+    car.reboot_into("A");
+    let view = car.phase("rolled-back", Duration::from_secs(30)).await;
+    let error = last_error(&view);
+    assert!(
+        error.contains("workloads were rolled back") && error.contains("crash-loops"),
+        "{view}"
+    );
+    assert!(
+        car.state()["installed"].get("os").is_none(),
+        "a rolled back release is not installed"
+    );
+
+    // os@3.0.0: both healthy, the workload slow to become ready: the slot waits for it.
+    double.ready_after(Duration::from_secs(2));
+    car.deploy_with(
+        "3.0.0",
+        COMPATIBLE,
+        BundleSigner::Trusted,
+        &[("app.yaml", &app("example.com/app:3"))],
+    )
+    .await;
+    car.reboot_requested(3).await;
+    car.reboot_into("B");
+    let view = car.phase("committed", Duration::from_secs(60)).await;
+    assert_eq!(view["reported"]["state"]["release"], "os@3.0.0");
+    let (_, bootloader) = car.rauc.bootloader_state();
+    assert_eq!(bootloader.get("B").map(String::as_str), Some("good"));
+    assert_eq!(view["reported"]["state"]["workloads"][0]["phase"], "ready");
+    // The order on the car: the workloads were promoted, then the slot committed.
+    let (_, log) = call(
+        &car.twin,
+        "GET",
+        &format!("/api/v1/cars/{CAR}/events"),
+        None,
+    )
+    .await;
+    let messages: Vec<String> = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let promoted = messages
+        .iter()
+        .position(|m| m.contains("os@3.0.0") && m.contains("workloads promoted"))
+        .unwrap_or_else(|| panic!("no promotion in {messages:?}"));
+    let committed = messages
+        .iter()
+        .rposition(|m| m.contains("Committed"))
+        .unwrap_or_else(|| panic!("no commit in {messages:?}"));
+    assert!(
+        promoted < committed,
+        "the slot committed before the workloads were promoted: {messages:?}"
     );
 }

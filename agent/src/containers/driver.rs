@@ -102,11 +102,17 @@ async fn step(
     cluster: &Cluster,
     applied_now: &mut Option<(ReleaseRef, Vec<Object>)>,
 ) -> Result<Duration, WorkloadError> {
-    let (record, wanted, accepted) = part.cell.read(|s| {
+    let (record, wanted, accepted, os_gave_up) = part.cell.read(|s| {
+        let os_gave_up = s
+            .workloads
+            .trying
+            .as_ref()
+            .and_then(|t| s.os_gave_up(part.managed_os, &t.release));
         (
             s.workloads.clone(),
             handed_over(s, part.managed_os).cloned(),
             s.release.as_ref().map(|r| r.id.clone()),
+            os_gave_up,
         )
     });
     let rollout = &record.rollout;
@@ -124,6 +130,15 @@ async fn step(
             let by = accepted.map(|a| a.to_string()).unwrap_or_default();
             update(part, |s| {
                 s.rollout = rollout::decide(&s.rollout, Event::Superseded(by))
+            })
+            .await?;
+            Ok(Duration::ZERO)
+        }
+        // The slot the release came with went back: its workloads go back with it.
+        Rollout::Starting { .. } | Rollout::Canary { .. } if os_gave_up.is_some() => {
+            let why = os_gave_up.unwrap_or_default();
+            update(part, |s| {
+                s.rollout = rollout::decide(&s.rollout, Event::OsGaveUp(why))
             })
             .await?;
             Ok(Duration::ZERO)
@@ -154,8 +169,10 @@ async fn step(
                     &applied_now.insert((release.clone(), objects)).1
                 }
             };
-            observe(part, cluster, objects, trying, record.running.as_ref()).await?;
-            Ok(WATCH_TICK)
+            // A rollout that this look ended is cleaned up at once: a rollback must not wait a
+            // tick (the bench of the rollback time caught that wait).
+            let ended = observe(part, cluster, objects, trying, record.running.as_ref()).await?;
+            Ok(if ended { Duration::ZERO } else { WATCH_TICK })
         }
         _ => {
             let Some(release) = wanted else {
@@ -195,13 +212,14 @@ async fn step(
 }
 
 /// The release the deployment hands to the workloads now, if any: every artifact on the car,
-/// workload manifests among them, and the OS part (when the release has one) committed.
+/// workload manifests among them, and the OS part (when the release has one) past its health
+/// checks on the new slot (the slot commits once the workloads are promoted).
 fn handed_over(s: &crate::state::State, managed_os: bool) -> Option<&Release> {
     let release = s.release.as_ref()?;
     let Deployment::Applying { release: id } = &s.deployment else {
         return None;
     };
-    (id == &release.id && release.has_workloads() && s.os_committed(managed_os, release))
+    (id == &release.id && release.has_workloads() && s.os_ready_for_workloads(managed_os, release))
         .then_some(release)
 }
 
@@ -211,14 +229,14 @@ fn refused(e: &kube::Error) -> bool {
 }
 
 /// Health of every Deployment of the release in rollout, persisted (the twin sees it) and
-/// handed to the rollout.
+/// handed to the rollout; returns whether the rollout ended.
 async fn observe(
     part: &Workloads,
     cluster: &Cluster,
     objects: &[Object],
     trying: &Applied,
     running: Option<&Applied>,
-) -> Result<(), WorkloadError> {
+) -> Result<bool, WorkloadError> {
     let before: BTreeSet<&ObjectRef> = running
         .map(|r| r.objects.iter().collect())
         .unwrap_or_default();
@@ -262,11 +280,14 @@ async fn observe(
         canary_secs: part.config.canary_secs,
         canary,
     };
+    let mut ended = false;
     update(part, |s| {
         s.rollout = rollout::decide(&s.rollout, event);
+        ended = s.rollout.settled(&trying.release.id);
         s.observed = reports;
     })
-    .await
+    .await?;
+    Ok(ended)
 }
 
 /// Whether `running` is an earlier version of the same workload as `object`.
@@ -338,12 +359,19 @@ async fn update(
 ) -> Result<(), WorkloadError> {
     let updated = part
         .cell
-        .update(|s| f(&mut s.workloads))
+        .update(|s| {
+            let before = s.workloads.effective();
+            f(&mut s.workloads);
+            s.workloads.effective() != before
+        })
         .await
         .map_err(|source| WorkloadError::Persist {
             what: "the workloads' rollout",
             source: Box::new(source),
         })?;
+    if updated.value {
+        part.os_wake.notify_one();
+    }
     if let Some(reported) = updated.reported {
         part.reporter.state(reported).await;
     }

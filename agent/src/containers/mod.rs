@@ -97,8 +97,11 @@ pub(crate) struct Workloads {
     pub config: ContainersConfig,
     /// The agent manages the OS: a release with a bundle reaches the workloads once committed.
     pub managed_os: bool,
-    /// Rung on a new desired state, a finished fetch, an OS commit.
-    pub wake: tokio::sync::Notify,
+    /// Rung on a new desired state, a finished fetch, a move of the OS update.
+    pub wake: Arc<tokio::sync::Notify>,
+    /// The OS driver's wake: rung when the rollout moves (a slot on trial commits once its
+    /// release's workloads are promoted).
+    pub os_wake: Arc<tokio::sync::Notify>,
     cell: Arc<Cell>,
     reporter: Arc<Reporter>,
     fetcher: Arc<Fetcher>,
@@ -112,11 +115,13 @@ impl Workloads {
         cell: Arc<Cell>,
         reporter: Arc<Reporter>,
         registry: Arc<Containers>,
+        (wake, os_wake): (Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>),
     ) -> Self {
         Self {
             config,
             managed_os,
-            wake: tokio::sync::Notify::new(),
+            wake,
+            os_wake,
             cell,
             reporter,
             fetcher: registry.fetcher.clone(),

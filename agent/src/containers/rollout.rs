@@ -91,6 +91,9 @@ pub enum Event {
     /// A newer desired state names another release before this rollout ended: it is rolled
     /// back, so the new one starts from what ran before.
     Superseded(String),
+    /// The OS part of the release went back (its slot rolled back or failed for good): the
+    /// workloads go back with it.
+    OsGaveUp(String),
     /// The Deployments' health: all ready, or the first problem; `crash`: the problem is a crash
     /// loop (waiting does not help).
     Observed {
@@ -170,6 +173,13 @@ pub fn decide(current: &Rollout, event: Event) -> Rollout {
         ) => Rollout::RolledBack {
             release: release.clone(),
             error: format!("superseded by {by} before it was promoted"),
+        },
+        (
+            Rollout::Starting { release, .. } | Rollout::Canary { release, .. },
+            Event::OsGaveUp(why),
+        ) => Rollout::RolledBack {
+            release: release.clone(),
+            error: format!("the OS update of the release went back: {why}"),
         },
         (
             Rollout::Starting { release, deadline },

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use super::effects::{install, reboot, verify};
 use super::health::check_health;
 use super::host::Host;
-use super::machine::{self, Action, Health, OsUpdate, Outcome};
+use super::machine::{self, Action, Health, OsUpdate, Outcome, TrialGate};
 use super::observe::{Observed, connect, observe, os_report};
 use crate::{Error, now_secs};
 
@@ -70,6 +70,7 @@ pub(crate) async fn drive(host: Arc<Host>, rauc: Rauc) {
             host.read(|state| {
                 observed.facts.boot_confirmed =
                     state.os.confirmed_boot.as_deref() == Some(boot_id.as_str());
+                observed.facts.workloads = host.workloads_gate(state);
                 (
                     state.os.update.clone(),
                     state.os.refused.clone(),
@@ -226,6 +227,21 @@ async fn perform(
                     let left = deadline.saturating_sub(now_secs());
                     tracing::info!("health gate: waiting for {missing} ({left} s left)");
                     tokio::time::sleep(Duration::from_secs(config.health.interval_secs)).await;
+                }
+                // Passed, and the release's workloads have their turn on this slot: look again
+                // when they move (they wake this driver) or after the interval.
+                Health::Pass
+                    if matches!(
+                        current,
+                        OsUpdate::Trial {
+                            gate: TrialGate::Workloads,
+                            ..
+                        }
+                    ) =>
+                {
+                    tracing::debug!("health gate passed; waiting for the workloads");
+                    sleep_or_wake(&host.wake, Duration::from_secs(config.health.interval_secs))
+                        .await;
                 }
                 Health::Pass => tracing::info!("health gate passed"),
                 Health::Fail(why) => tracing::warn!("health gate failed: {why}"),

@@ -21,8 +21,12 @@ use crate::state::State;
 
 pub(crate) struct Host {
     pub config: OsConfig,
-    /// Rung on a new desired state, a finished fetch, a connection to the twin.
-    pub wake: Notify,
+    /// Rung on a new desired state, a finished fetch, a connection to the twin, a move of the
+    /// workloads' rollout.
+    pub wake: Arc<Notify>,
+    /// The workloads driver's wake: rung when the OS update moves (a release with both starts
+    /// its workloads once the new slot passed its checks).
+    workloads_wake: Arc<Notify>,
     cell: Arc<Cell>,
     reporter: Arc<Reporter>,
     fetcher: Arc<Fetcher>,
@@ -44,10 +48,12 @@ impl Host {
         reporter: Arc<Reporter>,
         fetcher: Arc<Fetcher>,
         reached: Arc<AtomicBool>,
+        (wake, workloads_wake): (Arc<Notify>, Arc<Notify>),
     ) -> Self {
         Self {
             config,
-            wake: Notify::new(),
+            wake,
+            workloads_wake,
             cell,
             reporter,
             fetcher,
@@ -85,6 +91,12 @@ impl Host {
             counter: state.accepted,
             ready: !state.missing(release, |name, index| self.fetcher.on_disk(name, index)),
         })
+    }
+
+    /// How the workloads of the release the OS has on trial stand: the OS commits a release
+    /// that also carries workloads only once they are promoted.
+    pub fn workloads_gate(&self, state: &State) -> machine::WorkloadsGate {
+        state.workloads_gate(self.cell.managed())
     }
 
     /// The accepted release's OS bundle on disk, and its declaration.
@@ -159,6 +171,7 @@ impl Host {
                     tracing::info!(state = next.name(), release = ?next.release().map(|r| r.label()),
                         problem = ?next.problem(), "OS update");
                     super::driver::failpoint(&next);
+                    self.workloads_wake.notify_one();
                 }
                 if let Some(state) = updated.reported {
                     self.reporter.state(state).await;

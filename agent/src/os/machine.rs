@@ -126,6 +126,7 @@ pub fn decide(
                         boot_id: facts.boot_id.clone(),
                         deadline: facts.now + limits.health_deadline_secs,
                         boots: 1,
+                        gate: TrialGate::Os,
                     },
                     Action::CheckHealth {
                         deadline: facts.now + limits.health_deadline_secs,
@@ -155,6 +156,7 @@ pub fn decide(
             boot_id,
             deadline,
             boots,
+            gate,
         } => {
             if *boot_id != facts.boot_id {
                 if facts.booted == *from {
@@ -192,6 +194,7 @@ pub fn decide(
                     );
                 }
                 let deadline = facts.now + limits.health_deadline_secs;
+                // Each boot checks the OS again, whatever the last one got to.
                 return step(
                     OsUpdate::Trial {
                         release: release.clone(),
@@ -200,6 +203,7 @@ pub fn decide(
                         boot_id: facts.boot_id.clone(),
                         deadline,
                         boots: boots + 1,
+                        gate: TrialGate::Os,
                     },
                     Action::CheckHealth { deadline },
                 );
@@ -217,22 +221,95 @@ pub fn decide(
                     Action::MarkBad,
                 )
             };
-            match &facts.health {
+            let to_gate = |gate: TrialGate, deadline: u64, action: Action| {
+                step(
+                    OsUpdate::Trial {
+                        release: release.clone(),
+                        from: from.clone(),
+                        to: to.clone(),
+                        boot_id: boot_id.clone(),
+                        deadline,
+                        boots: *boots,
+                        gate,
+                    },
+                    action,
+                )
+            };
+            let check = stay(Action::CheckHealth {
+                deadline: *deadline,
+            });
+            if let Health::Fail(why) = &facts.health {
+                return fail(why.clone());
+            }
+            if let WorkloadsGate::RolledBack(why) = &facts.workloads {
+                return fail(format!("the release's workloads were rolled back: {why}"));
+            }
+            let pass = facts.health == Health::Pass;
+            let late = facts.now >= *deadline;
+            let settled = matches!(
+                facts.workloads,
+                WorkloadsGate::NotPart | WorkloadsGate::Ready
+            );
+            match gate {
+                TrialGate::Os if !pass => match (&facts.health, late) {
+                    (Health::Pending(missing), true) => fail(format!(
+                        "the health checks did not pass within {} s: {missing}",
+                        limits.health_deadline_secs
+                    )),
+                    _ => check,
+                },
                 // Healthy, but RAUC would not take the mark for as long again: give up on it.
-                Health::Pass
-                    if facts.now >= deadline.saturating_add(limits.health_deadline_secs) =>
-                {
-                    fail("the slot passed the health gate but could not be marked good".into())
+                TrialGate::Os if facts.workloads == WorkloadsGate::NotPart => {
+                    if facts.now >= deadline.saturating_add(limits.health_deadline_secs) {
+                        fail("the slot passed the health gate but could not be marked good".into())
+                    } else {
+                        stay(Action::MarkGood)
+                    }
                 }
-                Health::Pass => stay(Action::MarkGood),
-                Health::Fail(why) => fail(why.clone()),
-                Health::Pending(missing) if facts.now >= *deadline => fail(format!(
-                    "the health checks did not pass within {} s: {missing}",
-                    limits.health_deadline_secs
-                )),
-                Health::Pending(_) => stay(Action::CheckHealth {
-                    deadline: *deadline,
+                TrialGate::Os if settled => to_gate(
+                    TrialGate::Commit,
+                    facts.now + limits.health_deadline_secs,
+                    Action::MarkGood,
+                ),
+                // The OS is healthy: the workloads' turn, on this slot.
+                TrialGate::Os => {
+                    let deadline = facts.now + limits.health_deadline_secs;
+                    to_gate(
+                        TrialGate::Workloads,
+                        deadline,
+                        Action::CheckHealth { deadline },
+                    )
+                }
+                TrialGate::Workloads if facts.workloads == WorkloadsGate::NotStarted && late => {
+                    fail(format!(
+                        "the release's workloads did not start within {} s of the OS passing its health checks (is k3s running on the new slot?)",
+                        limits.health_deadline_secs
+                    ))
+                }
+                TrialGate::Workloads if !settled => check,
+                TrialGate::Workloads => {
+                    let deadline = facts.now + limits.health_deadline_secs;
+                    let action = if pass {
+                        Action::MarkGood
+                    } else {
+                        Action::CheckHealth { deadline }
+                    };
+                    to_gate(TrialGate::Commit, deadline, action)
+                }
+                TrialGate::Commit if late => fail(if pass {
+                    "the slot passed the health gate but could not be marked good".into()
+                } else {
+                    format!(
+                        "the health checks passed, then did not pass again within {} s: {}",
+                        limits.health_deadline_secs,
+                        match &facts.health {
+                            Health::Pending(missing) => missing.as_str(),
+                            _ => "",
+                        }
+                    )
                 }),
+                TrialGate::Commit if pass && settled => stay(Action::MarkGood),
+                TrialGate::Commit => check,
             }
         }
         OsUpdate::MarkedBad {

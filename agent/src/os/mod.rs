@@ -14,4 +14,4 @@ pub mod update;
 
 pub(crate) use observe::connect;
 pub use policy::{HealthConfig, K3sCheck, OsConfig, RebootPolicy};
-pub use update::{OsRecord, OsUpdate, RollbackReason};
+pub use update::{OsRecord, OsUpdate, RollbackReason, TrialGate, WorkloadsGate};

@@ -6,7 +6,7 @@ use std::time::Duration;
 use cardeploy_protocol::{OsReport, SlotReport};
 use cardeploy_rauc::{Rauc, SlotStatus};
 
-use super::machine::{Facts, Health, OsUpdate};
+use super::machine::{Facts, Health, OsUpdate, WorkloadsGate};
 use super::policy::{self, OsConfig};
 use crate::{Error, now_secs};
 
@@ -116,6 +116,8 @@ pub(super) async fn observe(
             health: health.clone(),
             // Filled in by the caller, which holds the state.
             boot_confirmed: false,
+            // The driver fills these in from the state.
+            workloads: WorkloadsGate::NotPart,
         },
         version: os_version(&config.os_release),
         slots,

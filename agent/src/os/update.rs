@@ -42,6 +42,43 @@ impl Bootname {
     }
 }
 
+/// What a trial waits for before the slot is marked good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrialGate {
+    /// The OS health checks (all a release without workloads waits for).
+    #[default]
+    Os,
+    /// The OS checks passed; the release's workloads start on this slot and must be promoted.
+    /// The deadline is for them to start; once started, their rollout's own deadline and canary
+    /// time bound the wait.
+    Workloads,
+    /// Both are healthy: the slot is being marked good (the deadline bounds RAUC's refusals).
+    Commit,
+}
+
+impl TrialGate {
+    fn is_os(&self) -> bool {
+        *self == Self::Os
+    }
+}
+
+/// How the workloads of the release on trial stand, as the OS trial sees them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WorkloadsGate {
+    /// The release carries no workloads for this car (or the car runs none): the OS decides
+    /// alone.
+    NotPart,
+    /// Not started yet (they wait for the OS checks, or for k3s).
+    NotStarted,
+    /// Starting or proving themselves as a canary (or cleaning up after the verdict).
+    Running,
+    /// Promoted.
+    Ready,
+    /// Rolled back, with the reason.
+    RolledBack(String),
+}
+
 /// Why the car is back on the previous slot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
@@ -89,9 +126,13 @@ pub enum OsUpdate {
         from: Bootname,
         to: Bootname,
         boot_id: String,
-        /// Unix seconds: the health gate must pass before this.
+        /// Unix seconds: what `gate` waits for must happen before this.
         deadline: u64,
         boots: u32,
+        /// What the trial waits for (a release that also carries workloads commits only when
+        /// both are healthy).
+        #[serde(default, skip_serializing_if = "TrialGate::is_os")]
+        gate: TrialGate,
     },
     /// Slot `to` failed the health gate. `marked` once RAUC marked it bad; then the car
     /// reboots (when the policy allows) and the bootloader starts `from`.
@@ -196,6 +237,8 @@ pub struct Facts {
     pub health: Health,
     /// The booted slot was marked good in this boot already.
     pub boot_confirmed: bool,
+    /// The workloads of the release on trial.
+    pub workloads: WorkloadsGate,
 }
 
 /// Limits that break loops.

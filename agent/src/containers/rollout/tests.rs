@@ -178,3 +178,26 @@ fn a_rollout_superseded_before_its_end_rolls_back() {
     };
     assert_eq!(decide(&ready, Event::Superseded("x".into())), ready);
 }
+
+#[test]
+fn workloads_go_back_with_the_slot_their_release_came_with() {
+    let canary = Rollout::Canary {
+        release: release(1),
+        until: 150,
+    };
+    for current in [starting(1), canary] {
+        let next = decide(
+            &current,
+            Event::OsGaveUp("health failure: unit k3s.service is failed".into()),
+        );
+        assert!(
+            matches!(next, Rollout::RolledBack { ref error, .. }
+                if error.contains("OS update of the release went back: health failure")),
+            "{next:?}"
+        );
+    }
+    let ready = Rollout::Ready {
+        release: release(1),
+    };
+    assert_eq!(decide(&ready, Event::OsGaveUp("x".into())), ready);
+}

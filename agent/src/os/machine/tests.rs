@@ -33,6 +33,7 @@ fn facts(boot: &str, booted: &str) -> Facts {
         reboot: RebootGate::Allowed,
         health: Health::Pending("not checked yet".into()),
         boot_confirmed: true,
+        workloads: WorkloadsGate::NotPart,
     }
 }
 
@@ -57,6 +58,7 @@ fn trial(boot: &str, boots: u32) -> OsUpdate {
         boot_id: boot.into(),
         deadline: 1300,
         boots,
+        gate: TrialGate::Os,
     }
 }
 
@@ -253,3 +255,4 @@ fn a_newer_release_abandons_a_slot_not_yet_booted() {
 }
 
 mod after_reboot;
+mod with_workloads;

@@ -144,7 +144,8 @@ fn reboots_during_the_trial_are_counted_and_bounded() {
             to: "B".into(),
             boot_id: "b3".into(),
             deadline: 1300,
-            boots: 2
+            boots: 2,
+            gate: TrialGate::Os,
         }
     );
     let s = decide_now(&s.next, Some(&wanted(2, true)), &facts("b4", "B"));
@@ -233,6 +234,15 @@ fn every_state_survives_serialization() {
         OsUpdate::Fetching { release: rel(2) },
         pending("b1"),
         trial("b2", 1),
+        OsUpdate::Trial {
+            release: rel(2),
+            from: "A".into(),
+            to: "B".into(),
+            boot_id: "b2".into(),
+            deadline: 1500,
+            boots: 1,
+            gate: TrialGate::Workloads,
+        },
         marked_bad("b2", true),
         OsUpdate::RolledBack {
             release: rel(2),
