@@ -15,8 +15,14 @@ pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 
 /// A ustar archive of regular files (mode 0644, time 0): enough for a layer.
 pub fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let files: Vec<(&str, &[u8], u32)> = files.iter().map(|(n, d)| (*n, *d, 0o644)).collect();
+    tar_with_modes(&files)
+}
+
+/// The same with each file's mode (`0o755` for a program a container runs).
+pub fn tar_with_modes(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
     let mut out = Vec::new();
-    for (name, data) in files {
+    for (name, data, mode) in files {
         assert!(name.len() < 100, "tar(): name {name} too long for ustar");
         let mut h = [0u8; 512];
         h[..name.len()].copy_from_slice(name.as_bytes());
@@ -24,7 +30,7 @@ pub fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
             let s = format!("{v:0w$o}\0", w = width - 1);
             h[at..at + width].copy_from_slice(s.as_bytes());
         };
-        octal(&mut h, 100, 8, 0o644);
+        octal(&mut h, 100, 8, u64::from(*mode));
         octal(&mut h, 108, 8, 0);
         octal(&mut h, 116, 8, 0);
         octal(&mut h, 124, 12, data.len() as u64);
