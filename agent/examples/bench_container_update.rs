@@ -287,38 +287,33 @@ fn breakdown(journal: &[Request], failing: &str, serving: Instant) -> Value {
     })
 }
 
-/// Deterministic filler: `len` bytes of a seeded xorshift stream.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Small layers for the smoke run: a base of 4 MiB and an app layer of 32 files whose next
 /// version changes three files a little and adds one.
 fn synthetic(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     std::fs::create_dir_all(dir).unwrap();
     let base: Vec<(String, Vec<u8>)> = (0..16)
-        .map(|i| (format!("usr/lib/base{i}.so"), noise(i, 256 << 10)))
+        .map(|i| {
+            (
+                format!("usr/lib/base{i}.so"),
+                cardeploy_testkit::noise(i, 256 << 10),
+            )
+        })
         .collect();
     let app = |new: bool| -> Vec<(String, Vec<u8>)> {
         let mut files: Vec<(String, Vec<u8>)> = (0..32)
             .map(|i| {
-                let mut data = noise(100 + i, 64 << 10);
+                let mut data = cardeploy_testkit::noise(100 + i, 64 << 10);
                 if new && i % 11 == 0 {
-                    data[1000..1100].copy_from_slice(&noise(900 + i, 100));
+                    data[1000..1100].copy_from_slice(&cardeploy_testkit::noise(900 + i, 100));
                 }
                 (format!("usr/local/lib/app/m{i}.py"), data)
             })
             .collect();
         if new {
-            files.push(("usr/local/lib/app/new.py".into(), noise(999, 16 << 10)));
+            files.push((
+                "usr/local/lib/app/new.py".into(),
+                cardeploy_testkit::noise(999, 16 << 10),
+            ));
         }
         files
     };

@@ -18,7 +18,7 @@ struct Cli {
     #[arg(long, value_name = "DIR", default_value = "target/qemu-tests")]
     work: PathBuf,
     /// Suites to run (default: all, in order): boot, update, boot-failure, health-failure,
-    /// power-cut. Later suites start from where earlier ones left the car.
+    /// power-cut, containers. Later suites start from where earlier ones left the car.
     suites: Vec<String>,
     /// Power-cut rounds (default 10, or CARDEPLOY_QEMU_POWER_CUTS). A soak runs many:
     /// `power-cut --rounds 100 --seed 7`.

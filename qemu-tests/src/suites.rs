@@ -18,6 +18,10 @@ pub const CAR: &str = "QEMU-CAR-1";
 /// Seconds the guest's health gate has after booting a new slot.
 const HEALTH_DEADLINE: u64 = 25;
 
+/// Where the agent serves its registry in the guest (the image's containerd-pull mirrors
+/// registry.cardeploy.local there, as the Yocto layer's registries.yaml does for k3s).
+const GUEST_REGISTRY: &str = "127.0.0.1:5000";
+
 /// TCG is slow; these bound each wait generously so a hang fails instead of stalling CI.
 const BOOT: Duration = Duration::from_secs(120);
 const UPDATE: Duration = Duration::from_secs(300);
@@ -28,6 +32,8 @@ const UPDATE: Duration = Duration::from_secs(300);
 fn agent_extra() -> String {
     format!(
         "seeds = [\"/dev/vda3\", \"/dev/vda4\"]\n\
+         [containers]\n\
+         registry = \"{GUEST_REGISTRY}\"\n\
          [os]\n\
          reboot_command = [\"busybox\", \"reboot\", \"-f\"]\n\
          [os.health]\n\
@@ -102,6 +108,18 @@ impl World {
         options.extra_config = agent_extra();
         let files = fleet.add_car(CAR, &options)?;
         let data = files.parent().context("car files have a parent")?;
+        // containerd rides on the data partition (images/README.md): the containers suite's.
+        let bin = data.join("containerd/bin");
+        std::fs::create_dir_all(&bin)?;
+        for name in ["containerd", "ctr"] {
+            let from = image.file("containerd").join(name);
+            std::fs::copy(&from, bin.join(name)).with_context(|| {
+                format!(
+                    "{} is missing: build the image again with `cargo xtask image`",
+                    from.display()
+                )
+            })?;
+        }
         let car = Machine::provision(image, CAR, &work.join("cars"), data)?;
         Ok(Self {
             image: image.clone(),
@@ -422,7 +440,132 @@ pub const SUITES: &[(&str, Suite)] = &[
     ("boot-failure", boot_failure),
     ("health-failure", health_failure),
     ("power-cut", power_cut),
+    ("containers", containers),
 ];
+
+/// An arm64 image of 48 files of 64 KiB under `dir` (an OCI layout tagged 1.0); `next` changes
+/// three files a little and adds one, as a new version of an application layer would.
+fn app_image(dir: &Path, next: bool) -> anyhow::Result<()> {
+    use cardeploy_testkit::oci::{Layout, tar};
+    let _ = std::fs::remove_dir_all(dir);
+    let mut files: Vec<(String, Vec<u8>)> = (0..48u64)
+        .map(|i| {
+            let mut data = cardeploy_testkit::noise(1000 + i, 64 << 10);
+            if next && i % 16 == 5 {
+                data[4096..4224].copy_from_slice(&cardeploy_testkit::noise(9000 + i, 128));
+            }
+            (format!("srv/app/part{i:02}.bin"), data)
+        })
+        .collect();
+    if next {
+        files.push((
+            "srv/app/added.bin".into(),
+            cardeploy_testkit::noise(777, 8 << 10),
+        ));
+    }
+    let entries: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    let layout = Layout::new(dir);
+    let image = layout.image("arm64", &[tar(&entries)]);
+    layout.list(&[(&image.manifest, "1.0")]);
+    Ok(())
+}
+
+/// `apps@version` carrying the image in `dir` as qemu/app; returns the release digest and the
+/// manifest digest the car's registry will serve (the release rewrote the manifest).
+fn container_release(world: &World, version: &str, dir: &Path) -> anyhow::Result<(String, String)> {
+    let image = format!("qemu/app={}", dir.display());
+    let digest = world
+        .fleet
+        .release("apps", version, COMPATIBLE, &["--image", &image], &[])?;
+    let path = world
+        .fleet
+        .dir
+        .join("releases")
+        .join(format!("apps-{version}"))
+        .join("release.json");
+    let release: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    let manifest = release["images"][0]["manifest"]
+        .as_str()
+        .with_context(|| format!("{} carries no image", path.display()))?;
+    Ok((digest, format!("sha256:{manifest}")))
+}
+
+/// containers: a container release reaches the car, its new version as deltas against the one
+/// before; containerd on the car (as k3s embeds it) pulls each from the agent's registry.
+pub fn containers(world: &mut World) -> anyhow::Result<Vec<Measure>> {
+    let mut out = Vec::new();
+    if world.car.powered_on.is_none() {
+        world.car.power_on()?;
+        world
+            .fleet
+            .until(CAR, "the car to connect", BOOT, true, |v| v.connected)?;
+    }
+    let dir = world.fleet.dir.join("images");
+    let mut served = Vec::new();
+    for (version, next) in [("1.0.0", false), ("2.0.0", true)] {
+        let image = dir.join(format!("app-{version}"));
+        app_image(&image, next)?;
+        let (digest, manifest) = container_release(world, version, &image)?;
+        let label = format!("apps@{version}");
+        let deployed = Instant::now();
+        world.fleet.set_desired(CAR, &digest)?;
+        // The last progress of each artifact, as the twin saw it while the car fetched.
+        let seen = std::cell::RefCell::new(std::collections::BTreeMap::new());
+        world
+            .fleet
+            .until(CAR, &format!("{label} applied"), UPDATE, false, |v| {
+                if let Some(p) = &v.progress {
+                    seen.borrow_mut().insert(p.artifact.clone(), p.clone());
+                }
+                release(v) == Some(label.as_str()) && phase(v) == Some(Phase::Applied)
+            })?;
+        measure(
+            &mut out,
+            format!("{label}: desired → applied"),
+            format!("{:.1?}", deployed.elapsed()),
+        );
+        let seen = seen.into_inner();
+        let layer = seen
+            .iter()
+            .find(|(name, p)| name.contains(".layer-") && p.done)
+            .map(|(_, p)| p.clone())
+            .with_context(|| format!("no finished layer fetch seen: {seen:?}"))?;
+        measure(
+            &mut out,
+            format!("{label}: its layer"),
+            format!(
+                "{} B on the wire for {} B ({} B from the car's earlier layers, {} B already in its store)",
+                layer.wire_bytes, layer.planned_bytes, layer.seed_bytes, layer.store_bytes
+            ),
+        );
+        if next {
+            ensure!(
+                layer.seed_bytes + layer.store_bytes >= layer.planned_bytes / 2
+                    && layer.wire_bytes * 4 < layer.planned_bytes,
+                "the new layer version did not travel as a delta of the old one: {layer:?}"
+            );
+        }
+        let pulled = world.car.wait_for(
+            &format!("CARDEPLOY-CTR-PULLED image=qemu/app digest={manifest}"),
+            UPDATE,
+        )?;
+        println!("  console: {pulled}");
+        measure(
+            &mut out,
+            format!("{label}: desired → containerd pulled it from the car's registry"),
+            format!("{:.1?}", deployed.elapsed()),
+        );
+        served.push(manifest);
+    }
+    ensure!(
+        served[0] != served[1],
+        "both versions served the same manifest"
+    );
+    Ok(out)
+}
 
 /// Run `names` (all when empty) in order; stops at the first failure.
 pub fn run(

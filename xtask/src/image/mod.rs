@@ -11,6 +11,8 @@
 //! - `rootfs-1.0.0.ext4`: slot A's content.
 //! - `os-2.0.0.raucb`, `os-3.0.0-bootfail.raucb`, `os-4.0.0-healthfail.raucb`, `os-5.0.0.raucb`:
 //!   plain bundles.
+//! - `containerd/`: containerd and ctr (Debian arm64), which the qemu suites put on the car's data
+//!   partition.
 //! - `versions.txt`: every Debian package used, with version and architecture.
 //!
 //! The pieces that are not code (boot script, inittab, rcS, system.conf, fw_env.config, the
@@ -97,6 +99,17 @@ pub fn main(options: &Options) -> anyhow::Result<PathBuf> {
     let kernel_packages = packages::extract(&kernel_tree, &[packages::KERNEL_PACKAGE])?;
     let kernel = packages::Kernel::find(&kernel_tree)?;
     println!("image: kernel {}", kernel.version);
+    step("Debian packages: containerd (for the car's data partition)");
+    let containerd_tree = work.join("containerd");
+    let containerd_packages = packages::extract(&containerd_tree, &[packages::CONTAINERD_PACKAGE])?;
+    let containerd_out = out.join("containerd");
+    fs::create_dir_all(&containerd_out)?;
+    for binary in packages::CONTAINERD_BINARIES {
+        let from = containerd_tree.join(binary);
+        let name = from.file_name().context("a binary has a name")?;
+        fs::copy(&from, containerd_out.join(name))
+            .with_context(|| format!("{} has no {}", packages::CONTAINERD_PACKAGE, binary))?;
+    }
 
     step("kernel modules and initramfs");
     run(Command::new("depmod")
@@ -166,7 +179,12 @@ pub fn main(options: &Options) -> anyhow::Result<PathBuf> {
     let flash = out.join("uboot-flash.img");
     disk::write_flash(&work, &flash)?;
     write_layout(&out, &partitions, &flash)?;
-    write_versions(&out, &rootfs_packages, &kernel_packages)?;
+    write_versions(
+        &out,
+        &rootfs_packages,
+        &kernel_packages,
+        &containerd_packages,
+    )?;
     fs::remove_dir_all(&work).with_context(|| format!("cannot remove {}", work.display()))?;
 
     println!(
@@ -235,7 +253,12 @@ fn write_layout(out: &Path, partitions: &[disk::Partition], flash: &Path) -> any
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn write_versions(out: &Path, rootfs: &Packages, kernel: &Packages) -> anyhow::Result<()> {
+fn write_versions(
+    out: &Path,
+    rootfs: &Packages,
+    kernel: &Packages,
+    containerd: &Packages,
+) -> anyhow::Result<()> {
     let date = output(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))?;
     let mut text = format!(
         "# cardeploy qemu image: Debian packages used\nbuilt: {}\nsources: {}\n\
@@ -266,6 +289,18 @@ fn write_versions(out: &Path, rootfs: &Packages, kernel: &Packages) -> anyhow::R
         packages::KERNEL_PACKAGE
     );
     for (name, (version, arch)) in kernel.iter().filter(|(n, _)| n.starts_with("linux-image-")) {
+        let _ = writeln!(text, "{name} {version} {arch}");
+    }
+    let _ = writeln!(
+        text,
+        "\n## containerd for the data partition: {} from {}",
+        packages::CONTAINERD_BINARIES.join(", "),
+        packages::CONTAINERD_PACKAGE
+    );
+    for (name, (version, arch)) in containerd
+        .iter()
+        .filter(|(n, _)| *n == packages::CONTAINERD_PACKAGE)
+    {
         let _ = writeln!(text, "{name} {version} {arch}");
     }
     let _ = writeln!(text, "\n## host tools (amd64) that built and run the image");

@@ -18,6 +18,12 @@ pub const ROOTFS_PACKAGES: &[&str] = &[
     "libgcc-s1",
     "libc6",
 ];
+/// containerd, as k3s embeds it: its daemon and `ctr` go onto the data partition of the car the
+/// qemu suites provision (not into the slots: they would nearly double every OS bundle), and the
+/// image's `containerd-pull` service pulls from the agent's registry with them.
+pub const CONTAINERD_PACKAGE: &str = "containerd";
+pub const CONTAINERD_BINARIES: &[&str] = &["usr/bin/containerd", "usr/bin/ctr"];
+
 /// The kernel comes from its own extraction: its dependencies (initramfs-tools, kmod, ...) are
 /// not part of the image, only its Image and a few modules are.
 pub const KERNEL_PACKAGE: &str = "linux-image-arm64";
