@@ -337,6 +337,19 @@ mod tests {
         Release::new(id, artifacts, Vec::new()).unwrap()
     }
 
+    /// `release` on trial in slot B at `gate`.
+    fn trial(release: &Release, gate: TrialGate) -> OsUpdate {
+        OsUpdate::Trial {
+            release: release.id.clone(),
+            from: "A".into(),
+            to: "B".into(),
+            boot_id: "b".into(),
+            deadline: 0,
+            boots: 1,
+            gate,
+        }
+    }
+
     #[test]
     fn the_workloads_wait_for_the_os_part_only_when_there_is_one() {
         let both = release(&[ArtifactKind::RaucBundle, ArtifactKind::KubeManifest]);
@@ -344,15 +357,7 @@ mod tests {
         // No [os]: nothing installs the bundle, nothing to wait for.
         assert!(state.os_ready_for_workloads(false, &both));
         assert!(!state.os_ready_for_workloads(true, &both));
-        let trial = |gate| OsUpdate::Trial {
-            release: both.id.clone(),
-            from: "A".into(),
-            to: "B".into(),
-            boot_id: "b".into(),
-            deadline: 0,
-            boots: 1,
-            gate,
-        };
+        let trial = |gate| trial(&both, gate);
         // On trial, the workloads start once the OS checks passed (and commit with the slot).
         state.os.update = trial(TrialGate::Os);
         assert!(!state.os_ready_for_workloads(true, &both));
@@ -383,15 +388,7 @@ mod tests {
             release: Some(both.clone()),
             ..State::default()
         };
-        state.os.update = OsUpdate::Trial {
-            release: both.id.clone(),
-            from: "A".into(),
-            to: "B".into(),
-            boot_id: "b".into(),
-            deadline: 0,
-            boots: 1,
-            gate: TrialGate::Workloads,
-        };
+        state.os.update = trial(&both, TrialGate::Workloads);
         assert_eq!(state.workloads_gate(managed), WorkloadsGate::NotStarted);
         // A car without workloads, or a release without them: the OS decides alone.
         let no_workloads = Managed {
