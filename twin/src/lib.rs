@@ -17,6 +17,7 @@ mod config;
 mod db;
 mod error;
 mod fetching;
+pub mod fleet;
 mod housekeeping;
 mod limits;
 mod private;
