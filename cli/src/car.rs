@@ -86,7 +86,7 @@ pub enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Set what one car should run (until deployments exist): the twin signs a desired state
+    /// Set what one car should run (by hand; a fleet gets `cardeploy deploy`): the twin signs a desired state
     /// naming a release it holds (`cardeploy release push`); a connected car gets it at once and
     /// verifies it before acting.
     SetDesired {

@@ -3,6 +3,7 @@
 mod api;
 mod artifact;
 mod car;
+mod deploy;
 mod files;
 mod keys;
 mod pki;
@@ -58,6 +59,10 @@ enum Command {
     /// Releases: create from a RAUC bundle, OCI images and manifests; sign, verify, push.
     #[command(subcommand)]
     Release(release::Command),
+    /// Fleet deployments: a release to the cars a selector picks, a canary then waves, halted
+    /// by failures: create, preview, list, status, pause, resume, abort.
+    #[command(subcommand)]
+    Deploy(deploy::Command),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +73,7 @@ fn main() -> ExitCode {
         Command::Keys(command) => keys::run(command),
         Command::Root(command) => root::run(command),
         Command::Release(command) => release::run(command),
+        Command::Deploy(command) => deploy::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -212,6 +212,10 @@ fn the_readme_by_hand_steps_work_as_written() {
         stdout.contains("VIN0001"),
         "`car list` shows the car:\n{stdout}"
     );
+    assert!(
+        stdout.contains("ecu-1 — ecu@1.0.0 to `model=tx7,!test-fleet`"),
+        "`deploy create` and `deploy status` show the deployment:\n{stdout}"
+    );
 }
 
 #[test]

@@ -15,6 +15,7 @@ mod artifacts;
 mod cars;
 mod config;
 mod db;
+mod deployments;
 mod error;
 mod fetching;
 pub mod fleet;
@@ -38,7 +39,7 @@ pub use config::Config;
 pub use db::{CarRecord, StoredDesired};
 pub use error::Error;
 
-use crate::cars::{CarAcceptor, Fleet};
+use crate::cars::{CarAcceptor, Fleet, now};
 use crate::db::Db;
 
 /// The twin's shared state.
@@ -57,6 +58,10 @@ pub struct Twin {
     delta_pool: Arc<tokio::sync::Semaphore>,
     /// Pairs whose deltas are being made ahead of the cars.
     ahead: ahead::Jobs,
+    /// One deployments' round (or operator action on a deployment) at a time.
+    deployments_lock: tokio::sync::Mutex<()>,
+    /// Rung when an operator creates or changes a deployment: the driver looks at once.
+    deployments_wake: tokio::sync::Notify,
     /// Chunk and index uploads in progress (`max_concurrent_uploads` permits).
     uploads: Arc<tokio::sync::Semaphore>,
     /// Held for reading by everything that relies on a stored chunk or index staying (uploads,
@@ -288,6 +293,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         release_indexes: Mutex::new(HashMap::new()),
         delta_pool: Arc::new(tokio::sync::Semaphore::new(config.delta_workers.max(1))),
         ahead: ahead::Jobs::default(),
+        deployments_lock: tokio::sync::Mutex::new(()),
+        deployments_wake: tokio::sync::Notify::new(),
         uploads: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_uploads)),
         store_gc: Arc::new(tokio::sync::RwLock::new(())),
         config,
@@ -371,6 +378,13 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         twin.clone(),
         until_stopped(stopped.clone()),
     ));
+    let deployments_task = tokio::spawn({
+        let (twin, stopped) = (twin.clone(), until_stopped(stopped.clone()));
+        async move {
+            deployments::drive(twin, stopped).await;
+            Ok(())
+        }
+    });
     tracing::info!(%cars_addr, %api_addr, "twin started");
     Ok(Running {
         cars_addr,
@@ -379,7 +393,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         link_stats,
         twin,
         stop,
-        tasks: vec![link_task, api_task, sweep_task, gc_task],
+        tasks: vec![link_task, api_task, sweep_task, gc_task, deployments_task],
     })
 }
 

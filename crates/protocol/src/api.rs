@@ -189,3 +189,117 @@ pub struct DeltasView {
     /// Bytes the delta cache holds.
     pub cache_bytes: u64,
 }
+
+/// One phase of a deployment as an operator asks for it: a number of cars or a share of the
+/// selected cars (cumulative: each phase reaches at least as far as the one before), and the
+/// time it must stay good before the next starts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cars: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+    #[serde(default)]
+    pub soak_secs: u64,
+}
+
+/// `POST /api/v1/deployments`: one release to the cars a selector (and a geofence) picks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDeployment {
+    pub name: String,
+    /// A release digest, or `line@version`.
+    pub release: String,
+    /// Label selector over car attributes (empty: every car).
+    #[serde(default)]
+    pub selector: String,
+    /// GeoJSON (multi)polygons over the cars' last reported positions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub geofence: Option<serde_json::Value>,
+    pub phases: Vec<PhaseRequest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_starts_per_minute: Option<u32>,
+    /// Share (0–1) of a phase's cars failing that halts the deployment.
+    pub failure_threshold: f64,
+    /// Share (0–1) of a phase's cars that must succeed before the next phase.
+    pub success_threshold: f64,
+    /// Time-to-live, seconds from now.
+    pub ttl_secs: u64,
+    /// Abort the running deployments that select any of the same cars, instead of refusing.
+    #[serde(default)]
+    pub supersede: bool,
+}
+
+/// `POST /api/v1/deployments/preview`: which cars a selector and geofence pick now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewRequest {
+    #[serde(default)]
+    pub selector: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub geofence: Option<serde_json::Value>,
+}
+
+/// The answer to [`PreviewRequest`]: the number of cars, and their ids (the first 1,000).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviewView {
+    pub total: usize,
+    pub cars: Vec<CarId>,
+}
+
+/// One phase of a deployment as it stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseView {
+    /// Cars the phase reaches, cumulative, among the cars selected now.
+    pub target: u64,
+    /// What it adds to the phase before.
+    pub group: u64,
+    pub started: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub soak_secs: u64,
+}
+
+/// A car of a deployment that failed, with what it said.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedCar {
+    pub car: String,
+    pub error: Option<String>,
+}
+
+/// `GET /api/v1/deployments/{name}` (and each entry of the list).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeploymentView {
+    pub name: String,
+    pub release: String,
+    pub line: String,
+    pub version: String,
+    pub selector: String,
+    pub geofence: bool,
+    /// `running`, `paused`, `halted`, `completed`, `aborted` or `expired`.
+    pub state: String,
+    /// Why it halted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Once expired: the selected cars it never started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub never_reached: Option<u64>,
+    /// The current phase, from 1.
+    pub phase: usize,
+    pub phases: Vec<PhaseView>,
+    pub selected: u64,
+    pub started: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// The failed cars (the first 20) and their errors.
+    pub failures: Vec<FailedCar>,
+    pub failure_threshold: f64,
+    pub success_threshold: f64,
+    pub max_starts_per_minute: Option<u32>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub expires_at: u64,
+    /// Its log, newest last (the last 20 lines).
+    pub events: Vec<EventView>,
+}

@@ -52,6 +52,8 @@ fn body_limit(method: &Method, route: &str, max_artifact: u64) -> usize {
         }
         // 64 hex digits, quotes and a comma per id.
         (&Method::POST, "/api/v1/chunks/missing") => 1024 + MAX_MISSING_QUERY * 67,
+        // A geofence of up to 100,000 positions (`fleet::geofence::MAX_POINTS`).
+        (&Method::POST, "/api/v1/deployments" | "/api/v1/deployments/preview") => 8 << 20,
         _ => JSON_LIMIT,
     }
 }

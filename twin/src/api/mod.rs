@@ -10,6 +10,7 @@
 
 mod cars;
 mod chunks;
+mod deployments;
 mod guard;
 mod releases;
 mod serve;
@@ -65,6 +66,16 @@ pub fn router(twin: Arc<Twin>) -> Router {
         .route("/api/v1/cars/{id}/events", get(cars::events))
         .route("/api/v1/cars/{id}/desired", put(cars::set_desired))
         .route("/api/v1/cars/{id}/inspect", get(cars::inspect))
+        .route(
+            "/api/v1/deployments",
+            get(deployments::list).post(deployments::create),
+        )
+        .route("/api/v1/deployments/preview", post(deployments::preview))
+        .route("/api/v1/deployments/{name}", get(deployments::get_one))
+        .route(
+            "/api/v1/deployments/{name}/{action}",
+            post(deployments::act),
+        )
         .route("/api/v1/director", get(releases::director))
         .route(
             "/api/v1/roots",

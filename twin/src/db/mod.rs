@@ -10,6 +10,7 @@
 //! power cut undoes would let the revoked certificate back in).
 
 mod cars;
+mod deployments;
 mod events;
 
 use std::path::Path;
@@ -96,6 +97,34 @@ CREATE TABLE sent_releases (
 INSERT OR IGNORE INTO sent_releases (car_id, release, at)
     SELECT car_id, json_extract(document, '$.release'), 0 FROM signed_desired;
 ",
+    // 3: fleet deployments: the operator's request, the rollout's progress (without its cars),
+    // the cars it started, and its log.
+    r"
+CREATE TABLE deployments (
+    name TEXT PRIMARY KEY,
+    release TEXT NOT NULL,
+    selector TEXT NOT NULL,
+    geofence TEXT,
+    plan TEXT NOT NULL,
+    progress TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE deployment_cars (
+    deployment TEXT NOT NULL REFERENCES deployments(name),
+    car_id TEXT NOT NULL,
+    phase INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (deployment, car_id)
+);
+CREATE TABLE deployment_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    deployment TEXT NOT NULL REFERENCES deployments(name),
+    at INTEGER NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX deployment_events_by_deployment ON deployment_events(deployment, id);
+",
 ];
 
 #[derive(Clone, Debug, Serialize)]
@@ -143,6 +172,7 @@ pub struct StoredDesired {
 }
 
 pub use cars::{Conflict, Registration};
+pub use deployments::StoredDeployment;
 pub use events::EventLimits;
 
 #[derive(Clone, Debug)]
@@ -417,6 +447,24 @@ impl Db {
             })
         })
         .transpose()
+    }
+
+    /// Every car's reported state (what the deployments' driver reads once a round).
+    pub async fn all_reported(
+        &self,
+    ) -> Result<std::collections::HashMap<String, ReportedState>, Error> {
+        let rows = sqlx::query("SELECT car_id, document FROM reported")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("read reported states"))?;
+        rows.into_iter()
+            .map(|row| {
+                let car: String = row.get(0);
+                let doc: String = row.get(1);
+                let state = serde_json::from_str(&doc).map_err(corrupt(&car, "reported state"))?;
+                Ok((car, state))
+            })
+            .collect()
     }
 
     /// Store reported state from `car.hello` (no sequence number: it is the newest by definition,

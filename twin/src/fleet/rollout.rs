@@ -153,6 +153,8 @@ pub struct Progress {
     pub state: State,
     /// The current phase, 0-based.
     pub phase: usize,
+    /// The cars started (kept beside the progress, a row each, not in its document).
+    #[serde(skip)]
     pub started: BTreeMap<String, Started>,
     /// When the current phase was over (its soak runs from then).
     pub phase_over_at: Option<u64>,

@@ -1,0 +1,403 @@
+//! Fleet deployments end to end: a real twin, simulated cars on real TLS links (the link's own
+//! client) that take the desired state they are pushed and report it committed — or failed —
+//! and the operator's REST API.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+mod common;
+
+use cardeploy_link::{Bytes, Requester};
+use cardeploy_protocol::{
+    self as protocol, DesiredState, Hello, Phase, Report, ReportBody, ReportedState, route,
+};
+use cardeploy_release::{CarContext, TrustedRoot, check_release};
+use cardeploy_testkit::CarFiles;
+use cardeploy_twin::Running;
+use common::{Env, api_async, car_link};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+/// A simulated car: it reports every desired state pushed to it as committed (or failed).
+struct SimCar {
+    _link: Requester,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SimCar {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn register(env: &Env, twin: &Running, id: &str, attributes: Value) -> CarFiles {
+    let files = env.pki.car(id);
+    let (status, body) = api_async(
+        twin,
+        "POST",
+        "/api/v1/cars",
+        Some(json!({"id": id, "attributes": attributes, "certificate_pem": files.cert_pem})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    files
+}
+
+/// `running`: the release the car already reports (after a reconnect), or none (a fresh car).
+async fn connect(
+    env: &Env,
+    twin: &Running,
+    id: &str,
+    files: &CarFiles,
+    fails: bool,
+    running: Option<&str>,
+) -> SimCar {
+    let link = car_link(env, twin, files, id).await;
+    let reported = ReportedState {
+        phase: match (running, fails) {
+            (None, _) => Phase::Idle,
+            (Some(_), false) => Phase::Committed,
+            (Some(_), true) => Phase::RolledBack,
+        },
+        release: running.map(str::to_owned),
+        ..ReportedState::idle()
+    };
+    let hello = Hello {
+        agent_version: "simulated".into(),
+        reported,
+    };
+    link.request_response(route::CAR_HELLO, Bytes::from(protocol::encode(&hello)))
+        .await
+        .unwrap();
+    let mut desired = link.request_stream(route::CAR_DESIRED, Bytes::from_static(b"{}"));
+    let reporter = link.clone();
+    let root = TrustedRoot::pinned(env.signer().root_bytes()).unwrap();
+    let car = CarContext {
+        car_id: id.into(),
+        compatible: cardeploy_testkit::signing::COMPATIBLE.into(),
+        now: cardeploy_testkit::signing::now(),
+        counter: None,
+        installed: Default::default(),
+        os: None,
+        max_artifact_bytes: 1 << 30,
+    };
+    let task = tokio::spawn(async move {
+        let mut seq = 0;
+        while let Some(Ok(pushed)) = desired.next().await {
+            let pushed: DesiredState = protocol::decode("desired", &pushed).unwrap();
+            let checked = check_release(&root, &pushed.release, &car, None).unwrap();
+            let label = format!("{}@{}", checked.release.line, checked.version);
+            seq += 1;
+            let state = ReportedState {
+                phase: if fails {
+                    Phase::RolledBack
+                } else {
+                    Phase::Committed
+                },
+                release: Some(label),
+                last_error: fails.then(|| "health failure: simulated".to_owned()),
+                ..ReportedState::idle()
+            };
+            let report = Report {
+                epoch: 1,
+                seq,
+                at: 0,
+                body: ReportBody::State { state },
+            };
+            let _ = reporter
+                .fire_and_forget(route::CAR_REPORT, Bytes::from(protocol::encode(&report)))
+                .await;
+        }
+    });
+    SimCar { _link: link, task }
+}
+
+/// `apps@version`, with no artifacts, signed and registered; its digest.
+async fn release(env: &Env, twin: &Running, version: &str) -> String {
+    let signer = env.signer();
+    let manifest = signer.manifest("apps", version, vec![]);
+    let body: Value = serde_json::from_slice(&signer.sign_release(&manifest).to_json()).unwrap();
+    let (status, view) = api_async(twin, "POST", "/api/v1/releases", Some(body)).await;
+    assert!(status == 201 || status == 200, "{view}");
+    view["digest"].as_str().unwrap().to_owned()
+}
+
+async fn until(twin: &Running, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let (status, view) =
+            api_async(twin, "GET", &format!("/api/v1/deployments/{name}"), None).await;
+        assert_eq!(status, 200, "{view}");
+        if check(&view) {
+            return view;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn phases(view: &Value) -> Vec<(u64, u64, u64)> {
+    view["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["group"].as_u64().unwrap(),
+                p["started"].as_u64().unwrap(),
+                p["failed"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_then_waves_reach_every_selected_car_and_no_other() {
+    let env = Env::new();
+    let twin = env.start().await;
+    let mut cars = Vec::new();
+    for i in 0..12 {
+        let id = format!("VIN-{i:02}");
+        let model = if i < 10 { "tx7" } else { "tx9" };
+        let files = register(&env, &twin, &id, json!({"model": model, "market": "eu"})).await;
+        cars.push(connect(&env, &twin, &id, &files, false, None).await);
+    }
+    let digest = release(&env, &twin, "2.0.0").await;
+    let (status, preview) = api_async(
+        &twin,
+        "POST",
+        "/api/v1/deployments/preview",
+        Some(json!({"selector": "model=tx7,market in (eu,uk)"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{preview}");
+    assert_eq!(preview["total"], 10);
+    let (status, created) = api_async(
+        &twin,
+        "POST",
+        "/api/v1/deployments",
+        Some(json!({
+            "name": "tx7-apps-2", "release": "apps@2.0.0", "selector": "model=tx7,market in (eu,uk)",
+            "phases": [{"cars": 2}, {"percent": 50}, {"percent": 100}],
+            "failure_threshold": 0.5, "success_threshold": 1.0, "ttl_secs": 600
+        })),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["release"], digest.as_str());
+    let done = until(&twin, "tx7-apps-2", "completed", |v| {
+        v["state"] == "completed"
+    })
+    .await;
+    assert_eq!(done["started"], 10);
+    assert_eq!(done["succeeded"], 10);
+    assert_eq!(phases(&done), vec![(2, 2, 0), (3, 3, 0), (5, 5, 0)]);
+    let log: Vec<&str> = done["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(log.iter().any(|m| m.contains("phase 1 over")), "{log:?}");
+    assert!(
+        log.iter().any(|m| m.contains("completed: 10 cars")),
+        "{log:?}"
+    );
+    // The tx9 cars were not selected: they never got a desired state.
+    for id in ["VIN-10", "VIN-11"] {
+        let (_, car) = api_async(&twin, "GET", &format!("/api/v1/cars/{id}"), None).await;
+        assert!(car["desired"].is_null(), "{car}");
+    }
+    // A second deployment of the same cars is refused while... the first is over: it is allowed.
+    let (status, body) = api_async(&twin, "GET", "/api/v1/deployments", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_halt_the_wave_within_its_budget_the_halt_survives_a_restart_and_resume_finishes_it()
+ {
+    let env = Env::new();
+    let mut twin = env.start().await;
+    let ids: Vec<String> = (0..10).map(|i| format!("VIN-{i:02}")).collect();
+    let mut files = Vec::new();
+    for id in &ids {
+        files.push(register(&env, &twin, id, json!({"model": "tx7"})).await);
+    }
+    // VIN-02 and VIN-03 roll the release back: two failures in the second phase's group of 4.
+    let fails = |id: &str| id == "VIN-02" || id == "VIN-03";
+    let mut cars = Vec::new();
+    for (id, files) in ids.iter().zip(&files) {
+        cars.push(connect(&env, &twin, id, files, fails(id), None).await);
+    }
+    release(&env, &twin, "3.0.0").await;
+    let (status, created) = api_async(
+        &twin,
+        "POST",
+        "/api/v1/deployments",
+        Some(json!({
+            "name": "apps-3", "release": "apps@3.0.0", "selector": "model=tx7",
+            "phases": [{"cars": 2}, {"percent": 60}, {"percent": 100}],
+            "failure_threshold": 0.5, "success_threshold": 0.5, "ttl_secs": 600
+        })),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let halted = until(&twin, "apps-3", "halted", |v| v["state"] == "halted").await;
+    assert!(
+        halted["reason"].as_str().unwrap().contains("2 cars failed"),
+        "{halted}"
+    );
+    // Not one car beyond the phase's budget: the canary's 2 and the wave's 4.
+    assert_eq!(halted["started"], 6, "{halted}");
+    assert_eq!(halted["failed"], 2);
+    let failed: Vec<&str> = halted["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["car"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, vec!["VIN-02", "VIN-03"]);
+    assert!(
+        halted["failures"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("simulated")
+    );
+
+    // An overlapping deployment is refused while this one runs, naming it.
+    release(&env, &twin, "4.0.0").await;
+    let request = json!({
+        "name": "apps-4", "release": "apps@4.0.0", "selector": "model=tx7",
+        "phases": [{"percent": 100}], "failure_threshold": 0.5, "success_threshold": 0.5, "ttl_secs": 600
+    });
+    let (status, body) =
+        api_async(&twin, "POST", "/api/v1/deployments", Some(request.clone())).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("apps-3 (10 cars"),
+        "{body}"
+    );
+
+    // The twin restarts: the halt and the started cars are where they were.
+    drop(cars);
+    twin.stop().await.unwrap();
+    twin = env.start().await;
+    let (_, after) = api_async(&twin, "GET", "/api/v1/deployments/apps-3", None).await;
+    assert_eq!(after["state"], "halted", "{after}");
+    assert_eq!(after["started"], 6, "{after}");
+    let after_started: Vec<String> = ids[..6].to_vec();
+    let mut cars = Vec::new();
+    // The cars come back reporting what they run: the six started ones apps@3.0.0.
+    for (id, files) in ids.iter().zip(&files) {
+        let started = after_started.contains(id);
+        let running = started.then_some("apps@3.0.0");
+        cars.push(connect(&env, &twin, id, files, fails(id), running).await);
+    }
+    // Halted stays halted: a few rounds start nobody.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, still) = api_async(&twin, "GET", "/api/v1/deployments/apps-3", None).await;
+    assert_eq!(still["state"], "halted");
+    assert_eq!(still["started"], 6);
+
+    // Resumed: the two failures are forgiven, 2 of 4 succeeded is enough, the rest follows.
+    let (status, resumed) = api_async(
+        &twin,
+        "POST",
+        "/api/v1/deployments/apps-3/resume",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 200, "{resumed}");
+    let done = until(&twin, "apps-3", "completed", |v| v["state"] == "completed").await;
+    assert_eq!(done["started"], 10);
+    assert_eq!(phases(&done), vec![(2, 2, 0), (4, 4, 2), (4, 4, 0)]);
+
+    // Over: the next deployment of the same cars is accepted; superseding works on a running one.
+    let (status, body) = api_async(&twin, "POST", "/api/v1/deployments", Some(request)).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, paused) = api_async(
+        &twin,
+        "POST",
+        "/api/v1/deployments/apps-4/pause",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 200, "{paused}");
+    let (status, _) = api_async(
+        &twin,
+        "POST",
+        "/api/v1/deployments/apps-4/pause",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 409, "pausing a paused deployment");
+    let (status, body) = api_async(
+        &twin,
+        "POST",
+        "/api/v1/deployments",
+        Some(json!({
+            "name": "apps-4b", "release": "apps@4.0.0", "selector": "model=tx7", "supersede": true,
+            "phases": [{"percent": 100}], "failure_threshold": 0.5, "success_threshold": 0.5, "ttl_secs": 600
+        })),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (_, old) = api_async(&twin, "GET", "/api/v1/deployments/apps-4", None).await;
+    assert_eq!(old["state"], "aborted", "{old}");
+    assert!(
+        old["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["message"] == "superseded by deployment apps-4b"),
+        "{old}"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_say_what_is_wrong() {
+    let env = Env::new();
+    let twin = env.start().await;
+    release(&env, &twin, "1.0.0").await;
+    let base = json!({
+        "name": "d1", "release": "apps@1.0.0", "selector": "model=tx7",
+        "phases": [{"cars": 1}], "failure_threshold": 0.1, "success_threshold": 0.9, "ttl_secs": 600
+    });
+    for (change, why) in [
+        (json!({"selector": "model tx7"}), "expected an operator"),
+        (
+            json!({"geofence": {"type": "Point", "coordinates": [1, 2]}}),
+            "not an area",
+        ),
+        (json!({"phases": []}), "0 phases"),
+        (
+            json!({"phases": [{"cars": 1, "percent": 5}]}),
+            "either `cars` or `percent`",
+        ),
+        (json!({"failure_threshold": 2}), "failure_threshold"),
+        (json!({"ttl_secs": 5}), "ttl_secs"),
+        (json!({"name": "bad name"}), "deployment name"),
+    ] {
+        let mut body = base.clone();
+        for (k, v) in change.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, answer) = api_async(&twin, "POST", "/api/v1/deployments", Some(body)).await;
+        assert_eq!(status, 400, "{change}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains(why),
+            "{change}: {answer}"
+        );
+    }
+    let mut unknown = base.clone();
+    unknown["release"] = json!("apps@9.9.9");
+    let (status, answer) = api_async(&twin, "POST", "/api/v1/deployments", Some(unknown)).await;
+    assert_eq!(status, 404, "{answer}");
+    let (status, answer) = api_async(&twin, "GET", "/api/v1/deployments/nope", None).await;
+    assert_eq!(status, 404, "{answer}");
+}
