@@ -225,6 +225,12 @@ pub fn render(d: &DeploymentView) -> String {
         d.failure_threshold * 100.0,
         d.success_threshold * 100.0,
     );
+    if d.deltas_ahead_pending > 0 {
+        out += &format!(
+            "  making the release's deltas ahead of the first car: {} pairs to go\n",
+            d.deltas_ahead_pending
+        );
+    }
     for (i, p) in d.phases.iter().enumerate() {
         let current = if i + 1 == d.phase && d.state == "running" {
             "▶"

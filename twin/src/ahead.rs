@@ -51,6 +51,14 @@ impl Jobs {
         self.lock().len()
     }
 
+    /// Pairs with a job waiting or running whose target is one of `targets`.
+    pub fn pending_for(&self, targets: &HashSet<Digest>) -> usize {
+        self.lock()
+            .iter()
+            .filter(|(t, _)| targets.contains(t))
+            .count()
+    }
+
     /// Claim `pair` for a new job: false when one is already pending or too many are.
     fn claim(&self, pair: (Digest, Digest)) -> bool {
         let mut pending = self.lock();
@@ -98,6 +106,17 @@ impl Twin {
             .iter()
             .filter_map(|a| Some((a.name.clone(), a.index.parse().ok()?)))
             .collect())
+    }
+
+    /// Pairs of `release`'s deltas still being made ahead (a deployment's first car waits for
+    /// them: it is served from the cache like every later one).
+    pub(crate) async fn ahead_pending_for(&self, release: &str) -> Result<usize, Error> {
+        let targets: HashSet<Digest> = self
+            .artifacts_by_name(release)
+            .await?
+            .into_values()
+            .collect();
+        Ok(self.ahead.pending_for(&targets))
     }
 
     /// The release `car` reports running, by digest.

@@ -165,6 +165,15 @@ pub(crate) async fn round(twin: &Twin) -> Result<(), Error> {
         let label = label(&summary);
         let members = members(twin, d, &fleet, &label)?;
         let now_secs = now().unsigned_abs();
+        // The first car does not wait: until the deltas made ahead for the release are done,
+        // nothing starts (they are bounded: a pair not made ahead is made on demand).
+        if d.progress.started.is_empty()
+            && matches!(d.progress.state, rollout::State::Running)
+            && now_secs < d.plan.expires_at
+            && twin.ahead_pending_for(&d.release).await? > 0
+        {
+            continue;
+        }
         let step = rollout::step(&d.plan, &d.progress, &cars(&members), now_secs);
         if step.progress != d.progress || !step.start.is_empty() || step.event.is_some() {
             twin.db
@@ -298,7 +307,9 @@ pub(crate) async fn view(
             message,
         })
         .collect();
+    let deltas_ahead_pending = twin.ahead_pending_for(&d.release).await?;
     Ok(DeploymentView {
+        deltas_ahead_pending,
         name: d.name.clone(),
         release: d.release.clone(),
         line,

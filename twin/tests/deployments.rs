@@ -401,3 +401,72 @@ async fn bad_requests_say_what_is_wrong() {
     let (status, answer) = api_async(&twin, "GET", "/api/v1/deployments/nope", None).await;
     assert_eq!(status, 404, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_car_waits_for_the_deltas_made_ahead() {
+    let env = Env::new();
+    let twin = env.start().await;
+    let signer = env.signer();
+    // 16 MB whose new version changes a little every 256 KiB: seconds of deltas at level 19.
+    let v1 = cardeploy_testkit::noise(5, 16 << 20);
+    let mut v2 = v1.clone();
+    for at in (100_000..v2.len() - 1000).step_by(256 << 10) {
+        v2[at..at + 200].fill(7);
+    }
+    let (i1, i2) = (
+        common::upload(&twin, &v1).await,
+        common::upload(&twin, &v2).await,
+    );
+    let release = |version: &str, index: &cardeploy_chunks::ChunkIndex| {
+        let a = cardeploy_testkit::signing::artifact(
+            cardeploy_release::ArtifactKind::OciLayer,
+            "app",
+            index,
+        );
+        signer.manifest("app", version, vec![a])
+    };
+    signer
+        .publish(twin.api_addr, &twin.operator_token, &release("1.0.0", &i1))
+        .await;
+    let mut cars = Vec::new();
+    for i in 0..3 {
+        let id = format!("VIN-{i}");
+        let files = register(&env, &twin, &id, json!({"model": "tx7"})).await;
+        cars.push(connect(&env, &twin, &id, &files, false, Some("app@1.0.0")).await);
+    }
+    signer
+        .publish(twin.api_addr, &twin.operator_token, &release("2.0.0", &i2))
+        .await;
+    let (status, created) = api_async(
+        &twin,
+        "POST",
+        "/api/v1/deployments",
+        Some(json!({
+            "name": "app-2", "release": "app@2.0.0", "selector": "model=tx7",
+            "phases": [{"cars": 1}, {"percent": 100}],
+            "failure_threshold": 0.5, "success_threshold": 1.0, "ttl_secs": 600
+        })),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert!(
+        created["deltas_ahead_pending"].as_u64().unwrap() > 0,
+        "the deltas of 2.0.0 against 1.0.0 are being made: {created}"
+    );
+    assert_eq!(created["started"], 0);
+    // Never a car started while they are being made; then all of them.
+    let started = Instant::now();
+    loop {
+        let (_, view) = api_async(&twin, "GET", "/api/v1/deployments/app-2", None).await;
+        let pending = view["deltas_ahead_pending"].as_u64().unwrap();
+        assert!(
+            pending == 0 || view["started"] == 0,
+            "a car started before the deltas were made: {view}"
+        );
+        if view["state"] == "completed" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{view}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -302,4 +302,8 @@ pub struct DeploymentView {
     pub expires_at: u64,
     /// Its log, newest last (the last 20 lines).
     pub events: Vec<EventView>,
+    /// (artifact, base) pairs of the release's deltas still being made ahead of the cars; the
+    /// first car starts once they are done.
+    #[serde(default)]
+    pub deltas_ahead_pending: usize,
 }
