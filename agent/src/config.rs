@@ -46,6 +46,9 @@ pub struct Config {
     /// the car. Without it, OCI artifacts are fetched and verified but not served.
     #[serde(default)]
     pub containers: Option<crate::containers::ContainersConfig>,
+    /// Where the car is (gpsd or a file), reported rounded for deployments with a geofence.
+    #[serde(default)]
+    pub position: Option<crate::position::PositionConfig>,
     /// Heartbeat interval until the twin says otherwise, seconds.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_secs: u64,
@@ -206,6 +209,9 @@ impl Config {
             (_, Some(os)) => os.validate().map_err(|e| bad(e.to_string()))?,
             _ => {}
         }
+        if let Some(position) = &self.position {
+            position.validate().map_err(bad)?;
+        }
         if !self.twin.contains(':') {
             return Err(bad(format!(
                 "twin = {:?}: expected host:port, e.g. twin.example.com:7443",
@@ -243,6 +249,11 @@ fn absolutize(table: &mut toml::Table, base: &Path) {
                 fix(value);
             }
         }
+    }
+    if let Some(toml::Value::Table(position)) = table.get_mut("position")
+        && let Some(value) = position.get_mut("file")
+    {
+        fix(value);
     }
 }
 

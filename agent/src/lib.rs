@@ -19,6 +19,7 @@ mod error;
 mod fetch;
 pub mod notify;
 pub mod os;
+mod position;
 pub mod release;
 mod reporter;
 mod session;
@@ -192,6 +193,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         (Some(host), Some(rauc)) => Some(tokio::spawn(os::driver::drive(host, rauc))),
         _ => None,
     };
+    let position = config
+        .position
+        .clone()
+        .map(|p| tokio::spawn(position::run(p, reporter.clone())));
     // Started: state loaded, OS driver running. The twin may be out of reach for hours and the
     // car works offline, so readiness does not wait for it.
     notify.ready(&format!("started, connecting to the twin {}", config.twin));
@@ -208,6 +213,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     session::keep_connected(agent, security, shutdown).await;
     if let Some(driver) = driver {
         driver.abort();
+    }
+    if let Some(position) = position {
+        position.abort();
     }
     if let Some(registry) = registry {
         registry.abort();

@@ -23,6 +23,8 @@ pub(crate) struct Reporter {
     link: Mutex<Option<Requester>>,
     /// Fixed capacity: a car offline for weeks holds the same memory as one offline a minute.
     backlog: Mutex<heapless::Deque<Event, BACKLOG_KEPT>>,
+    /// The last position reported: sent again at each new session.
+    position: Mutex<Option<cardeploy_protocol::Position>>,
 }
 
 impl Reporter {
@@ -33,6 +35,7 @@ impl Reporter {
             seq: AtomicU64::new(0),
             link: Mutex::new(None),
             backlog: Mutex::new(heapless::Deque::new()),
+            position: Mutex::new(None),
         }
     }
 
@@ -54,6 +57,16 @@ impl Reporter {
             self.send_on(link, ReportBody::Event { kind, message })
                 .await;
         }
+        let position = *self.position.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(position) = position {
+            self.send_on(link, ReportBody::Position { position }).await;
+        }
+    }
+
+    /// Where the car is now (rounded): sent now if connected, and at each new session.
+    pub async fn position(&self, position: cardeploy_protocol::Position) {
+        *self.position.lock().unwrap_or_else(PoisonError::into_inner) = Some(position);
+        self.send(ReportBody::Position { position }).await;
     }
 
     /// The session ended: events wait for the next one.

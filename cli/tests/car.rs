@@ -29,6 +29,7 @@ fn car_view(id: &str, certificate: CertificateState, connected: bool) -> Value {
         progress: None,
         install: None,
         dropped_reports: 0,
+        position: None,
     })
     .unwrap()
 }

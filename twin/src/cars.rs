@@ -403,6 +403,15 @@ impl CarResponder {
                         .with_car(&self.car, |live| live.progress = Some(p));
                 }
             }
+            ReportBody::Position { position } => {
+                if let Err(why) = position.check() {
+                    tracing::warn!(car = %self.car, "dropped a position: {why}");
+                    return Ok(());
+                }
+                if self.twin.db.mark_seq(&self.car, epoch, seq, now).await? {
+                    self.twin.db.set_position(&self.car, position, now).await?;
+                }
+            }
             ReportBody::Install { progress: p } => {
                 if self.twin.db.mark_seq(&self.car, epoch, seq, now).await? {
                     let message = format!("{} {}%: {}", p.release, p.percentage, p.message);

@@ -26,6 +26,7 @@ const TICK: Duration = Duration::from_secs(1);
 pub(crate) struct Fleet {
     pub cars: Vec<CarRecord>,
     pub reported: HashMap<String, ReportedState>,
+    pub positions: HashMap<String, cardeploy_protocol::Position>,
 }
 
 impl Fleet {
@@ -33,6 +34,7 @@ impl Fleet {
         Ok(Self {
             cars: twin.db.cars().await?,
             reported: twin.db.all_reported().await?,
+            positions: twin.db.positions().await?,
         })
     }
 }
@@ -55,13 +57,20 @@ impl Picker {
     }
 
     /// The cars picked now: active (not revoked), matching the selector, and inside the geofence
-    /// when there is one. Cars report no position yet: with a geofence, none is inside.
+    /// when there is one (a car that reported no position is outside).
     pub fn pick<'a>(&self, fleet: &'a Fleet) -> Vec<&'a CarRecord> {
         fleet
             .cars
             .iter()
             .filter(|c| c.revoked_at.is_none() && self.selector.matches(&c.attributes))
-            .filter(|_| self.geofence.is_none())
+            .filter(|c| {
+                self.geofence.as_ref().is_none_or(|fence| {
+                    fleet.positions.get(c.id.as_str()).is_some_and(|p| {
+                        let (lat, lon) = p.degrees();
+                        fence.contains(lon, lat)
+                    })
+                })
+            })
             .collect()
     }
 }

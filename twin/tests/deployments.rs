@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 /// A simulated car: it reports every desired state pushed to it as committed (or failed).
 struct SimCar {
-    _link: Requester,
+    link: Requester,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -99,8 +99,9 @@ async fn connect(
                 last_error: fails.then(|| "health failure: simulated".to_owned()),
                 ..ReportedState::idle()
             };
+            // Above the epoch of the test's position reports: one numbering per car.
             let report = Report {
-                epoch: 1,
+                epoch: 3,
                 seq,
                 at: 0,
                 body: ReportBody::State { state },
@@ -110,7 +111,7 @@ async fn connect(
                 .await;
         }
     });
-    SimCar { _link: link, task }
+    SimCar { link, task }
 }
 
 /// `apps@version`, with no artifacts, signed and registered; its digest.
@@ -467,6 +468,127 @@ async fn the_first_car_waits_for_the_deltas_made_ahead() {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(120), "{view}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Report a position (degrees) on the car's link; seq far above its state reports.
+async fn at(car: &SimCar, seq: u64, lat: f64, lon: f64) {
+    let report = Report {
+        epoch: 2,
+        seq,
+        at: 0,
+        body: ReportBody::Position {
+            position: protocol::Position::rounded(lat, lon, 3).unwrap(),
+        },
+    };
+    car.link
+        .fire_and_forget(route::CAR_REPORT, Bytes::from(protocol::encode(&report)))
+        .await
+        .unwrap();
+}
+
+async fn selected(twin: &Running, fence: &Value) -> u64 {
+    let (status, view) = api_async(
+        twin,
+        "POST",
+        "/api/v1/deployments/preview",
+        Some(json!({"selector": "model=tx7", "geofence": fence})),
+    )
+    .await;
+    assert_eq!(status, 200, "{view}");
+    view["total"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_car_driving_into_the_geofence_joins_the_deployment() {
+    let env = Env::new();
+    let twin = env.start().await;
+    // Bavaria, roughly.
+    let bavaria = json!({"type": "Polygon", "coordinates": [
+        [[9.0, 47.3], [13.8, 47.3], [13.8, 50.5], [9.0, 50.5], [9.0, 47.3]]]});
+    let mut files = Vec::new();
+    for id in ["VIN-MUC", "VIN-BER", "VIN-NOWHERE"] {
+        files.push(register(&env, &twin, id, json!({"model": "tx7"})).await);
+    }
+    // VIN-MUC reports Munich, then goes offline: selected, but it cannot start.
+    let muc = connect(&env, &twin, "VIN-MUC", &files[0], false, None).await;
+    at(&muc, 10, 48.137, 11.575).await;
+    let started = Instant::now();
+    while selected(&twin, &bavaria).await < 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "Munich not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(muc);
+    // VIN-BER is in Berlin; VIN-NOWHERE never says where it is.
+    let ber = connect(&env, &twin, "VIN-BER", &files[1], false, None).await;
+    at(&ber, 10, 52.52, 13.405).await;
+    let _nowhere = connect(&env, &twin, "VIN-NOWHERE", &files[2], false, None).await;
+    let (_, car) = api_async(&twin, "GET", "/api/v1/cars/VIN-MUC", None).await;
+    assert_eq!(car["position"]["lat"], 48.137, "{car}");
+    release(&env, &twin, "5.0.0").await;
+    let (status, created) = api_async(
+        &twin,
+        "POST",
+        "/api/v1/deployments",
+        Some(json!({
+            "name": "bavaria", "release": "apps@5.0.0", "selector": "model=tx7", "geofence": bavaria,
+            "phases": [{"percent": 100}], "failure_threshold": 0.5, "success_threshold": 1.0,
+            "ttl_secs": 600
+        })),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["selected"], 1, "only Munich is inside: {created}");
+    assert!(created["geofence"].as_bool().unwrap());
+    // Berlin drives south into Bavaria: it joins and gets the release; Munich is still offline.
+    at(&ber, 11, 49.45, 11.08).await;
+    let view = until(&twin, "bavaria", "the car from Berlin to join", |v| {
+        v["selected"] == 2 && v["succeeded"] == 1
+    })
+    .await;
+    assert_eq!(view["started"], 1, "{view}");
+    assert_eq!(view["state"], "running", "Munich has not started: {view}");
+    let (_, nowhere) = api_async(&twin, "GET", "/api/v1/cars/VIN-NOWHERE", None).await;
+    assert!(nowhere["desired"].is_null(), "{nowhere}");
+    let (_, ber_view) = api_async(&twin, "GET", "/api/v1/cars/VIN-BER", None).await;
+    assert_eq!(ber_view["reported"]["state"]["release"], "apps@5.0.0");
+}
+
+#[tokio::test]
+async fn a_position_not_on_earth_is_dropped() {
+    let env = Env::new();
+    let twin = env.start().await;
+    let files = register(&env, &twin, "VIN-X", json!({"model": "tx7"})).await;
+    let car = connect(&env, &twin, "VIN-X", &files, false, None).await;
+    let bogus = Report {
+        epoch: 2,
+        seq: 1,
+        at: 0,
+        body: ReportBody::Position {
+            position: protocol::Position {
+                lat_e6: 95_000_000,
+                lon_e6: 0,
+            },
+        },
+    };
+    car.link
+        .fire_and_forget(route::CAR_REPORT, Bytes::from(protocol::encode(&bogus)))
+        .await
+        .unwrap();
+    // A good one after it: once it is stored, the bogus one was handled before it.
+    at(&car, 2, 10.0, 20.0).await;
+    let started = Instant::now();
+    loop {
+        let (_, view) = api_async(&twin, "GET", "/api/v1/cars/VIN-X", None).await;
+        if !view["position"].is_null() {
+            assert_eq!(view["position"]["lat"], 10.0, "{view}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{view}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

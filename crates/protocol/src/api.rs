@@ -58,6 +58,17 @@ pub struct CarView {
     pub install: Option<InstallProgress>,
     /// Reports dropped over the rate limit since the twin started.
     pub dropped_reports: u64,
+    /// Where the car last said it was (rounded on the car), if it ever did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<PositionView>,
+}
+
+/// A car's last reported position, in degrees, and when it was reported (unix seconds).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PositionView {
+    pub lat: f64,
+    pub lon: f64,
+    pub at: i64,
 }
 
 impl CarView {

@@ -391,6 +391,48 @@ pub enum ReportBody {
     Progress { progress: FetchProgress },
     /// An OS installation's progress (RAUC's own steps and percentage).
     Install { progress: InstallProgress },
+    /// Where the car is, rounded on the car to its configured precision; sent when that rounded
+    /// position changes (and again at each new session).
+    Position { position: Position },
+}
+
+/// A position in microdegrees (WGS 84): what the car reports, already rounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Position {
+    pub lat_e6: i32,
+    pub lon_e6: i32,
+}
+
+impl Position {
+    /// From degrees, rounded to `decimals` (0–6) decimal places: 2 is about a kilometre.
+    pub fn rounded(lat: f64, lon: f64, decimals: u32) -> Option<Self> {
+        if !(lat.is_finite() && lon.is_finite()) || lat.abs() > 90.0 || lon.abs() > 180.0 {
+            return None;
+        }
+        let step = 10f64.powi(6 - decimals.min(6) as i32);
+        let e6 = |deg: f64| ((deg * 1e6 / step).round() * step) as i32;
+        Some(Self {
+            lat_e6: e6(lat),
+            lon_e6: e6(lon),
+        })
+    }
+
+    /// Whether it is a position on Earth (a car sends what it likes).
+    pub fn check(&self) -> Result<(), String> {
+        if self.lat_e6.abs() > 90_000_000 || self.lon_e6.abs() > 180_000_000 {
+            return Err(format!(
+                "({}, {}) microdegrees is not on Earth",
+                self.lat_e6, self.lon_e6
+            ));
+        }
+        Ok(())
+    }
+
+    /// (latitude, longitude) in degrees.
+    pub fn degrees(&self) -> (f64, f64) {
+        (f64::from(self.lat_e6) / 1e6, f64::from(self.lon_e6) / 1e6)
+    }
 }
 
 /// `car.heartbeat` request and answer: nothing but liveness.
@@ -407,4 +449,56 @@ pub struct Inspection {
     pub desired: Option<DesiredState>,
     /// Seconds since the agent started.
     pub uptime_secs: u64,
+}
+
+#[cfg(test)]
+mod position_tests {
+    use super::Position;
+
+    #[test]
+    fn positions_are_rounded_on_the_car_and_checked_on_the_twin() {
+        // Munich, Marienplatz, to about a kilometre and to about a hundred metres.
+        let p = Position::rounded(48.137_154, 11.575_382, 2).unwrap();
+        assert_eq!(
+            p,
+            Position {
+                lat_e6: 48_140_000,
+                lon_e6: 11_580_000
+            }
+        );
+        assert_eq!(p.degrees(), (48.14, 11.58));
+        let p = Position::rounded(48.137_154, 11.575_382, 3).unwrap();
+        assert_eq!(
+            p,
+            Position {
+                lat_e6: 48_137_000,
+                lon_e6: 11_575_000
+            }
+        );
+        assert_eq!(
+            Position::rounded(-33.868_82, 151.209_29, 6).unwrap(),
+            Position {
+                lat_e6: -33_868_820,
+                lon_e6: 151_209_290
+            }
+        );
+        assert!(Position::rounded(91.0, 0.0, 2).is_none());
+        assert!(Position::rounded(f64::NAN, 0.0, 2).is_none());
+        assert!(
+            Position {
+                lat_e6: 0,
+                lon_e6: 180_000_001
+            }
+            .check()
+            .is_err()
+        );
+        assert!(
+            Position {
+                lat_e6: -90_000_000,
+                lon_e6: 180_000_000
+            }
+            .check()
+            .is_ok()
+        );
+    }
 }

@@ -128,7 +128,12 @@ async fn view(twin: &Twin, car: CarRecord) -> Result<CarView, ApiError> {
             live.reports.dropped,
         )
     });
+    let position = twin.db.position(car.id.as_str()).await?.map(|(p, at)| {
+        let (lat, lon) = p.degrees();
+        cardeploy_protocol::api::PositionView { lat, lon, at }
+    });
     Ok(CarView {
+        position,
         progress,
         install,
         dropped_reports,

@@ -125,6 +125,15 @@ CREATE TABLE deployment_events (
 );
 CREATE INDEX deployment_events_by_deployment ON deployment_events(deployment, id);
 ",
+    // 4: each car's last reported position (rounded on the car), for geofences.
+    r"
+CREATE TABLE positions (
+    car_id TEXT PRIMARY KEY REFERENCES cars(id),
+    lat_e6 INTEGER NOT NULL,
+    lon_e6 INTEGER NOT NULL,
+    at INTEGER NOT NULL
+);
+",
 ];
 
 #[derive(Clone, Debug, Serialize)]
@@ -447,6 +456,71 @@ impl Db {
             })
         })
         .transpose()
+    }
+
+    /// Store a car's position (one row a car: it replaces the last).
+    pub async fn set_position(
+        &self,
+        car: &CarId,
+        position: cardeploy_protocol::Position,
+        now: i64,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO positions (car_id, lat_e6, lon_e6, at) VALUES (?, ?, ?, ?)
+             ON CONFLICT(car_id) DO UPDATE SET lat_e6 = excluded.lat_e6, lon_e6 = excluded.lon_e6,
+                at = excluded.at",
+        )
+        .bind(car.as_str())
+        .bind(position.lat_e6)
+        .bind(position.lon_e6)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db("store a position"))?;
+        Ok(())
+    }
+
+    /// A car's last position and when it was reported.
+    pub async fn position(
+        &self,
+        car: &str,
+    ) -> Result<Option<(cardeploy_protocol::Position, i64)>, Error> {
+        let row = sqlx::query("SELECT lat_e6, lon_e6, at FROM positions WHERE car_id = ?")
+            .bind(car)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("read a position"))?;
+        Ok(row.map(|r| {
+            (
+                cardeploy_protocol::Position {
+                    lat_e6: r.get(0),
+                    lon_e6: r.get(1),
+                },
+                r.get(2),
+            )
+        }))
+    }
+
+    /// Every car's last position.
+    pub async fn positions(
+        &self,
+    ) -> Result<std::collections::HashMap<String, cardeploy_protocol::Position>, Error> {
+        let rows = sqlx::query("SELECT car_id, lat_e6, lon_e6 FROM positions")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("read positions"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    cardeploy_protocol::Position {
+                        lat_e6: r.get(1),
+                        lon_e6: r.get(2),
+                    },
+                )
+            })
+            .collect())
     }
 
     /// Every car's reported state (what the deployments' driver reads once a round).
