@@ -239,23 +239,14 @@ async fn start(
     deployment: &str,
 ) -> Result<(), Error> {
     let id = CarId::new(car.to_owned()).map_err(|_| bad_id(car))?;
-    let stored = twin
-        .issue_desired(&id, &summary.digest, twin.config.desired_ttl_secs, None)
-        .await?;
-    twin.db
-        .event(
-            &id,
-            now(),
-            "desired",
-            &format!(
-                "desired #{} {}@{} ({}) by deployment {deployment}",
-                stored.counter,
-                summary.line,
-                summary.version,
-                &summary.digest[..16]
-            ),
-        )
-        .await?;
+    twin.desire(
+        &id,
+        summary,
+        twin.config.desired_ttl_secs,
+        None,
+        Some(&format!("deployment {deployment}")),
+    )
+    .await?;
     Ok(())
 }
 

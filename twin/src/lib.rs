@@ -122,6 +122,38 @@ impl Twin {
         })
     }
 
+    /// Set `car`'s desired state to the release of `summary` (signed, stored, pushed) and log it,
+    /// saying who asked (`by`: a deployment) when it was not the operator directly.
+    async fn desire(
+        &self,
+        car: &CarId,
+        summary: &cardeploy_protocol::api::ReleaseSummary,
+        ttl_secs: u64,
+        downgrade: Option<cardeploy_protocol::Envelope>,
+        by: Option<&str>,
+    ) -> Result<StoredDesired, Error> {
+        let stored = self
+            .issue_desired(car, &summary.digest, ttl_secs, downgrade)
+            .await?;
+        let by = by.map_or(String::new(), |by| format!(" by {by}"));
+        self.db
+            .event(
+                car,
+                cars::now(),
+                "desired",
+                &format!(
+                    "desired #{} {}@{} ({}){by}",
+                    stored.counter,
+                    summary.line,
+                    summary.version,
+                    &summary.digest[..16]
+                ),
+            )
+            .await?;
+        tracing::info!(car = %car, counter = stored.counter, release = %summary.digest, "desired state signed and set{by}");
+        Ok(stored)
+    }
+
     /// Sign and store the next desired state for `car` naming `release`, and push it to every
     /// stream of that car. Persisted first: a push the car never gets is repeated at its next
     /// hello.

@@ -12,7 +12,7 @@ use cardeploy_protocol::api::{
 use cardeploy_protocol::{self as protocol, CarId, Inspection, route, validate_attribute};
 use serde::Deserialize;
 
-use super::{ApiError, bad_request, blocking, car_id, trust_error};
+use super::{ApiError, bad_request, blocking, car_id, verified_release};
 use crate::Twin;
 use crate::cars::now;
 use crate::db::{CarRecord, Conflict, Registration, StoredDesired};
@@ -225,24 +225,7 @@ pub(super) async fn set_desired(
 ) -> Result<Json<DesiredView>, ApiError> {
     let id = car_id(id)?;
     find(&twin, &id).await?;
-    let (summary, envelope) = twin.db.release(&body.release).await?.ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no release {:?} on this twin: name one by digest or line@version (`cardeploy release list`), after `cardeploy release push`",
-                body.release
-            ),
-        )
-    })?;
-    // Verified again under the current root: a release whose key was rotated out is refused
-    // here, not by every car.
-    twin.trust
-        .verify_release(
-            &envelope,
-            cardeploy_release::now_secs(),
-            twin.config.max_artifact_bytes,
-        )
-        .map_err(trust_error)?;
+    let summary = verified_release(&twin, &body.release).await?;
     let ttl = body.ttl_secs.unwrap_or(twin.config.desired_ttl_secs);
     if !(60..=366 * 86_400).contains(&ttl) {
         return Err(bad_request(format!(
@@ -250,23 +233,8 @@ pub(super) async fn set_desired(
         )));
     }
     let stored = twin
-        .issue_desired(&id, &summary.digest, ttl, body.downgrade)
+        .desire(&id, &summary, ttl, body.downgrade, None)
         .await?;
-    twin.db
-        .event(
-            &id,
-            now(),
-            "desired",
-            &format!(
-                "desired #{} {}@{} ({})",
-                stored.counter,
-                summary.line,
-                summary.version,
-                &summary.digest[..16]
-            ),
-        )
-        .await?;
-    tracing::info!(car = %id, counter = stored.counter, release = %summary.digest, "desired state signed and set");
     // The deltas this car will ask for, if no job for the pair made them yet (a car that
     // registered after the release did not count then).
     if let Err(e) = twin

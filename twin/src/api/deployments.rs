@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use cardeploy_protocol::api::{DeploymentView, NewDeployment, PreviewRequest, PreviewView};
 
-use super::{ApiError, bad_request, trust_error};
+use super::{ApiError, bad_request, verified_release};
 use crate::Twin;
 use crate::deployments::{self, Fleet, Picker};
 use crate::fleet::rollout;
@@ -63,22 +63,7 @@ pub(super) async fn create(
     check_name(&body.name)?;
     let picker = picker(&body.selector, body.geofence.as_ref())?;
     let plan = deployments::plan(&body, rollout_now()).map_err(bad_request)?;
-    let (summary, envelope) = twin.db.release(&body.release).await?.ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no release {:?} on this twin: name one by digest or line@version (`cardeploy release list`)",
-                body.release
-            ),
-        )
-    })?;
-    twin.trust
-        .verify_release(
-            &envelope,
-            cardeploy_release::now_secs(),
-            twin.config.max_artifact_bytes,
-        )
-        .map_err(trust_error)?;
+    let summary = verified_release(&twin, &body.release).await?;
     let _one = twin.deployments_lock.lock().await;
     if twin.db.deployment_count().await? >= MAX_DEPLOYMENTS {
         return Err(ApiError(

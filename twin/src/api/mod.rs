@@ -127,6 +127,30 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A registered release by digest or `line@version`, verified again under the current root: a
+/// release whose key was rotated out is refused here, not by every car.
+async fn verified_release(
+    twin: &Twin,
+    reference: &str,
+) -> Result<cardeploy_protocol::api::ReleaseSummary, ApiError> {
+    let (summary, envelope) = twin.db.release(reference).await?.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no release {reference:?} on this twin: name one by digest or line@version (`cardeploy release list`), after `cardeploy release push`"
+            ),
+        )
+    })?;
+    twin.trust
+        .verify_release(
+            &envelope,
+            cardeploy_release::now_secs(),
+            twin.config.max_artifact_bytes,
+        )
+        .map_err(trust_error)?;
+    Ok(summary)
+}
+
 fn trust_error(e: TrustError) -> ApiError {
     let status = match &e {
         TrustError::NoRoot | TrustError::DirectorNotNamed { .. } => StatusCode::CONFLICT,
