@@ -25,7 +25,13 @@ pub(crate) struct Reporter {
     backlog: Mutex<heapless::Deque<Event, BACKLOG_KEPT>>,
     /// The last position reported: sent again at each new session.
     position: Mutex<Option<cardeploy_protocol::Position>>,
+    /// Counts state reports: a state sent again later is sent only if none followed it.
+    states: AtomicU64,
 }
+
+/// A state report is sent again this long after the last one of a burst: the twin drops
+/// reports over its rate limit, and the last state of a burst must not be the one it missed.
+const STATE_AGAIN: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl Reporter {
     /// Reports of this run carry `epoch` (it grows with every start of the agent).
@@ -36,6 +42,7 @@ impl Reporter {
             link: Mutex::new(None),
             backlog: Mutex::new(heapless::Deque::new()),
             position: Mutex::new(None),
+            states: AtomicU64::new(0),
         }
     }
 
@@ -97,8 +104,20 @@ impl Reporter {
         .await;
     }
 
-    pub async fn state(&self, state: ReportedState) {
-        self.send(ReportBody::State { state }).await;
+    pub async fn state(self: &std::sync::Arc<Self>, state: ReportedState) {
+        let n = self.states.fetch_add(1, Ordering::SeqCst) + 1;
+        self.send(ReportBody::State {
+            state: state.clone(),
+        })
+        .await;
+        // Once more after the burst is over (the rate limit has refilled by then).
+        let reporter = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(STATE_AGAIN).await;
+            if reporter.states.load(Ordering::SeqCst) == n {
+                reporter.send(ReportBody::State { state }).await;
+            }
+        });
     }
 
     /// Keep an event for the next session (also used at start for what happened before any).

@@ -356,11 +356,20 @@ impl CarResponder {
                     tracing::warn!(car = %self.car, "dropped a reported state: {why}");
                     return Ok(());
                 }
+                // The agent sends its last state again after a burst (a report over the rate
+                // may have been dropped): the same state again is no new line in the log.
+                let same = self
+                    .twin
+                    .db
+                    .reported(&self.car)
+                    .await?
+                    .is_some_and(|r| r.state == state);
                 if self
                     .twin
                     .db
                     .report_state(&self.car, &state, epoch, seq, now)
                     .await?
+                    && !same
                 {
                     tracing::debug!(car = %self.car, ?state.phase, "reported state");
                     self.twin.forget_readable(&self.car);
