@@ -126,7 +126,20 @@ fn members(
         .collect())
 }
 
-fn cars(members: &[(String, bool, Outcome)]) -> Vec<Car<'_>> {
+/// [`members`] of a deployment, its release's label looked up.
+pub(crate) async fn members_of(
+    twin: &Twin,
+    d: &StoredDeployment,
+    fleet: &Fleet,
+) -> Result<Vec<(String, bool, Outcome)>, Error> {
+    let label = match twin.db.release(&d.release).await? {
+        Some((s, _)) => label(&s),
+        None => String::new(),
+    };
+    members(twin, d, fleet, &label)
+}
+
+pub(crate) fn cars(members: &[(String, bool, Outcome)]) -> Vec<Car<'_>> {
     members
         .iter()
         .map(|(id, online, outcome)| Car {

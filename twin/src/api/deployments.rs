@@ -201,40 +201,8 @@ pub(super) async fn act(
         "abort" => rollout::abort(&d.progress),
         "resume" => {
             // The failures forgiven are those of the cars as they report now.
-            let label = match twin.db.release(&d.release).await? {
-                Some((s, _)) => format!("{}@{}", s.line, s.version),
-                None => String::new(),
-            };
-            let started: Vec<(String, rollout::Outcome)> = d
-                .progress
-                .started
-                .keys()
-                .map(|id| {
-                    let failed = fleet.reported.get(id).is_some_and(|r| {
-                        r.release.as_deref() == Some(label.as_str())
-                            && matches!(
-                                r.phase,
-                                cardeploy_protocol::Phase::Failed
-                                    | cardeploy_protocol::Phase::RolledBack
-                            )
-                    });
-                    let outcome = if failed {
-                        rollout::Outcome::Failed
-                    } else {
-                        rollout::Outcome::Pending
-                    };
-                    (id.clone(), outcome)
-                })
-                .collect();
-            let cars: Vec<rollout::Car<'_>> = started
-                .iter()
-                .map(|(id, outcome)| rollout::Car {
-                    id,
-                    online: false,
-                    outcome: *outcome,
-                })
-                .collect();
-            rollout::resume(&d.progress, &cars)
+            let members = deployments::members_of(&twin, &d, &fleet).await?;
+            rollout::resume(&d.progress, &deployments::cars(&members))
         }
         other => {
             return Err(ApiError(
