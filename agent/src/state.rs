@@ -132,6 +132,24 @@ impl State {
         }
     }
 
+    /// The OS update moves to `next`: a release the car will not install again on its own is
+    /// remembered as refused, a committed one recorded as installed. Returns whether it moved.
+    pub fn move_os(&mut self, next: &crate::os::OsUpdate) -> bool {
+        let moved = self.os.update != *next;
+        if moved {
+            if crate::os::machine::refuses(next)
+                && let Some(release) = next.release()
+            {
+                self.os.refuse(&release.digest);
+            }
+            if let crate::os::OsUpdate::Committed { release, .. } = next {
+                self.record_version(&release.line, &release.version, true);
+            }
+        }
+        self.os.update = next.clone();
+        moved
+    }
+
     /// Whether the OS part lets the workloads of `release` start: it has no OS part
     /// (`managed_os` false, or no bundle), the OS update committed it, or the new slot passed
     /// its health checks and waits for the workloads to commit with them.

@@ -109,6 +109,11 @@ enum Task {
     /// Regenerate the signed-metadata threat fixtures in tests/data from fixed seeds (commit
     /// them; agent/tests/threats.rs compares).
     Fixtures,
+    /// A fleet deployment on thousands of simulated cars against the real twin: a 1 % canary then
+    /// waves of 10/50/100 %, a halt when cars start failing, a time-to-live with parked cars,
+    /// and a first car against a later one with real agents. Summary, timeline and plot in
+    /// target/fleet-sim/ (docs/fleet-sim.md).
+    FleetSim(bench::fleet_sim::Options),
     /// Benchmarks: figures measured on this machine, written to target/. Each has --smoke, the
     /// quick run `cargo xtask test` makes so a bench that breaks fails CI.
     #[command(subcommand)]
@@ -145,6 +150,7 @@ fn main() -> ExitCode {
                 ])
                 .arg(sh::root().join("tests/data")),
         ),
+        Task::FleetSim(options) => bench::fleet_sim::main(options),
         Task::Bench(bench) => bench::run(bench),
     };
     match result {
@@ -190,6 +196,9 @@ mod tests {
             "bench delta --fresh",
             "bench delta --smoke",
             "bench hostile --cars 10 --requests 20 --smoke",
+            "fleet-sim",
+            "fleet-sim --cars 10000 --speed 10",
+            "fleet-sim --smoke",
         ] {
             let args = std::iter::once("cargo-xtask").chain(line.split(' '));
             if let Err(e) = Cli::try_parse_from(args) {

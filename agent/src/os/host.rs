@@ -141,18 +141,7 @@ impl Host {
         let updated = self
             .cell
             .update(|s| {
-                let moved = s.os.update != next;
-                if moved {
-                    if machine::refuses(&next)
-                        && let Some(release) = next.release()
-                    {
-                        s.os.refuse(&release.digest);
-                    }
-                    if let OsUpdate::Committed { release, .. } = &next {
-                        s.record_version(&release.line, &release.version, true);
-                    }
-                }
-                s.os.update = next.clone();
+                let moved = s.move_os(&next);
                 match slots {
                     Some(report) => s.reported.os = Some(report),
                     None => {

@@ -14,14 +14,12 @@ mod smoke;
 mod tools;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::Context;
 use serde_json::{Value, json};
 
 use super::build::{self, Profile};
-use crate::host::venv;
-use crate::sh::{root, run};
+use crate::sh::root;
 use inputs::{Pair, build_inputs};
 use tools::{ToolRun, measure_tools};
 
@@ -248,27 +246,11 @@ pub fn run_bench(options: &Options) -> anyhow::Result<()> {
     )?;
     std::fs::write(work.join("results.md"), &md)?;
     let png = work.join("delta.png");
-    plot(&work.join("results.json"), &png)?;
+    super::plot("plot_delta.py", &work.join("results.json"), &png)?;
     println!(
         "{md}\n{summary}\ntable: {}\nplot:  {}",
         work.join("results.md").display(),
         png.display()
     );
     Ok(())
-}
-
-/// The PNG plot, with matplotlib from the project's venv.
-fn plot(results: &Path, png: &PathBuf) -> anyhow::Result<()> {
-    let python = venv()?;
-    let has = Command::new(&python)
-        .args(["-c", "import matplotlib"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has {
-        run(Command::new(&python).args(["-m", "pip", "install", "-q", "matplotlib==3.9.2"]))?;
-    }
-    run(Command::new(&python)
-        .arg(root().join("xtask/scripts/plot_delta.py"))
-        .arg(results)
-        .arg(png))
 }
