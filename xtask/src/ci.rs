@@ -2,7 +2,7 @@
 //! and nothing else.
 
 use crate::sh::{cargo, root, run};
-use crate::{bench, cross, doc_check, fuzz, host, image, qemu, yocto};
+use crate::{bench, cross, doc_check, fuzz, gpsd, host, image, qemu, yocto};
 
 /// How long each fuzz target runs in the test command.
 const FUZZ_SECONDS: u64 = 20;
@@ -10,6 +10,8 @@ const FUZZ_SECONDS: u64 = 20;
 pub fn test() -> anyhow::Result<()> {
     host::deps(true)?;
     let python = host::venv()?;
+    // gpsfake and a recorded drive for agent/tests/position.rs.
+    let replay = gpsd::prepare()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     // The docs name only what exists (links, repository paths) and cite nothing outside it.
     doc_check::check(&root())?;
@@ -33,7 +35,9 @@ pub fn test() -> anyhow::Result<()> {
     run(cargo()
         .args(["test", "--workspace", "--locked"])
         .env("CARDEPLOY_PYTHON", &python)
-        .env("CARDEPLOY_AARCH64_AGENT", &aarch64))?;
+        .env("CARDEPLOY_AARCH64_AGENT", &aarch64)
+        .env("CARDEPLOY_GPSFAKE", &replay.gpsfake)
+        .env("CARDEPLOY_NMEA_TRACK", &replay.track))?;
     // Every bench in its smoke mode, on the debug build `cargo test` just made, so a bench that
     // breaks fails here; the figures themselves stay in `cargo xtask bench`.
     bench::smoke_all(&bench::debug_bins())?;

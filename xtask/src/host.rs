@@ -27,6 +27,18 @@ const APT_RAUC: &[&str] = &[
 /// skopeo, and containerd with `ctr` (the containerd k3s embeds).
 const APT_REGISTRY_CLIENTS: &[&str] = &["skopeo", "containerd"];
 
+/// gpsd for the position test (agent/tests/position.rs): the daemon, and the Python module that
+/// gpsfake (taken out of gpsd-clients by `gpsd::prepare`, not installed) drives it with; gpsfake
+/// also imports distutils, which Debian 12 ships apart from Python. curl and xz-utils fetch and
+/// unpack gpsd's source for its recorded track.
+pub const APT_GPSD: &[&str] = &[
+    "gpsd",
+    "python3-gps",
+    "python3-distutils",
+    "curl",
+    "xz-utils",
+];
+
 pub fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
@@ -63,10 +75,10 @@ pub fn apt_install(who: &str, wanted: &[&str]) -> anyhow::Result<()> {
     .with_context(|| format!("cannot install {missing:?}"))
 }
 
-/// `cargo xtask deps`: RAUC, the registry's clients and Python for the tests, and (with `cross_too`) the aarch64
-/// toolchain of cross/install.sh; then the rsocket-py venv.
+/// `cargo xtask deps`: RAUC, the registry's clients, gpsd and Python for the tests, and (with
+/// `cross_too`) the aarch64 toolchain of cross/install.sh; then the rsocket-py venv.
 pub fn deps(cross_too: bool) -> anyhow::Result<()> {
-    let mut wanted = [APT_RAUC, APT_REGISTRY_CLIENTS].concat();
+    let mut wanted = [APT_RAUC, APT_REGISTRY_CLIENTS, APT_GPSD].concat();
     if !Path::new("/usr/bin/python3").exists() && which("python3").is_none() {
         wanted.push("python3");
     }

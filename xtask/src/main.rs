@@ -5,8 +5,9 @@
 //! Modules, each using only some of those after it in this list (the `layering` test fails on
 //! any import cycle):
 //! [`ci`] (the test command) · [`demo`] · [`qemu`] · [`image`] · [`bench`](mod@bench) · [`yocto`] ·
-//! [`fuzz`] · [`doc_check`] · [`debian`] (Debian package fetching, shared by image and bench) ·
-//! [`host`] (apt, root, venvs) · [`cross`] (cross/) · [`synthetic`] · [`sh`] (running commands).
+//! [`fuzz`] · [`doc_check`] · [`gpsd`] (gpsfake and a recorded drive, for the position test) ·
+//! [`debian`] (Debian package fetching, shared by image, bench and gpsd) · [`host`] (apt, root,
+//! venvs) · [`cross`] (cross/) · [`synthetic`] · [`sh`] (running commands).
 
 mod bench;
 mod ci;
@@ -15,6 +16,7 @@ mod debian;
 mod demo;
 mod doc_check;
 mod fuzz;
+mod gpsd;
 mod host;
 mod image;
 #[cfg(test)]
@@ -73,7 +75,8 @@ enum Task {
         )]
         args: Vec<String>,
     },
-    /// Install the prerequisites only (apt packages, the aarch64 toolchain, the rsocket-py venv).
+    /// Install the prerequisites only (apt packages, the aarch64 toolchain, the rsocket-py venv,
+    /// gpsfake and a recorded drive in target/gpsd for the position test).
     Deps,
     /// Rewrite meta-cardeploy's crate list (cardeploy-agent-crates.inc) from Cargo.lock, after a
     /// dependency change.
@@ -130,7 +133,7 @@ fn main() -> ExitCode {
             println!("image: {}", dir.display());
         }),
         Task::QemuTest { args } => qemu::qemu_test(args),
-        Task::Deps => host::deps(true),
+        Task::Deps => host::deps(true).and_then(|()| gpsd::prepare().map(|_| ())),
         Task::CratesInc { check } => yocto::crates_inc(*check),
         Task::YoctoLint => yocto::lint(),
         Task::DocCheck => doc_check::check(&sh::root()),
