@@ -151,6 +151,8 @@ struct SimCar {
     accepted: Mutex<Vec<String>>,
     /// Switched off by the run (the ttl scenario's parked cars).
     parked: AtomicBool,
+    /// Sessions with the twin so far (hello answered).
+    sessions: AtomicU64,
 }
 
 impl Sim {
@@ -239,6 +241,9 @@ struct CarRun {
     fetch_left: Option<Duration>,
     /// The boot of the slot just installed (a boot failure is possible only then).
     fresh_slot: bool,
+    /// A session with the twin is up (the timeline counts the car by its state then, else as
+    /// offline or rebooting).
+    connected: bool,
 }
 
 impl CarRun {
@@ -286,7 +291,9 @@ impl CarRun {
         self.state.reported.os = Some(self.hw.report(&update));
         self.state.derive(MANAGED);
         *self.car().release.lock().unwrap() = self.state.reported.release.clone();
-        self.set_seen(self.seen_from_state());
+        if self.connected {
+            self.set_seen(self.seen_from_state());
+        }
     }
 
     /// Take a desired state as the agent does: check it, record it, start the deployment.
@@ -492,6 +499,7 @@ impl CarRun {
         {
             return End::Lost;
         }
+        self.car().sessions.fetch_add(1, Ordering::Relaxed);
         let mut desired = link.request_stream(route::CAR_DESIRED, Bytes::from_static(b"{}"));
         let off_at = tokio::time::Instant::now() + {
             let p = self.sim.profile.clone();
@@ -588,9 +596,11 @@ impl CarRun {
                 }
             };
             backoff.reset();
+            self.connected = true;
             self.set_seen(self.seen_from_state());
             let end = self.session(&link).await;
             drop(link);
+            self.connected = false;
             let p = self.sim.profile.clone();
             match end {
                 End::Reboot => {
@@ -1049,24 +1059,30 @@ fn ttl(run: &mut Run, label: &str, share: f64, ttl: u64, within: Duration) -> Tt
         "ttl: expired, {} cars never reached",
         view.never_reached.unwrap_or(0)
     ));
+    let sessions: Vec<u64> = parked
+        .iter()
+        .map(|&i| run.sim.cars[i].sessions.load(Ordering::Relaxed))
+        .collect();
     for &i in &parked {
         run.sim.cars[i].parked.store(false, Ordering::Relaxed);
     }
-    // They come back; the twin must not start them.
+    // They come back (each one a new session with the twin); the twin must not start them.
     let back = Instant::now();
-    loop {
+    while parked
+        .iter()
+        .zip(&sessions)
+        .any(|(&i, &before)| run.sim.cars[i].sessions.load(Ordering::Relaxed) == before)
+    {
         run.sample("ttl", "ttl");
-        let all_back = parked.iter().all(|&i| {
-            let s = run.sim.cars[i].seen.load(Ordering::Relaxed);
-            s != Seen::Offline as u8 && s != Seen::Rebooting as u8
-        });
-        if all_back && back.elapsed() > Duration::from_secs(3) {
-            break;
-        }
         assert!(
             back.elapsed() < Duration::from_secs(120),
             "parked cars did not come back"
         );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // A negative is watched for a while: three driver rounds (one a second).
+    for _ in 0..3 {
+        run.sample("ttl", "ttl");
         std::thread::sleep(Duration::from_secs(1));
     }
     run.event("ttl: parked cars back");
@@ -1289,7 +1305,7 @@ fn main() {
     let agent_bin = arg("--agent").map(PathBuf::from);
     let out = PathBuf::from(arg("--out").expect("--out DIR"));
     let smoke = std::env::args().any(|a| a == "--smoke");
-    let cars = num("--cars", if smoke { 100.0 } else { 10_000.0 }) as usize;
+    let cars = num("--cars", if smoke { 300.0 } else { 10_000.0 }) as usize;
     let speed = num("--speed", 10.0);
     let seed = num("--seed", 1.0) as u64;
     let fault = num("--fault-rate", 0.5);
@@ -1335,6 +1351,7 @@ fn main() {
             release: Mutex::new(None),
             accepted: Mutex::new(Vec::new()),
             parked: AtomicBool::new(false),
+            sessions: AtomicU64::new(0),
         });
     }
     let twin = start_twin(&twin_bin, &data, 30);
@@ -1414,6 +1431,7 @@ fn main() {
             seq: 0,
             fetch_left: None,
             fresh_slot: false,
+            connected: false,
         };
         car.derive();
         runtime.spawn(car.run());

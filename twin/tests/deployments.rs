@@ -472,6 +472,65 @@ async fn the_first_car_waits_for_the_deltas_made_ahead() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_time_to_live_cars_not_started_never_start_and_the_count_is_kept() {
+    let env = Env::new();
+    let twin = env.start().await;
+    // Three cars online, one parked (registered, never connected).
+    let mut cars = Vec::new();
+    for i in 0..3 {
+        let id = format!("VIN-{i}");
+        let files = register(&env, &twin, &id, json!({"model": "tx7"})).await;
+        cars.push(connect(&env, &twin, &id, &files, false, None).await);
+    }
+    let parked = register(&env, &twin, "VIN-P", json!({"model": "tx7"})).await;
+    release(&env, &twin, "5.0.0").await;
+    // A canary of one, then an hour of soak: the time-to-live (10 s) comes first.
+    let (status, created) = api_async(
+        &twin,
+        "POST",
+        "/api/v1/deployments",
+        Some(json!({
+            "name": "short", "release": "apps@5.0.0", "selector": "model=tx7",
+            "phases": [{"cars": 1, "soak_secs": 3600}, {"percent": 100}],
+            "failure_threshold": 0.5, "success_threshold": 1.0, "ttl_secs": 10
+        })),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let ended = until(&twin, "short", "expired", |v| v["state"] == "expired").await;
+    assert_eq!(ended["started"], 1, "{ended}");
+    assert_eq!(ended["succeeded"], 1, "{ended}");
+    assert_eq!(
+        ended["never_reached"], 3,
+        "two online cars and the parked one: {ended}"
+    );
+    let log = ended["events"].to_string();
+    assert!(
+        log.contains("time-to-live over: 3 selected cars were never started"),
+        "{log}"
+    );
+    // The parked car comes back: nothing is started for it any more.
+    let back = connect(&env, &twin, "VIN-P", &parked, false, None).await;
+    let (_, car) = api_async(&twin, "GET", "/api/v1/cars/VIN-P", None).await;
+    assert_eq!(car["connected"], true, "{car}");
+    // A negative can only be watched for a while: two driver rounds (one a second) after it
+    // connected, still one car started and only one car with a desired state.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, view) = api_async(&twin, "GET", "/api/v1/deployments/short", None).await;
+    assert_eq!(view["started"], 1, "{view}");
+    let mut desired = 0;
+    for id in ["VIN-0", "VIN-1", "VIN-2", "VIN-P"] {
+        let (_, car) = api_async(&twin, "GET", &format!("/api/v1/cars/{id}"), None).await;
+        desired += usize::from(!car["desired"].is_null());
+    }
+    assert_eq!(
+        desired, 1,
+        "a car got a desired state after the time-to-live"
+    );
+    drop((back, cars));
+}
+
 /// Report a position (degrees) on the car's link; seq far above its state reports.
 async fn at(car: &SimCar, seq: u64, lat: f64, lon: f64) {
     let report = Report {

@@ -13,7 +13,7 @@ use crate::sh::{root, run};
 /// `cargo xtask fleet-sim` arguments.
 #[derive(clap::Args, Debug)]
 pub struct Options {
-    /// Simulated cars [default: 10000; smoke: 100].
+    /// Simulated cars [default: 10000; smoke: 300].
     #[arg(long, value_name = "N")]
     pub cars: Option<usize>,
     /// How much faster than a car on the road the simulated steps run (fetch, install, reboot,
@@ -87,7 +87,7 @@ fn simulate(bins: &Path, options: &Options) -> anyhow::Result<()> {
     // 10,000 cars hold 10,000 connections on each side: the descriptor limit goes to the hard one.
     run(Command::new("bash").args(["-c", &command]))?;
     let png = out.join("timeline.png");
-    super::plot("plot_fleet.py", &out.join("timeline.json"), &png)?;
+    super::plot::png("plot_fleet.py", &out.join("timeline.json"), &png)?;
     println!(
         "summary:  {}\ntimeline: {}\nplot:     {}",
         out.join("summary.md").display(),

@@ -9,6 +9,7 @@ mod delta;
 pub mod fleet_sim;
 mod hostile;
 mod link;
+mod plot;
 
 use std::path::Path;
 
@@ -50,31 +51,6 @@ pub fn smoke_all(bins: &Path) -> anyhow::Result<()> {
     hostile::smoke(bins)?;
     containers::smoke(bins)?;
     fleet_sim::smoke(bins)
-}
-
-/// A PNG plot of a bench's `results` by `xtask/scripts/<script>`, with matplotlib from the
-/// project's venv (installed there the first time).
-pub fn plot(script: &str, results: &Path, png: &Path) -> anyhow::Result<()> {
-    let python = crate::host::venv()?;
-    let has = std::process::Command::new(&python)
-        .args(["-c", "import matplotlib"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has {
-        crate::sh::run(std::process::Command::new(&python).args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "matplotlib==3.9.2",
-        ]))?;
-    }
-    crate::sh::run(
-        std::process::Command::new(&python)
-            .arg(crate::sh::root().join("xtask/scripts").join(script))
-            .arg(results)
-            .arg(png),
-    )
 }
 
 /// Where the debug build puts the binaries the smoke runs need.

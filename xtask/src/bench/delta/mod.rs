@@ -246,7 +246,7 @@ pub fn run_bench(options: &Options) -> anyhow::Result<()> {
     )?;
     std::fs::write(work.join("results.md"), &md)?;
     let png = work.join("delta.png");
-    super::plot("plot_delta.py", &work.join("results.json"), &png)?;
+    super::plot::png("plot_delta.py", &work.join("results.json"), &png)?;
     println!(
         "{md}\n{summary}\ntable: {}\nplot:  {}",
         work.join("results.md").display(),
