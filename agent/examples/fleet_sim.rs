@@ -1134,6 +1134,27 @@ fn car_view(run: &Run, id: &str) -> CarView {
     serde_json::from_value(view).unwrap()
 }
 
+/// What the real cars' views and logs say, for a failure message.
+fn real_cars_said(run: &Run, ids: &[&str]) -> String {
+    ids.iter()
+        .map(|id| {
+            let view = car_view(run, id);
+            let log =
+                std::fs::read_to_string(run.work.join(id).join("agent.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            format!(
+                "{id}: connected {}, desired {:?}, reported {:?}\n  log: {}",
+                view.connected,
+                view.desired.as_ref().map(|d| d.version.clone()),
+                view.state()
+                    .map(|s| (s.phase, s.release.clone(), s.last_error.clone())),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n       ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn first_car(run: &mut Run, agent: &Path, ca: &cardeploy_pki::FleetCa, size: usize) -> FirstCar {
     // The base: noise; the target: the base with 1 % of it changed in 64 places and 64 KiB
     // inserted (an OS image a small change apart).
@@ -1151,6 +1172,25 @@ fn first_car(run: &mut Run, agent: &Path, ca: &cardeploy_pki::FleetCa, size: usi
     std::fs::write(&base_file, &base).unwrap();
     let base_label = os_release(run, "real-os", "1.0.0", &base);
     let target_label = os_release(run, "real-os", "2.0.0", &target);
+    // Registering them made deltas ahead against what the simulated cars run (the same artifact
+    // name): let that work end before anything is timed.
+    let t0 = Instant::now();
+    loop {
+        let (status, view) = api(&run.twin, "GET", "/api/v1/deltas", None);
+        assert_eq!(status, 200, "{view}");
+        if view["ahead_pending"] == 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(1800),
+            "deltas ahead not made in 30 minutes: {view}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    run.event(&format!(
+        "first car: deltas made ahead at registration done after {:.1} s",
+        t0.elapsed().as_secs_f64()
+    ));
     let mut agents = Vec::new();
     let ids = ["REAL-1", "REAL-2"];
     for id in ids {
@@ -1198,7 +1238,8 @@ fn first_car(run: &mut Run, agent: &Path, ca: &cardeploy_pki::FleetCa, size: usi
     while !ids.iter().all(|id| applied(run, id, &base_label)) {
         assert!(
             t0.elapsed() < Duration::from_secs(120),
-            "the real cars did not take the base"
+            "the real cars did not take the base in 120 s:\n{}",
+            real_cars_said(run, &ids)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -1238,7 +1279,8 @@ fn first_car(run: &mut Run, agent: &Path, ca: &cardeploy_pki::FleetCa, size: usi
         }
         assert!(
             created.elapsed() < Duration::from_secs(600),
-            "the real cars did not take the target"
+            "the real cars did not take the target in 600 s:\n{}",
+            real_cars_said(run, &ids)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -1460,9 +1502,14 @@ fn main() {
         long,
     );
     let t = ttl(&mut run, &v4, 0.05, ttl_secs, long);
-    let f = agent_bin
-        .as_ref()
-        .map(|agent| first_car(&mut run, agent, &ca, if smoke { 2 << 20 } else { 64 << 20 }));
+    let f = agent_bin.as_ref().map(|agent| {
+        first_car(
+            &mut run,
+            agent,
+            &ca,
+            (num("--image-mib", if smoke { 2.0 } else { 64.0 }) * (1 << 20) as f64) as usize,
+        )
+    });
 
     let mut md = format!(
         "# fleet-sim: {cars} simulated cars, speed ×{speed}\n\n| measure | value | target |\n|---|---|---|\n"

@@ -51,12 +51,9 @@ impl Jobs {
         self.lock().len()
     }
 
-    /// Pairs with a job waiting or running whose target is one of `targets`.
-    pub fn pending_for(&self, targets: &HashSet<Digest>) -> usize {
-        self.lock()
-            .iter()
-            .filter(|(t, _)| targets.contains(t))
-            .count()
+    /// How many of `pairs` have a job waiting or running.
+    pub fn pending_of(&self, pairs: &HashSet<(Digest, Digest)>) -> usize {
+        self.lock().iter().filter(|p| pairs.contains(p)).count()
     }
 
     /// Claim `pair` for a new job: false when one is already pending or too many are.
@@ -108,15 +105,34 @@ impl Twin {
             .collect())
     }
 
-    /// Pairs of `release`'s deltas still being made ahead (a deployment's first car waits for
-    /// them: it is served from the cache like every later one).
-    pub(crate) async fn ahead_pending_for(&self, release: &str) -> Result<usize, Error> {
-        let targets: HashSet<Digest> = self
-            .artifacts_by_name(release)
-            .await?
-            .into_values()
-            .collect();
-        Ok(self.ahead.pending_for(&targets))
+    /// Pairs of `release`'s deltas still being made ahead against the releases in `running`
+    /// (`line@version` labels: what a deployment's cars report). A deployment's first car waits
+    /// for them — it is then served from the cache like every later one — and for no pair made
+    /// for cars outside it.
+    pub(crate) async fn ahead_pending_for(
+        &self,
+        release: &str,
+        running: &HashSet<String>,
+    ) -> Result<usize, Error> {
+        let targets = self.artifacts_by_name(release).await?;
+        let mut pairs = HashSet::new();
+        for label in running {
+            let Some((line, version)) = label.split_once('@') else {
+                continue;
+            };
+            let Some(base) = self.db.release_by_version(line, version).await? else {
+                continue;
+            };
+            if base == release {
+                continue;
+            }
+            for (name, base) in self.artifacts_by_name(&base).await? {
+                if let Some(target) = targets.get(&name).filter(|t| **t != base) {
+                    pairs.insert((*target, base));
+                }
+            }
+        }
+        Ok(self.ahead.pending_of(&pairs))
     }
 
     /// The release `car` reports running, by digest.

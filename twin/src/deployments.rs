@@ -5,7 +5,7 @@
 //! states. A twin that stops between the two signs them on its next round: a started car whose
 //! desired state does not name the release, and was never sent it, gets it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -126,6 +126,14 @@ fn members(
         .collect())
 }
 
+/// The releases (`line@version`) the `members` report running.
+fn running(members: &[(String, bool, Outcome)], fleet: &Fleet) -> HashSet<String> {
+    members
+        .iter()
+        .filter_map(|(id, ..)| fleet.reported.get(id)?.release.clone())
+        .collect()
+}
+
 /// [`members`] of a deployment, its release's label looked up.
 pub(crate) async fn members_of(
     twin: &Twin,
@@ -200,7 +208,10 @@ pub(crate) async fn round(twin: &Twin) -> Result<(), Error> {
         if d.progress.started.is_empty()
             && matches!(d.progress.state, rollout::State::Running)
             && now_secs < d.plan.expires_at
-            && twin.ahead_pending_for(&d.release).await? > 0
+            && twin
+                .ahead_pending_for(&d.release, &running(&members, &fleet))
+                .await?
+                > 0
         {
             continue;
         }
@@ -338,7 +349,9 @@ pub(crate) async fn view(
             message,
         })
         .collect();
-    let deltas_ahead_pending = twin.ahead_pending_for(&d.release).await?;
+    let deltas_ahead_pending = twin
+        .ahead_pending_for(&d.release, &running(&members, fleet))
+        .await?;
     Ok(DeploymentView {
         deltas_ahead_pending,
         name: d.name.clone(),
