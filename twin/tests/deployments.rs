@@ -114,6 +114,13 @@ async fn connect(
     SimCar { link, task }
 }
 
+/// `POST /api/v1/deployments`, which must succeed; the deployment's view.
+async fn create(twin: &Running, request: Value) -> Value {
+    let (status, created) = api_async(twin, "POST", "/api/v1/deployments", Some(request)).await;
+    assert_eq!(status, 201, "{created}");
+    created
+}
+
 /// `apps@version`, with no artifacts, signed and registered; its digest.
 async fn release(env: &Env, twin: &Running, version: &str) -> String {
     let signer = env.signer();
@@ -177,18 +184,15 @@ async fn a_canary_then_waves_reach_every_selected_car_and_no_other() {
     .await;
     assert_eq!(status, 200, "{preview}");
     assert_eq!(preview["total"], 10);
-    let (status, created) = api_async(
+    let created = create(
         &twin,
-        "POST",
-        "/api/v1/deployments",
-        Some(json!({
-            "name": "tx7-apps-2", "release": "apps@2.0.0", "selector": "model=tx7,market in (eu,uk)",
-            "phases": [{"cars": 2}, {"percent": 50}, {"percent": 100}],
-            "failure_threshold": 0.5, "success_threshold": 1.0, "ttl_secs": 600
-        })),
+        json!({
+        "name": "tx7-apps-2", "release": "apps@2.0.0", "selector": "model=tx7,market in (eu,uk)",
+        "phases": [{"cars": 2}, {"percent": 50}, {"percent": 100}],
+        "failure_threshold": 0.5, "success_threshold": 1.0, "ttl_secs": 600
+    }),
     )
     .await;
-    assert_eq!(status, 201, "{created}");
     assert_eq!(created["release"], digest.as_str());
     let done = until(&twin, "tx7-apps-2", "completed", |v| {
         v["state"] == "completed"
@@ -236,18 +240,15 @@ async fn failures_halt_the_wave_within_its_budget_the_halt_survives_a_restart_an
         cars.push(connect(&env, &twin, id, files, fails(id), None).await);
     }
     release(&env, &twin, "3.0.0").await;
-    let (status, created) = api_async(
+    create(
         &twin,
-        "POST",
-        "/api/v1/deployments",
-        Some(json!({
+        json!({
             "name": "apps-3", "release": "apps@3.0.0", "selector": "model=tx7",
             "phases": [{"cars": 2}, {"percent": 60}, {"percent": 100}],
             "failure_threshold": 0.5, "success_threshold": 0.5, "ttl_secs": 600
-        })),
+        }),
     )
     .await;
-    assert_eq!(status, 201, "{created}");
     let halted = until(&twin, "apps-3", "halted", |v| v["state"] == "halted").await;
     assert!(
         halted["reason"].as_str().unwrap().contains("2 cars failed"),
@@ -337,17 +338,14 @@ async fn failures_halt_the_wave_within_its_budget_the_halt_survives_a_restart_an
     )
     .await;
     assert_eq!(status, 409, "pausing a paused deployment");
-    let (status, body) = api_async(
+    create(
         &twin,
-        "POST",
-        "/api/v1/deployments",
-        Some(json!({
-            "name": "apps-4b", "release": "apps@4.0.0", "selector": "model=tx7", "supersede": true,
-            "phases": [{"percent": 100}], "failure_threshold": 0.5, "success_threshold": 0.5, "ttl_secs": 600
-        })),
+        json!({
+        "name": "apps-4b", "release": "apps@4.0.0", "selector": "model=tx7", "supersede": true,
+        "phases": [{"percent": 100}], "failure_threshold": 0.5, "success_threshold": 0.5, "ttl_secs": 600
+    }),
     )
     .await;
-    assert_eq!(status, 201, "{body}");
     let (_, old) = api_async(&twin, "GET", "/api/v1/deployments/apps-4", None).await;
     assert_eq!(old["state"], "aborted", "{old}");
     assert!(
@@ -438,18 +436,15 @@ async fn the_first_car_waits_for_the_deltas_made_ahead() {
     signer
         .publish(twin.api_addr, &twin.operator_token, &release("2.0.0", &i2))
         .await;
-    let (status, created) = api_async(
+    let created = create(
         &twin,
-        "POST",
-        "/api/v1/deployments",
-        Some(json!({
+        json!({
             "name": "app-2", "release": "app@2.0.0", "selector": "model=tx7",
             "phases": [{"cars": 1}, {"percent": 100}],
             "failure_threshold": 0.5, "success_threshold": 1.0, "ttl_secs": 600
-        })),
+        }),
     )
     .await;
-    assert_eq!(status, 201, "{created}");
     assert!(
         created["deltas_ahead_pending"].as_u64().unwrap() > 0,
         "the deltas of 2.0.0 against 1.0.0 are being made: {created}"
@@ -486,18 +481,15 @@ async fn at_the_time_to_live_cars_not_started_never_start_and_the_count_is_kept(
     let parked = register(&env, &twin, "VIN-P", json!({"model": "tx7"})).await;
     release(&env, &twin, "5.0.0").await;
     // A canary of one, then an hour of soak: the time-to-live (10 s) comes first.
-    let (status, created) = api_async(
+    create(
         &twin,
-        "POST",
-        "/api/v1/deployments",
-        Some(json!({
+        json!({
             "name": "short", "release": "apps@5.0.0", "selector": "model=tx7",
             "phases": [{"cars": 1, "soak_secs": 3600}, {"percent": 100}],
             "failure_threshold": 0.5, "success_threshold": 1.0, "ttl_secs": 10
-        })),
+        }),
     )
     .await;
-    assert_eq!(status, 201, "{created}");
     let ended = until(&twin, "short", "expired", |v| v["state"] == "expired").await;
     assert_eq!(ended["started"], 1, "{ended}");
     assert_eq!(ended["succeeded"], 1, "{ended}");
@@ -589,18 +581,15 @@ async fn a_car_driving_into_the_geofence_joins_the_deployment() {
     let (_, car) = api_async(&twin, "GET", "/api/v1/cars/VIN-MUC", None).await;
     assert_eq!(car["position"]["lat"], 48.137, "{car}");
     release(&env, &twin, "5.0.0").await;
-    let (status, created) = api_async(
+    let created = create(
         &twin,
-        "POST",
-        "/api/v1/deployments",
-        Some(json!({
-            "name": "bavaria", "release": "apps@5.0.0", "selector": "model=tx7", "geofence": bavaria,
-            "phases": [{"percent": 100}], "failure_threshold": 0.5, "success_threshold": 1.0,
-            "ttl_secs": 600
-        })),
+        json!({
+        "name": "bavaria", "release": "apps@5.0.0", "selector": "model=tx7", "geofence": bavaria,
+        "phases": [{"percent": 100}], "failure_threshold": 0.5, "success_threshold": 1.0,
+        "ttl_secs": 600
+    }),
     )
     .await;
-    assert_eq!(status, 201, "{created}");
     assert_eq!(created["selected"], 1, "only Munich is inside: {created}");
     assert!(created["geofence"].as_bool().unwrap());
     // Berlin drives south into Bavaria: it joins and gets the release; Munich is still offline.
