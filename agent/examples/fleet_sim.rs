@@ -1111,6 +1111,8 @@ fn ttl(run: &mut Run, label: &str, share: f64, ttl: u64, within: Duration) -> Tt
 // Scenario 4: the first car against a later one, with real agents.
 
 struct FirstCar {
+    /// The simulated fleet was on (sharing the cores) during the round.
+    fleet_on: bool,
     artifact_bytes: usize,
     ahead_secs: f64,
     first: f64,
@@ -1155,25 +1157,24 @@ fn real_cars_said(run: &Run, ids: &[&str]) -> String {
         .join("\n")
 }
 
-fn first_car(run: &mut Run, agent: &Path, ca: &cardeploy_pki::FleetCa, size: usize) -> FirstCar {
-    // The base: noise; the target: the base with 1 % of it changed in 64 places and 64 KiB
-    // inserted (an OS image a small change apart).
-    let base = cardeploy_testkit::noise(7, size);
-    let mut target = base.clone();
-    let mut rng = fastrand::Rng::with_seed(11);
+/// The base with 1 % of it changed in 64 places and 64 KiB inserted (an OS image a small change
+/// apart), from `seed`.
+fn changed(base: &[u8], seed: u64) -> Vec<u8> {
+    let size = base.len();
+    let mut target = base.to_vec();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let piece = size / 6400;
     for _ in 0..64 {
-        let at = rng.usize(..size - size / 6400);
-        target[at..at + size / 6400]
-            .copy_from_slice(&cardeploy_testkit::noise(rng.u64(..), size / 6400));
+        let at = rng.usize(..size - piece);
+        target[at..at + piece].copy_from_slice(&cardeploy_testkit::noise(rng.u64(..), piece));
     }
     let at = size / 2;
-    target.splice(at..at, cardeploy_testkit::noise(13, 64 << 10));
-    let base_file = run.work.join("real-base.raucb");
-    std::fs::write(&base_file, &base).unwrap();
-    let base_label = os_release(run, "real-os", "1.0.0", &base);
-    let target_label = os_release(run, "real-os", "2.0.0", &target);
-    // Registering them made deltas ahead against what the simulated cars run (the same artifact
-    // name): let that work end before anything is timed.
+    target.splice(at..at, cardeploy_testkit::noise(seed + 1, 64 << 10));
+    target
+}
+
+/// Until the twin has made every delta it planned ahead.
+fn wait_ahead(run: &mut Run, why: &str) {
     let t0 = Instant::now();
     loop {
         let (status, view) = api(&run.twin, "GET", "/api/v1/deltas", None);
@@ -1188,9 +1189,32 @@ fn first_car(run: &mut Run, agent: &Path, ca: &cardeploy_pki::FleetCa, size: usi
         std::thread::sleep(Duration::from_millis(500));
     }
     run.event(&format!(
-        "first car: deltas made ahead at registration done after {:.1} s",
+        "first car: {why} done after {:.1} s",
         t0.elapsed().as_secs_f64()
     ));
+}
+
+/// Two rounds on two real agents: the base to both, then a target with a one-car canary —
+/// first with the simulated fleet on, then with it switched off (its cars share the two cores
+/// with the twin; what is compared is the twin's work for a first car and a later one).
+fn first_car(
+    run: &mut Run,
+    agent: &Path,
+    ca: &cardeploy_pki::FleetCa,
+    size: usize,
+) -> Vec<FirstCar> {
+    let base = cardeploy_testkit::noise(7, size);
+    let base_file = run.work.join("real-base.raucb");
+    std::fs::write(&base_file, &base).unwrap();
+    let base_label = os_release(run, "real-os", "1.0.0", &base);
+    let targets = [changed(&base, 11), changed(&changed(&base, 11), 21)];
+    let labels = [
+        os_release(run, "real-os", "2.0.0", &targets[0]),
+        os_release(run, "real-os", "3.0.0", &targets[1]),
+    ];
+    // Registering them made deltas ahead against what the simulated cars run (the same artifact
+    // name): that work ends before anything is timed.
+    wait_ahead(run, "the deltas made ahead at registration");
     let mut agents = Vec::new();
     let ids = ["REAL-1", "REAL-2"];
     for id in ids {
@@ -1251,55 +1275,93 @@ fn first_car(run: &mut Run, agent: &Path, ca: &cardeploy_pki::FleetCa, size: usi
         std::thread::sleep(Duration::from_millis(100));
     }
     run.event("first car: both real cars run the base");
-    run.create(json!({
-        "name": "real-target", "release": target_label, "selector": "kind=real",
-        "phases": [{"cars": 1, "soak_secs": 0}, {"percent": 100.0}],
-        "failure_threshold": 0.5, "success_threshold": 1.0, "ttl_secs": 3600,
-    }));
-    let created = Instant::now();
-    let mut desired_at: HashMap<&str, Instant> = HashMap::new();
-    let mut done_at: HashMap<&str, Instant> = HashMap::new();
-    let mut order = Vec::new();
-    while done_at.len() < ids.len() {
-        for id in ids {
-            if done_at.contains_key(id) {
-                continue;
+    let mut rounds = Vec::new();
+    for (round, (target, label)) in targets.iter().zip(&labels).enumerate() {
+        let fleet_on = round == 0;
+        if !fleet_on {
+            for car in &run.sim.cars {
+                car.parked.store(true, Ordering::Relaxed);
             }
-            let view = car_view(run, id);
-            let wants = view.desired.as_ref().and_then(|d| d.version.as_deref()) == Some("2.0.0");
-            if wants && !desired_at.contains_key(id) {
-                desired_at.insert(id, Instant::now());
-                order.push(id);
+            let off = Instant::now();
+            while run
+                .sim
+                .cars
+                .iter()
+                .any(|c| c.seen.load(Ordering::Relaxed) != Seen::Offline as u8)
+            {
+                assert!(
+                    off.elapsed() < Duration::from_secs(60),
+                    "the simulated fleet did not switch off"
+                );
+                std::thread::sleep(Duration::from_millis(200));
             }
-            if view.state().is_some_and(|s| {
-                s.phase == Phase::Applied && s.release.as_deref() == Some(&target_label)
-            }) {
-                done_at.insert(id, Instant::now());
-            }
+            run.event("first car: the simulated fleet switched off");
         }
-        assert!(
-            created.elapsed() < Duration::from_secs(600),
-            "the real cars did not take the target in 600 s:\n{}",
-            real_cars_said(run, &ids)
-        );
-        std::thread::sleep(Duration::from_millis(20));
+        let name = format!("real-target-{}", round + 1);
+        let version = label.split_once('@').unwrap().1.to_owned();
+        run.create(json!({
+            "name": name, "release": label, "selector": "kind=real",
+            "phases": [{"cars": 1, "soak_secs": 0}, {"percent": 100.0}],
+            "failure_threshold": 0.5, "success_threshold": 1.0, "ttl_secs": 3600,
+        }));
+        let created = Instant::now();
+        let mut desired_at: HashMap<&str, Instant> = HashMap::new();
+        let mut done_at: HashMap<&str, Instant> = HashMap::new();
+        let mut order = Vec::new();
+        while done_at.len() < ids.len() {
+            for id in ids {
+                if done_at.contains_key(id) {
+                    continue;
+                }
+                let view = car_view(run, id);
+                let wants = view.desired.as_ref().and_then(|d| d.version.as_deref())
+                    == Some(version.as_str());
+                if wants && !desired_at.contains_key(id) {
+                    desired_at.insert(id, Instant::now());
+                    order.push(id);
+                }
+                if view.state().is_some_and(|s| {
+                    s.phase == Phase::Applied && s.release.as_deref() == Some(label.as_str())
+                }) {
+                    done_at.insert(id, Instant::now());
+                }
+            }
+            assert!(
+                created.elapsed() < Duration::from_secs(600),
+                "the real cars did not take {label} in 600 s:\n{}",
+                real_cars_said(run, &ids)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Both applied: the deployment completes at the driver's next round.
+        while run.deployment(&name).state != "completed" {
+            assert!(
+                created.elapsed() < Duration::from_secs(600),
+                "{name} did not complete"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let took = |id: &str| done_at[id].duration_since(desired_at[id]).as_secs_f64();
+        let result = FirstCar {
+            artifact_bytes: target.len(),
+            ahead_secs: desired_at[order[0]].duration_since(created).as_secs_f64(),
+            first: took(order[0]),
+            later: took(order[1]),
+            fleet_on,
+        };
+        run.event(&format!(
+            "first car ({}): {:.2} s, later car {:.2} s",
+            if fleet_on { "fleet on" } else { "fleet off" },
+            result.first,
+            result.later
+        ));
+        rounds.push(result);
     }
     for mut a in agents {
         let _ = a.kill();
         let _ = a.wait();
     }
-    let took = |id: &str| done_at[id].duration_since(desired_at[id]).as_secs_f64();
-    let result = FirstCar {
-        artifact_bytes: target.len(),
-        ahead_secs: desired_at[order[0]].duration_since(created).as_secs_f64(),
-        first: took(order[0]),
-        later: took(order[1]),
-    };
-    run.event(&format!(
-        "first car: {:.2} s, later car {:.2} s",
-        result.first, result.later
-    ));
-    result
+    rounds
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1540,10 +1602,11 @@ fn main() {
         "| ttl {} s with {} cars parked: never reached / started of selected | {} / {} of {} (parked cars started after: {}) | ≥ parked, 0 |\n",
         t.ttl, t.parked, t.never_reached, t.started, t.selected, t.started_parked
     );
-    if let Some(f) = &f {
+    for f in f.iter().flatten() {
         md += &format!(
-            "| first car vs later car, same (base, target), {:.1} MiB OS image: desired → applied | {:.2} s / {:.2} s = {:.2}× (deltas made ahead in {:.2} s before the canary) | ≤ 1.5× |\n",
+            "| first car vs later car, same (base, target), {:.1} MiB OS image, simulated fleet {}: desired → applied | {:.2} s / {:.2} s = {:.2}× (deltas made ahead in {:.2} s before the canary) | ≤ 1.5× |\n",
             f.artifact_bytes as f64 / (1 << 20) as f64,
+            if f.fleet_on { "on" } else { "off" },
             f.first,
             f.later,
             f.first / f.later,
@@ -1591,7 +1654,7 @@ fn main() {
             r.rolled_back, 0,
             "smoke: no failure is configured, yet cars rolled back"
         );
-        if let Some(f) = &f {
+        for f in f.iter().flatten() {
             assert!(f.first > 0.0 && f.later > 0.0);
         }
         println!("fleet-sim --smoke: every scenario held");
