@@ -4,6 +4,8 @@
 //!   the simulated cars run in this process, each with the agent's own link code);
 //! - desired-state push latency to 1,000 connected cars (REST call → car receives), median/p99;
 //! - dead-peer detection through a black-holing proxy (car side and twin side);
+//! - twin memory kept per closed connection (cars that connect, say hello and go, thousands of
+//!   times);
 //! - agent idle RSS (x86_64, and aarch64 under qemu-user when given) and binary size.
 //!
 //! `--smoke` (part of `cargo xtask test`) runs the same with 20 cars and fails when a figure is
@@ -312,6 +314,45 @@ async fn main() {
         "| dead peer detected (heartbeat 1 s): car side / twin side | {:.2} s / {:.2} s | ≤ 3 intervals (3 s) |\n",
         car_side.as_secs_f64(),
         twin_side.as_secs_f64()
+    );
+
+    // Closed connections: cars connect, say hello and go, again and again (every OS update
+    // reboots the car; cars are switched off and on). The twin should hold nothing of a
+    // connection once it is closed; rsocket_rust 0.7.5 keeps every socket (docs/fleet-sim.md),
+    // and this figure shows it until the link no longer does.
+    let reconnects = if smoke { 200 } else { 5_000 };
+    let before = rss_kib(twin.child.id());
+    let started = Instant::now();
+    let mut joins = Vec::new();
+    // Not the first car: the agent below connects as it.
+    let movers: Vec<&Car> = cars.iter().skip(1).take(20).collect();
+    let per_car = reconnects / movers.len();
+    for car in &movers {
+        let (pki_dir, port) = (pki_dir.clone(), twin.cars_port);
+        let car = Car {
+            id: car.id.clone(),
+            cert: car.cert.clone(),
+            key: car.key.clone(),
+        };
+        joins.push(tokio::spawn(async move {
+            for _ in 0..per_car {
+                let requester = link(&pki_dir, &car, port, Duration::from_secs(30)).await;
+                drop(requester);
+            }
+        }));
+    }
+    for j in joins {
+        j.await.unwrap();
+    }
+    // Let the twin see the last ones go.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(twin.child.id());
+    let closed = per_car * movers.len();
+    let kept = after.saturating_sub(before) as f64 / closed as f64;
+    report += &format!(
+        "| twin memory kept per closed connection ({} connect, hello, close in {:.1} s) | {kept:.1} KiB | 0 |\n",
+        closed,
+        started.elapsed().as_secs_f64()
     );
 
     // Agent idle RSS: a real agent, configured like a car (its certificate, the pinned root),

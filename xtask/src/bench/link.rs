@@ -1,5 +1,5 @@
 //! `cargo xtask bench link`: the link's figures (agent/examples/bench_link.rs): twin memory per
-//! idle connected car, desired-state push latency, dead-peer detection, the agent's idle RSS on
+//! idle connected car, desired-state push latency, dead-peer detection, memory kept per closed connection, the agent's idle RSS on
 //! x86_64 and on aarch64 under qemu-user, and the aarch64 binary's size. Runs with the file
 //! descriptor limit raised to the hard limit: 10,000 cars need 10,000 on each side.
 

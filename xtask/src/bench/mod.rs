@@ -17,8 +17,8 @@ use std::path::Path;
 #[derive(clap::Subcommand, Debug)]
 pub enum Bench {
     /// The link: twin memory per idle connected car (1,000 and 10,000), desired-state push
-    /// latency, dead-peer detection, the agent's idle RSS (x86_64 and aarch64 under qemu-user)
-    /// and binary size. Table in target/bench-link.md.
+    /// latency, dead-peer detection, memory kept per closed connection, the agent's idle RSS
+    /// (x86_64 and aarch64 under qemu-user) and binary size. Table in target/bench-link.md.
     Link(link::Options),
     /// Delta transfer: bytes on the wire, time and memory of an update against zstd, xdelta3,
     /// bsdiff, casync and a RAUC-style block-hash reference, on real Debian arm64 and PyPI data it
