@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use cardeploy_pki::{FleetPki, write_file};
 use cardeploy_release::ArtifactKind;
 use cardeploy_testkit::FaultProxy;
-use cardeploy_testkit::procs::{TwinProcess, arg, http, peak_rss_kib, start_twin};
+use cardeploy_testkit::procs::{self, TwinProcess, arg, peak_rss_kib, start_twin};
 use cardeploy_testkit::signing::{COMPATIBLE, Signer, artifact_from_view};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -40,22 +40,7 @@ struct Bench {
 }
 
 fn api(bench: &Bench, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let url = format!("{}{path}", bench.twin.api);
-    let auth = format!("Bearer {}", bench.twin.token);
-    let agent = http();
-    let mut r = match (method, body) {
-        ("GET", None) => agent.get(&url).header("Authorization", &auth).call(),
-        ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
-        ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b),
-        _ => unreachable!(),
-    }
-    .unwrap();
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    procs::api(&bench.twin, method, path, body)
 }
 
 fn push(bench: &Bench, cli: &Path, file: &Path) -> (String, f64) {
@@ -131,23 +116,6 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-/// Wait until the twin has made every delta it planned ahead; returns the seconds waited.
-fn wait_ahead(bench: &Bench) -> f64 {
-    let started = Instant::now();
-    loop {
-        let (status, view) = api(bench, "GET", "/api/v1/deltas", None);
-        assert_eq!(status, 200, "{view}");
-        if view["ahead_pending"] == 0 {
-            return started.elapsed().as_secs_f64();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(3600),
-            "deltas ahead not made in an hour: {view}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Tell the car to run `release` (one artifact, `rootfs`) and wait until it has it; returns
 /// the seconds from the desired state to `applied`, and those the deltas made ahead took first.
 fn run(bench: &Bench, car: &Car, release: &str, index: &str) -> (f64, f64) {
@@ -164,7 +132,7 @@ fn run(bench: &Bench, car: &Car, release: &str, index: &str) -> (f64, f64) {
         .signer
         .publish_to(&bench.twin.api, &bench.twin.token, &manifest);
     let label = format!("{line}@{major}.0.0");
-    let ahead = wait_ahead(bench);
+    let ahead = procs::wait_ahead(&bench.twin, Duration::from_secs(3600));
     let started = Instant::now();
     let (status, body) = api(
         bench,

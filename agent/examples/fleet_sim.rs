@@ -55,7 +55,7 @@ use cardeploy_protocol::{
     self as protocol, DesiredState, Hello, OsReport, Phase, Report, ReportBody, route,
 };
 use cardeploy_release::{ArtifactKind, CarContext, CounterMark, TrustedRoot};
-use cardeploy_testkit::procs::{TwinProcess, arg, cpu_time, http, rss_kib, start_twin};
+use cardeploy_testkit::procs::{self, TwinProcess, api, arg, cpu_time, rss_kib, start_twin};
 use cardeploy_testkit::signing::{COMPATIBLE, Signer, artifact_from_view};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -158,6 +158,25 @@ struct SimCar {
 impl Sim {
     fn fault(&self) -> f64 {
         self.fault_ppm.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// Switch `cars` off and wait until they are (their session with the twin ended).
+    fn park(&self, cars: &[usize]) {
+        for &i in cars {
+            self.cars[i].parked.store(true, Ordering::Relaxed);
+        }
+        let off = Instant::now();
+        while cars
+            .iter()
+            .any(|&i| self.cars[i].seen.load(Ordering::Relaxed) != Seen::Offline as u8)
+        {
+            assert!(
+                off.elapsed() < Duration::from_secs(60),
+                "{} cars did not switch off in 60 s",
+                cars.len()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -648,26 +667,6 @@ struct Run {
     smoke: bool,
 }
 
-fn api(twin: &TwinProcess, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let url = format!("{}{path}", twin.api);
-    let auth = format!("Bearer {}", twin.token);
-    let agent = http();
-    let result = match (method, body) {
-        ("GET", None) => agent.get(&url).header("Authorization", &auth).call(),
-        ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
-        ("POST", None) => agent.post(&url).header("Authorization", &auth).send_empty(),
-        ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b),
-        _ => unreachable!(),
-    };
-    let mut r = result.unwrap();
-    let status = r.status().as_u16();
-    let text = r.body_mut().read_to_string().unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
 impl Run {
     fn t(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
@@ -696,6 +695,15 @@ impl Run {
         );
         assert_eq!(status, 200, "{view}");
         serde_json::from_value(view).unwrap()
+    }
+
+    /// Until deployment `name` has completed (the driver's round after its last car); panics
+    /// at `deadline`.
+    fn until_completed(&self, name: &str, deadline: Instant) {
+        while self.deployment(name).state != "completed" {
+            assert!(Instant::now() < deadline, "{name} did not complete");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// One sample of the timeline; returns the deployment's view.
@@ -999,20 +1007,7 @@ struct Ttl {
 fn ttl(run: &mut Run, label: &str, share: f64, ttl: u64, within: Duration) -> Ttl {
     let n = run.sim.cars.len();
     let parked: Vec<usize> = (0..n).filter(|i| (*i as f64) < share * n as f64).collect();
-    for &i in &parked {
-        run.sim.cars[i].parked.store(true, Ordering::Relaxed);
-    }
-    let off = Instant::now();
-    while parked
-        .iter()
-        .any(|&i| run.sim.cars[i].seen.load(Ordering::Relaxed) != Seen::Offline as u8)
-    {
-        assert!(
-            off.elapsed() < Duration::from_secs(30),
-            "parked cars did not go offline"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    run.sim.park(&parked);
     // The twin must see them gone before the deployment picks its first cars.
     let gone = Instant::now();
     while parked.iter().any(|&i| {
@@ -1173,27 +1168,6 @@ fn changed(base: &[u8], seed: u64) -> Vec<u8> {
     target
 }
 
-/// Until the twin has made every delta it planned ahead.
-fn wait_ahead(run: &mut Run, why: &str) {
-    let t0 = Instant::now();
-    loop {
-        let (status, view) = api(&run.twin, "GET", "/api/v1/deltas", None);
-        assert_eq!(status, 200, "{view}");
-        if view["ahead_pending"] == 0 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(1800),
-            "deltas ahead not made in 30 minutes: {view}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    run.event(&format!(
-        "first car: {why} done after {:.1} s",
-        t0.elapsed().as_secs_f64()
-    ));
-}
-
 /// Two rounds on two real agents: the base to both, then a target with a one-car canary —
 /// first with the simulated fleet on, then with it switched off (its cars share the two cores
 /// with the twin; what is compared is the twin's work for a first car and a later one).
@@ -1214,7 +1188,10 @@ fn first_car(
     ];
     // Registering them made deltas ahead against what the simulated cars run (the same artifact
     // name): that work ends before anything is timed.
-    wait_ahead(run, "the deltas made ahead at registration");
+    let waited = procs::wait_ahead(&run.twin, Duration::from_secs(1800));
+    run.event(&format!(
+        "first car: the deltas made ahead at registration done after {waited:.1} s"
+    ));
     let mut agents = Vec::new();
     let ids = ["REAL-1", "REAL-2"];
     for id in ids {
@@ -1267,34 +1244,13 @@ fn first_car(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    while run.deployment("real-base").state != "completed" {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "real-base did not complete"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    run.until_completed("real-base", t0 + Duration::from_secs(120));
     run.event("first car: both real cars run the base");
     let mut rounds = Vec::new();
     for (round, (target, label)) in targets.iter().zip(&labels).enumerate() {
         let fleet_on = round == 0;
         if !fleet_on {
-            for car in &run.sim.cars {
-                car.parked.store(true, Ordering::Relaxed);
-            }
-            let off = Instant::now();
-            while run
-                .sim
-                .cars
-                .iter()
-                .any(|c| c.seen.load(Ordering::Relaxed) != Seen::Offline as u8)
-            {
-                assert!(
-                    off.elapsed() < Duration::from_secs(60),
-                    "the simulated fleet did not switch off"
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            run.sim.park(&(0..run.sim.cars.len()).collect::<Vec<_>>());
             run.event("first car: the simulated fleet switched off");
         }
         let name = format!("real-target-{}", round + 1);
@@ -1334,13 +1290,7 @@ fn first_car(
             std::thread::sleep(Duration::from_millis(20));
         }
         // Both applied: the deployment completes at the driver's next round.
-        while run.deployment(&name).state != "completed" {
-            assert!(
-                created.elapsed() < Duration::from_secs(600),
-                "{name} did not complete"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        run.until_completed(&name, created + Duration::from_secs(600));
         let took = |id: &str| done_at[id].duration_since(desired_at[id]).as_secs_f64();
         let result = FirstCar {
             artifact_bytes: target.len(),

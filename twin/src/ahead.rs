@@ -117,10 +117,7 @@ impl Twin {
         let targets = self.artifacts_by_name(release).await?;
         let mut pairs = HashSet::new();
         for label in running {
-            let Some((line, version)) = label.split_once('@') else {
-                continue;
-            };
-            let Some(base) = self.db.release_by_version(line, version).await? else {
+            let Some(base) = self.release_by_label(label).await? else {
                 continue;
             };
             if base == release {
@@ -137,18 +134,18 @@ impl Twin {
 
     /// The release `car` reports running, by digest.
     async fn running(&self, car: &CarId) -> Result<Option<String>, Error> {
-        let Some(reported) = self.db.reported(car).await? else {
-            return Ok(None);
-        };
-        let Some((line, version)) = reported
-            .state
-            .release
-            .as_deref()
-            .and_then(|label| label.split_once('@'))
-        else {
-            return Ok(None);
-        };
-        self.db.release_by_version(line, version).await
+        match self.db.reported(car).await?.and_then(|r| r.state.release) {
+            Some(label) => self.release_by_label(&label).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The registered release a car's `line@version` label names, by digest.
+    async fn release_by_label(&self, label: &str) -> Result<Option<String>, Error> {
+        match label.split_once('@') {
+            Some((line, version)) => self.db.release_by_version(line, version).await,
+            None => Ok(None),
+        }
     }
 
     /// Make `release`'s deltas ahead against what `cars` run (see the module docs). Returns the

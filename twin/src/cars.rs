@@ -358,18 +358,12 @@ impl CarResponder {
                 }
                 // The agent sends its last state again after a burst (a report over the rate
                 // may have been dropped): the same state again is no new line in the log.
-                let same = self
-                    .twin
-                    .db
-                    .reported(&self.car)
-                    .await?
-                    .is_some_and(|r| r.state == state);
                 if self
                     .twin
                     .db
                     .report_state(&self.car, &state, epoch, seq, now)
                     .await?
-                    && !same
+                    == crate::db::StoredState::Changed
                 {
                     tracing::debug!(car = %self.car, ?state.phase, "reported state");
                     self.twin.forget_readable(&self.car);

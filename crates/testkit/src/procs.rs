@@ -157,6 +157,51 @@ pub fn http() -> ureq::Agent {
         .into()
 }
 
+/// An operator API call to `twin` (`GET`, `POST`, `PUT`; `body` as JSON): the status and the
+/// answer, as JSON when it is, else as a string.
+pub fn api(
+    twin: &TwinProcess,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let url = format!("{}{path}", twin.api);
+    let auth = format!("Bearer {}", twin.token);
+    let agent = http();
+    let answer = match (method, body) {
+        ("GET", None) => agent.get(&url).header("Authorization", &auth).call(),
+        ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
+        ("POST", None) => agent.post(&url).header("Authorization", &auth).send_empty(),
+        ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b),
+        (method, body) => panic!("api: {method} with body {body:?} is not a call tests make"),
+    };
+    let mut r = answer.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+/// Until `twin` has made every delta it planned ahead (`GET /api/v1/deltas`); the seconds it
+/// took. Panics after `within`.
+pub fn wait_ahead(twin: &TwinProcess, within: Duration) -> f64 {
+    let started = Instant::now();
+    loop {
+        let (status, view) = api(twin, "GET", "/api/v1/deltas", None);
+        assert_eq!(status, 200, "{view}");
+        if view["ahead_pending"] == 0 {
+            return started.elapsed().as_secs_f64();
+        }
+        assert!(
+            started.elapsed() < within,
+            "deltas ahead not made in {within:?}: {view}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Whether this process runs as root (effective uid 0).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

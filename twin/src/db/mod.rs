@@ -184,6 +184,17 @@ pub use cars::{Conflict, Registration};
 pub use deployments::StoredDeployment;
 pub use events::EventLimits;
 
+/// What [`Db::report_state`] did with a reported state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredState {
+    /// An equal or newer (epoch, seq) was stored already: dropped.
+    Stale,
+    /// Stored; the state is the one stored before.
+    Same,
+    /// Stored; the state changed.
+    Changed,
+}
+
 #[derive(Clone, Debug)]
 pub struct Db {
     pool: SqlitePool,
@@ -570,7 +581,8 @@ impl Db {
     }
 
     /// Store a reported state unless an equal or newer (epoch, seq) is stored: fire-and-forget
-    /// reports may be sent twice after a reconnect. Returns whether it was new.
+    /// reports may be sent twice after a reconnect. Says whether it was stored and whether the
+    /// state differs from the one before (the agent sends its last state again after a burst).
     pub async fn report_state(
         &self,
         car: &CarId,
@@ -578,8 +590,16 @@ impl Db {
         epoch: i64,
         seq: i64,
         now: i64,
-    ) -> Result<bool, Error> {
+    ) -> Result<StoredState, Error> {
         let doc = serde_json::to_string(state).map_err(encode("a reported state"))?;
+        // The same state serializes to the same text: compared as stored, not decoded.
+        let before: Option<String> =
+            sqlx::query_scalar("SELECT document FROM reported WHERE car_id = ?1")
+                .bind(car.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db("read report"))?;
+        let same = before.as_deref() == Some(doc.as_str());
         let result = sqlx::query(
             "INSERT INTO reported (car_id, document, epoch, seq, agent_version, updated_at, last_seen)
              VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?5)
@@ -595,7 +615,11 @@ impl Db {
         .execute(&self.pool)
         .await
         .map_err(db("store report"))?;
-        Ok(result.rows_affected() == 1)
+        Ok(match (result.rows_affected() == 1, same) {
+            (false, _) => StoredState::Stale,
+            (true, true) => StoredState::Same,
+            (true, false) => StoredState::Changed,
+        })
     }
 
     /// Advance the (epoch, seq) mark for an event report; false if it is a duplicate.
