@@ -1,13 +1,12 @@
 //! What bounds one connection: the streams a peer may hold open ([`crate::guard`]), the answer
 //! bytes we queue for it, and the fire-and-forget requests read but not yet handled.
 //!
-//! rsocket_rust keeps two unbounded queues per connection: frames to write, and frames read but
-//! not yet dispatched. A peer that stops reading would grow the first without limit (each answer
-//! is queued whole, however slowly the peer takes it), and a peer that floods fire-and-forget
-//! requests the second. Both are bounded here, from the outside: the [`Router`](crate::router)
-//! reserves each answer's bytes in [`Budget`] before handing it to rsocket_rust and the writer
+//! Left alone, a connection would queue without bound: answers for a peer that stops reading
+//! (each answer queued whole, however slowly the peer takes it), and fire-and-forget requests from
+//! a peer that floods them. Both are bounded here: the engine (`socket.rs`) reserves each answer's
+//! bytes in [`Budget`] before it queues the answer for the writer, and the writer
 //! releases them as it writes; the reader takes a permit before it passes on a fire-and-forget
-//! request and the router returns it when the responder is done. A peer that takes nothing for
+//! request and the engine returns it when the responder is done. A peer that takes nothing for
 //! [`crate::Limits::send_stall`] is dropped by the writer.
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,7 +18,7 @@ use crate::Limits;
 use crate::conn::CloseSignal;
 use crate::guard::Streams;
 
-/// Answer bytes handed to rsocket_rust but not yet written to the socket.
+/// Answer bytes queued for the writer but not yet written to the socket.
 #[derive(Debug)]
 pub(crate) struct Budget {
     queued: Mutex<usize>,

@@ -4,17 +4,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use rsocket_rust::prelude::{Payload, RSocket, RSocketFactory, Transport};
+use rsocket_rust::frame;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::bounds::Bounds;
-use crate::conn::{CloseSignal, ConnOptions, Io, LinkConnection};
+use crate::conn::{CloseOnDrop, CloseSignal, ConnOptions, Io, LinkConnection};
 use crate::requester::Requester;
-use crate::router::{MIME_COMPOSITE, Responder, Router};
+use crate::router::{MIME_COMPOSITE, Responder};
+use crate::socket::{self, Role, Served, Socket};
 use crate::{Error, Limits};
 
 #[derive(Clone)]
@@ -66,122 +66,94 @@ fn host_of(addr: &str) -> Result<&str, Error> {
     Ok(host)
 }
 
-struct Dial {
-    options: ClientOptions,
-    bounds: Arc<Bounds>,
-    shutdown: watch::Receiver<bool>,
-}
-
-#[async_trait]
-impl Transport for Dial {
-    type Conn = LinkConnection;
-
-    async fn connect(self) -> rsocket_rust::Result<LinkConnection> {
-        let options = &self.options;
-        let addr = options.addr.clone();
-        let tcp = tokio::time::timeout(options.connect_timeout, TcpStream::connect(&addr))
-            .await
-            .map_err(|_| Error::Connect {
-                addr: addr.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-            })?
-            .map_err(|source| Error::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let io: Box<dyn Io> = match &options.security {
-            ClientSecurity::MutualTls(config) => {
-                let name = ServerName::try_from(host_of(&addr)?.to_owned()).map_err(|e| {
-                    Error::Address {
-                        addr: addr.clone(),
-                        why: e.to_string(),
-                    }
+/// TCP, then TLS when configured, within the connect timeout.
+async fn dial(options: &ClientOptions) -> Result<Box<dyn Io>, Error> {
+    let addr = options.addr.clone();
+    let tcp = tokio::time::timeout(options.connect_timeout, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| Error::Connect {
+            addr: addr.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+        })?
+        .map_err(|source| Error::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    Ok(match &options.security {
+        ClientSecurity::MutualTls(config) => {
+            let name =
+                ServerName::try_from(host_of(&addr)?.to_owned()).map_err(|e| Error::Address {
+                    addr: addr.clone(),
+                    why: e.to_string(),
                 })?;
-                let connector = tokio_rustls::TlsConnector::from(config.clone());
-                let tls =
-                    tokio::time::timeout(options.connect_timeout, connector.connect(name, tcp))
-                        .await
-                        .map_err(|_| Error::HandshakeTimeout {
-                            addr: addr.clone(),
-                            timeout: options.connect_timeout,
-                        })?
-                        .map_err(|source| Error::Handshake {
-                            addr: addr.clone(),
-                            source,
-                        })?;
-                Box::new(tls)
-            }
-            ClientSecurity::InsecurePlaintext => Box::new(tcp),
-        };
-        Ok(LinkConnection::new(
-            io,
-            ConnOptions {
-                idle_timeout: options.heartbeat * 3,
-                max_frame: options.limits.max_frame,
-                max_payload: options.limits.max_payload,
-                we_open_odd_streams: true,
-                setup_token: None,
-            },
-            self.bounds.clone(),
-            self.shutdown.clone(),
-            addr,
-        ))
-    }
+            let connector = tokio_rustls::TlsConnector::from(config.clone());
+            let tls = tokio::time::timeout(options.connect_timeout, connector.connect(name, tcp))
+                .await
+                .map_err(|_| Error::HandshakeTimeout {
+                    addr: addr.clone(),
+                    timeout: options.connect_timeout,
+                })?
+                .map_err(|source| Error::Handshake {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            Box::new(tls)
+        }
+        ClientSecurity::InsecurePlaintext => Box::new(tcp),
+    })
 }
 
 /// Open one connection and send SETUP. The returned [`Requester`] says when the connection ends.
 pub async fn connect(options: &ClientOptions) -> Result<Requester, Error> {
     host_of(&options.addr)?;
+    let io = dial(options).await?;
     let close = CloseSignal::new();
     let bounds = Arc::new(Bounds::new(close.clone(), &options.limits, true, false));
     // The client has no process-wide shutdown of its own: closing the requester ends it.
     let (_never, shutdown) = watch::channel(false);
-    let dial = Dial {
-        options: options.clone(),
-        bounds: bounds.clone(),
+    let conn = LinkConnection::new(
+        io,
+        ConnOptions {
+            idle_timeout: options.heartbeat * 3,
+            max_frame: options.limits.max_frame,
+            max_payload: options.limits.max_payload,
+            we_open_odd_streams: true,
+        },
+        bounds.clone(),
         shutdown,
-    };
-    let on_close = {
-        let close = close.clone();
-        move || close.close()
-    };
-    let mut builder = RSocketFactory::connect()
-        .transport(dial)
-        .setup(
-            Payload::builder()
-                .set_data(options.setup_data.clone())
-                .build(),
-        )
-        .mime_type(MIME_COMPOSITE, "application/json")
-        // rsocket_rust sends KEEPALIVE when idle for this long; the twin answers, so both ends
-        // see traffic at least once per interval and the 3-interval idle timeout is safe.
-        .keepalive(options.heartbeat, options.heartbeat * 3, 3)
-        .fragment(options.limits.mtu)
-        .on_close(Box::new(on_close));
-    if let Some(responder) = options.responder.clone() {
-        let max_payload = options.limits.max_payload;
-        let peer_label = options.addr.clone();
-        let bounds = bounds.clone();
-        builder = builder.acceptor(Box::new(move || {
-            Box::new(Router {
-                responder,
-                metadata_mime: MIME_COMPOSITE.to_owned(),
-                max_payload,
-                peer_label,
-                bounds,
-            }) as Box<dyn RSocket>
-        }));
-    }
-    let client = builder
-        .start()
+        options.addr.clone(),
+    );
+    let (tx, incoming) = conn.split();
+    let socket = Arc::new(Socket::new(tx, 1, options.limits.mtu, close.clone()));
+    let setup = frame::Setup::builder(0, 0)
+        .set_version(1, 0)
+        // We send KEEPALIVE every interval and the twin answers, so both ends see traffic at
+        // least once per interval and the 3-interval idle timeout is safe.
+        .set_keepalive(options.heartbeat)
+        .set_lifetime(options.heartbeat * 3)
+        .set_mime_metadata(MIME_COMPOSITE)
+        .set_mime_data("application/json")
+        .set_data(options.setup_data.clone())
+        .build();
+    let served = options.responder.clone().map(|responder| Served {
+        responder,
+        metadata_mime: MIME_COMPOSITE.to_owned(),
+        max_payload: options.limits.max_payload,
+        peer_label: options.addr.clone(),
+    });
+    socket::start(&socket, Some(setup), bounds, incoming, Role::Client(served))
         .await
-        .map_err(|e| match e.downcast::<Error>() {
-            Ok(e) => e,
-            Err(e) => Error::Setup(e.to_string()),
+        .map_err(|_| {
+            Error::Setup(format!(
+                "{}: the connection closed during SETUP",
+                options.addr
+            ))
         })?;
+    socket::keepalive(&socket, options.heartbeat);
     Ok(Requester {
-        socket: Arc::new(client),
+        socket,
+        _owner: Some(Arc::new(CloseOnDrop(close.clone()))),
         close,
         deadline: options.request_deadline,
         max_payload: options.limits.max_payload,

@@ -1,37 +1,32 @@
-//! One RSocket connection over TCP or TLS, plugged into rsocket_rust through its public
-//! `Connection` trait. This is where the crate's measured gaps are closed at the byte level:
+//! One RSocket connection over TCP or TLS: the reader and the writer of its frames, below the
+//! engine in `socket.rs`. Closed here, at the byte level:
 //!
 //! - **no keepalive timeout** → the read side ends the connection after `idle_timeout` without a
 //!   single frame (3 heartbeat intervals), on both ends;
 //! - **oversized payloads** → frames above the limit are skipped unbuffered ([`FrameCodec`]) and
 //!   fragmented payloads are counted while they arrive; either way the stream gets an ERROR and the
 //!   connection stays up;
-//! - **who is the peer** → on the twin the SETUP frame's metadata is replaced by the connection's
-//!   id, under which the TLS-authenticated identity waits (see `server.rs`), so a car can never
-//!   claim another car's identity in SETUP;
-//! - **writes after a close** → frames sent after the connection ended are discarded instead of
-//!   failing, because rsocket_rust panics in spawned tasks when a send fails mid-stream;
+//! - **writes after a close** → frames sent after the connection ended are discarded, so a task
+//!   still answering never fails on a dead socket;
 //! - **a peer that breaks the protocol or asks for too much** → every frame read is judged by
-//!   `guard.rs` before rsocket_rust sees it, every frame written too; answers count against the
+//!   `guard.rs` before the engine sees it, every frame written too; answers count against the
 //!   outbound budget of `bounds.rs` until written, and a peer that takes no bytes for
 //!   [`Limits::send_stall`](crate::Limits::send_stall) is dropped.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures::channel::mpsc;
-use futures::{SinkExt, StreamExt};
-use rsocket_rust::error::{ERR_REJECTED, RSocketError};
+use futures::{SinkExt, Stream, StreamExt};
+use rsocket_rust::error::ERR_REJECTED;
 use rsocket_rust::frame::{self, Body, Frame};
-use rsocket_rust::transport::{Connection, FrameSink, FrameStream};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::bounds::{Bounds, LogLimiter};
 use crate::codec::{Decoded, FrameCodec};
 use crate::guard::{Inbound, answer_bytes};
+use crate::socket::error_frame;
 
 /// Anything we can run frames over: TCP, or TLS over TCP.
 pub trait Io: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static {}
@@ -87,15 +82,13 @@ pub struct ConnOptions {
     pub max_payload: usize,
     /// `true` on the client: RSocket clients open odd stream ids, servers even ones.
     pub we_open_odd_streams: bool,
-    /// On the twin: replace SETUP metadata with this connection id.
-    pub setup_token: Option<u64>,
 }
 
 /// The receive buffer starts small: most frames on an idle car are heartbeats, and the twin holds
 /// thousands of connections.
 const READ_BUFFER: usize = 1024;
-/// Frames queued to the writer; rsocket_rust's own queue in front of it is unbounded and bounded
-/// from outside (`bounds.rs`), this one just decouples the TLS writes.
+/// Frames queued to the writer: senders wait for room, so a slow peer slows its answers down
+/// (their bytes are bounded by `bounds.rs` before they queue here).
 const WRITE_QUEUE: usize = 32;
 
 /// Peers whose frames broke the protocol, logged at a limited rate.
@@ -143,36 +136,9 @@ async fn closed_or_shutdown(
     }
 }
 
-fn error_frame(stream_id: u32, code: u32, message: String) -> Frame {
-    frame::Error::builder(stream_id, 0)
-        .set_code(code)
-        .set_data(Bytes::from(message))
-        .build()
-}
-
-/// Rebuild a SETUP frame with our metadata in place of the peer's.
-fn rewrite_setup(setup: frame::Setup, flag: u16, token: u64) -> Frame {
-    let mut builder = frame::Setup::builder(0, flag & !Frame::FLAG_METADATA)
-        .set_version(
-            setup.get_version().get_major(),
-            setup.get_version().get_minor(),
-        )
-        .set_keepalive(setup.get_keepalive())
-        .set_lifetime(setup.get_lifetime())
-        .set_mime_metadata(setup.get_mime_metadata().unwrap_or_default())
-        .set_mime_data(setup.get_mime_data().unwrap_or_default())
-        .set_metadata(Bytes::copy_from_slice(&token.to_be_bytes()));
-    if let Some(token) = setup.get_token() {
-        builder = builder.set_token(token.clone());
-    }
-    if let Some(data) = setup.get_data() {
-        builder = builder.set_data(data.clone());
-    }
-    builder.build()
-}
-
-/// A KEEPALIVE without its data: rsocket_rust echoes the data of every KEEPALIVE that asks for
-/// an answer, and nothing in the protocol needs it, so a peer cannot make us send its bytes back.
+/// A KEEPALIVE without its data: the spec has a responder echo the data of a KEEPALIVE that
+/// asks for an answer, nothing in our protocol needs it, and a peer must not make us send its
+/// bytes back.
 fn without_data(frame: Frame) -> Frame {
     let flag = frame.get_flag();
     match frame.get_body() {
@@ -183,8 +149,9 @@ fn without_data(frame: Frame) -> Frame {
     }
 }
 
-/// Marks the connection closed however the read side ends, also when rsocket_rust drops it.
-struct CloseOnDrop(CloseSignal);
+/// Marks the connection closed when dropped: however the read side ends, and on the car when the
+/// last [`crate::Requester`] of a connection goes.
+pub(crate) struct CloseOnDrop(pub(crate) CloseSignal);
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
         self.0.close();
@@ -243,8 +210,14 @@ fn warn_misbehaving(peer: &str, why: &str) {
     }
 }
 
-impl Connection for LinkConnection {
-    fn split(self) -> (Box<FrameSink>, Box<FrameStream>) {
+impl LinkConnection {
+    /// Start the writer; return its queue and the frames read from the peer, judged by the guard.
+    pub(crate) fn split(
+        self,
+    ) -> (
+        mpsc::Sender<Frame>,
+        impl Stream<Item = Frame> + Send + Unpin,
+    ) {
         let LinkConnection {
             io,
             options,
@@ -266,13 +239,13 @@ impl Connection for LinkConnection {
             let bounds = bounds.clone();
             let peer_label = peer_label.clone();
             tokio::spawn(async move {
-                // The write half goes as soon as the connection is over: rsocket_rust keeps its
-                // side of a connection (and so this task, which drains it) alive after the end,
-                // and the socket must not stay open with it.
+                // The write half goes as soon as the connection is over: requesters may outlive
+                // the connection (and so this task, which drains their frames), and the socket
+                // must not stay open with them.
                 let mut writer = Some(FramedWrite::new(write_half, FrameCodec::new(max_frame)));
                 loop {
                     tokio::select! {
-                        next = rx.next() => {
+                        next = rx.recv() => {
                             let Some(frame) = next else { break };
                             let Some(open) = writer.as_mut() else {
                                 bounds.outbound.release(answer_bytes(&frame, we_open_odd));
@@ -315,7 +288,7 @@ impl Connection for LinkConnection {
             );
             let mut close_rx = close.subscribe();
             let mut shutdown = shutdown;
-            let mut inject = inject;
+            let inject = inject;
             loop {
                 let next = tokio::select! {
                     next = tokio::time::timeout(options.idle_timeout, reader.next()) => next,
@@ -364,16 +337,16 @@ impl Connection for LinkConnection {
                             bounds.streams().refusal_dropped(stream_id);
                         }
                         if local {
-                            // rsocket_rust already holds fragments of it: an ERROR drops them.
-                            yield Ok(error_frame(stream_id, ERR_REJECTED, message));
+                            // The engine already holds fragments of it: an ERROR drops them.
+                            yield error_frame(stream_id, ERR_REJECTED, message);
                         }
                         continue;
                     }
                     Inbound::Cancel { message } => {
                         tracing::warn!(peer = %peer_label, stream_id, "cancelled our request: {message}");
                         let _ = inject.try_send(frame::Cancel::builder(stream_id, 0).build());
-                        // Fails our request and drops the fragments rsocket_rust holds.
-                        yield Ok(error_frame(stream_id, ERR_REJECTED, message));
+                        // Fails our request and drops the fragments the engine holds.
+                        yield error_frame(stream_id, ERR_REJECTED, message);
                         continue;
                     }
                     Inbound::Pass { completes_fnf } => {
@@ -389,25 +362,17 @@ impl Connection for LinkConnection {
                                 Err(_) => break,
                             }
                         }
-                        let frame = match (options.setup_token, frame.get_body_ref()) {
-                            (Some(token), Body::Setup(_)) => {
-                                let flag = frame.get_flag();
-                                match frame.get_body() {
-                                    Body::Setup(setup) => rewrite_setup(setup, flag, token),
-                                    _ => continue,
-                                }
-                            }
-                            (_, Body::Keepalive(k)) if k.get_data().is_some_and(|d| !d.is_empty()) => {
+                                let frame = match frame.get_body_ref() {
+                            Body::Keepalive(k) if k.get_data().is_some_and(|d| !d.is_empty()) => {
                                 without_data(frame)
                             }
                             _ => frame,
                         };
-                        yield Ok(frame);
+                        yield frame;
                     }
                 }
             }
         };
-        let sink = tx.sink_map_err(|e| RSocketError::Other(e.into()));
-        (Box::new(sink), Box::new(Box::pin(frames)))
+        (tx, Box::pin(frames))
     }
 }

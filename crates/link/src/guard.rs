@@ -1,18 +1,18 @@
-//! The stream discipline of one connection, enforced below rsocket_rust: which frames a peer may
+//! The stream discipline of one connection, enforced below the engine: which frames a peer may
 //! send given the streams that are open, how many streams it may hold, and which of our own
 //! frames still have a stream to go to.
 //!
-//! rsocket_rust trusts its peer. A PAYLOAD or ERROR frame on a request the peer itself opened
-//! reaches an `unreachable!()` in its dispatcher, request frames are served however many arrive,
-//! and a stream the peer abandoned keeps being answered. A car is a potential attacker (a key can
-//! be pulled out of an ECU), so every frame passes [`Streams::inbound`] before rsocket_rust sees
+//! An RSocket engine trusts its peer (rsocket_rust's reached an `unreachable!()` on a PAYLOAD or
+//! ERROR for a request the peer itself opened, served however many requests arrived and kept
+//! answering a stream the peer abandoned). A car is a potential attacker (a key can be pulled out
+//! of an ECU), so every frame passes [`Streams::inbound`] before the engine (`socket.rs`) sees
 //! it and every frame we send passes [`Streams::outbound`] before it is written. The decisions
 //! are pure (no I/O, no clock but the one passed in) and unit-tested here; `conn.rs` acts on them.
 //!
 //! The rules, from the RSocket spec's stream lifecycle:
 //! - the peer opens streams with ids of its parity (clients odd, servers even), never one
-//!   still open (rsocket_rust sends requests from tasks of their own, so they may arrive out of
-//!   order); at most `max_streams` of its request-response and request-stream
+//!   still open (requests are numbered when made and queued for the writer as there is room, so
+//!   they may arrive out of order); at most `max_streams` of its request-response and request-stream
 //!   streams may be open at once — more are refused with ERROR `REJECTED`;
 //! - a peer stream is open from its request frame until we send its terminal frame or the peer
 //!   cancels it; while it is open the peer may send only CANCEL (and the fragments of the request
@@ -24,8 +24,8 @@
 //! A frame that breaks a rule which no honest implementation breaks is [`Inbound::Malformed`]:
 //! the connection is dropped.
 //!
-//! One quirk is accepted: rsocket_rust's server side numbers its own requests from 0, the
-//! connection's stream, so the twin's first request to a car (e.g. `twin.inspect`) travels on
+//! One quirk is accepted: twins built on rsocket_rust 0.7.5 numbered their own requests from 0, the
+//! connection's stream, so such a twin's first request to a car (e.g. `twin.inspect`) travels on
 //! stream 0. Stream 0 is therefore an ordinary even (server) stream for requests and their
 //! answers, and the connection's stream for everything else.
 
@@ -64,13 +64,13 @@ enum Theirs {
 /// What to do with one frame from the peer.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Inbound {
-    /// Hand it to rsocket_rust. `completes_fnf`: it completes a fire-and-forget request, which
-    /// rsocket_rust will hand to the responder (the reader takes a permit for it first).
+    /// Hand it to the engine. `completes_fnf`: it completes a fire-and-forget request, which the
+    /// engine will hand to the responder (the reader takes a permit for it first).
     Pass { completes_fnf: bool },
     /// Ignore it: a late frame for a stream that already ended, or a frame type we do not use.
     Drop,
     /// Refuse the peer's stream with ERROR `REJECTED` and this message; when `local` is set,
-    /// rsocket_rust already holds fragments of it and must be told to drop them.
+    /// the engine already holds fragments of it and must be told to drop them.
     Reject { message: String, local: bool },
     /// A response to our request broke a limit: cancel our request and fail it locally.
     Cancel { message: String },
@@ -289,10 +289,10 @@ impl Streams {
                     return Inbound::Drop;
                 }
                 match self.theirs.get(&id) {
-                    // rsocket_rust would drop the answer it is making without sending it; the
-                    // answer goes out instead (the peer ignores it), so every reserved byte of
-                    // the outbound budget is released by the writer and the stream's slot stays
-                    // taken while the work it asked for goes on.
+                    // The CANCEL is not passed on: the engine finishes the answer and sends it
+                    // (the peer ignores it), so every reserved byte of the outbound budget is
+                    // released by the writer and the stream's slot stays taken while the work it
+                    // asked for goes on.
                     Some(Theirs::Open(Kind::Response)) => Inbound::Drop,
                     Some(_) => {
                         self.theirs.remove(&id);
@@ -312,7 +312,7 @@ impl Streams {
                 "a request on stream {id}, which is not one the peer may open"
             ));
         }
-        // rsocket_rust numbers a request when it is made but sends it from a task of its own, so
+        // A request is numbered when it is made but queued for the writer when there is room, so
         // ids may arrive out of order: only an id still in use is refused.
         if self.theirs.contains_key(&id) || self.dropping.contains(&id) {
             return Inbound::Malformed(format!(
@@ -503,7 +503,7 @@ impl Streams {
 
     /// Whether a frame we are about to write still has a stream to go to. Requests we make are
     /// recorded here; answers on a peer stream that ended (cancelled, refused, or already
-    /// completed — rsocket_rust sends a COMPLETE after an ERROR) are not sent.
+    /// completed) are not sent.
     pub fn outbound(&mut self, frame: &Frame) -> bool {
         let id = frame.get_stream_id();
         let body = frame.get_body_ref();

@@ -1,23 +1,24 @@
-//! RSocket plumbing shared by the car agent and the twin — the only crate that names
-//! `rsocket_rust` types.
+//! The RSocket link shared by the car agent and the twin — the only crate that names
+//! `rsocket_rust` types, and of those only its frames and metadata extensions.
 //!
-//! rsocket_rust 0.7.5 is the implementation the product is specified on, and it has measured gaps
-//! (docs/protocol.md, "rsocket_rust gaps and how they are closed"). Each is closed here, at the
-//! application layer:
+//! The connection runtime is our own (`socket.rs`): rsocket_rust 0.7.5, the last release, keeps
+//! every connection's state after it ended (its tasks hold each other), and has further measured
+//! gaps (docs/protocol.md, "The link's RSocket engine"). Each is closed here:
 //!
 //! | gap | closed by |
 //! |---|---|
-//! | TLS only through OpenSSL | [`tls`]: rustls (ring) through the public `Transport`/`Connection` traits, mutual TLS 1.3 |
+//! | TLS only through OpenSSL | [`tls`]: rustls (ring), mutual TLS 1.3 |
 //! | no keepalive timeout | `conn`: the read side drops a peer silent for 3 heartbeat intervals, on both ends |
-//! | pending requests hang after a connection loss | [`Requester`]: every request has a deadline and fails as soon as the connection closes |
+//! | pending requests hang after a connection loss | [`Requester`]: every request has a deadline and fails as soon as the connection closes, with the peer's reason when it gave one |
 //! | no REQUEST_N, unbounded queues | [`Requester::request_window`]: data streams are read in windows the request names; overflow is an error |
 //! | frames over 16 MiB panic the writer | fragmentation on ([`Limits::mtu`]), payloads ≤ [`Limits::max_payload`], checked before sending and while receiving |
 //! | no resumption | not needed: data transfer resumes by content (chunks already stored are not fetched again) |
 //! | METADATA_PUSH on a non-zero stream id | never sent; received ones are ignored |
+//! | fire-and-forget handled inline, blocking every other frame while the responder works | `socket`: handled by a task of their own per connection, one after the other in the order sent |
 //! | panics when sending on a closed connection | the writer discards frames after a close instead of failing |
-//! | trusts its peer: `unreachable!()` on a PAYLOAD or ERROR for a request the peer opened, any number of open streams | `guard`: every frame checked against the open streams before rsocket_rust sees it; a peer that breaks the protocol is dropped, one that opens more than [`Limits::max_streams`] is refused with `REJECTED` |
+//! | trusts its peer: `unreachable!()` on a PAYLOAD or ERROR for a request the peer opened, any number of open streams | `guard`: every frame checked against the open streams before the engine sees it; a peer that breaks the protocol is dropped, one that opens more than [`Limits::max_streams`] is refused with `REJECTED` |
 //! | unbounded queues toward a slow reader and from a fire-and-forget flood | `bounds`: answers wait for room in [`Limits::max_queued`], a peer that reads nothing for [`Limits::send_stall`] is dropped, at most [`Limits::max_pending_fnf`] fire-and-forget requests are read ahead |
-//! | keeps a connection's socket open after it ended (its tasks hold each other) | `conn`: the writer drops its half of the socket when the connection ends |
+//! | keeps every connection's state (and socket) after it ended: its tasks hold each other | `socket`: ownership is one way (requesters → writer queue; the dispatcher owns the responder and drops it at the end); `conn`: the writer drops its half of the socket when the connection ends; the car's connection ends with its last [`Requester`] |
 //!
 //! Tests: `cargo test -p cardeploy-link` runs unit tests and `tests/link.rs`, which runs real
 //! TLS connections on loopback, through a fault-injecting proxy for the dead-peer cases.
@@ -32,6 +33,7 @@ mod guard;
 mod requester;
 mod router;
 mod server;
+mod socket;
 pub mod tls;
 
 pub use backoff::Backoff;

@@ -1,26 +1,28 @@
-//! Requests with the guarantees rsocket_rust lacks: every request has a deadline, a closed
-//! connection fails pending requests at once instead of leaving them hanging, payloads are bounded
-//! before they are sent, and data streams are read in bounded windows.
+//! Requests with guarantees: every request has a deadline, a closed connection fails pending
+//! requests at once instead of leaving them hanging, payloads are bounded before they are sent,
+//! and data streams are read in bounded windows.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::Error;
+use crate::conn::{CloseOnDrop, CloseSignal};
+use crate::router::route_metadata;
+use crate::socket::{Failure, Socket};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use rsocket_rust::prelude::{Payload, RSocket};
-
-use crate::Error;
-use crate::conn::CloseSignal;
-use crate::router::route_metadata;
 
 /// A cheap, cloneable handle for requests on one connection, in either direction.
 #[derive(Clone)]
 pub struct Requester {
-    pub(crate) socket: Arc<dyn RSocket>,
+    pub(crate) socket: Arc<Socket>,
     pub(crate) close: CloseSignal,
     pub(crate) deadline: Duration,
     pub(crate) max_payload: usize,
+    /// On the car: the connection ends when its last requester is dropped (nothing could use it
+    /// any more). The twin's connections end with the car or the twin's shutdown.
+    pub(crate) _owner: Option<Arc<CloseOnDrop>>,
 }
 
 impl std::fmt::Debug for Requester {
@@ -40,7 +42,8 @@ pub struct Window {
 }
 
 impl Requester {
-    fn payload(&self, route: &str, data: Bytes) -> Result<Payload, Error> {
+    /// The route's metadata, once the payload is known to fit.
+    fn metadata(&self, route: &str, data: &Bytes) -> Result<Bytes, Error> {
         if data.len() > self.max_payload {
             return Err(Error::PayloadTooLarge {
                 route: route.to_owned(),
@@ -48,10 +51,7 @@ impl Requester {
                 limit: self.max_payload,
             });
         }
-        Ok(Payload::builder()
-            .set_metadata(route_metadata(route))
-            .set_data(data)
-            .build())
+        Ok(route_metadata(route))
     }
 
     pub fn is_closed(&self) -> bool {
@@ -83,23 +83,21 @@ impl Requester {
         data: Bytes,
         deadline: Duration,
     ) -> Result<Bytes, Error> {
-        let payload = self.payload(route, data)?;
+        let metadata = self.metadata(route, &data)?;
         if self.is_closed() {
-            return Err(Error::Closed {
-                route: route.to_owned(),
-            });
+            return Err(self.gone(route));
         }
         let answer = tokio::select! {
-            answer = tokio::time::timeout(deadline, self.socket.request_response(payload)) => answer,
-            () = self.close.closed() => return Err(Error::Closed { route: route.to_owned() }),
+            answer = tokio::time::timeout(deadline, self.socket.request_response(metadata, data)) => answer,
+            () = self.close.closed() => return Err(self.gone(route)),
         };
         match answer {
             Err(_) => Err(Error::Deadline {
                 route: route.to_owned(),
                 deadline,
             }),
-            Ok(Err(e)) => Err(remote(route, &e)),
-            Ok(Ok(Some(payload))) => Ok(payload.split().0.unwrap_or_default()),
+            Ok(Err(failure)) => Err(self.failed(route, failure)),
+            Ok(Ok(Some(data))) => Ok(data),
             Ok(Ok(None)) => Err(Error::EmptyAnswer {
                 route: route.to_owned(),
             }),
@@ -107,16 +105,14 @@ impl Requester {
     }
 
     pub async fn fire_and_forget(&self, route: &str, data: Bytes) -> Result<(), Error> {
-        let payload = self.payload(route, data)?;
+        let metadata = self.metadata(route, &data)?;
         if self.is_closed() {
-            return Err(Error::Closed {
-                route: route.to_owned(),
-            });
+            return Err(self.gone(route));
         }
         self.socket
-            .fire_and_forget(payload)
+            .fire_and_forget(metadata, data)
             .await
-            .map_err(|e| remote(route, &e))
+            .map_err(|failure| self.failed(route, failure))
     }
 
     /// A long-lived stream (e.g. `car.desired`). It ends with `Err(Closed)` when the connection
@@ -127,22 +123,23 @@ impl Requester {
         route: &str,
         data: Bytes,
     ) -> BoxStream<'static, Result<Bytes, Error>> {
-        let route = route.to_owned();
-        let payload = match self.payload(&route, data) {
-            Ok(payload) => payload,
+        let metadata = match self.metadata(route, &data) {
+            Ok(metadata) => metadata,
             Err(e) => return futures::stream::once(async move { Err(e) }).boxed(),
         };
-        let mut inner = self.socket.request_stream(payload);
-        let close = self.close.clone();
+        let inner = self.socket.request_stream(metadata, data);
+        let this = self.clone();
+        let route = route.to_owned();
         async_stream::stream! {
+            let mut inner = std::pin::pin!(inner);
             loop {
                 tokio::select! {
                     item = inner.next() => match item {
-                        Some(Ok(payload)) => yield Ok(payload.split().0.unwrap_or_default()),
-                        Some(Err(e)) => { yield Err(remote(&route, &e)); break; }
+                        Some(Ok(data)) => yield Ok(data),
+                        Some(Err(failure)) => { yield Err(this.failed(&route, failure)); break; }
                         None => break,
                     },
-                    () = close.closed() => { yield Err(Error::Closed { route: route.clone() }); break; }
+                    () = this.close.closed() => { yield Err(this.gone(&route)); break; }
                 }
             }
         }
@@ -150,9 +147,10 @@ impl Requester {
     }
 
     /// One bounded window of a request-stream: at most `window.max_items` items and
-    /// `window.max_bytes` bytes, all within the deadline. rsocket_rust has no REQUEST_N, so the
+    /// `window.max_bytes` bytes, all within the deadline. The protocol uses no REQUEST_N, so the
     /// responder must itself send no more than the window the request names; a responder that
-    /// sends more is cut off with `WindowOverflow`, so our memory stays bounded either way.
+    /// sends more is cut off with `WindowOverflow` (and cancelled), so our memory stays bounded
+    /// either way.
     pub async fn request_window(
         &self,
         route: &str,
@@ -207,9 +205,27 @@ impl Requester {
     }
 }
 
-fn remote(route: &str, e: &anyhow::Error) -> Error {
-    Error::Remote {
-        route: route.to_owned(),
-        message: e.to_string(),
+impl Requester {
+    /// The connection is over: say why when the peer told us (e.g. a refused SETUP).
+    fn gone(&self, route: &str) -> Error {
+        match self.socket.ended() {
+            Some(message) => Error::Remote {
+                route: route.to_owned(),
+                message,
+            },
+            None => Error::Closed {
+                route: route.to_owned(),
+            },
+        }
+    }
+
+    fn failed(&self, route: &str, failure: Failure) -> Error {
+        match failure {
+            Failure::Remote(message) => Error::Remote {
+                route: route.to_owned(),
+                message,
+            },
+            Failure::Closed => self.gone(route),
+        }
     }
 }

@@ -1,23 +1,22 @@
 //! The twin's side: accept cars over mutual TLS, know which car each connection is, hand every
 //! connection to an [`Acceptor`] as a [`Session`].
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use rsocket_rust::prelude::{RSocket, RSocketFactory, ServerTransport, SetupPayload, Transport};
+use rsocket_rust::frame;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::bounds::Bounds;
 use crate::conn::{CloseSignal, ConnOptions, Io, LinkConnection};
 use crate::requester::Requester;
-use crate::router::{Responder, Router};
+use crate::router::Responder;
+use crate::socket::{self, Role, Served, Socket};
 use crate::tls::{PeerRegistry, fingerprint};
 use crate::{Error, Limits, Refusal};
 
@@ -97,21 +96,10 @@ pub struct ServerStats {
     pub sessions_accepted: AtomicU64,
 }
 
-struct Pending {
-    peer: Peer,
-    /// The certificate's fingerprint, checked again at SETUP: a car revoked between its
-    /// handshake and its SETUP must not get a session (nor one in the name of its re-provisioned
-    /// successor).
-    fingerprint: Option<String>,
-    remote: SocketAddr,
-    bounds: Arc<Bounds>,
-}
-
 struct Ctx {
     security: ServerSecurity,
     tls: Option<tokio_rustls::TlsAcceptor>,
     options: ServerOptions,
-    pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
     shutdown: watch::Receiver<bool>,
     stats: Arc<ServerStats>,
@@ -162,7 +150,6 @@ impl LinkServer {
                 security,
                 tls,
                 options,
-                pending: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 shutdown,
                 stats: Arc::new(ServerStats::default()),
@@ -186,24 +173,25 @@ impl LinkServer {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
         let ctx = self.ctx.clone();
-        let limits = ctx.options.limits;
-        let on_setup = {
-            let ctx = ctx.clone();
-            move |setup: SetupPayload, requester: Box<dyn RSocket>| {
-                accept(&ctx, &*acceptor, setup, requester).map_err(anyhow::Error::new)
+        let listener = self.listener;
+        let accepting = async {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, remote)) => {
+                        // The handshake runs on the connection's own task, so a slow one never
+                        // delays the accept loop.
+                        tokio::spawn(open(ctx.clone(), acceptor.clone(), stream, remote));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: wait instead of spinning; the listener stays.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
             }
         };
-        let listener = Listener {
-            listener: Some(self.listener),
-            ctx: ctx.clone(),
-        };
-        let server = RSocketFactory::receive()
-            .transport(listener)
-            .fragment(limits.mtu)
-            .acceptor(Box::new(on_setup))
-            .serve();
         tokio::select! {
-            result = server => result.map_err(|e| Error::Setup(e.to_string()))?,
+            () = accepting => {}
             () = shutdown => {}
         }
         self.shutdown_tx.send_replace(true);
@@ -211,23 +199,33 @@ impl LinkServer {
     }
 }
 
+/// What the handshake proved, kept until SETUP.
+struct Pending {
+    peer: Peer,
+    /// The certificate's fingerprint, checked again at SETUP: a car revoked between its
+    /// handshake and its SETUP must not get a session (nor one in the name of its re-provisioned
+    /// successor).
+    fingerprint: Option<String>,
+    remote: SocketAddr,
+    conn_id: u64,
+}
+
+/// Close the connection shortly after a refusal, so the REJECTED_SETUP error frame can leave first.
+fn close_soon(close: &CloseSignal) {
+    let close = close.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        close.close();
+    });
+}
+
 fn accept(
-    ctx: &Arc<Ctx>,
+    ctx: &Ctx,
     acceptor: &dyn Acceptor,
-    setup: SetupPayload,
-    requester: Box<dyn RSocket>,
-) -> Result<Box<dyn RSocket>, Refusal> {
-    let token = setup
-        .metadata()
-        .and_then(|m| <[u8; 8]>::try_from(&m[..]).ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| Refusal::new("SETUP did not pass through the cardeploy transport"))?;
-    let pending = ctx
-        .pending
-        .lock()
-        .ok()
-        .and_then(|mut map| map.remove(&token))
-        .ok_or_else(|| Refusal::new("a connection may send SETUP only once"))?;
+    pending: Pending,
+    setup: frame::Setup,
+    requester: Requester,
+) -> Result<Served, Refusal> {
     if let (Some(print), ServerSecurity::MutualTls { registry, .. }) =
         (&pending.fingerprint, &ctx.security)
         && registry.lookup(print).as_ref()
@@ -237,11 +235,7 @@ fn accept(
             })
     {
         tracing::warn!(remote = %pending.remote, "refused SETUP: the certificate was revoked after the handshake");
-        let close = pending.bounds.close.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            close.close();
-        });
+        close_soon(&requester.close);
         return Err(Refusal::new(
             "this car's certificate was revoked; a re-provisioned car connects with its new one",
         ));
@@ -251,186 +245,121 @@ fn accept(
         Peer::Unauthenticated => format!("{} (unauthenticated)", pending.remote),
     };
     let metadata_mime = setup
-        .metadata_mime_type()
+        .get_mime_metadata()
         .unwrap_or(crate::router::MIME_COMPOSITE)
         .to_owned();
+    let close = requester.close.clone();
     let session = Session {
-        conn_id: token,
+        conn_id: pending.conn_id,
         peer: pending.peer,
         remote: pending.remote,
-        setup_data: setup.data().cloned().unwrap_or_default(),
-        requester: Requester {
-            socket: Arc::from(requester),
-            close: pending.bounds.close.clone(),
-            deadline: ctx.options.request_deadline,
-            max_payload: ctx.options.limits.max_payload,
-        },
+        setup_data: setup.get_data().cloned().unwrap_or_default(),
+        requester,
     };
     match acceptor.accept(session) {
         Ok(responder) => {
             ctx.stats.sessions_accepted.fetch_add(1, Ordering::Relaxed);
-            Ok(Box::new(Router {
+            Ok(Served {
                 responder,
                 metadata_mime,
                 max_payload: ctx.options.limits.max_payload,
                 peer_label,
-                bounds: pending.bounds,
-            }))
+            })
         }
         Err(refusal) => {
             tracing::warn!(peer = %peer_label, "refused SETUP: {refusal}");
-            // Give the REJECTED_SETUP error frame time to leave before the connection closes.
-            let close = pending.bounds.close.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                close.close();
-            });
+            close_soon(&close);
             Err(refusal)
         }
     }
 }
 
-struct Listener {
-    listener: Option<TcpListener>,
-    ctx: Arc<Ctx>,
-}
-
-#[async_trait]
-impl ServerTransport for Listener {
-    type Item = Accepted;
-
-    async fn start(&mut self) -> rsocket_rust::Result<()> {
-        Ok(())
-    }
-
-    async fn next(&mut self) -> Option<rsocket_rust::Result<Accepted>> {
-        let listener = self.listener.as_ref()?;
-        loop {
-            match listener.accept().await {
-                Ok((stream, remote)) => {
-                    return Some(Ok(Accepted {
-                        stream,
-                        remote,
-                        ctx: self.ctx.clone(),
-                    }));
-                }
-                Err(e) => {
-                    // EMFILE and friends: wait instead of spinning; the listener stays.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-}
-
-/// One accepted TCP connection; the TLS handshake runs in `connect`, on the connection's own
-/// task, so a slow handshake never delays the accept loop.
-struct Accepted {
-    stream: TcpStream,
-    remote: SocketAddr,
-    ctx: Arc<Ctx>,
-}
-
-#[async_trait]
-impl Transport for Accepted {
-    type Conn = LinkConnection;
-
-    async fn connect(self) -> rsocket_rust::Result<LinkConnection> {
-        let Accepted {
-            stream,
-            remote,
-            ctx,
-        } = self;
-        let _ = stream.set_nodelay(true);
-        let (io, peer, print): (Box<dyn Io>, Peer, Option<String>) = match (&ctx.tls, &ctx.security)
-        {
-            (Some(tls), ServerSecurity::MutualTls { registry, .. }) => {
-                let handshake =
-                    tokio::time::timeout(ctx.options.handshake_timeout, tls.accept(stream)).await;
-                let tls_stream = match handshake {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(source)) => {
-                        ctx.stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(%remote, error = %source, "TLS handshake refused");
-                        return Err(Error::Handshake {
-                            addr: remote.to_string(),
-                            source,
-                        }
-                        .into());
-                    }
-                    Err(_) => {
-                        ctx.stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
-                        return Err(Error::HandshakeTimeout {
-                            addr: remote.to_string(),
-                            timeout: ctx.options.handshake_timeout,
-                        }
-                        .into());
-                    }
-                };
-                let print = tls_stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|certs| certs.first())
-                    .map(|cert| fingerprint(cert));
-                let car = print.as_deref().and_then(|p| registry.lookup(p));
-                let Some(car) = car else {
-                    // The verifier already checked registration; a car removed in between
-                    // lands here.
+/// One accepted TCP connection: the TLS handshake, then the connection until it ends.
+async fn open(ctx: Arc<Ctx>, acceptor: Arc<dyn Acceptor>, stream: TcpStream, remote: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (io, peer, print): (Box<dyn Io>, Peer, Option<String>) = match (&ctx.tls, &ctx.security) {
+        (Some(tls), ServerSecurity::MutualTls { registry, .. }) => {
+            let handshake =
+                tokio::time::timeout(ctx.options.handshake_timeout, tls.accept(stream)).await;
+            let tls_stream = match handshake {
+                Ok(Ok(s)) => s,
+                Ok(Err(source)) => {
                     ctx.stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
-                    return Err(anyhow::anyhow!(
-                        "{remote}: certificate no longer registered"
-                    ));
-                };
-                (Box::new(tls_stream), Peer::Authenticated(car), print)
-            }
-            _ => (Box::new(stream), Peer::Unauthenticated, None),
-        };
-        let conn_id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
-        let close = CloseSignal::new();
-        let limits = ctx.options.limits;
-        let bounds = Arc::new(Bounds::new(close.clone(), &limits, false, true));
-        if let Ok(mut pending) = ctx.pending.lock() {
-            pending.insert(
-                conn_id,
-                Pending {
-                    peer: peer.clone(),
-                    fingerprint: print,
-                    remote,
-                    bounds: bounds.clone(),
-                },
-            );
-        }
-        ctx.stats.open_connections.fetch_add(1, Ordering::Relaxed);
-        {
-            // Forget the connection when it ends, also if it never sent SETUP.
-            let ctx = ctx.clone();
-            let close = close.clone();
-            tokio::spawn(async move {
-                close.closed().await;
-                if let Ok(mut pending) = ctx.pending.lock() {
-                    pending.remove(&conn_id);
+                    tracing::info!(%remote, error = %source, "TLS handshake refused");
+                    return;
                 }
-                ctx.stats.open_connections.fetch_sub(1, Ordering::Relaxed);
-            });
+                Err(_) => {
+                    ctx.stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%remote, timeout = ?ctx.options.handshake_timeout,
+                        "TLS handshake did not finish in time");
+                    return;
+                }
+            };
+            let print = tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .map(|cert| fingerprint(cert));
+            let car = print.as_deref().and_then(|p| registry.lookup(p));
+            let Some(car) = car else {
+                // The verifier already checked registration; a car removed in between
+                // lands here.
+                ctx.stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%remote, "certificate no longer registered");
+                return;
+            };
+            (Box::new(tls_stream), Peer::Authenticated(car), print)
         }
-        let label = match &peer {
-            Peer::Authenticated(id) => id.clone(),
-            Peer::Unauthenticated => remote.to_string(),
-        };
-        Ok(LinkConnection::new(
-            io,
-            ConnOptions {
-                idle_timeout: ctx.options.heartbeat * 3,
-                max_frame: limits.max_frame,
-                max_payload: limits.max_payload,
-                we_open_odd_streams: false,
-                setup_token: Some(conn_id),
-            },
-            bounds,
-            ctx.shutdown.clone(),
-            label,
-        ))
+        _ => (Box::new(stream), Peer::Unauthenticated, None),
+    };
+    let conn_id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    let close = CloseSignal::new();
+    let limits = ctx.options.limits;
+    let bounds = Arc::new(Bounds::new(close.clone(), &limits, false, true));
+    ctx.stats.open_connections.fetch_add(1, Ordering::Relaxed);
+    {
+        let ctx = ctx.clone();
+        let close = close.clone();
+        tokio::spawn(async move {
+            close.closed().await;
+            ctx.stats.open_connections.fetch_sub(1, Ordering::Relaxed);
+        });
     }
+    let label = match &peer {
+        Peer::Authenticated(id) => id.clone(),
+        Peer::Unauthenticated => remote.to_string(),
+    };
+    let conn = LinkConnection::new(
+        io,
+        ConnOptions {
+            idle_timeout: ctx.options.heartbeat * 3,
+            max_frame: limits.max_frame,
+            max_payload: limits.max_payload,
+            we_open_odd_streams: false,
+        },
+        bounds.clone(),
+        ctx.shutdown.clone(),
+        label,
+    );
+    let (tx, incoming) = conn.split();
+    let socket = Arc::new(Socket::new(tx, 2, limits.mtu, close.clone()));
+    let requester = Requester {
+        _owner: None,
+        socket: socket.clone(),
+        close,
+        deadline: ctx.options.request_deadline,
+        max_payload: limits.max_payload,
+    };
+    let pending = Pending {
+        peer,
+        fingerprint: print,
+        remote,
+        conn_id,
+    };
+    let decide = {
+        let ctx = ctx.clone();
+        Box::new(move |setup: frame::Setup| accept(&ctx, &*acceptor, pending, setup, requester))
+    };
+    let _ = socket::start(&socket, None, bounds, incoming, Role::Server(decide)).await;
 }

@@ -1,5 +1,5 @@
-//! Mutual TLS 1.3 with rustls on the ring provider. rsocket_rust only offers TLS through OpenSSL;
-//! we plug rustls in through its public `Transport`/`Connection` traits instead (see `conn.rs`).
+//! Mutual TLS 1.3 with rustls on the ring provider (rsocket_rust only offers TLS through OpenSSL;
+//! the link runs its frames over tokio-rustls itself, see `conn.rs`).
 //!
 //! The twin accepts a client certificate only if it chains to the fleet CA *and* its SHA-256
 //! fingerprint is registered ([`PeerRegistry`]): an unknown certificate is refused during the
