@@ -12,6 +12,14 @@ use crate::Error;
 pub struct Config {
     /// Database, operator token and (by default) the PKI live here.
     pub data_dir: PathBuf,
+    /// PostgreSQL instead of the embedded SQLite (`<data_dir>/twin.db`):
+    /// `postgres://user:password@host:5432/database`, for several twin instances sharing one
+    /// database (docs/operations.md). The database must exist; the twin creates its tables.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// Connections the twin keeps to PostgreSQL (SQLite uses its own, fixed number).
+    #[serde(default = "default_database_connections")]
+    pub database_connections: u32,
     /// Where cars connect (RSocket over mutual TLS).
     #[serde(default = "default_cars_listen")]
     pub cars_listen: SocketAddr,
@@ -186,6 +194,10 @@ fn default_api_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7080))
 }
 
+fn default_database_connections() -> u32 {
+    16
+}
+
 fn default_heartbeat() -> u64 {
     10
 }
@@ -194,6 +206,8 @@ impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
+            database_url: None,
+            database_connections: default_database_connections(),
             cars_listen: default_cars_listen(),
             api_listen: default_api_listen(),
             ca: None,
@@ -244,6 +258,20 @@ impl Config {
                 why,
             })
         };
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return bad(
+                "database_url must be a postgres:// URL (leave it out for the embedded SQLite in data_dir)"
+                    .into(),
+            );
+        }
+        if !(2..=1000).contains(&self.database_connections) {
+            return bad(format!(
+                "database_connections = {} is out of range; use 2..=1000",
+                self.database_connections
+            ));
+        }
         if self.heartbeat_secs == 0 || self.heartbeat_secs > 3600 {
             return bad(format!(
                 "heartbeat_secs = {} is out of range; use 1..=3600",

@@ -17,6 +17,9 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// The database named by `database_url` cannot be used as it is.
+    #[error("database {url}: {why}")]
+    Database { url: String, why: String },
     #[error("stored data for car {car} is corrupt ({what}): {source}")]
     Corrupt {
         car: String,

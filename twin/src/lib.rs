@@ -313,7 +313,10 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     if !config.insecure_plaintext {
         private::check(&config.key_path())?;
     }
-    let db = Db::open(&config.db_path(), config.event_limits()).await?;
+    let db = match &config.database_url {
+        Some(url) => Db::connect(url, config.database_connections, config.event_limits()).await?,
+        None => Db::open(&config.db_path(), config.event_limits()).await?,
+    };
     let twin = Arc::new(Twin {
         operator_token: operator_token(&config)?,
         db,
@@ -417,7 +420,11 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             Ok(())
         }
     });
-    tracing::info!(%cars_addr, %api_addr, "twin started");
+    let database = match twin.db.backend() {
+        db::Backend::Sqlite => "SQLite",
+        db::Backend::Postgres => "PostgreSQL",
+    };
+    tracing::info!(%cars_addr, %api_addr, database, "twin started");
     Ok(Running {
         cars_addr,
         api_addr,

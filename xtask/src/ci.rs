@@ -2,7 +2,7 @@
 //! and nothing else.
 
 use crate::sh::{cargo, root, run};
-use crate::{bench, cross, doc_check, fuzz, gpsd, host, image, qemu, yocto};
+use crate::{bench, cross, doc_check, fuzz, gpsd, host, image, postgres, qemu, yocto};
 
 /// How long each fuzz target runs in the test command.
 const FUZZ_SECONDS: u64 = 20;
@@ -32,12 +32,31 @@ pub fn test() -> anyhow::Result<()> {
         .env("RUSTDOCFLAGS", "-D warnings"))?;
     // The aarch64 agent is built once per run and tested under qemu-user by agent/tests/agent.rs.
     let aarch64 = cross::agent()?;
+    // The twin's database tests run on SQLite and on this PostgreSQL (stopped when it drops).
+    let pg = postgres::start()?;
     run(cargo()
         .args(["test", "--workspace", "--locked"])
+        .env("CARDEPLOY_POSTGRES_URL", &pg.url)
         .env("CARDEPLOY_PYTHON", &python)
         .env("CARDEPLOY_AARCH64_AGENT", &aarch64)
         .env("CARDEPLOY_GPSFAKE", &replay.gpsfake)
         .env("CARDEPLOY_NMEA_TRACK", &replay.track))?;
+    // The twin's server suites once more on PostgreSQL, each test on a database of its own.
+    run(cargo()
+        .args(["test", "--locked", "-p", "cardeploy-twin"])
+        .args([
+            "--test",
+            "twin",
+            "--test",
+            "deployments",
+            "--test",
+            "hostile",
+        ])
+        .args(["--test", "interop"])
+        .env("CARDEPLOY_TWIN_DB", "postgres")
+        .env("CARDEPLOY_POSTGRES_URL", &pg.url)
+        .env("CARDEPLOY_PYTHON", &python))?;
+    drop(pg);
     // Every bench in its smoke mode, on the debug build `cargo test` just made, so a bench that
     // breaks fails here; the figures themselves stay in `cargo xtask bench`.
     bench::smoke_all(&bench::debug_bins())?;

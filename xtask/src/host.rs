@@ -39,6 +39,10 @@ pub const APT_GPSD: &[&str] = &[
     "xz-utils",
 ];
 
+/// PostgreSQL for the twin's database tests (`postgres::start` runs a cluster of the run's own):
+/// the server and its tools (initdb, pg_ctl).
+pub const APT_POSTGRES: &[&str] = &["postgresql"];
+
 pub fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
@@ -75,10 +79,11 @@ pub fn apt_install(who: &str, wanted: &[&str]) -> anyhow::Result<()> {
     .with_context(|| format!("cannot install {missing:?}"))
 }
 
-/// `cargo xtask deps`: RAUC, the registry's clients, gpsd and Python for the tests, and (with
+/// `cargo xtask deps`: RAUC, the registry's clients, gpsd, PostgreSQL and Python for the tests,
+/// and (with
 /// `cross_too`) the aarch64 toolchain of cross/install.sh; then the rsocket-py venv.
 pub fn deps(cross_too: bool) -> anyhow::Result<()> {
-    let mut wanted = [APT_RAUC, APT_REGISTRY_CLIENTS, APT_GPSD].concat();
+    let mut wanted = [APT_RAUC, APT_REGISTRY_CLIENTS, APT_GPSD, APT_POSTGRES].concat();
     if !Path::new("/usr/bin/python3").exists() && which("python3").is_none() {
         wanted.push("python3");
     }

@@ -21,6 +21,7 @@ mod host;
 mod image;
 #[cfg(test)]
 mod layering;
+mod postgres;
 mod qemu;
 mod sh;
 mod synthetic;

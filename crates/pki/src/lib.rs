@@ -228,7 +228,7 @@ impl FleetPki {
 
 /// Create `dir` and its missing parents with mode 0700: the usual place is the twin's data
 /// directory (`DATA/pki`), which holds its secrets and which the twin wants private.
-fn create_private_dir(dir: &Path) -> Result<(), Error> {
+pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]

@@ -12,6 +12,7 @@ pub mod fleet;
 pub mod hostile;
 pub mod kube;
 pub mod oci;
+pub mod postgres;
 pub mod procs;
 pub mod rauc;
 pub mod signing;

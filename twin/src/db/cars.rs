@@ -8,10 +8,14 @@ use super::{Db, corrupt};
 use crate::db::CarRecord;
 use crate::error::{Error, db};
 
+/// Registrations and revocations take this lock, one at a time across all twin instances: a
+/// fingerprint's owner is checked and written in one go.
+const REGISTRY_LOCK: &str = "the car registry";
+
 const CAR_COLUMNS: &str = "id, attributes, fingerprint, created_at, revoked_at";
 
 /// A `cars` row ([`CAR_COLUMNS`]) as a record.
-fn car_record(row: &sqlx::sqlite::SqliteRow) -> Result<CarRecord, Error> {
+fn car_record(row: &sqlx::any::AnyRow) -> Result<CarRecord, Error> {
     let id: String = row.get(0);
     let attributes: String = row.get(1);
     Ok(CarRecord {
@@ -55,12 +59,11 @@ impl Db {
     pub async fn register_car(&self, car: &CarRecord) -> Result<Registration, Error> {
         let attributes = serde_json::to_string(&car.attributes).unwrap_or_else(|_| "{}".into());
         let mut tx = self
-            .durable
-            .begin_with("BEGIN IMMEDIATE")
+            .exclusive(REGISTRY_LOCK)
             .await
             .map_err(db("register car"))?;
         let revoked = sqlx::query(
-            "SELECT car_id, revoked_at FROM revoked_certificates WHERE fingerprint = ?",
+            "SELECT car_id, revoked_at FROM revoked_certificates WHERE fingerprint = $1",
         )
         .bind(&car.fingerprint)
         .fetch_optional(&mut *tx)
@@ -73,7 +76,7 @@ impl Db {
             }));
         }
         let holder: Option<String> =
-            sqlx::query_scalar("SELECT id FROM cars WHERE fingerprint = ?")
+            sqlx::query_scalar("SELECT id FROM cars WHERE fingerprint = $1")
                 .bind(&car.fingerprint)
                 .fetch_optional(&mut *tx)
                 .await
@@ -84,7 +87,7 @@ impl Db {
             }));
         }
         let existing: Option<Option<i64>> =
-            sqlx::query_scalar("SELECT revoked_at FROM cars WHERE id = ?")
+            sqlx::query_scalar("SELECT revoked_at FROM cars WHERE id = $1")
                 .bind(car.id.as_str())
                 .fetch_optional(&mut *tx)
                 .await
@@ -93,9 +96,9 @@ impl Db {
             Some(None) => return Ok(Registration::Refused(Conflict::Active)),
             Some(Some(_)) => {
                 sqlx::query(
-                    "UPDATE cars SET fingerprint = ?2, revoked_at = NULL,
-                        attributes = CASE WHEN ?3 = '{}' THEN attributes ELSE ?3 END
-                     WHERE id = ?1",
+                    "UPDATE cars SET fingerprint = $2, revoked_at = NULL,
+                        attributes = CASE WHEN $3 = '{}' THEN attributes ELSE $3 END
+                     WHERE id = $1",
                 )
                 .bind(car.id.as_str())
                 .bind(&car.fingerprint)
@@ -107,7 +110,7 @@ impl Db {
             }
             None => {
                 sqlx::query(
-                    "INSERT INTO cars (id, attributes, fingerprint, created_at) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO cars (id, attributes, fingerprint, created_at) VALUES ($1, $2, $3, $4)",
                 )
                 .bind(car.id.as_str())
                 .bind(attributes)
@@ -127,12 +130,11 @@ impl Db {
     /// revoked fingerprint, or `None` if it was revoked already.
     pub async fn revoke_car(&self, car: &CarId, now: i64) -> Result<Option<String>, Error> {
         let mut tx = self
-            .durable
-            .begin_with("BEGIN IMMEDIATE")
+            .exclusive(REGISTRY_LOCK)
             .await
             .map_err(db("revoke car"))?;
         let fingerprint: Option<String> =
-            sqlx::query_scalar("SELECT fingerprint FROM cars WHERE id = ? AND revoked_at IS NULL")
+            sqlx::query_scalar("SELECT fingerprint FROM cars WHERE id = $1 AND revoked_at IS NULL")
                 .bind(car.as_str())
                 .fetch_optional(&mut *tx)
                 .await
@@ -140,14 +142,14 @@ impl Db {
         let Some(fingerprint) = fingerprint else {
             return Ok(None);
         };
-        sqlx::query("UPDATE cars SET revoked_at = ? WHERE id = ?")
+        sqlx::query("UPDATE cars SET revoked_at = $1 WHERE id = $2")
             .bind(now)
             .bind(car.as_str())
             .execute(&mut *tx)
             .await
             .map_err(db("revoke car"))?;
         sqlx::query(
-            "INSERT INTO revoked_certificates (fingerprint, car_id, revoked_at) VALUES (?, ?, ?)
+            "INSERT INTO revoked_certificates (fingerprint, car_id, revoked_at) VALUES ($1, $2, $3)
              ON CONFLICT DO NOTHING",
         )
         .bind(&fingerprint)
@@ -170,7 +172,7 @@ impl Db {
 
     /// One car by id, without reading the others.
     pub async fn car(&self, car: &CarId) -> Result<Option<CarRecord>, Error> {
-        let row = sqlx::query(&format!("SELECT {CAR_COLUMNS} FROM cars WHERE id = ?"))
+        let row = sqlx::query(&format!("SELECT {CAR_COLUMNS} FROM cars WHERE id = $1"))
             .bind(car.as_str())
             .fetch_optional(&self.pool)
             .await
@@ -198,39 +200,38 @@ mod tests {
 
     #[tokio::test]
     async fn a_revoked_certificate_never_comes_back_and_the_car_takes_a_new_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("t.db"), EventLimits::default())
-            .await
-            .unwrap();
-        assert_eq!(
-            db.register_car(&record("A", "f1")).await.unwrap(),
-            Registration::New
-        );
-        assert_eq!(
-            db.register_car(&record("A", "f2")).await.unwrap(),
-            Registration::Refused(Conflict::Active)
-        );
-        assert_eq!(
-            db.register_car(&record("B", "f1")).await.unwrap(),
-            Registration::Refused(Conflict::CertificateInUse { car: "A".into() })
-        );
-        let car = CarId::new("A").unwrap();
-        assert_eq!(db.revoke_car(&car, 5).await.unwrap(), Some("f1".into()));
-        assert_eq!(db.revoke_car(&car, 6).await.unwrap(), None, "revoked once");
-        assert_eq!(db.car(&car).await.unwrap().unwrap().revoked_at, Some(5));
-        assert_eq!(
-            db.register_car(&record("B", "f1")).await.unwrap(),
-            Registration::Refused(Conflict::CertificateRevoked {
-                car: "A".into(),
-                at: 5
-            })
-        );
-        assert_eq!(
-            db.register_car(&record("A", "f2")).await.unwrap(),
-            Registration::Reprovisioned
-        );
-        let again = db.car(&car).await.unwrap().unwrap();
-        assert_eq!((again.fingerprint.as_str(), again.revoked_at), ("f2", None));
-        assert_eq!(again.created_at, 1, "the record carries on");
+        for fresh in crate::db::testing::each(EventLimits::default()).await {
+            let db = &fresh.db;
+            assert_eq!(
+                db.register_car(&record("A", "f1")).await.unwrap(),
+                Registration::New
+            );
+            assert_eq!(
+                db.register_car(&record("A", "f2")).await.unwrap(),
+                Registration::Refused(Conflict::Active)
+            );
+            assert_eq!(
+                db.register_car(&record("B", "f1")).await.unwrap(),
+                Registration::Refused(Conflict::CertificateInUse { car: "A".into() })
+            );
+            let car = CarId::new("A").unwrap();
+            assert_eq!(db.revoke_car(&car, 5).await.unwrap(), Some("f1".into()));
+            assert_eq!(db.revoke_car(&car, 6).await.unwrap(), None, "revoked once");
+            assert_eq!(db.car(&car).await.unwrap().unwrap().revoked_at, Some(5));
+            assert_eq!(
+                db.register_car(&record("B", "f1")).await.unwrap(),
+                Registration::Refused(Conflict::CertificateRevoked {
+                    car: "A".into(),
+                    at: 5
+                })
+            );
+            assert_eq!(
+                db.register_car(&record("A", "f2")).await.unwrap(),
+                Registration::Reprovisioned
+            );
+            let again = db.car(&car).await.unwrap().unwrap();
+            assert_eq!((again.fingerprint.as_str(), again.revoked_at), ("f2", None));
+            assert_eq!(again.created_at, 1, "the record carries on");
+        }
     }
 }

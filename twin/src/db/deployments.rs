@@ -42,8 +42,8 @@ impl Db {
             serde_json::to_string(&d.progress).map_err(encode("a deployment's progress"))?;
         let geofence = d.geofence.as_ref().map(Value::to_string);
         let done = sqlx::query(
-            "INSERT OR IGNORE INTO deployments (name, release, selector, geofence, plan, progress, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO deployments (name, release, selector, geofence, plan, progress, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
         )
         .bind(&d.name)
         .bind(&d.release)
@@ -105,7 +105,7 @@ impl Db {
                     release: row.get(1),
                     selector: row.get(2),
                     geofence: geofence
-                        .map(|g| serde_json::from_str(&g))
+                        .map(|g: String| serde_json::from_str(&g))
                         .transpose()
                         .map_err(corrupt(&name, "geofence"))?,
                     plan: serde_json::from_str(&plan).map_err(corrupt(&name, "plan"))?,
@@ -134,7 +134,7 @@ impl Db {
             .begin()
             .await
             .map_err(db("save a deployment"))?;
-        sqlx::query("UPDATE deployments SET progress = ?, updated_at = ? WHERE name = ?")
+        sqlx::query("UPDATE deployments SET progress = $1, updated_at = $2 WHERE name = $3")
             .bind(doc)
             .bind(now)
             .bind(name)
@@ -148,7 +148,8 @@ impl Db {
                 .map_or(now.unsigned_abs(), |s| s.at);
             let phase = progress.started.get(car).map_or(0, |s| s.phase);
             sqlx::query(
-                "INSERT OR IGNORE INTO deployment_cars (deployment, car_id, phase, at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO deployment_cars (deployment, car_id, phase, at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT DO NOTHING",
             )
             .bind(name)
             .bind(car)
@@ -159,16 +160,18 @@ impl Db {
             .map_err(db("save a deployment's cars"))?;
         }
         if let Some(message) = event {
-            sqlx::query("INSERT INTO deployment_events (deployment, at, message) VALUES (?, ?, ?)")
-                .bind(name)
-                .bind(now)
-                .bind(message)
-                .execute(&mut *tx)
-                .await
-                .map_err(db("log a deployment event"))?;
             sqlx::query(
-                "DELETE FROM deployment_events WHERE deployment = ?1 AND id <=
-                 (SELECT id FROM deployment_events WHERE deployment = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                "INSERT INTO deployment_events (deployment, at, message) VALUES ($1, $2, $3)",
+            )
+            .bind(name)
+            .bind(now)
+            .bind(message)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("log a deployment event"))?;
+            sqlx::query(
+                "DELETE FROM deployment_events WHERE deployment = $1 AND id <=
+                 (SELECT id FROM deployment_events WHERE deployment = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
             )
             .bind(name)
             .bind(EVENTS_KEPT)
@@ -187,8 +190,8 @@ impl Db {
         limit: i64,
     ) -> Result<Vec<(i64, String)>, Error> {
         let rows = sqlx::query(
-            "SELECT at, message FROM (SELECT id, at, message FROM deployment_events WHERE deployment = ?
-             ORDER BY id DESC LIMIT ?) ORDER BY id",
+            "SELECT at, message FROM (SELECT id, at, message FROM deployment_events WHERE deployment = $1
+             ORDER BY id DESC LIMIT $2) AS newest ORDER BY id",
         )
         .bind(name)
         .bind(limit)

@@ -73,7 +73,7 @@ impl Db {
         let kind = truncate_chars(kind, self.events.kind_chars);
         let message = truncate_bytes(message, self.events.message_bytes);
         let mut tx = self.pool.begin().await.map_err(db("store event"))?;
-        sqlx::query("INSERT INTO events (car_id, at, kind, message) VALUES (?, ?, ?, ?)")
+        sqlx::query("INSERT INTO events (car_id, at, kind, message) VALUES ($1, $2, $3, $4)")
             .bind(car.as_str())
             .bind(now)
             .bind(kind.as_ref())
@@ -82,12 +82,12 @@ impl Db {
             .await
             .map_err(db("store event"))?;
         sqlx::query(
-            "DELETE FROM events WHERE car_id = ?1 AND id <= (
-                SELECT id FROM events WHERE car_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2
+            "DELETE FROM events WHERE car_id = $1 AND id <= (
+                SELECT id FROM events WHERE car_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $2
              )",
         )
         .bind(car.as_str())
-        .bind(self.events.per_car)
+        .bind(i64::from(self.events.per_car))
         .execute(&mut *tx)
         .await
         .map_err(db("drop old events"))?;
@@ -104,8 +104,8 @@ impl Db {
         before: Option<i64>,
     ) -> Result<(Vec<EventView>, Option<i64>), Error> {
         let rows = sqlx::query(
-            "SELECT id, at, kind, message FROM events WHERE car_id = ? AND id < ?
-             ORDER BY id DESC LIMIT ?",
+            "SELECT id, at, kind, message FROM events WHERE car_id = $1 AND id < $2
+             ORDER BY id DESC LIMIT $3",
         )
         .bind(car.as_str())
         .bind(before.unwrap_or(i64::MAX))
@@ -138,7 +138,7 @@ impl Db {
         let mut removed = 0;
         loop {
             let result = sqlx::query(
-                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ? LIMIT ?)",
+                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < $1 LIMIT $2)",
             )
             .bind(cutoff)
             .bind(SWEEP_BATCH)

@@ -17,6 +17,23 @@ pub struct Env {
     pub pki: TestPki,
     pub data: tempfile::TempDir,
     pub signer: std::sync::OnceLock<Signer>,
+    /// With `CARDEPLOY_TWIN_DB=postgres` (the test command's second pass over the twin's
+    /// suites): a fresh PostgreSQL database of this test's own instead of SQLite in `data`.
+    pub database_url: Option<String>,
+}
+
+/// The database the twin's suites run on: SQLite, or PostgreSQL when the test command's second
+/// pass asks for it.
+fn database_url() -> Option<String> {
+    match std::env::var("CARDEPLOY_TWIN_DB").as_deref() {
+        Ok("postgres") => {
+            let server = cardeploy_testkit::postgres::server()
+                .expect("CARDEPLOY_TWIN_DB=postgres needs CARDEPLOY_POSTGRES_URL");
+            Some(cardeploy_testkit::postgres::fresh_database_blocking(&server).unwrap())
+        }
+        Ok("sqlite") | Err(_) => None,
+        Ok(other) => panic!("CARDEPLOY_TWIN_DB={other:?}: use sqlite or postgres"),
+    }
 }
 
 impl Env {
@@ -29,6 +46,7 @@ impl Env {
             pki: TestPki::new(),
             data: tempfile::tempdir().unwrap(),
             signer: std::sync::OnceLock::new(),
+            database_url: database_url(),
         }
     }
 
@@ -40,6 +58,7 @@ impl Env {
         config.cert = Some(self.pki.twin_cert());
         config.key = Some(self.pki.twin_key());
         config.heartbeat_secs = 2;
+        config.database_url = self.database_url.clone();
         config
     }
 
