@@ -20,6 +20,10 @@ pub struct Config {
     /// Connections the twin keeps to PostgreSQL (SQLite uses its own, fixed number).
     #[serde(default = "default_database_connections")]
     pub database_connections: u32,
+    /// The chunk store, its indexes and the delta cache in S3-compatible object storage instead
+    /// of `<data_dir>/chunks` (docs/operations.md).
+    #[serde(default)]
+    pub object_store: Option<ObjectStoreConfig>,
     /// Where cars connect (RSocket over mutual TLS).
     #[serde(default = "default_cars_listen")]
     pub cars_listen: SocketAddr,
@@ -194,6 +198,58 @@ fn default_api_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7080))
 }
 
+/// `[object_store]`: an S3-compatible bucket for the chunk store.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectStoreConfig {
+    /// `s3://bucket` or `s3://bucket/prefix` (keys go under the prefix).
+    pub url: String,
+    /// An S3-compatible server's URL; none: Amazon S3 itself.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The region; none: `AWS_DEFAULT_REGION` or `us-east-1`.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Credentials; none: `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` from the environment.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+    /// Allow an `http://` endpoint (a server on a private network or loopback).
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+impl std::fmt::Debug for ObjectStoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("ObjectStoreConfig")
+            .field("url", &self.url)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("allow_http", &self.allow_http)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ObjectStoreConfig {
+    /// The bucket and the key prefix (possibly empty) of `url`.
+    pub fn bucket_and_prefix(&self) -> Result<(String, String), String> {
+        let rest = self.url.strip_prefix("s3://").ok_or_else(|| {
+            format!(
+                "object_store.url = {:?}: use s3://bucket or s3://bucket/prefix",
+                self.url
+            )
+        })?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(format!("object_store.url = {:?} names no bucket", self.url));
+        }
+        Ok((bucket.to_owned(), prefix.trim_matches('/').to_owned()))
+    }
+}
+
 fn default_database_connections() -> u32 {
     16
 }
@@ -207,6 +263,7 @@ impl Config {
         Self {
             data_dir: data_dir.into(),
             database_url: None,
+            object_store: None,
             database_connections: default_database_connections(),
             cars_listen: default_cars_listen(),
             api_listen: default_api_listen(),
@@ -265,6 +322,22 @@ impl Config {
                 "database_url must be a postgres:// URL (leave it out for the embedded SQLite in data_dir)"
                     .into(),
             );
+        }
+        if let Some(objects) = &self.object_store {
+            if let Err(why) = objects.bucket_and_prefix() {
+                return bad(why);
+            }
+            if objects
+                .endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://"))
+                && !objects.allow_http
+            {
+                return bad(format!(
+                    "object_store.endpoint = {:?} is plain HTTP: set allow_http = true if that is meant (a server on a private network)",
+                    objects.endpoint.as_deref().unwrap_or_default()
+                ));
+            }
         }
         if !(2..=1000).contains(&self.database_connections) {
             return bad(format!(

@@ -17,6 +17,9 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// The object storage in `[object_store]` cannot be used as it is.
+    #[error("object storage {location}: {why}")]
+    ObjectStore { location: String, why: String },
     /// The database named by `database_url` cannot be used as it is.
     #[error("database {url}: {why}")]
     Database { url: String, why: String },

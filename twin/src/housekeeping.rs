@@ -111,13 +111,13 @@ fn collect_blocking(
     let mut roots = HashSet::new();
     for hex in released {
         let id: Digest = hex.parse().map_err(|_| Error::Config {
-            path: store.root().to_owned(),
+            path: store.location().into(),
             why: format!("a registered release names {hex:?}, not a chunk index digest"),
         })?;
         if !store.has_index(&id) {
             // Collecting now could take chunks the release still names; an operator decides.
             return Err(Error::Config {
-                path: store.root().to_owned(),
+                path: store.location().into(),
                 why: format!(
                     "chunk index {id} of a registered release is missing; gc skipped until it is uploaded again (`cardeploy release push`)"
                 ),

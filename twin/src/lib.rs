@@ -35,7 +35,7 @@ use cardeploy_link::{LinkServer, ServerOptions, ServerSecurity, ServerStats};
 use cardeploy_protocol::{CarId, DesiredState};
 
 pub use artifacts::ServedStats;
-pub use config::Config;
+pub use config::{Config, ObjectStoreConfig};
 pub use db::{CarRecord, StoredDesired};
 pub use error::Error;
 

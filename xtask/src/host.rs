@@ -115,14 +115,20 @@ pub fn python_venv(name: &str, pins: &[&str]) -> anyhow::Result<PathBuf> {
                 .replace('-', "_")
         })
         .unwrap_or_default();
+    // `name[extra]==1.0` is frozen as `name==1.0`.
+    let frozen = |pin: &str| {
+        let pin = match (pin.find('['), pin.find(']')) {
+            (Some(open), Some(close)) if open < close => {
+                format!("{}{}", &pin[..open], &pin[close + 1..])
+            }
+            _ => pin.to_owned(),
+        };
+        pin.to_lowercase().replace('-', "_")
+    };
     let missing: Vec<&str> = pins
         .iter()
         .copied()
-        .filter(|pin| {
-            !have
-                .lines()
-                .any(|l| l == pin.to_lowercase().replace('-', "_"))
-        })
+        .filter(|pin| !have.lines().any(|l| l == frozen(pin)))
         .collect();
     if !missing.is_empty() {
         let base = which("python3").unwrap_or_else(|| PathBuf::from("/usr/bin/python3"));

@@ -23,6 +23,7 @@ mod image;
 mod layering;
 mod postgres;
 mod qemu;
+mod s3;
 mod sh;
 mod synthetic;
 mod yocto;

@@ -4,8 +4,9 @@
 //! - [`chunk_file`] cuts bytes with FastCDC ([`Params`] are fixed and recorded in every index)
 //!   and names each chunk by its sha256 ([`Digest`]).
 //! - A [`ChunkIndex`] lists an artifact's chunks in order; it is content-addressed itself.
-//! - A [`Store`] keeps chunks on disk, zstd-compressed, written atomically and verified on every
-//!   read; kept indexes pin chunks, [`Store::gc`] removes the rest.
+//! - A [`Store`] keeps chunks, zstd-compressed, written atomically and verified on every read,
+//!   in [`blobs::Blobs`] (files, or the twin's object storage); kept indexes pin chunks,
+//!   [`Store::gc`] removes the rest.
 //! - A [`Seed`] is data the car already has (its running rootfs slot, an older layer): it is
 //!   chunked with the same parameters, so identical regions are found wherever they moved.
 //! - A [`Plan`] says where each chunk of a target comes from: the store, a seed, or the network.
@@ -21,6 +22,7 @@
 
 mod assemble;
 pub mod atomic;
+pub mod blobs;
 mod chunker;
 mod digest;
 mod error;

@@ -1,10 +1,10 @@
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fs::{self, File};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::{ChunkIndex, Digest, Error, Result, atomic};
+use crate::blobs::{Blobs, FsBlobs};
+use crate::{ChunkIndex, Digest, Error, Result};
 
 /// zstd level for chunks the store compresses itself (those that arrived as deltas). Chunks that
 /// arrive compressed are kept exactly as they arrived.
@@ -12,26 +12,26 @@ const STORE_LEVEL: i32 = 3;
 /// No chunk is larger than FastCDC's maximum; decompression stops there whatever a frame claims.
 const MAX_CHUNK: usize = fastcdc::v2020::MAXIMUM_MAX;
 
-/// Chunks on disk, zstd-compressed, one file per chunk:
+/// Chunks, zstd-compressed, one object per chunk, in [`Blobs`] (files by default):
 ///
 /// ```text
-/// <root>/chunks/<2 hex>/<64 hex>   a zstd frame
-/// <root>/indexes/<64 hex>          a chunk index (its encoding)
-/// <root>/keep/<name>               the id of an index that pins its chunks against gc
-/// <root>/tmp/                      writes in progress (emptied on open)
-/// <root>/corrupt/                  chunks that failed verification, moved aside for inspection
+/// chunks/<2 hex>/<64 hex>   a zstd frame
+/// indexes/<64 hex>          a chunk index (its encoding)
+/// keep/<name>               the id of an index that pins its chunks against gc
+/// corrupt/<64 hex>          chunks that failed verification, set aside for inspection
 /// ```
 ///
-/// Writes are atomic (temp file, fsync, rename); [`Store::sync`] makes the renames durable (one
-/// directory fsync per touched directory, so a window of chunks costs a handful of fsyncs, not
-/// one per chunk). A crash loses at most the chunks renamed since the last sync, never corrupts
-/// one: every read decompresses and checks the sha256 against the name. A server that
-/// acknowledges each upload uses [`Store::put_compressed_durable`] and
-/// [`Store::put_index_durable`] instead, which are durable on return by themselves.
+/// Writes are whole or nothing; [`Store::sync`] makes them durable in batches (a window of chunks
+/// costs a handful of fsyncs on files, not one per chunk). A crash loses at most the chunks
+/// written since the last sync, never corrupts one: every read decompresses and checks the sha256
+/// against the name. A server that acknowledges each upload uses
+/// [`Store::put_compressed_durable`] and [`Store::put_index_durable`] instead, which are durable
+/// on return by themselves.
 #[derive(Debug)]
 pub struct Store {
-    root: PathBuf,
-    dirty: Mutex<BTreeSet<PathBuf>>,
+    blobs: Arc<dyn Blobs>,
+    /// The directory, when the objects are files.
+    root: Option<PathBuf>,
 }
 
 /// What [`Store::gc`] or [`Store::stats`] found.
@@ -41,35 +41,68 @@ pub struct StoreStats {
     pub bytes_on_disk: u64,
 }
 
+fn chunk_key(id: &Digest) -> String {
+    let hex = id.hex();
+    format!("chunks/{}/{hex}", &hex[..2])
+}
+
+fn index_key(id: &Digest) -> String {
+    format!("indexes/{}", id.hex())
+}
+
 impl Store {
+    /// A store of files under `root` (created if missing).
     pub fn open(root: &Path) -> Result<Self> {
-        for sub in ["chunks", "indexes", "keep", "tmp", "corrupt"] {
-            let dir = root.join(sub);
-            fs::create_dir_all(&dir).map_err(Error::io("cannot create", &dir))?;
-        }
-        // Leftovers of writes a crash interrupted: never renamed, so never part of the store.
-        let tmp = root.join("tmp");
-        for entry in fs::read_dir(&tmp).map_err(Error::io("cannot list", &tmp))? {
-            let path = entry.map_err(Error::io("cannot list", &tmp))?.path();
-            let _ = fs::remove_file(&path);
-        }
+        let blobs = FsBlobs::open(root)?;
         Ok(Self {
-            root: root.to_owned(),
-            dirty: Mutex::new(BTreeSet::new()),
+            blobs: Arc::new(blobs),
+            root: Some(root.to_owned()),
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// A store in any [`Blobs`] (the twin's object storage).
+    pub fn with_blobs(blobs: Arc<dyn Blobs>) -> Self {
+        Self { blobs, root: None }
     }
 
-    fn chunk_path(&self, id: &Digest) -> PathBuf {
-        let hex = id.hex();
-        self.root.join("chunks").join(&hex[..2]).join(hex)
+    /// The directory of a store of files.
+    pub fn root(&self) -> Option<&Path> {
+        self.root.as_deref()
+    }
+
+    /// Where the store is, for messages.
+    pub fn location(&self) -> String {
+        self.blobs.location()
+    }
+
+    /// The objects themselves (the twin keeps its delta cache beside the chunks).
+    pub fn blobs(&self) -> &Arc<dyn Blobs> {
+        &self.blobs
+    }
+
+    fn error(&self, what: &'static str, key: &str) -> impl FnOnce(std::io::Error) -> Error {
+        Error::io(
+            what,
+            PathBuf::from(format!("{}/{key}", self.blobs.location())),
+        )
+    }
+
+    fn exists(&self, key: &str) -> Result<bool> {
+        Ok(self
+            .blobs
+            .stat(key)
+            .map_err(self.error("cannot read", key))?
+            .is_some())
     }
 
     pub fn has(&self, id: &Digest) -> bool {
-        self.chunk_path(id).is_file()
+        self.exists(&chunk_key(id)).unwrap_or(false)
+    }
+
+    fn put(&self, key: &str, bytes: &[u8], durable: bool) -> Result<()> {
+        self.blobs
+            .put(key, bytes, durable)
+            .map_err(self.error("cannot write", key))
     }
 
     /// Store raw chunk bytes after checking they are the chunk `id`.
@@ -79,7 +112,7 @@ impl Store {
             return Ok(());
         }
         let z = zstd::bulk::compress(data, STORE_LEVEL).map_err(Error::Zstd)?;
-        self.write_atomic(&self.chunk_path(id), &z)
+        self.put(&chunk_key(id), &z, false)
     }
 
     /// Store a zstd frame as it arrived, after decompressing it and checking it is the chunk
@@ -91,28 +124,24 @@ impl Store {
         })?;
         verify(id, &data)?;
         if !self.has(id) {
-            self.write_atomic(&self.chunk_path(id), frame)?;
+            self.put(&chunk_key(id), frame, false)?;
         }
         Ok(data)
     }
 
-    /// [`Store::put_compressed`], durable when it returns. This call fsyncs the directories of
-    /// the chunk's own rename itself (also when another writer renamed it first and has not
-    /// synced yet) instead of going through the shared set [`Store::sync`] takes: with that set,
-    /// one caller's sync could find its directory taken by a concurrent sync still in progress
-    /// and return before the rename was durable. A chunk stored already gets its time
-    /// refreshed, because the caller relies on it from now on ([`Store::gc_older_than`]).
+    /// [`Store::put_compressed`], durable when it returns, also when another writer stored the
+    /// chunk first and has not synced yet. A chunk stored already gets its time refreshed,
+    /// because the caller relies on it from now on ([`Store::gc_older_than`]).
     pub fn put_compressed_durable(&self, id: &Digest, frame: &[u8]) -> Result<Vec<u8>> {
         let data = decompress(frame).map_err(|e| match e {
             Error::Zstd(io) => Error::TransitMalformed(format!("chunk {id}: {io}")),
             other => other,
         })?;
         verify(id, &data)?;
-        let path = self.chunk_path(id);
-        if !(self.has(id) && touch(&path).is_ok()) {
-            self.write_atomic(&path, frame)?;
+        let key = chunk_key(id);
+        if !self.blobs.touch(&key).unwrap_or(false) {
+            self.put(&key, frame, true)?;
         }
-        self.sync_parents(&path, 2)?;
         Ok(data)
     }
 
@@ -120,33 +149,25 @@ impl Store {
     /// would find it older than half of that, its time is refreshed: whoever asked is told the
     /// store has it and will name it in an index soon, so it must outlive the next gc.
     pub fn hold(&self, id: &Digest, grace: Duration) -> Result<bool> {
-        let path = self.chunk_path(id);
-        let modified = match fs::metadata(&path).and_then(|m| m.modified()) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(Error::io("cannot read", &path)(e)),
+        let key = chunk_key(id);
+        let Some(stat) = self
+            .blobs
+            .stat(&key)
+            .map_err(self.error("cannot read", &key))?
+        else {
+            return Ok(false);
         };
-        if age(modified) >= grace / 2 {
-            match touch(&path) {
-                Ok(()) => {}
-                // Collected in between: the caller uploads it again.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-                Err(e) => return Err(Error::io("cannot refresh", &path)(e)),
-            }
+        if age(stat.modified) >= grace / 2 {
+            // Collected in between: false, and the caller uploads it again.
+            return self
+                .blobs
+                .touch(&key)
+                .map_err(self.error("cannot refresh", &key));
         }
         Ok(true)
     }
 
-    /// fsync the directory holding `path` and `levels - 1` directories above it (a chunk's
-    /// `chunks/<2 hex>/` may itself be new).
-    fn sync_parents(&self, path: &Path, levels: usize) -> Result<()> {
-        for dir in path.ancestors().skip(1).take(levels) {
-            atomic::sync_dir(dir)?;
-        }
-        Ok(())
-    }
-
-    /// The raw bytes of chunk `id`, verified. A chunk that fails verification is moved to
+    /// The raw bytes of chunk `id`, verified. A chunk that fails verification is set aside in
     /// `corrupt/` so the next plan fetches it again.
     pub fn get(&self, id: &Digest) -> Result<Vec<u8>> {
         Ok(self.get_both(id)?.1)
@@ -154,60 +175,46 @@ impl Store {
 
     /// The stored zstd frame of chunk `id` and its raw bytes, verified.
     pub fn get_both(&self, id: &Digest) -> Result<(Vec<u8>, Vec<u8>)> {
-        let path = self.chunk_path(id);
-        let frame = match fs::read(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::ChunkMissing(*id));
-            }
-            Err(e) => return Err(Error::io("cannot read", &path)(e)),
+        let key = chunk_key(id);
+        let Some(frame) = self
+            .blobs
+            .get(&key)
+            .map_err(self.error("cannot read", &key))?
+        else {
+            return Err(Error::ChunkMissing(*id));
         };
         let checked = decompress(&frame).and_then(|data| verify(id, &data).map(|()| data));
         match checked {
             Ok(data) => Ok((frame, data)),
             Err(e) => {
-                let aside = self.root.join("corrupt").join(id.hex());
-                let _ = fs::rename(&path, &aside);
+                let _ = self
+                    .blobs
+                    .put(&format!("corrupt/{}", id.hex()), &frame, false);
+                let _ = self.blobs.delete(&key);
                 Err(Error::StoreCorrupt {
                     id: *id,
-                    path,
+                    path: PathBuf::from(format!("{}/{key}", self.blobs.location())),
                     why: e.to_string(),
                 })
             }
         }
     }
 
-    /// Make every rename since the last sync durable.
+    /// Make every write since the last sync durable.
     pub fn sync(&self) -> Result<()> {
-        let dirs = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
-        for dir in dirs {
-            atomic::sync_dir(&dir)?;
-        }
-        Ok(())
-    }
-
-    /// Stage in `tmp/` (emptied on open, so a crash leaves nothing behind where the store
-    /// looks), rename into place, and leave the directory fsync to [`Store::sync`] or the
-    /// durable variants.
-    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let staged = atomic::Staged::new_in(&self.root.join("tmp"), bytes, atomic::PUBLIC)?;
-        let dir = path.parent().unwrap_or(&self.root).to_owned();
-        fs::create_dir_all(&dir).map_err(Error::io("cannot create", &dir))?;
-        staged.rename_to(path)?;
-        self.dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(dir);
-        Ok(())
+        self.blobs.sync().map_err(Error::io(
+            "cannot sync",
+            PathBuf::from(self.blobs.location()),
+        ))
     }
 
     /// Keep an index (content-addressed) in the store; returns its id.
     pub fn put_index(&self, index: &ChunkIndex) -> Result<Digest> {
         let bytes = index.encode();
         let id = Digest::of(&bytes);
-        let path = self.root.join("indexes").join(id.hex());
-        if !path.is_file() {
-            self.write_atomic(&path, &bytes)?;
+        let key = index_key(&id);
+        if !self.exists(&key)? {
+            self.put(&key, &bytes, false)?;
         }
         Ok(id)
     }
@@ -217,37 +224,47 @@ impl Store {
     pub fn put_index_durable(&self, index: &ChunkIndex) -> Result<Digest> {
         let bytes = index.encode();
         let id = Digest::of(&bytes);
-        let path = self.root.join("indexes").join(id.hex());
-        if !(path.is_file() && touch(&path).is_ok()) {
-            self.write_atomic(&path, &bytes)?;
+        let key = index_key(&id);
+        if !self.blobs.touch(&key).unwrap_or(false) {
+            self.put(&key, &bytes, true)?;
         }
-        self.sync_parents(&path, 1)?;
         Ok(id)
     }
 
     /// When the index `id` was stored (or last stored again).
     pub fn index_modified(&self, id: &Digest) -> Result<SystemTime> {
-        let path = self.root.join("indexes").join(id.hex());
-        fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .map_err(Error::io("cannot read index", &path))
+        let key = index_key(id);
+        self.blobs
+            .stat(&key)
+            .map_err(self.error("cannot read index", &key))?
+            .map(|stat| stat.modified)
+            .ok_or_else(|| {
+                self.error("cannot read index", &key)(std::io::ErrorKind::NotFound.into())
+            })
+    }
+
+    fn index_raw(&self, id: &Digest) -> Result<Vec<u8>> {
+        let key = index_key(id);
+        self.blobs
+            .get(&key)
+            .map_err(self.error("cannot read index", &key))?
+            .ok_or_else(|| {
+                self.error("cannot read index", &key)(std::io::ErrorKind::NotFound.into())
+            })
     }
 
     /// A kept index, verified against its id.
     pub fn get_index(&self, id: &Digest, max_artifact: u64) -> Result<ChunkIndex> {
-        let path = self.root.join("indexes").join(id.hex());
-        let bytes = fs::read(&path).map_err(Error::io("cannot read index", &path))?;
-        ChunkIndex::decode_expecting(&bytes, id, max_artifact)
+        ChunkIndex::decode_expecting(&self.index_raw(id)?, id, max_artifact)
     }
 
     pub fn has_index(&self, id: &Digest) -> bool {
-        self.root.join("indexes").join(id.hex()).is_file()
+        self.exists(&index_key(id)).unwrap_or(false)
     }
 
     /// The raw encoding of a kept index (what the twin serves on `artifact.index`), verified.
     pub fn index_bytes(&self, id: &Digest) -> Result<Vec<u8>> {
-        let path = self.root.join("indexes").join(id.hex());
-        let bytes = fs::read(&path).map_err(Error::io("cannot read index", &path))?;
+        let bytes = self.index_raw(id)?;
         let actual = Digest::of(&bytes);
         if &actual != id {
             return Err(Error::IndexDigest {
@@ -258,38 +275,42 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Pin `index` (already stored with [`Store::put_index`]) under `name`: its chunks survive gc.
+    /// Pin `index` (already stored with [`Store::put_index`]) under `name`: its chunks survive
+    /// gc. Durable when it returns.
     pub fn keep(&self, name: &str, index: &Digest) -> Result<()> {
         check_name(name)?;
-        let path = self.root.join("keep").join(name);
-        self.write_atomic(&path, index.hex().as_bytes())?;
+        // What it pins must be durable before the pin is.
         self.sync()?;
-        // `sync` may have found this directory taken by a concurrent sync still in progress.
-        self.sync_parents(&path, 1)
+        self.put(&format!("keep/{name}"), index.hex().as_bytes(), true)
     }
 
     /// Unpin `name`; its chunks go at the next gc unless another kept index needs them.
     pub fn unkeep(&self, name: &str) -> Result<()> {
         check_name(name)?;
-        let path = self.root.join("keep").join(name);
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(Error::io("cannot remove", &path)(e))
-            }
-            _ => Ok(()),
-        }
+        let key = format!("keep/{name}");
+        self.blobs
+            .delete(&key)
+            .map_err(self.error("cannot remove", &key))
     }
 
     /// Every pin: name → index id.
     pub fn kept(&self) -> Result<Vec<(String, Digest)>> {
-        let dir = self.root.join("keep");
+        let listed = self
+            .blobs
+            .list("keep/")
+            .map_err(self.error("cannot list", "keep/"))?;
         let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(Error::io("cannot list", &dir))? {
-            let entry = entry.map_err(Error::io("cannot list", &dir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let text =
-                fs::read_to_string(entry.path()).map_err(Error::io("cannot read", entry.path()))?;
-            out.push((name, text.trim().parse()?));
+        for l in listed {
+            let Some(text) = self
+                .blobs
+                .get(&l.key)
+                .map_err(self.error("cannot read", &l.key))?
+            else {
+                // Unkept since the listing.
+                continue;
+            };
+            let name = l.key.trim_start_matches("keep/").to_owned();
+            out.push((name, String::from_utf8_lossy(&text).trim().parse()?));
         }
         out.sort();
         Ok(out)
@@ -325,60 +346,53 @@ impl Store {
         let counts = self.refcounts(max_artifact)?;
         let kept_indexes: HashSet<String> =
             self.kept()?.into_iter().map(|(_, d)| d.hex()).collect();
-        let old = |meta: &fs::Metadata| meta.modified().map_or(Duration::ZERO, age) >= grace;
+        let old = |modified: SystemTime| age(modified) >= grace;
         let mut removed = StoreStats::default();
-        self.walk_chunks(|path, id, meta| {
-            if !counts.contains_key(&id) && old(meta) {
-                fs::remove_file(path).map_err(Error::io("cannot remove", path))?;
+        for (key, id, listed) in self.chunks()? {
+            if !counts.contains_key(&id) && old(listed.modified) {
+                self.blobs
+                    .delete(&key)
+                    .map_err(self.error("cannot remove", &key))?;
                 removed.chunks += 1;
-                removed.bytes_on_disk += meta.len();
+                removed.bytes_on_disk += listed.size;
             }
-            Ok(())
-        })?;
-        let dir = self.root.join("indexes");
-        for entry in fs::read_dir(&dir).map_err(Error::io("cannot list", &dir))? {
-            let entry = entry.map_err(Error::io("cannot list", &dir))?;
-            if !kept_indexes.contains(&*entry.file_name().to_string_lossy())
-                && entry.metadata().is_ok_and(|m| old(&m))
-            {
-                let _ = fs::remove_file(entry.path());
+        }
+        let indexes = self
+            .blobs
+            .list("indexes/")
+            .map_err(self.error("cannot list", "indexes/"))?;
+        for l in indexes {
+            let hex = l.key.trim_start_matches("indexes/");
+            if !kept_indexes.contains(hex) && old(l.modified) {
+                let _ = self.blobs.delete(&l.key);
             }
         }
         Ok(removed)
     }
 
-    /// Chunks and bytes on disk.
+    /// Chunks and bytes stored.
     pub fn stats(&self) -> Result<StoreStats> {
         let mut s = StoreStats::default();
-        self.walk_chunks(|_, _, meta| {
+        for (_, _, listed) in self.chunks()? {
             s.chunks += 1;
-            s.bytes_on_disk += meta.len();
-            Ok(())
-        })?;
+            s.bytes_on_disk += listed.size;
+        }
         Ok(s)
     }
 
-    fn walk_chunks(
-        &self,
-        mut each: impl FnMut(&Path, Digest, &fs::Metadata) -> Result<()>,
-    ) -> Result<()> {
-        let top = self.root.join("chunks");
-        for sub in fs::read_dir(&top).map_err(Error::io("cannot list", &top))? {
-            let sub = sub.map_err(Error::io("cannot list", &top))?.path();
-            if !sub.is_dir() {
-                continue;
-            }
-            for entry in fs::read_dir(&sub).map_err(Error::io("cannot list", &sub))? {
-                let entry = entry.map_err(Error::io("cannot list", &sub))?;
-                let Ok(id) = entry.file_name().to_string_lossy().parse::<Digest>() else {
-                    continue;
-                };
-                // Gone since the listing (a concurrent gc or corruption moved it): skip it.
-                let Ok(meta) = entry.metadata() else { continue };
-                each(&entry.path(), id, &meta)?;
-            }
-        }
-        Ok(())
+    /// Every stored chunk: its key, id and listing.
+    fn chunks(&self) -> Result<Vec<(String, Digest, crate::blobs::Listed)>> {
+        let listed = self
+            .blobs
+            .list("chunks/")
+            .map_err(self.error("cannot list", "chunks/"))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|l| {
+                let id = l.key.rsplit('/').next()?.parse::<Digest>().ok()?;
+                Some((l.key.clone(), id, l))
+            })
+            .collect())
     }
 }
 
@@ -387,14 +401,6 @@ fn age(time: SystemTime) -> Duration {
     SystemTime::now()
         .duration_since(time)
         .unwrap_or(Duration::ZERO)
-}
-
-/// Set a file's modification time to now.
-fn touch(path: &Path) -> std::io::Result<()> {
-    File::options()
-        .write(true)
-        .open(path)?
-        .set_modified(SystemTime::now())
 }
 
 fn check_name(name: &str) -> Result<()> {

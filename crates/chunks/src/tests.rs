@@ -230,7 +230,12 @@ fn age_file(path: &std::path::Path, secs: u64) {
 
 fn chunk_file(store: &Store, id: &Digest) -> std::path::PathBuf {
     let hex = id.hex();
-    store.root().join("chunks").join(&hex[..2]).join(hex)
+    store
+        .root()
+        .unwrap()
+        .join("chunks")
+        .join(&hex[..2])
+        .join(hex)
 }
 
 #[test]
@@ -261,7 +266,10 @@ fn gc_with_a_grace_period_spares_what_was_stored_within_it() {
     assert!(fresh.iter().all(|c| store.has(&c.id)));
     assert!(store.has_index(&index), "the index is fresh");
 
-    age_file(&store.root().join("indexes").join(index.hex()), 2 * 86_400);
+    age_file(
+        &store.root().unwrap().join("indexes").join(index.hex()),
+        2 * 86_400,
+    );
     store.gc_older_than(1 << 30, day).unwrap();
     assert!(!store.has_index(&index));
 }
@@ -307,7 +315,7 @@ fn a_durable_index_put_stores_it_and_refreshes_a_stored_one() {
     let ia = chunk_reader(&a[..], SMALL, |c| store.put_raw(&c.id, c.data)).unwrap();
     let id = store.put_index_durable(&ia).unwrap();
     assert_eq!(store.get_index(&id, 1 << 30).unwrap(), ia);
-    let path = store.root().join("indexes").join(id.hex());
+    let path = store.root().unwrap().join("indexes").join(id.hex());
     age_file(&path, 2 * 86_400);
     let aged = store.index_modified(&id).unwrap();
     store.put_index_durable(&ia).unwrap();

@@ -15,6 +15,7 @@ pub mod oci;
 pub mod postgres;
 pub mod procs;
 pub mod rauc;
+pub mod s3;
 pub mod signing;
 pub mod threats;
 

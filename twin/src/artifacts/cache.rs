@@ -2,8 +2,11 @@
 //! the CPU a delta costs is spent once per pair and not once per car.
 //!
 //! ```text
-//! <data_dir>/chunks/deltas/<target index>.<base index>/<position>.<grade>   a transit frame, or "W"
+//! deltas/<target index>.<base index>/<position>.<grade>   a transit frame, or "W"
 //! ```
+//!
+//! in the chunk store's [`Blobs`] (`<data_dir>/chunks/` by default, or the object storage the
+//! twin instances share).
 //!
 //! The key is everything a frame depends on. A delta frame depends on the base's bytes (named by
 //! the base index) and a context frame on the target's bytes just before the chunk (named by the
@@ -14,18 +17,22 @@
 //! level and are final; `trial` entries were made on demand where a cheap trial decided against
 //! the configured level, and making the pair's deltas ahead replaces them with `full` ones.
 //!
-//! Entries are written atomically (a unique temp name in the entry's directory, fsync, rename),
-//! and the caller checks every frame it reads by decoding it ([`super::window`]); a bad one is
+//! Entries are written whole or not at all (not durably: a lost entry is made again), and the
+//! caller checks every frame it reads by decoding it ([`super::window`]); a bad one is
 //! [`DeltaCache::discard`]ed and made again, never served. The cache has a size cap: when it
 //! grows past it, whole pairs are removed, least recently used first. Pairs whose target or base
 //! index is gone are removed by [`DeltaCache::retain`]. Nothing here is needed for correctness:
 //! a lost entry only costs the CPU to make it again.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use cardeploy_chunks::{Digest, atomic};
+use cardeploy_chunks::Digest;
+use cardeploy_chunks::blobs::Blobs;
+
+/// Where the cache's entries are among the store's objects.
+const PREFIX: &str = "deltas/";
 
 /// What is cached for one position.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,7 +96,7 @@ struct Accounts {
 
 #[derive(Debug)]
 pub(crate) struct DeltaCache {
-    root: PathBuf,
+    blobs: Arc<dyn Blobs>,
     cap: u64,
     accounts: Mutex<Accounts>,
 }
@@ -99,46 +106,30 @@ fn parse_pair(name: &str) -> Option<(Digest, Digest)> {
     Some((target.parse().ok()?, base.parse().ok()?))
 }
 
-fn file_len(path: &Path) -> u64 {
-    std::fs::metadata(path).map_or(0, |m| m.len())
-}
-
 impl DeltaCache {
-    /// Open the cache under `root`, removing what is not an entry: temp files of interrupted
-    /// writes and anything an older layout left behind.
-    pub fn open(root: &Path, cap: u64) -> std::io::Result<Self> {
-        std::fs::create_dir_all(root)?;
+    /// Open the cache in `blobs`, removing what is not an entry: anything an older layout left
+    /// behind.
+    pub fn open(blobs: Arc<dyn Blobs>, cap: u64) -> std::io::Result<Self> {
         let mut accounts = Accounts::default();
-        for dir in std::fs::read_dir(root)? {
-            let dir = dir?.path();
-            let pair = dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(parse_pair);
-            let Some(pair) = pair.filter(|_| dir.is_dir()) else {
-                remove_any(&dir);
+        for listed in blobs.list(PREFIX)? {
+            let rest = &listed.key[PREFIX.len()..];
+            // Entries of the layout before grades (`<position>` alone) go too: they were made
+            // on demand, and cannot say whether a cheap trial cut them short.
+            let pair = rest
+                .split_once('/')
+                .filter(|(_, name)| is_entry_name(name))
+                .and_then(|(pair, _)| parse_pair(pair));
+            let Some(pair) = pair else {
+                if let Err(e) = blobs.delete(&listed.key) {
+                    tracing::warn!("delta cache: could not remove {}: {e}", listed.key);
+                }
                 continue;
             };
-            let mut bytes = 0;
-            for entry in std::fs::read_dir(&dir)? {
-                let path = entry?.path();
-                // Entries of the layout before grades (`<position>` alone) go too: they were
-                // made on demand, and cannot say whether a cheap trial cut them short.
-                let is_entry = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(is_entry_name);
-                if is_entry {
-                    bytes += file_len(&path);
-                } else {
-                    remove_any(&path);
-                }
-            }
-            accounts.total += bytes;
-            accounts.pairs.insert(pair, Pair { bytes, used: 0 });
+            accounts.total += listed.size;
+            accounts.pairs.entry(pair).or_default().bytes += listed.size;
         }
         let cache = Self {
-            root: root.to_owned(),
+            blobs,
             cap,
             accounts: Mutex::new(accounts),
         };
@@ -152,13 +143,17 @@ impl DeltaCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn dir(&self, target: &Digest, base: &Digest) -> PathBuf {
-        self.root.join(format!("{}.{}", target.hex(), base.hex()))
+    fn dir(target: &Digest, base: &Digest) -> String {
+        format!("{PREFIX}{}.{}/", target.hex(), base.hex())
     }
 
-    fn path(&self, key: &Key, grade: Grade) -> PathBuf {
-        self.dir(&key.target, &key.base)
-            .join(format!("{}.{}", key.position, grade.suffix()))
+    fn path(key: &Key, grade: Grade) -> String {
+        format!(
+            "{}{}.{}",
+            Self::dir(&key.target, &key.base),
+            key.position,
+            grade.suffix()
+        )
     }
 
     fn touch(&self, key: &Key) {
@@ -177,7 +172,7 @@ impl DeltaCache {
     pub fn get(&self, key: &Key) -> Option<(Entry, Grade)> {
         let (bytes, grade) = Grade::ALL
             .iter()
-            .find_map(|&g| Some((std::fs::read(self.path(key, g)).ok()?, g)))?;
+            .find_map(|&g| Some((self.blobs.get(&Self::path(key, g)).ok()??, g)))?;
         self.touch(key);
         let entry = if bytes == WHOLE {
             Entry::Whole
@@ -189,7 +184,7 @@ impl DeltaCache {
 
     /// Whether a final (`full`) entry is cached for `key`.
     pub fn has_full(&self, key: &Key) -> bool {
-        self.path(key, Grade::Full).exists()
+        matches!(self.blobs.stat(&Self::path(key, Grade::Full)), Ok(Some(_)))
     }
 
     /// Cache `entry` for `key` with its `grade`, replacing any older one of that grade; a `full`
@@ -204,18 +199,17 @@ impl DeltaCache {
             Entry::Whole => WHOLE,
             Entry::Frame(frame) => frame.as_slice(),
         };
-        let dir = self.dir(&key.target, &key.base);
-        std::fs::create_dir_all(&dir).map_err(|e| cardeploy_chunks::Error::Io {
-            what: "cannot create",
-            path: dir.clone(),
-            source: e,
-        })?;
-        let path = self.path(key, grade);
-        // No directory fsync: an entry lost to a power cut is made again, and every frame is
-        // checked before it is served; a torn one never is, the rename sees to that.
-        let staged = atomic::Staged::new_in(&dir, bytes, atomic::PUBLIC)?;
-        let replaced = file_len(&path);
-        staged.rename_to(&path)?;
+        let path = Self::path(key, grade);
+        let replaced = self.len(&path);
+        // Not durable: an entry lost to a power cut is made again, and every frame is checked
+        // before it is served; a torn one never is, a put is whole or nothing.
+        self.blobs
+            .put(&path, bytes, false)
+            .map_err(|source| cardeploy_chunks::Error::Io {
+                what: "cannot write",
+                path: PathBuf::from(format!("{}/{path}", self.blobs.location())),
+                source,
+            })?;
         {
             let mut accounts = self.accounts();
             accounts.clock += 1;
@@ -226,7 +220,7 @@ impl DeltaCache {
             accounts.total = (accounts.total + bytes.len() as u64).saturating_sub(replaced);
         }
         if grade == Grade::Full {
-            self.remove(&self.path(key, Grade::Trial), key);
+            self.remove(&Self::path(key, Grade::Trial), key);
         }
         self.evict(Some((key.target, key.base)));
         Ok(())
@@ -235,13 +229,22 @@ impl DeltaCache {
     /// Remove an entry found bad, of either grade; the caller makes it again.
     pub fn discard(&self, key: &Key) {
         for grade in Grade::ALL {
-            self.remove(&self.path(key, grade), key);
+            self.remove(&Self::path(key, grade), key);
         }
     }
 
-    fn remove(&self, path: &Path, key: &Key) {
-        let len = file_len(path);
-        if std::fs::remove_file(path).is_ok() {
+    /// The size of the entry at `path`; 0 when there is none.
+    fn len(&self, path: &str) -> u64 {
+        self.blobs
+            .stat(path)
+            .ok()
+            .flatten()
+            .map_or(0, |stat| stat.size)
+    }
+
+    fn remove(&self, path: &str, key: &Key) {
+        let len = self.len(path);
+        if len > 0 && self.blobs.delete(path).is_ok() {
             let mut accounts = self.accounts();
             accounts.total = accounts.total.saturating_sub(len);
             if let Some(pair) = accounts.pairs.get_mut(&(key.target, key.base)) {
@@ -264,11 +267,13 @@ impl DeltaCache {
     }
 
     fn remove_pair(&self, pair: &(Digest, Digest)) -> u64 {
-        let dir = self.dir(&pair.0, &pair.1);
-        if let Err(e) = std::fs::remove_dir_all(&dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!("delta cache: could not remove {}: {e}", dir.display());
+        let dir = Self::dir(&pair.0, &pair.1);
+        let removed = self
+            .blobs
+            .list(&dir)
+            .and_then(|entries| entries.iter().try_for_each(|e| self.blobs.delete(&e.key)));
+        if let Err(e) = removed {
+            tracing::warn!("delta cache: could not remove {dir}: {e}");
             return 0;
         }
         let mut accounts = self.accounts();
@@ -306,20 +311,13 @@ impl DeltaCache {
     }
 }
 
-fn remove_any(path: &Path) {
-    let removed = if path.is_dir() {
-        std::fs::remove_dir_all(path)
-    } else {
-        std::fs::remove_file(path)
-    };
-    if let Err(e) = removed {
-        tracing::warn!("delta cache: could not remove {}: {e}", path.display());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn blobs(dir: &tempfile::TempDir) -> Arc<dyn Blobs> {
+        Arc::new(cardeploy_chunks::blobs::FsBlobs::open(dir.path()).unwrap())
+    }
 
     fn key(target: u8, base: u8, position: u32) -> Key {
         Key {
@@ -332,7 +330,7 @@ mod tests {
     #[test]
     fn entries_round_trip_and_one_chunk_in_two_targets_has_two_entries() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DeltaCache::open(dir.path(), 1 << 20).unwrap();
+        let cache = DeltaCache::open(blobs(&dir), 1 << 20).unwrap();
         cache
             .put(
                 &key(1, 9, 4),
@@ -369,7 +367,7 @@ mod tests {
     #[test]
     fn the_least_recently_used_pair_goes_when_the_cap_is_passed() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DeltaCache::open(dir.path(), 250).unwrap();
+        let cache = DeltaCache::open(blobs(&dir), 250).unwrap();
         cache
             .put(&key(1, 9, 0), &Entry::Frame(vec![1; 100]), Grade::Full)
             .unwrap();
@@ -391,33 +389,36 @@ mod tests {
     fn opening_counts_what_is_there_and_removes_leftovers_and_the_old_layout() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let cache = DeltaCache::open(dir.path(), 1 << 20).unwrap();
+            let cache = DeltaCache::open(blobs(&dir), 1 << 20).unwrap();
             cache
                 .put(&key(1, 9, 0), &Entry::Frame(vec![1; 10]), Grade::Full)
                 .unwrap();
         }
-        let pair = dir.path().join(format!(
+        let pair = dir.path().join("deltas").join(format!(
             "{}.{}",
             Digest::of(&[1]).hex(),
             Digest::of(&[9]).hex()
         ));
-        std::fs::write(pair.join(".0.1.2.tmp"), b"torn").unwrap();
+        std::fs::write(dir.path().join("tmp").join(".0.1.2.tmp"), b"torn").unwrap();
         // An entry of the layout before grades: made on demand, maybe cut short by the trial.
         std::fs::write(pair.join("7"), b"ungraded").unwrap();
-        let old = dir.path().join(Digest::of(b"old base").hex());
+        let old = dir
+            .path()
+            .join("deltas")
+            .join(Digest::of(b"old base").hex());
         std::fs::create_dir_all(&old).unwrap();
         std::fs::write(old.join(Digest::of(b"chunk").hex()), b"old frame").unwrap();
-        let cache = DeltaCache::open(dir.path(), 1 << 20).unwrap();
+        let cache = DeltaCache::open(blobs(&dir), 1 << 20).unwrap();
         assert_eq!(cache.bytes(), 10);
-        assert!(!old.exists());
-        assert!(!pair.join(".0.1.2.tmp").exists());
+        assert!(!old.join(Digest::of(b"chunk").hex()).exists());
+        assert!(!dir.path().join("tmp").join(".0.1.2.tmp").exists());
         assert!(!pair.join("7").exists());
     }
 
     #[test]
     fn a_full_entry_replaces_a_trial_one_and_is_read_first() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DeltaCache::open(dir.path(), 1 << 20).unwrap();
+        let cache = DeltaCache::open(blobs(&dir), 1 << 20).unwrap();
         cache
             .put(&key(1, 9, 0), &Entry::Frame(vec![1; 30]), Grade::Trial)
             .unwrap();
@@ -444,7 +445,7 @@ mod tests {
     #[test]
     fn pairs_whose_index_is_gone_are_collected() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DeltaCache::open(dir.path(), 1 << 20).unwrap();
+        let cache = DeltaCache::open(blobs(&dir), 1 << 20).unwrap();
         cache
             .put(&key(1, 9, 0), &Entry::Frame(vec![1; 10]), Grade::Full)
             .unwrap();

@@ -9,11 +9,11 @@
 //! outbound budget of the connection, CPU by the delta pool.
 
 mod cache;
+mod s3;
 mod window;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
-use std::io::{Read, Seek};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -130,14 +130,16 @@ pub(crate) fn digest(hex: &str) -> Result<Digest, Refused> {
 
 impl Artifacts {
     pub fn open(config: &crate::Config) -> Result<Self, Error> {
-        let root = config.chunks_path();
-        let store = Store::open(&root)?;
-        let deltas = root.join("deltas");
-        let cache =
-            DeltaCache::open(&deltas, config.delta_cache_bytes).map_err(|source| Error::Io {
-                path: deltas.clone(),
+        let store = match &config.object_store {
+            Some(objects) => Store::with_blobs(std::sync::Arc::new(s3::S3Blobs::connect(objects)?)),
+            None => Store::open(&config.chunks_path())?,
+        };
+        let cache = DeltaCache::open(store.blobs().clone(), config.delta_cache_bytes).map_err(
+            |source| Error::Io {
+                path: format!("{}/deltas", store.location()).into(),
                 source,
-            })?;
+            },
+        )?;
         Ok(Self {
             store,
             max_artifact: config.max_artifact_bytes,
@@ -174,31 +176,26 @@ impl Artifacts {
     /// (the car checks the digest of the whole). Reads only the page, so an index of any size
     /// costs one page of memory per request.
     pub fn index_page(&self, id: &Digest, offset: u64) -> Result<Vec<u8>, Refused> {
-        let path = self.store.root().join("indexes").join(id.hex());
-        let mut file = std::fs::File::open(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Refused::UnknownIndex(*id),
-            _ => Refused::Chunks(cardeploy_chunks::Error::Io {
-                what: "cannot read index",
-                path: path.clone(),
-                source: e,
-            }),
-        })?;
-        let io = |source| {
-            Refused::Chunks(cardeploy_chunks::Error::Io {
-                what: "cannot read index",
-                path: path.clone(),
-                source,
-            })
+        let key = format!("indexes/{}", id.hex());
+        let read = self
+            .store
+            .blobs()
+            .get_range(&key, offset, PAGE_BYTES)
+            .map_err(|source| {
+                Refused::Chunks(cardeploy_chunks::Error::Io {
+                    what: "cannot read index",
+                    path: format!("{}/{key}", self.store.location()).into(),
+                    source,
+                })
+            })?;
+        let Some((page, len)) = read else {
+            return Err(Refused::UnknownIndex(*id));
         };
-        let len = file.metadata().map_err(io)?.len();
         if offset >= len {
             return Err(Refused::Bad(format!(
                 "offset {offset} is at or beyond the end of index {id} ({len} bytes)"
             )));
         }
-        file.seek(std::io::SeekFrom::Start(offset)).map_err(io)?;
-        let mut page = Vec::with_capacity(PAGE_BYTES.min(len - offset) as usize);
-        file.take(PAGE_BYTES).read_to_end(&mut page).map_err(io)?;
         Ok(page)
     }
 

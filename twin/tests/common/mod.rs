@@ -20,6 +20,30 @@ pub struct Env {
     /// With `CARDEPLOY_TWIN_DB=postgres` (the test command's second pass over the twin's
     /// suites): a fresh PostgreSQL database of this test's own instead of SQLite in `data`.
     pub database_url: Option<String>,
+    /// With `CARDEPLOY_TWIN_OBJECTS=s3`: the chunk store in a bucket of this test's own.
+    pub object_store: Option<cardeploy_twin::ObjectStoreConfig>,
+}
+
+/// The chunk store the twin's suites run on: files, or a bucket when the test command's second
+/// pass asks for it.
+fn object_store() -> Option<cardeploy_twin::ObjectStoreConfig> {
+    match std::env::var("CARDEPLOY_TWIN_OBJECTS").as_deref() {
+        Ok("s3") => {
+            let endpoint = cardeploy_testkit::s3::endpoint()
+                .expect("CARDEPLOY_TWIN_OBJECTS=s3 needs CARDEPLOY_S3_ENDPOINT");
+            let bucket = cardeploy_testkit::s3::fresh_bucket(&endpoint).unwrap();
+            Some(cardeploy_twin::ObjectStoreConfig {
+                url: format!("s3://{bucket}/twin"),
+                endpoint: Some(endpoint),
+                region: Some("us-east-1".into()),
+                access_key_id: Some(cardeploy_testkit::s3::ACCESS_KEY.into()),
+                secret_access_key: Some(cardeploy_testkit::s3::SECRET_KEY.into()),
+                allow_http: true,
+            })
+        }
+        Ok("files") | Err(_) => None,
+        Ok(other) => panic!("CARDEPLOY_TWIN_OBJECTS={other:?}: use files or s3"),
+    }
 }
 
 /// The database the twin's suites run on: SQLite, or PostgreSQL when the test command's second
@@ -47,6 +71,7 @@ impl Env {
             data: tempfile::tempdir().unwrap(),
             signer: std::sync::OnceLock::new(),
             database_url: database_url(),
+            object_store: object_store(),
         }
     }
 
@@ -59,6 +84,7 @@ impl Env {
         config.key = Some(self.pki.twin_key());
         config.heartbeat_secs = 2;
         config.database_url = self.database_url.clone();
+        config.object_store = self.object_store.clone();
         config
     }
 
