@@ -41,7 +41,19 @@ struct Car {
 }
 
 async fn link(pki: &Path, car: &Car, port: u16, heartbeat: Duration) -> Requester {
-    let requester = cardeploy_testkit::car_link(
+    link_from(None, pki, car, port, heartbeat).await
+}
+
+/// [`link`] from the local address `bind`.
+async fn link_from(
+    bind: Option<std::net::IpAddr>,
+    pki: &Path,
+    car: &Car,
+    port: u16,
+    heartbeat: Duration,
+) -> Requester {
+    let requester = cardeploy_testkit::car_link_from(
+        bind,
         port,
         (&pki.join("ca.pem"), &car.cert, &car.key),
         &car.id,
@@ -178,7 +190,9 @@ async fn main() {
         eprintln!("connecting cars {connected}..{count}");
         let started = Instant::now();
         let mut joins = Vec::new();
-        for car in &cars[connected..count] {
+        for (n, car) in cars.iter().enumerate().take(count).skip(connected) {
+            // Beyond ~28,000 connections one source address runs out of ports.
+            let source = cardeploy_testkit::loopback_source(n);
             let pki_dir = pki_dir.clone();
             let car = Car {
                 id: car.id.clone(),
@@ -188,7 +202,7 @@ async fn main() {
             let port = twin.cars_port;
             let arrivals = arrivals.clone();
             joins.push(tokio::spawn(async move {
-                let requester = link(&pki_dir, &car, port, heartbeat).await;
+                let requester = link_from(Some(source), &pki_dir, &car, port, heartbeat).await;
                 let mut stream =
                     requester.request_stream(route::CAR_DESIRED, Bytes::from_static(b"{}"));
                 let id = car.id.clone();

@@ -88,6 +88,7 @@ pub(crate) async fn keep_connected(
 impl Agent {
     fn options(self: &Arc<Self>, security: &ClientSecurity, heartbeat: Duration) -> ClientOptions {
         ClientOptions {
+            bind: None,
             addr: self.config.twin.clone(),
             security: security.clone(),
             heartbeat,

@@ -37,6 +37,10 @@ pub struct ClientOptions {
     pub setup_data: Bytes,
     /// What this side serves to the peer (the twin may ask the car, too).
     pub responder: Option<Arc<dyn Responder>>,
+    /// The local address to connect from; none: the system's choice. A simulated fleet spreads
+    /// its connections over loopback addresses (127.0.0.0/8), because one (source, destination)
+    /// pair of addresses has only as many connections as ephemeral ports.
+    pub bind: Option<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -69,7 +73,7 @@ fn host_of(addr: &str) -> Result<&str, Error> {
 /// TCP, then TLS when configured, within the connect timeout.
 async fn dial(options: &ClientOptions) -> Result<Box<dyn Io>, Error> {
     let addr = options.addr.clone();
-    let tcp = tokio::time::timeout(options.connect_timeout, TcpStream::connect(&addr))
+    let tcp = tokio::time::timeout(options.connect_timeout, tcp_from(&addr, options.bind))
         .await
         .map_err(|_| Error::Connect {
             addr: addr.clone(),
@@ -102,6 +106,35 @@ async fn dial(options: &ClientOptions) -> Result<Box<dyn Io>, Error> {
         }
         ClientSecurity::InsecurePlaintext => Box::new(tcp),
     })
+}
+
+/// TCP to `addr`, from `bind` when given.
+async fn tcp_from(addr: &str, bind: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(local) = bind else {
+        return TcpStream::connect(addr).await;
+    };
+    let mut last = None;
+    for remote in tokio::net::lookup_host(addr).await? {
+        if remote.is_ipv4() != local.is_ipv4() {
+            continue;
+        }
+        let socket = if local.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(std::net::SocketAddr::new(local, 0))?;
+        match socket.connect(remote).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("{addr} has no address of the family of {local}"),
+        )
+    }))
 }
 
 /// Open one connection and send SETUP. The returned [`Requester`] says when the connection ends.

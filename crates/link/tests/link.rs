@@ -69,10 +69,13 @@ struct TestAcceptor {
     fnf: Arc<Mutex<Vec<String>>>,
     silent: Arc<AtomicUsize>,
     alive: Arc<()>,
+    /// Where each session came from.
+    remotes: Mutex<Vec<std::net::SocketAddr>>,
 }
 
 impl Acceptor for TestAcceptor {
     fn accept(&self, session: Session) -> Result<Arc<dyn Responder>, Refusal> {
+        self.remotes.lock().unwrap().push(session.remote);
         if &session.setup_data[..] == b"refuse me" {
             return Err(Refusal::new("this car is suspended"));
         }
@@ -178,6 +181,7 @@ impl Harness {
                 silent: Arc::default(),
                 _alive: Arc::default(),
             })),
+            bind: None,
         }
     }
 }
@@ -599,4 +603,28 @@ async fn fire_and_forget_requests_reach_the_responder_in_the_order_sent() {
     })
     .await;
     assert_eq!(*h.acceptor.fnf.lock().unwrap(), sent);
+}
+
+/// A simulated fleet spreads its cars over loopback addresses (one source address has only as
+/// many connections to the twin as ephemeral ports): the connection comes from the address given.
+#[tokio::test]
+async fn a_car_connects_from_the_local_address_it_is_given() {
+    let h = twin(Duration::from_secs(10)).await;
+    let car = h.register("VIN-FROM");
+    let mut options = h.options(&car, h.addr);
+    let source: std::net::IpAddr = "127.3.2.1".parse().unwrap();
+    options.bind = Some(source);
+    let link = connect(&options).await.unwrap();
+    link.request_response("echo", Bytes::new()).await.unwrap();
+    let remotes = h.acceptor.remotes.lock().unwrap().clone();
+    assert_eq!(remotes.len(), 1);
+    assert_eq!(remotes[0].ip(), source);
+    // An address of the other family than the twin's is a clear error, not a hang.
+    options.bind = Some("::1".parse().unwrap());
+    options.addr = format!("127.0.0.1:{}", h.addr.port());
+    let err = connect(&options).await.unwrap_err();
+    assert!(
+        err.to_string().contains("no address of the family"),
+        "{err}"
+    );
 }

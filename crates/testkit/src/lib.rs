@@ -369,6 +369,19 @@ pub async fn rest_bytes(
 /// mutual TLS with the car's certificate, SETUP naming `car_id`, requests with `deadline`.
 pub async fn car_link(
     port: u16,
+    files: (&Path, &Path, &Path),
+    car_id: &str,
+    heartbeat: Duration,
+    deadline: Duration,
+) -> Result<cardeploy_link::Requester, cardeploy_link::Error> {
+    car_link_from(None, port, files, car_id, heartbeat, deadline).await
+}
+
+/// [`car_link`] from the local address `bind` (a simulated fleet spreads its cars over
+/// 127.0.0.0/8: see [`loopback_source`]).
+pub async fn car_link_from(
+    bind: Option<std::net::IpAddr>,
+    port: u16,
     (ca, cert, key): (&Path, &Path, &Path),
     car_id: &str,
     heartbeat: Duration,
@@ -387,8 +400,18 @@ pub async fn car_link(
             serde_json::json!({"car_id": car_id, "agent_version": "test"}).to_string(),
         ),
         responder: None,
+        bind,
     })
     .await
+}
+
+/// The loopback address simulated car `n` connects from: 10,000 cars per address (each
+/// (source, destination) pair has ~28,000 ephemeral ports), from 127.1.0.1 on.
+pub fn loopback_source(n: usize) -> std::net::IpAddr {
+    let block = u32::try_from(n / 10_000).unwrap_or(u32::MAX);
+    std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+        0x7F01_0001_u32.saturating_add(block),
+    ))
 }
 
 /// `len` pseudo-random bytes from `seed` (xorshift64): incompressible, so every chunk travels at

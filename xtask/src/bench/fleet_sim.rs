@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use super::RAISE_FDS;
 use super::build::{self, Profile};
 use crate::sh::{root, run};
 
@@ -68,7 +69,7 @@ fn simulate(bins: &Path, options: &Options) -> anyhow::Result<()> {
     });
     std::fs::create_dir_all(&out)?;
     let mut command = format!(
-        "ulimit -n \"$(ulimit -Hn)\" && exec {} --twin {} --cli {} --agent {} --out {} --speed {} --fault-rate {} --seed {}",
+        "{RAISE_FDS} && exec {} --twin {} --cli {} --agent {} --out {} --speed {} --fault-rate {} --seed {}",
         bins.join("examples").join(EXAMPLE).display(),
         bins.join("cardeploy-twin").display(),
         bins.join("cardeploy").display(),

@@ -1,11 +1,13 @@
 //! `cargo xtask bench link`: the link's figures (agent/examples/bench_link.rs): twin memory per
-//! idle connected car, desired-state push latency, dead-peer detection, memory kept per closed connection, the agent's idle RSS on
-//! x86_64 and on aarch64 under qemu-user, and the aarch64 binary's size. Runs with the file
-//! descriptor limit raised to the hard limit: 10,000 cars need 10,000 on each side.
+//! idle connected car, desired-state push latency, dead-peer detection, memory kept per closed
+//! connection, the agent's idle RSS on x86_64 and on aarch64 under qemu-user, and the aarch64
+//! binary's size. Runs with the file descriptor limit raised ([`super::RAISE_FDS`]): 10,000 cars
+//! need 10,000 on each side.
 
 use std::path::Path;
 use std::process::Command;
 
+use super::RAISE_FDS;
 use super::build::{self, Profile};
 use crate::cross;
 use crate::sh::{root, run};
@@ -34,7 +36,7 @@ pub fn run_bench(options: &Options) -> anyhow::Result<()> {
     let bins = build::build(Profile::Measure, PACKAGES, EXAMPLE)?;
     let out = root().join("target/bench-link.md");
     let command = format!(
-        "ulimit -n \"$(ulimit -Hn)\" && exec {} --twin {} --agent {} --aarch64-agent {} --cars {} --out {}",
+        "{RAISE_FDS} && exec {} --twin {} --agent {} --aarch64-agent {} --cars {} --out {}",
         bins.join("examples").join(EXAMPLE).display(),
         bins.join("cardeploy-twin").display(),
         bins.join("cardeploy-agent").display(),
