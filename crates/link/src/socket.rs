@@ -399,6 +399,17 @@ struct Join {
 }
 
 impl Join {
+    fn start(opening: Opening, parts: (Option<Bytes>, Option<Bytes>), flags: u16) -> Self {
+        let mut join = Self {
+            opening,
+            metadata: None,
+            data: BytesMut::new(),
+            flags: 0,
+        };
+        join.push(parts, flags);
+        join
+    }
+
     fn push(&mut self, (data, metadata): (Option<Bytes>, Option<Bytes>), flags: u16) {
         if let Some(m) = metadata {
             self.metadata
@@ -458,16 +469,20 @@ async fn run(
     mut incoming: impl Stream<Item = Frame> + Unpin,
     role: Role,
 ) {
-    let (mut serving, mut on_setup) = match role {
+    let (serving, mut on_setup) = match role {
         Role::Client(served) => (served.map(Arc::new), None),
         Role::Server(decide) => (None, Some(decide)),
     };
     let mut joins: HashMap<u32, Join> = HashMap::new();
-    let mut in_order = serving
-        .as_ref()
-        .map(|served| fire_and_forget_in_order(served, &bounds));
-    // Cancel handles of the streams we serve; dropping one ends its stream.
-    let serving_streams: Arc<Mutex<HashMap<u32, oneshot::Sender<()>>>> = Arc::default();
+    let mut serve = Serve {
+        in_order: serving
+            .as_ref()
+            .map(|served| fire_and_forget_in_order(served, &bounds)),
+        serving,
+        socket: socket.clone(),
+        bounds,
+        streams: Arc::default(),
+    };
 
     while let Some(frame) = incoming.next().await {
         let id = frame.get_stream_id();
@@ -479,8 +494,8 @@ async fn run(
                     match decide(setup) {
                         Ok(served) => {
                             let served = Arc::new(served);
-                            in_order = Some(fire_and_forget_in_order(&served, &bounds));
-                            serving = Some(served);
+                            serve.in_order = Some(fire_and_forget_in_order(&served, &serve.bounds));
+                            serve.serving = Some(served);
                         }
                         Err(refusal) => {
                             socket.send_now(error_frame(0, ERR_REJECT_SETUP, refusal.0))
@@ -509,7 +524,7 @@ async fn run(
             }
             Body::Cancel() => {
                 joins.remove(&id);
-                lock(&serving_streams).remove(&id);
+                lock(&serve.streams).remove(&id);
                 continue;
             }
             Body::RequestResponse(r) => (Opening::Response, r.split()),
@@ -529,29 +544,15 @@ async fn run(
                     let data = join.data.freeze();
                     match join.opening {
                         Opening::Answer { .. } => socket.answer(id, join.flags, data),
-                        opening => serve(
-                            &socket,
-                            &bounds,
-                            serving.as_ref(),
-                            in_order.as_ref(),
-                            &serving_streams,
-                            id,
-                            opening,
-                            metadata,
-                            data,
-                        ),
+                        opening => serve.request(id, opening, metadata, data),
                     }
                     continue;
                 }
                 if follows {
-                    let mut join = Join {
-                        opening: Opening::Answer { complete: false },
-                        metadata: None,
-                        data: BytesMut::new(),
-                        flags: 0,
-                    };
-                    join.push(parts, flags);
-                    joins.insert(id, join);
+                    joins.insert(
+                        id,
+                        Join::start(Opening::Answer { complete: false }, parts, flags),
+                    );
                 } else {
                     socket.answer(id, flags, parts.0.unwrap_or_default());
                 }
@@ -561,33 +562,16 @@ async fn run(
             _ => continue,
         };
         if follows {
-            let mut join = Join {
-                opening,
-                metadata: None,
-                data: BytesMut::new(),
-                flags: 0,
-            };
-            join.push(parts, flags);
-            joins.insert(id, join);
+            joins.insert(id, Join::start(opening, parts, flags));
             continue;
         }
         let (data, metadata) = parts;
-        serve(
-            &socket,
-            &bounds,
-            serving.as_ref(),
-            in_order.as_ref(),
-            &serving_streams,
-            id,
-            opening,
-            metadata,
-            data.unwrap_or_default(),
-        );
+        serve.request(id, opening, metadata, data.unwrap_or_default());
     }
     socket.close.close();
     // Everything waiting learns the connection is gone: dropping the senders ends each wait.
     lock(&socket.waiting).clear();
-    lock(&serving_streams).clear();
+    lock(&serve.streams).clear();
 }
 
 /// A peer's fire-and-forget request, for the task that hands them to the responder in order.
@@ -616,133 +600,141 @@ fn fire_and_forget_in_order(
     tx
 }
 
-/// Hand one complete request of the peer to the responder: fire-and-forget requests to the
-/// queue that keeps their order, the others on a task of their own.
-#[allow(clippy::too_many_arguments)]
-fn serve(
-    socket: &Arc<Socket>,
-    bounds: &Arc<Bounds>,
-    serving: Option<&Arc<Served>>,
-    in_order: Option<&mpsc::UnboundedSender<Forgotten>>,
-    streams: &Arc<Mutex<HashMap<u32, oneshot::Sender<()>>>>,
-    id: u32,
-    opening: Opening,
-    metadata: Option<Bytes>,
-    data: Bytes,
-) {
-    let fnf = opening == Opening::FireAndForget;
-    let Some(served) = serving.cloned() else {
-        if fnf {
-            bounds.fire_and_forget_done();
-        } else {
-            socket.send_now(error_frame(
-                id,
-                ERR_APPLICATION,
-                "this side serves no requests",
-            ));
-        }
-        return;
-    };
-    let request = route_of(&served.metadata_mime, metadata.as_ref()).and_then(|route| {
-        // The guard already refuses oversized frames; this also covers joined fragments.
-        if data.len() > served.max_payload {
-            Err(Refusal::new(format!(
-                "{route}: payload of {} bytes exceeds the {}-byte limit",
-                data.len(),
-                served.max_payload
-            )))
-        } else {
-            Ok(route)
-        }
-    });
-    let (socket, bounds) = (socket.clone(), bounds.clone());
-    match opening {
-        Opening::FireAndForget => {
-            if in_order.is_none_or(|queue| queue.send((request, data)).is_err()) {
+/// What serves the peer's requests on one connection.
+struct Serve {
+    socket: Arc<Socket>,
+    bounds: Arc<Bounds>,
+    /// None until SETUP was accepted (on the twin), or on a car that serves nothing.
+    serving: Option<Arc<Served>>,
+    in_order: Option<mpsc::UnboundedSender<Forgotten>>,
+    /// Cancel handles of the streams we serve; dropping one ends its stream.
+    streams: Arc<Mutex<HashMap<u32, oneshot::Sender<()>>>>,
+}
+
+impl Serve {
+    /// Hand one complete request of the peer to the responder: fire-and-forget requests to the
+    /// queue that keeps their order, the others on a task of their own.
+    fn request(&self, id: u32, opening: Opening, metadata: Option<Bytes>, data: Bytes) {
+        let (socket, bounds, in_order, streams) = (
+            &self.socket,
+            &self.bounds,
+            self.in_order.as_ref(),
+            &self.streams,
+        );
+        let fnf = opening == Opening::FireAndForget;
+        let Some(served) = self.serving.clone() else {
+            if fnf {
                 bounds.fire_and_forget_done();
+            } else {
+                socket.send_now(error_frame(
+                    id,
+                    ERR_APPLICATION,
+                    "this side serves no requests",
+                ));
             }
-        }
-        Opening::Response => {
-            tokio::spawn(async move {
-                let answer = match request {
-                    Ok(route) => served.responder.request_response(&route, data).await,
-                    Err(refusal) => Err(refusal),
-                };
-                match answer {
-                    Ok(answer) => {
-                        // The answer waits for room in the connection's outbound budget; the
-                        // writer gives the bytes back as it writes them.
-                        if bounds.outbound.reserve(answer.len(), &bounds.close).await {
-                            let answer = frames(
-                                id,
-                                Opening::Answer { complete: true },
-                                None,
-                                answer,
-                                socket.mtu,
-                            );
-                            let _ = socket.send_all(answer).await;
-                        }
-                    }
-                    Err(refusal) => {
-                        let _ = socket
-                            .tx
-                            .send(error_frame(id, ERR_APPLICATION, refusal.0))
-                            .await;
-                    }
+            return;
+        };
+        let request = route_of(&served.metadata_mime, metadata.as_ref()).and_then(|route| {
+            // The guard already refuses oversized frames; this also covers joined fragments.
+            if data.len() > served.max_payload {
+                Err(Refusal::new(format!(
+                    "{route}: payload of {} bytes exceeds the {}-byte limit",
+                    data.len(),
+                    served.max_payload
+                )))
+            } else {
+                Ok(route)
+            }
+        });
+        let (socket, bounds) = (socket.clone(), bounds.clone());
+        match opening {
+            Opening::FireAndForget => {
+                if in_order.is_none_or(|queue| queue.send((request, data)).is_err()) {
+                    bounds.fire_and_forget_done();
                 }
-            });
-        }
-        Opening::Stream => {
-            let (cancel_tx, mut cancelled) = oneshot::channel::<()>();
-            lock(streams).insert(id, cancel_tx);
-            let streams = streams.clone();
-            tokio::spawn(async move {
-                let mut items = match request {
-                    Ok(route) => served.responder.request_stream(&route, data),
-                    Err(refusal) => futures::stream::once(async move { Err(refusal) }).boxed(),
-                };
-                loop {
-                    // Only the wait for the next item is cut short: bytes reserved in the budget
-                    // are always handed to the writer, which gives them back.
-                    let item = tokio::select! {
-                        item = items.next() => item,
-                        _ = &mut cancelled => break,
-                        () = bounds.close.closed() => break,
+            }
+            Opening::Response => {
+                tokio::spawn(async move {
+                    let answer = match request {
+                        Ok(route) => served.responder.request_response(&route, data).await,
+                        Err(refusal) => Err(refusal),
                     };
-                    match item {
-                        Some(Ok(bytes)) => {
-                            if !bounds.outbound.reserve(bytes.len(), &bounds.close).await {
-                                break;
-                            }
-                            let item = frames(
-                                id,
-                                Opening::Answer { complete: false },
-                                None,
-                                bytes,
-                                socket.mtu,
-                            );
-                            if socket.send_all(item).await.is_err() {
-                                break;
+                    match answer {
+                        Ok(answer) => {
+                            // The answer waits for room in the connection's outbound budget; the
+                            // writer gives the bytes back as it writes them.
+                            if bounds.outbound.reserve(answer.len(), &bounds.close).await {
+                                let answer = frames(
+                                    id,
+                                    Opening::Answer { complete: true },
+                                    None,
+                                    answer,
+                                    socket.mtu,
+                                );
+                                let _ = socket.send_all(answer).await;
                             }
                         }
-                        Some(Err(refusal)) => {
+                        Err(refusal) => {
                             let _ = socket
                                 .tx
                                 .send(error_frame(id, ERR_APPLICATION, refusal.0))
                                 .await;
-                            break;
-                        }
-                        None => {
-                            let end = frame::Payload::builder(id, Frame::FLAG_COMPLETE).build();
-                            let _ = socket.tx.send(end).await;
-                            break;
                         }
                     }
-                }
-                lock(&streams).remove(&id);
-            });
+                });
+            }
+            Opening::Stream => {
+                let (cancel_tx, mut cancelled) = oneshot::channel::<()>();
+                lock(streams).insert(id, cancel_tx);
+                let streams = streams.clone();
+                tokio::spawn(async move {
+                    let mut items = match request {
+                        Ok(route) => served.responder.request_stream(&route, data),
+                        Err(refusal) => futures::stream::once(async move { Err(refusal) }).boxed(),
+                    };
+                    loop {
+                        // Only the wait for the next item is cut short: bytes reserved in the budget
+                        // are always handed to the writer, which gives them back.
+                        let item = tokio::select! {
+                            item = items.next() => item,
+                            _ = &mut cancelled => break,
+                            () = bounds.close.closed() => break,
+                        };
+                        match item {
+                            Some(Ok(bytes)) => {
+                                if !bounds.outbound.reserve(bytes.len(), &bounds.close).await {
+                                    break;
+                                }
+                                let item = frames(
+                                    id,
+                                    Opening::Answer { complete: false },
+                                    None,
+                                    bytes,
+                                    socket.mtu,
+                                );
+                                if socket.send_all(item).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Some(Err(refusal)) => {
+                                let _ = socket
+                                    .tx
+                                    .send(error_frame(id, ERR_APPLICATION, refusal.0))
+                                    .await;
+                                break;
+                            }
+                            None => {
+                                let end = frame::Payload::builder(id, Frame::FLAG_COMPLETE).build();
+                                let _ = socket.tx.send(end).await;
+                                break;
+                            }
+                        }
+                    }
+                    lock(&streams).remove(&id);
+                });
+            }
+            Opening::Answer { .. } => {}
         }
-        Opening::Answer { .. } => {}
     }
 }
 

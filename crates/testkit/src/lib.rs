@@ -447,6 +447,18 @@ pub async fn eventually<T>(
     }
 }
 
+/// A name no other test of this run uses: `prefix`, the process id, a counter and the clock's
+/// nanoseconds, joined by `sep` (databases take `_`, buckets `-`).
+pub fn unique_name(prefix: &str, sep: char) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let (pid, n) = (std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    format!("{prefix}{sep}{pid}{sep}{n}{sep}{nanos}")
+}
+
 /// `CI` is set to something that means yes (`true`, `1`, ...): a test whose real dependency is
 /// missing fails there instead of skipping.
 pub fn in_ci() -> bool {

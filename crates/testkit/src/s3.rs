@@ -2,27 +2,19 @@
 //! `CARDEPLOY_S3_ENDPOINT`), for the twin's chunk store in object storage. Each test takes a
 //! bucket of its own.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 /// Credentials the test server accepts (it checks none; the client signs with these anyway).
 pub const ACCESS_KEY: &str = "cardeploy-test";
 pub const SECRET_KEY: &str = "cardeploy-test-secret";
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
 
 /// The server's endpoint from `CARDEPLOY_S3_ENDPOINT`. Under `CI` a missing one fails the test;
 /// by hand it is `None` and the caller skips its object-storage half, loudly.
 pub fn endpoint() -> Option<String> {
     match std::env::var("CARDEPLOY_S3_ENDPOINT") {
         Ok(url) if !url.is_empty() => Some(url),
-        _ if ci() => panic!(
-            "CI is set but CARDEPLOY_S3_ENDPOINT is not: the chunk store tests must run on object storage too (cargo xtask test starts an S3-compatible server)"
-        ),
         _ => {
-            eprintln!(
-                "SKIPPED on object storage: set CARDEPLOY_S3_ENDPOINT to an S3-compatible server's http:// URL (cargo xtask test starts one)"
+            crate::cannot_run(
+                "the object-storage half of this test",
+                "CARDEPLOY_S3_ENDPOINT, an S3-compatible server's http:// URL (cargo xtask test starts one)",
             );
             None
         }
@@ -31,15 +23,7 @@ pub fn endpoint() -> Option<String> {
 
 /// A new, empty bucket on the server at `endpoint`; returns its name.
 pub fn fresh_bucket(endpoint: &str) -> anyhow::Result<String> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let bucket = format!(
-        "cardeploy-test-{}-{}-{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
+    let bucket = crate::unique_name("cardeploy-test", '-');
     // CreateBucket is a PUT on the bucket's path (path-style addressing).
     let response = crate::procs::http()
         .put(&format!("{}/{bucket}", endpoint.trim_end_matches('/')))
