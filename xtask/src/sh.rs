@@ -50,6 +50,13 @@ pub fn describe(cmd: &Command) -> String {
         .join(" ")
 }
 
+/// Shell words that raise the open-file limit for a command holding thousands of connections
+/// (a bench: each side needs one per car): up to the kernel's `fs.nr_open` where the process may
+/// raise its hard limit (root with CAP_SYS_RESOURCE), otherwise to the hard limit — 20,000 on our
+/// machines, which cannot be raised there, so one process holds at most ~19,000 cars.
+pub const RAISE_FDS: &str =
+    "{ ulimit -n \"$(cat /proc/sys/fs/nr_open)\" 2>/dev/null || ulimit -n \"$(ulimit -Hn)\"; }";
+
 /// The cargo that runs xtask (rustup's), in the checkout.
 pub fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));

@@ -7,9 +7,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use super::RAISE_FDS;
 use super::build::{self, Profile};
-use crate::sh::{root, run};
+use crate::sh::{RAISE_FDS, root, run};
 
 /// `cargo xtask fleet-sim` arguments.
 #[derive(clap::Args, Debug)]

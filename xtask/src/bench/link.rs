@@ -1,16 +1,15 @@
 //! `cargo xtask bench link`: the link's figures (agent/examples/bench_link.rs): twin memory per
 //! idle connected car, desired-state push latency, dead-peer detection, memory kept per closed
 //! connection, the agent's idle RSS on x86_64 and on aarch64 under qemu-user, and the aarch64
-//! binary's size. Runs with the file descriptor limit raised ([`super::RAISE_FDS`]): 10,000 cars
-//! need 10,000 on each side.
+//! binary's size. Runs with the file descriptor limit raised ([`crate::sh::RAISE_FDS`]): 10,000
+//! cars need 10,000 on each side.
 
 use std::path::Path;
 use std::process::Command;
 
-use super::RAISE_FDS;
 use super::build::{self, Profile};
 use crate::cross;
-use crate::sh::{root, run};
+use crate::sh::{RAISE_FDS, root, run};
 
 /// `cargo xtask bench link` arguments.
 #[derive(clap::Args, Debug)]

@@ -13,13 +13,6 @@ mod plot;
 
 use std::path::Path;
 
-/// Shell words that raise the open-file limit for a bench holding thousands of connections (each
-/// side needs one per car): up to the kernel's `fs.nr_open` where the process may raise its hard
-/// limit (root with CAP_SYS_RESOURCE), otherwise to the hard limit — 20,000 on our machines,
-/// which cannot be raised there, so one process holds at most ~19,000 cars.
-pub(crate) const RAISE_FDS: &str =
-    "{ ulimit -n \"$(cat /proc/sys/fs/nr_open)\" 2>/dev/null || ulimit -n \"$(ulimit -Hn)\"; }";
-
 /// `cargo xtask bench <BENCH>`.
 #[derive(clap::Subcommand, Debug)]
 pub enum Bench {
