@@ -39,6 +39,15 @@ pub trait Blobs: Send + Sync + std::fmt::Debug {
     fn stat(&self, key: &str) -> io::Result<Option<Listed>>;
     /// Set the object's time to now, durably; false when there is none.
     fn touch(&self, key: &str) -> io::Result<bool>;
+    /// `bytes` under `key`, durably, with its time now: a content-addressed object stored
+    /// already is only touched (files: no second write). A store whose touch rewrites the object
+    /// anyway writes `bytes` instead of reading them back first.
+    fn put_fresh(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
+        if !self.touch(key).unwrap_or(false) {
+            self.put(key, bytes, true)?;
+        }
+        Ok(())
+    }
     /// Remove the object; nothing happens when there is none.
     fn delete(&self, key: &str) -> io::Result<()>;
     /// Every object whose key starts with `prefix` (`"chunks/"`), in no particular order.

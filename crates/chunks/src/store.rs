@@ -139,9 +139,9 @@ impl Store {
         })?;
         verify(id, &data)?;
         let key = chunk_key(id);
-        if !self.blobs.touch(&key).unwrap_or(false) {
-            self.put(&key, frame, true)?;
-        }
+        self.blobs
+            .put_fresh(&key, frame)
+            .map_err(self.error("cannot write", &key))?;
         Ok(data)
     }
 
@@ -225,9 +225,9 @@ impl Store {
         let bytes = index.encode();
         let id = Digest::of(&bytes);
         let key = index_key(&id);
-        if !self.blobs.touch(&key).unwrap_or(false) {
-            self.put(&key, &bytes, true)?;
-        }
+        self.blobs
+            .put_fresh(&key, &bytes)
+            .map_err(self.error("cannot write", &key))?;
         Ok(id)
     }
 

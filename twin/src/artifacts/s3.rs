@@ -202,6 +202,11 @@ impl Blobs for S3Blobs {
         }
     }
 
+    /// One PUT: a touch here would download the object only to upload the same bytes.
+    fn put_fresh(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
+        self.put(key, bytes, true)
+    }
+
     fn delete(&self, key: &str) -> io::Result<()> {
         let (store, path) = (self.store.clone(), self.path(key));
         self.run(async move {
