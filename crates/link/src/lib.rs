@@ -29,6 +29,7 @@ mod client;
 mod codec;
 mod conn;
 mod error;
+mod fragments;
 mod guard;
 mod requester;
 mod router;
