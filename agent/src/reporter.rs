@@ -8,13 +8,17 @@ use std::sync::{Mutex, PoisonError};
 
 use bytes::Bytes;
 use cardeploy_link::Requester;
-use cardeploy_protocol::{self as protocol, Report, ReportBody, ReportedState, route};
+use cardeploy_protocol::{self as protocol, Report, ReportBody, ReportMark, ReportedState, route};
 
 /// Events kept while offline; the oldest goes first when a new one finds it full.
 pub(crate) const BACKLOG_KEPT: usize = 256;
 
 /// An event: what kind, and a message for people.
 type Event = (String, String);
+
+/// Events sent in this run kept until the twin says (at the next hello) that it stored them:
+/// reports are fire-and-forget, and a twin instance that dies takes what it had not stored yet.
+pub(crate) const UNCONFIRMED_KEPT: usize = 64;
 
 pub(crate) struct Reporter {
     epoch: u64,
@@ -27,6 +31,8 @@ pub(crate) struct Reporter {
     position: Mutex<Option<cardeploy_protocol::Position>>,
     /// Counts state reports: a state sent again later is sent only if none followed it.
     states: AtomicU64,
+    /// Events sent, with their seq, not yet confirmed stored (the newest [`UNCONFIRMED_KEPT`]).
+    unconfirmed: Mutex<heapless::Deque<(u64, Event), UNCONFIRMED_KEPT>>,
 }
 
 /// A state report is sent again this long after the last one of a burst: the twin drops
@@ -43,6 +49,7 @@ impl Reporter {
             backlog: Mutex::new(heapless::Deque::new()),
             position: Mutex::new(None),
             states: AtomicU64::new(0),
+            unconfirmed: Mutex::new(heapless::Deque::new()),
         }
     }
 
@@ -53,8 +60,23 @@ impl Reporter {
             .clone()
     }
 
-    /// A session reached the twin: reports go on `link`, starting with what waited offline.
-    pub async fn attach(&self, link: &Requester) {
+    /// A session reached the twin, which has stored this car's reports `through` (its hello
+    /// answer): events sent after that are sent again with their numbers (the twin drops what it
+    /// has), then reports go on `link`, starting with what waited offline.
+    pub async fn attach(&self, link: &Requester, through: Option<ReportMark>) {
+        let again = {
+            let mut kept = self
+                .unconfirmed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            unconfirmed_after(&mut kept, self.epoch, through)
+        };
+        // Before the link is shared: a new report must not overtake these (the twin keeps only
+        // what is newer than the newest it stored).
+        for (seq, (kind, message)) in again {
+            self.send_numbered(link, seq, ReportBody::Event { kind, message })
+                .await;
+        }
         *self.link.lock().unwrap_or_else(PoisonError::into_inner) = Some(link.clone());
         let waiting: Vec<Event> = {
             let mut backlog = self.backlog.lock().unwrap_or_else(PoisonError::into_inner);
@@ -131,9 +153,25 @@ impl Reporter {
     }
 
     async fn send_on(&self, link: &Requester, body: ReportBody) {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        if let ReportBody::Event { kind, message } = &body {
+            let mut kept = self
+                .unconfirmed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if kept.is_full() {
+                kept.pop_front();
+            }
+            // Room was made above.
+            let _ = kept.push_back((seq, (kind.clone(), message.clone())));
+        }
+        self.send_numbered(link, seq, body).await;
+    }
+
+    async fn send_numbered(&self, link: &Requester, seq: u64, body: ReportBody) {
         let report = Report {
             epoch: self.epoch,
-            seq: self.seq.fetch_add(1, Ordering::SeqCst),
+            seq,
             at: crate::now_secs(),
             body,
         };
@@ -147,9 +185,52 @@ impl Reporter {
     }
 }
 
+/// The events of `kept` (sent in `epoch`) that the twin has not stored by `through`, in order;
+/// `kept` holds only those from now on (a later hello confirms them).
+fn unconfirmed_after(
+    kept: &mut heapless::Deque<(u64, Event), UNCONFIRMED_KEPT>,
+    epoch: u64,
+    through: Option<ReportMark>,
+) -> Vec<(u64, Event)> {
+    let all: Vec<(u64, Event)> = std::iter::from_fn(|| kept.pop_front()).collect();
+    let again: Vec<(u64, Event)> = all
+        .into_iter()
+        .filter(|(seq, _)| through.is_none_or(|mark| ReportMark { epoch, seq: *seq } > mark))
+        .collect();
+    for entry in &again {
+        // They came out of it: there is room.
+        let _ = kept.push_back(entry.clone());
+    }
+    again
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_the_twin_has_not_stored_are_sent_again_and_the_stored_ones_forgotten() {
+        let mut kept = heapless::Deque::new();
+        for seq in 3..8 {
+            kept.push_back((seq, ("k".to_owned(), seq.to_string())))
+                .unwrap();
+        }
+        let seqs = |v: &[(u64, Event)]| v.iter().map(|(s, _)| *s).collect::<Vec<_>>();
+        let again = unconfirmed_after(&mut kept, 2, Some(ReportMark { epoch: 2, seq: 4 }));
+        assert_eq!(seqs(&again), [5, 6, 7]);
+        assert_eq!(kept.len(), 3, "confirmed ones are forgotten");
+        // A twin that stored nothing from this car, or only from an earlier run: everything.
+        assert_eq!(seqs(&unconfirmed_after(&mut kept, 2, None)), [5, 6, 7]);
+        let earlier_run = Some(ReportMark { epoch: 1, seq: 99 });
+        assert_eq!(
+            seqs(&unconfirmed_after(&mut kept, 2, earlier_run)),
+            [5, 6, 7]
+        );
+        // A later run already stored: nothing (the twin would drop them anyway).
+        let later_run = Some(ReportMark { epoch: 3, seq: 0 });
+        assert!(unconfirmed_after(&mut kept, 2, later_run).is_empty());
+        assert!(kept.is_empty());
+    }
 
     #[test]
     fn the_offline_backlog_keeps_the_newest_events() {

@@ -125,7 +125,7 @@ impl Agent {
             })?;
         *hello_ok = true;
         self.reached.store(true, Ordering::SeqCst);
-        self.reporter.attach(&link).await;
+        self.reporter.attach(&link, reply.reports_through).await;
         // A part may be waiting for the twin (the OS health gate).
         self.deployer.parts.wake();
         if reply.car_id != self.config.car_id {

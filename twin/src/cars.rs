@@ -120,6 +120,12 @@ impl Acceptor for CarAcceptor {
             // The car came back before its old connection timed out: the new one wins.
             old.close();
         }
+        if let Some(cluster) = &self.twin.cluster {
+            cluster.tell(crate::instances::PresenceOp::Present {
+                car: car.clone(),
+                session: conn_id,
+            });
+        }
         tracing::info!(%car, remote = %session.remote, agent = %setup.agent_version, "car connected");
         {
             let twin = self.twin.clone();
@@ -137,6 +143,12 @@ impl Acceptor for CarAcceptor {
                 });
                 if still_ours {
                     tracing::info!(%car, "car disconnected");
+                    if let Some(cluster) = &twin.cluster {
+                        cluster.tell(crate::instances::PresenceOp::Absent {
+                            car: car.clone(),
+                            session: conn_id,
+                        });
+                    }
                     let now = now();
                     if let Err(e) = twin.db.touch(&car, now).await {
                         tracing::warn!(%car, "{e}");
@@ -208,10 +220,21 @@ impl Responder for CarResponder {
                     .twin
                     .fleet
                     .with_car(&self.car, |live| live.desired.borrow().clone());
+                let reports_through = self
+                    .twin
+                    .db
+                    .report_mark(&self.car)
+                    .await
+                    .map_err(|e| internal(&self.car, e))?
+                    .map(|(epoch, seq)| protocol::ReportMark {
+                        epoch: epoch.unsigned_abs(),
+                        seq: seq.unsigned_abs(),
+                    });
                 let reply = HelloReply {
                     car_id: self.car.clone(),
                     desired,
                     heartbeat_secs: self.twin.config.heartbeat_secs,
+                    reports_through,
                 };
                 let mut answer = protocol::encode(&reply);
                 if answer.len() as u64 > protocol::PAGE_BYTES {
@@ -380,27 +403,29 @@ impl CarResponder {
                 }
             }
             ReportBody::Event { kind, message } => {
-                if self.twin.db.mark_seq(&self.car, epoch, seq, now).await? {
-                    self.twin.db.event(&self.car, now, &kind, &message).await?;
-                }
+                self.twin
+                    .db
+                    .report_event(&self.car, (epoch, seq), now, &kind, &message)
+                    .await?;
             }
             ReportBody::Progress { progress: p } => {
-                if self.twin.db.mark_seq(&self.car, epoch, seq, now).await? {
-                    let message = format!(
-                        "{} {}: {}/{} fetched ({} on the wire); {} already on the car, {} from seeds; artifact {}",
-                        p.artifact,
-                        if p.done { "done" } else { "fetching" },
-                        protocol::human_bytes(p.fetched_bytes),
-                        protocol::human_bytes(p.fetch_bytes),
-                        protocol::human_bytes(p.wire_bytes),
-                        protocol::human_bytes(p.store_bytes),
-                        protocol::human_bytes(p.seed_bytes),
-                        protocol::human_bytes(p.planned_bytes),
-                    );
-                    self.twin
-                        .db
-                        .event(&self.car, now, "fetch", &message)
-                        .await?;
+                let message = format!(
+                    "{} {}: {}/{} fetched ({} on the wire); {} already on the car, {} from seeds; artifact {}",
+                    p.artifact,
+                    if p.done { "done" } else { "fetching" },
+                    protocol::human_bytes(p.fetched_bytes),
+                    protocol::human_bytes(p.fetch_bytes),
+                    protocol::human_bytes(p.wire_bytes),
+                    protocol::human_bytes(p.store_bytes),
+                    protocol::human_bytes(p.seed_bytes),
+                    protocol::human_bytes(p.planned_bytes),
+                );
+                if self
+                    .twin
+                    .db
+                    .report_event(&self.car, (epoch, seq), now, "fetch", &message)
+                    .await?
+                {
                     self.twin
                         .fleet
                         .with_car(&self.car, |live| live.progress = Some(p));
@@ -416,12 +441,13 @@ impl CarResponder {
                 }
             }
             ReportBody::Install { progress: p } => {
-                if self.twin.db.mark_seq(&self.car, epoch, seq, now).await? {
-                    let message = format!("{} {}%: {}", p.release, p.percentage, p.message);
-                    self.twin
-                        .db
-                        .event(&self.car, now, "install", &message)
-                        .await?;
+                let message = format!("{} {}%: {}", p.release, p.percentage, p.message);
+                if self
+                    .twin
+                    .db
+                    .report_event(&self.car, (epoch, seq), now, "install", &message)
+                    .await?
+                {
                     self.twin
                         .fleet
                         .with_car(&self.car, |live| live.install = Some(p));

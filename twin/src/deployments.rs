@@ -27,6 +27,9 @@ pub(crate) struct Fleet {
     pub cars: Vec<CarRecord>,
     pub reported: HashMap<String, ReportedState>,
     pub positions: HashMap<String, cardeploy_protocol::Position>,
+    /// With several instances: the cars connected to any live instance. `None` with one: it
+    /// knows its own connections.
+    pub online: Option<HashSet<String>>,
 }
 
 impl Fleet {
@@ -35,6 +38,14 @@ impl Fleet {
             cars: twin.db.cars().await?,
             reported: twin.db.all_reported().await?,
             positions: twin.db.positions().await?,
+            online: match &twin.cluster {
+                Some(_) => Some(
+                    twin.db
+                        .online(now() - crate::instances::ALIVE_WITHIN_SECS)
+                        .await?,
+                ),
+                None => None,
+            },
         })
     }
 }
@@ -114,9 +125,12 @@ fn members(
     Ok(ids
         .into_iter()
         .map(|id| {
+            // Connected here, or (several instances) to a live one: presence is written a
+            // moment after the connection, so this instance's own count first.
             let online = CarId::new(id.to_owned())
                 .ok()
-                .is_some_and(|car| twin.fleet.connected(&car).is_some());
+                .is_some_and(|car| twin.fleet.connected(&car).is_some())
+                || fleet.online.as_ref().is_some_and(|o| o.contains(id));
             (
                 id.to_owned(),
                 online,
@@ -158,19 +172,45 @@ pub(crate) fn cars(members: &[(String, bool, Outcome)]) -> Vec<Car<'_>> {
         .collect()
 }
 
-/// Run the driver until `stopped` resolves.
+/// Run the driver until `stopped` resolves. With several instances, only the one elected
+/// (`db::DriverLock`) drives; the others try every tick and take over when it is gone.
 pub(crate) async fn drive(twin: Arc<Twin>, stopped: impl std::future::Future<Output = ()>) {
     tokio::pin!(stopped);
+    let mut lock = crate::db::DriverLock::new(&twin.db);
+    let mut driving = false;
     loop {
-        if let Err(e) = round(&twin).await {
+        match lock.lead().await {
+            Ok(lead) => {
+                if lead != driving && twin.cluster.is_some() {
+                    if lead {
+                        tracing::info!("this instance drives the deployments now");
+                    } else {
+                        tracing::warn!("this instance no longer drives the deployments");
+                    }
+                }
+                driving = lead;
+            }
+            Err(e) => {
+                if driving {
+                    tracing::warn!("this instance no longer drives the deployments: {e}");
+                }
+                driving = false;
+            }
+        }
+        twin.driving
+            .store(driving, std::sync::atomic::Ordering::SeqCst);
+        if driving && let Err(e) = round(&twin).await {
             tracing::error!("deployments: {e}");
         }
         tokio::select! {
-            () = &mut stopped => return,
+            () = &mut stopped => break,
             () = tokio::time::sleep(TICK) => {}
             () = twin.deployments_wake.notified() => {}
         }
     }
+    twin.driving
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    lock.release().await;
 }
 
 /// Desired states a round signs at most. Signing one costs a signature and three durable writes
@@ -182,7 +222,7 @@ const SIGN_PER_ROUND: usize = 256;
 
 /// One look at every deployment that is not over.
 pub(crate) async fn round(twin: &Twin) -> Result<(), Error> {
-    let _one = twin.deployments_lock.lock().await;
+    let _turn = twin.deployments_turn().await?;
     let deployments = twin.db.deployments().await?;
     if deployments.iter().all(|d| d.progress.state.is_over()) {
         return Ok(());

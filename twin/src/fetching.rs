@@ -91,7 +91,7 @@ impl Twin {
         {
             return Ok(known.clone());
         }
-        let indexes = match self.db.release(release).await? {
+        let indexes: Vec<Digest> = match self.db.release(release).await? {
             Some((_, envelope)) => {
                 let manifest: cardeploy_release::Release =
                     serde_json::from_slice(&envelope.payload).map_err(|source| Error::Corrupt {
@@ -105,7 +105,8 @@ impl Twin {
                     .filter_map(|a| a.index.parse().ok())
                     .collect()
             }
-            None => Vec::new(),
+            // Not registered (yet: another instance may register it in a moment): not kept.
+            None => return Ok(Arc::new(Vec::new())),
         };
         let indexes = Arc::new(indexes);
         self.release_indexes

@@ -20,6 +20,7 @@ mod error;
 mod fetching;
 pub mod fleet;
 mod housekeeping;
+mod instances;
 mod limits;
 mod private;
 mod trust;
@@ -58,8 +59,13 @@ pub struct Twin {
     delta_pool: Arc<tokio::sync::Semaphore>,
     /// Pairs whose deltas are being made ahead of the cars.
     ahead: ahead::Jobs,
-    /// One deployments' round (or operator action on a deployment) at a time.
+    /// One deployments' round (or operator action on a deployment) at a time on this instance;
+    /// across instances, [`Twin::deployments_turn`] adds a lock in the database.
     deployments_lock: tokio::sync::Mutex<()>,
+    /// This instance among others, on PostgreSQL; `None` on SQLite (one instance).
+    cluster: Option<instances::Cluster>,
+    /// Whether this instance drives the deployments now (always, alone).
+    driving: std::sync::atomic::AtomicBool,
     /// Rung when an operator creates or changes a deployment: the driver looks at once.
     deployments_wake: tokio::sync::Notify,
     /// Chunk and index uploads in progress (`max_concurrent_uploads` permits).
@@ -93,6 +99,40 @@ impl Twin {
         if let Some(requester) = self.fleet.connected(car) {
             requester.close();
         }
+    }
+
+    /// Wait for the turn to read and change deployments: one round or operator action at a time,
+    /// fleet-wide. Held until the returned guard drops.
+    async fn deployments_turn(&self) -> Result<DeploymentsTurn<'_>, Error> {
+        let local = self.deployments_lock.lock().await;
+        let fleet = self.db.hold("cardeploy deployments").await?;
+        Ok(DeploymentsTurn {
+            _fleet: fleet,
+            _local: local,
+        })
+    }
+
+    /// Whether `car` is connected to this instance or, with several, to any live one.
+    async fn is_connected(&self, car: &CarId) -> Result<bool, Error> {
+        if self.fleet.connected(car).is_some() {
+            return Ok(true);
+        }
+        Ok(match &self.cluster {
+            Some(_) => self.connected_elsewhere(car).await?.is_some(),
+            None => false,
+        })
+    }
+
+    /// The live instance `car` is connected to, if it is another one.
+    async fn connected_elsewhere(&self, car: &CarId) -> Result<Option<db::Presence>, Error> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(None);
+        };
+        Ok(self
+            .db
+            .presence(car, now() - instances::ALIVE_WITHIN_SECS)
+            .await?
+            .filter(|p| p.instance != cluster.me.id))
     }
 
     fn is_registered(&self, car: &CarId) -> bool {
@@ -206,6 +246,13 @@ impl Twin {
     }
 }
 
+/// See [`Twin::deployments_turn`]. Fields drop in order: the database's lock, then this
+/// instance's.
+struct DeploymentsTurn<'a> {
+    _fleet: Option<sqlx::Transaction<'static, sqlx::Any>>,
+    _local: tokio::sync::MutexGuard<'a, ()>,
+}
+
 /// A started twin.
 pub struct Running {
     pub cars_addr: SocketAddr,
@@ -240,6 +287,12 @@ impl Running {
     /// (target, base) pairs whose deltas are being made ahead, waiting or running.
     pub fn deltas_ahead_pending(&self) -> usize {
         self.twin.ahead.pending()
+    }
+
+    /// Whether this instance drives the deployments now: with several instances on one
+    /// database, exactly one does.
+    pub fn drives(&self) -> bool {
+        self.twin.driving.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Cars with an open connection right now.
@@ -317,6 +370,27 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         Some(url) => Db::connect(url, config.database_connections, config.event_limits()).await?,
         None => Db::open(&config.db_path(), config.event_limits()).await?,
     };
+    // Bound first: the instance names its API address to the others.
+    let api_listener = tokio::net::TcpListener::bind(config.api_listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: config.api_listen,
+            source,
+        })?;
+    let api_addr = api_listener.local_addr().map_err(|source| Error::Listen {
+        addr: config.api_listen,
+        source,
+    })?;
+    let trust = trust::Trust::open(&config.data_dir)?;
+    trust.load(&db).await?;
+    let (cluster, presence) = match db.backend() {
+        db::Backend::Sqlite => (None, None),
+        db::Backend::Postgres => {
+            let director = trust.director_public().id().to_string();
+            let (cluster, presence) = instances::Cluster::new(api_addr, director)?;
+            (Some(cluster), Some(presence))
+        }
+    };
     let twin = Arc::new(Twin {
         operator_token: operator_token(&config)?,
         db,
@@ -324,16 +398,22 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         registry: PeerRegistry::default(),
         known: Mutex::new(HashSet::new()),
         artifacts: artifacts::Artifacts::open(&config)?,
-        trust: trust::Trust::open(&config.data_dir)?,
+        trust,
         release_indexes: Mutex::new(HashMap::new()),
         delta_pool: Arc::new(tokio::sync::Semaphore::new(config.delta_workers.max(1))),
         ahead: ahead::Jobs::default(),
         deployments_lock: tokio::sync::Mutex::new(()),
+        cluster,
+        driving: std::sync::atomic::AtomicBool::new(false),
         deployments_wake: tokio::sync::Notify::new(),
         uploads: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_uploads)),
         store_gc: Arc::new(tokio::sync::RwLock::new(())),
         config,
     });
+    if let Some(cluster) = &twin.cluster {
+        instances::check_director(&twin, &cluster.me).await?;
+        twin.db.instance_alive(&cluster.me, now()).await?;
+    }
     for car in twin.db.cars().await? {
         twin.register(&car);
     }
@@ -379,16 +459,6 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     .await?;
     let cars_addr = link.local_addr();
     let link_stats = link.stats();
-    let api_listener = tokio::net::TcpListener::bind(config.api_listen)
-        .await
-        .map_err(|source| Error::Listen {
-            addr: config.api_listen,
-            source,
-        })?;
-    let api_addr = api_listener.local_addr().map_err(|source| Error::Listen {
-        addr: config.api_listen,
-        source,
-    })?;
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -420,6 +490,34 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             Ok(())
         }
     });
+    let mut tasks = vec![link_task, api_task, sweep_task, gc_task, deployments_task];
+    if let (Some(cluster), Some(presence), Some(url)) =
+        (&twin.cluster, presence, twin.db.url().map(str::to_owned))
+    {
+        // Ends when the twin (the last sender) is dropped.
+        tokio::spawn(instances::write_presence(
+            twin.db.clone(),
+            cluster.me.id.clone(),
+            presence,
+        ));
+        tasks.push(tokio::spawn({
+            let (twin, me, stopped) = (
+                twin.clone(),
+                cluster.me.clone(),
+                until_stopped(stopped.clone()),
+            );
+            async move {
+                instances::heartbeat(twin, me, stopped).await;
+                Ok(())
+            }
+        }));
+        tasks.push(tokio::spawn(instances::follow(
+            twin.clone(),
+            url,
+            until_stopped(stopped.clone()),
+        )));
+        tracing::info!(instance = %cluster.me.id, "one of several twin instances on this database");
+    }
     let database = match twin.db.backend() {
         db::Backend::Sqlite => "SQLite",
         db::Backend::Postgres => "PostgreSQL",
@@ -432,7 +530,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         link_stats,
         twin,
         stop,
-        tasks: vec![link_task, api_task, sweep_task, gc_task, deployments_task],
+        tasks,
     })
 }
 

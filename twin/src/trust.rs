@@ -14,6 +14,7 @@ use cardeploy_release::{
 };
 
 use crate::Error;
+use crate::db::Db;
 
 /// Why an operator's root or release was not taken.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,10 @@ pub enum TrustError {
     /// The root verified, but the twin could not keep it: its fault, not the operator's.
     #[error("could not store the root: {0}")]
     Store(crate::Error),
+    #[error(
+        "another twin instance took a different root version {version} at the same moment; list the chain (`GET /api/v1/roots`) and push the next version again"
+    )]
+    Raced { version: u64 },
 }
 
 struct Chain {
@@ -47,11 +52,43 @@ struct Chain {
     envelopes: Vec<Envelope>,
 }
 
+impl Chain {
+    /// The chain of `roots` (version 1 first), each verified against the one before: a damaged
+    /// record is found when the twin starts or reloads, not by a car.
+    fn verified(roots: &[(u64, String)]) -> Result<Self, String> {
+        let mut chain = Self {
+            trusted: None,
+            envelopes: Vec::new(),
+        };
+        for (i, (version, text)) in roots.iter().enumerate() {
+            if *version != i as u64 + 1 {
+                return Err(format!("root version {} is missing", i + 1));
+            }
+            let bad =
+                |e: cardeploy_release::Error| format!("stored root {version} does not verify: {e}");
+            let next = match &chain.trusted {
+                None => TrustedRoot::pinned(text.as_bytes()).map_err(bad)?,
+                Some(t) => t.rotate(text.as_bytes()).map_err(bad)?,
+            };
+            chain
+                .envelopes
+                .push(Envelope::from_json(text.as_bytes()).map_err(bad)?);
+            chain.trusted = Some(next);
+        }
+        Ok(chain)
+    }
+}
+
+/// The root chain lives in the database (every instance reads the same one); the director key
+/// in each instance's data directory (copied to every instance).
 pub(crate) struct Trust {
     director: SigningKey,
     director_pub: PathBuf,
-    roots_dir: PathBuf,
+    /// Where twins before the chain moved into the database kept it (imported once).
+    legacy_roots: PathBuf,
     chain: RwLock<Chain>,
+    /// One root upload at a time on this instance (across instances the database decides).
+    adding: tokio::sync::Mutex<()>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -100,41 +137,58 @@ fn director_key(data_dir: &Path) -> Result<(SigningKey, PathBuf), Error> {
 }
 
 impl Trust {
+    /// The director key; the chain is empty until [`Trust::load`].
     pub fn open(data_dir: &Path) -> Result<Self, Error> {
         let (director, director_pub) = director_key(data_dir)?;
-        let roots_dir = data_dir.join("roots");
-        std::fs::create_dir_all(&roots_dir).map_err(io(&roots_dir))?;
-        let mut chain = Chain {
-            trusted: None,
-            envelopes: Vec::new(),
-        };
-        // Roots are stored as `<version>.json` and were verified when uploaded; they are verified
-        // again here so that a damaged file is found at start, not by a car.
-        for version in 1.. {
-            let path = roots_dir.join(format!("{version}.json"));
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                Err(e) => return Err(io(&path)(e)),
-            };
-            let bad = |e: cardeploy_release::Error| Error::Config {
-                path: path.clone(),
-                why: format!("stored root does not verify: {e}"),
-            };
-            let next = match &chain.trusted {
-                None => TrustedRoot::pinned(&bytes).map_err(bad)?,
-                Some(t) => t.rotate(&bytes).map_err(bad)?,
-            };
-            chain
-                .envelopes
-                .push(Envelope::from_json(&bytes).map_err(bad)?);
-            chain.trusted = Some(next);
-        }
         Ok(Self {
             director,
             director_pub,
-            roots_dir,
-            chain: RwLock::new(chain),
+            legacy_roots: data_dir.join("roots"),
+            chain: RwLock::new(Chain {
+                trusted: None,
+                envelopes: Vec::new(),
+            }),
+            adding: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Read the chain from the database (at start, and when another instance added a root).
+    /// A database without roots takes those a twin of an earlier version kept in
+    /// `data_dir/roots/<version>.json`.
+    pub async fn load(&self, db: &Db) -> Result<(), Error> {
+        let mut stored = db.roots().await?;
+        if stored.is_empty() {
+            for version in 1.. {
+                let path = self.legacy_roots.join(format!("{version}.json"));
+                let text = match std::fs::read_to_string(&path) {
+                    Ok(text) => text,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) => return Err(io(&path)(e)),
+                };
+                db.insert_root(version, &text).await?;
+                tracing::info!(version, path = %path.display(), "root moved into the database");
+            }
+            stored = db.roots().await?;
+        }
+        let chain = Chain::verified(&stored).map_err(|why| Error::Config {
+            path: self.legacy_roots.clone(),
+            why: format!("the root chain in the database: {why}"),
+        })?;
+        *self
+            .chain
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = chain;
+        Ok(())
+    }
+
+    /// Whether the root in force names this instance's director key (true without a root).
+    pub fn names_director(&self) -> bool {
+        self.chain().trusted.as_ref().is_none_or(|t| {
+            t.root()
+                .roles
+                .director
+                .keyids
+                .contains(&self.director.public().id())
         })
     }
 
@@ -160,27 +214,29 @@ impl Trust {
     }
 
     /// Take the next root: version 1 if there is none, else a rotation of the current one
-    /// (R1–R6), fresh, and naming this twin's director key.
-    pub fn add_root(&self, bytes: &[u8], now: u64) -> Result<u64, TrustError> {
-        let mut chain = self
-            .chain
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Pushing a chain again (`cardeploy root push root-1.json root-2.json` after a rotation)
-        // is not an error: a root already held is simply acknowledged.
+    /// (R1–R6), fresh, and naming this twin's director key. Stored in the database, durably,
+    /// before it counts; every instance hears of it.
+    pub async fn add_root(&self, db: &Db, bytes: &[u8], now: u64) -> Result<u64, TrustError> {
+        let _one = self.adding.lock().await;
         let envelope = Envelope::from_json(bytes)?;
-        if let Some(i) = chain.envelopes.iter().position(|e| *e == envelope) {
-            return Ok(i as u64 + 1);
-        }
-        let next = match &chain.trusted {
-            None => {
-                let root = TrustedRoot::pinned(bytes)?;
-                if root.root().version != 1 {
-                    return Err(TrustError::FirstRootVersion(root.root().version));
-                }
-                root
+        let (version, next) = {
+            let chain = self.chain();
+            // Pushing a chain again (`cardeploy root push root-1.json root-2.json` after a
+            // rotation) is not an error: a root already held is simply acknowledged.
+            if let Some(i) = chain.envelopes.iter().position(|e| *e == envelope) {
+                return Ok(i as u64 + 1);
             }
-            Some(t) => t.rotate(bytes)?,
+            let next = match &chain.trusted {
+                None => {
+                    let root = TrustedRoot::pinned(bytes)?;
+                    if root.root().version != 1 {
+                        return Err(TrustError::FirstRootVersion(root.root().version));
+                    }
+                    root
+                }
+                Some(t) => t.rotate(bytes)?,
+            };
+            (next.root().version, next)
         };
         next.fresh(now)?;
         let keyid = self.director.public().id();
@@ -188,15 +244,29 @@ impl Trust {
         // The twin signs alone: its key must be in the role and one signature must suffice.
         if !director.keyids.contains(&keyid) || director.threshold != 1 {
             return Err(TrustError::DirectorNotNamed {
-                version: next.root().version,
+                version,
                 keyid: keyid.to_string(),
                 path: self.director_pub.clone(),
             });
         }
-        let version = next.root().version;
-        let path = self.roots_dir.join(format!("{version}.json"));
-        cardeploy_chunks::atomic::write(&path, bytes, cardeploy_chunks::atomic::PUBLIC)
-            .map_err(|e| TrustError::Store(e.into()))?;
+        // JSON that parsed is UTF-8.
+        let text = String::from_utf8_lossy(bytes);
+        if !db
+            .insert_root(version, &text)
+            .await
+            .map_err(TrustError::Store)?
+        {
+            // Another instance stored this version first: take the chain as it is now.
+            self.load(db).await.map_err(TrustError::Store)?;
+            return match self.chain().envelopes.get(version as usize - 1) {
+                Some(held) if *held == envelope => Ok(version),
+                _ => Err(TrustError::Raced { version }),
+            };
+        }
+        let mut chain = self
+            .chain
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         chain.envelopes.push(envelope);
         chain.trusted = Some(next);
         tracing::info!(version, "root accepted");

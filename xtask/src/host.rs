@@ -43,6 +43,10 @@ pub const APT_GPSD: &[&str] = &[
 /// the server and its tools (initdb, pg_ctl).
 pub const APT_POSTGRES: &[&str] = &["postgresql"];
 
+/// HAProxy for the failover test (twin/tests/failover.rs): the load balancer in TCP mode in
+/// front of several twin instances, as docs/operations.md lays them out.
+pub const APT_HAPROXY: &[&str] = &["haproxy"];
+
 pub fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
@@ -79,11 +83,19 @@ pub fn apt_install(who: &str, wanted: &[&str]) -> anyhow::Result<()> {
     .with_context(|| format!("cannot install {missing:?}"))
 }
 
-/// `cargo xtask deps`: RAUC, the registry's clients, gpsd, PostgreSQL and Python for the tests,
+/// `cargo xtask deps`: RAUC, the registry's clients, gpsd, PostgreSQL, HAProxy and Python for
+/// the tests,
 /// and (with
 /// `cross_too`) the aarch64 toolchain of cross/install.sh; then the rsocket-py venv.
 pub fn deps(cross_too: bool) -> anyhow::Result<()> {
-    let mut wanted = [APT_RAUC, APT_REGISTRY_CLIENTS, APT_GPSD, APT_POSTGRES].concat();
+    let mut wanted = [
+        APT_RAUC,
+        APT_REGISTRY_CLIENTS,
+        APT_GPSD,
+        APT_POSTGRES,
+        APT_HAPROXY,
+    ]
+    .concat();
     if !Path::new("/usr/bin/python3").exists() && which("python3").is_none() {
         wanted.push("python3");
     }

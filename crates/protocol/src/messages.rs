@@ -63,6 +63,19 @@ pub struct HelloReply {
     pub desired: Option<DesiredState>,
     /// The heartbeat interval the twin expects, in seconds.
     pub heartbeat_secs: u64,
+    /// The newest report the twin has stored from this car (reports are fire-and-forget): the
+    /// car sends again what it sent after it, which a twin instance that died took with it.
+    /// Absent when the twin has stored none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reports_through: Option<ReportMark>,
+}
+
+/// Where a car's reports stand: (epoch, seq) of [`Report`], compared in that order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportMark {
+    pub epoch: u64,
+    pub seq: u64,
 }
 
 /// What the twin wants one car to run now (docs/release-format.md, docs/protocol.md): the

@@ -137,7 +137,7 @@ async fn view(twin: &Twin, car: CarRecord) -> Result<CarView, ApiError> {
         progress,
         install,
         dropped_reports,
-        connected: twin.fleet.connected(&car.id).is_some(),
+        connected: twin.is_connected(&car.id).await?,
         certificate: match car.revoked_at {
             None => CertificateState::Active,
             Some(_) => CertificateState::Revoked,
@@ -252,12 +252,16 @@ pub(super) async fn inspect(
 ) -> Result<Json<Inspection>, ApiError> {
     let id = car_id(id)?;
     find(&twin, &id).await?;
-    let requester = twin.fleet.connected(&id).ok_or_else(|| {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("car {id} is not connected"),
-        )
-    })?;
+    let Some(requester) = twin.fleet.connected(&id) else {
+        let why = match twin.connected_elsewhere(&id).await? {
+            Some(there) => format!(
+                "car {id} is connected to another twin instance ({}, API {}): ask that one",
+                there.instance, there.api
+            ),
+            None => format!("car {id} is not connected"),
+        };
+        return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, why));
+    };
     let answer = requester
         .request_response(route::TWIN_INSPECT, Bytes::from_static(b"{}"))
         .await

@@ -64,7 +64,7 @@ pub(super) async fn create(
     let picker = picker(&body.selector, body.geofence.as_ref())?;
     let plan = deployments::plan(&body, rollout_now()).map_err(bad_request)?;
     let summary = verified_release(&twin, &body.release).await?;
-    let _one = twin.deployments_lock.lock().await;
+    let _turn = twin.deployments_turn().await?;
     if twin.db.deployment_count().await? >= MAX_DEPLOYMENTS {
         return Err(ApiError(
             StatusCode::INSUFFICIENT_STORAGE,
@@ -144,7 +144,7 @@ pub(super) async fn create(
     if let Err(e) = twin.deltas_ahead(&summary.digest, &cars).await {
         tracing::warn!(deployment = %record.name, "no deltas made ahead: {e}");
     }
-    drop(_one);
+    drop(_turn);
     twin.deployments_wake.notify_one();
     let view = deployments::view(&twin, &record, &fleet).await?;
     Ok((StatusCode::CREATED, Json(view)))
@@ -193,7 +193,7 @@ pub(super) async fn act(
     State(twin): State<Arc<Twin>>,
     Path((name, action)): Path<(String, String)>,
 ) -> Result<Json<DeploymentView>, ApiError> {
-    let _one = twin.deployments_lock.lock().await;
+    let _turn = twin.deployments_turn().await?;
     let d = find(&twin, &name).await?;
     let fleet = Fleet::read(&twin).await?;
     let next = match action.as_str() {
@@ -225,7 +225,7 @@ pub(super) async fn act(
             crate::now(),
         )
         .await?;
-    drop(_one);
+    drop(_turn);
     twin.deployments_wake.notify_one();
     let d = find(&twin, &name).await?;
     Ok(Json(deployments::view(&twin, &d, &fleet).await?))

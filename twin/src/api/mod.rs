@@ -77,6 +77,7 @@ pub fn router(twin: Arc<Twin>) -> Router {
             post(deployments::act),
         )
         .route("/api/v1/director", get(releases::director))
+        .route("/api/v1/instance", get(instance))
         .route(
             "/api/v1/roots",
             get(releases::list_roots).post(releases::add_root),
@@ -102,6 +103,20 @@ pub fn router(twin: Arc<Twin>) -> Router {
         .merge(api)
         .layer(middleware::from_fn(guard::json_errors))
         .with_state(twin)
+}
+
+/// `GET /api/v1/instance`: this twin instance — its id among several, whether it drives the
+/// deployments, the cars connected to it.
+async fn instance(State(twin): State<Arc<Twin>>) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({
+        "id": twin.cluster.as_ref().map(|c| c.me.id.clone()),
+        "driving": twin.driving.load(std::sync::atomic::Ordering::SeqCst),
+        "connected_cars": twin.fleet.connected_count(),
+        "database": match twin.db.backend() {
+            crate::db::Backend::Sqlite => "SQLite",
+            crate::db::Backend::Postgres => "PostgreSQL",
+        },
+    }))
 }
 
 async fn authorize(State(twin): State<Arc<Twin>>, request: Request, next: Next) -> Response {
@@ -153,7 +168,9 @@ async fn verified_release(
 
 fn trust_error(e: TrustError) -> ApiError {
     let status = match &e {
-        TrustError::NoRoot | TrustError::DirectorNotNamed { .. } => StatusCode::CONFLICT,
+        TrustError::NoRoot | TrustError::DirectorNotNamed { .. } | TrustError::Raced { .. } => {
+            StatusCode::CONFLICT
+        }
         TrustError::FirstRootVersion(_) | TrustError::Verify(_) => StatusCode::UNPROCESSABLE_ENTITY,
         TrustError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };

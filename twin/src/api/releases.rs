@@ -31,7 +31,8 @@ pub(super) async fn add_root(
     let scope_before = twin.trust.counter_scope();
     let version = twin
         .trust
-        .add_root(&body, cardeploy_release::now_secs())
+        .add_root(&twin.db, &body, cardeploy_release::now_secs())
+        .await
         .map_err(trust_error)?;
     let scope = twin.trust.counter_scope();
     for (car, stored) in twin.db.all_desired().await? {

@@ -373,3 +373,125 @@ async fn events_are_bounded_per_car_paged_and_swept_by_age() {
         assert_eq!(left.len(), 3, "{on}");
     }
 }
+
+#[tokio::test]
+async fn the_root_chain_is_stored_once_per_version() {
+    for fresh in each(EventLimits::default()).await {
+        let db = &fresh.db;
+        assert!(db.roots().await.unwrap().is_empty(), "{}", fresh.name());
+        assert!(db.insert_root(1, "{\"v\":1}").await.unwrap());
+        assert!(db.insert_root(2, "{\"v\":2}").await.unwrap());
+        assert!(
+            !db.insert_root(2, "{\"other\":2}").await.unwrap(),
+            "{}: a version taken twice",
+            fresh.name()
+        );
+        assert_eq!(
+            db.roots().await.unwrap(),
+            [(1, "{\"v\":1}".to_owned()), (2, "{\"v\":2}".to_owned())],
+            "{}",
+            fresh.name()
+        );
+    }
+}
+
+#[tokio::test]
+async fn presence_follows_the_newest_connection_and_dies_with_its_instance() {
+    use super::Instance;
+    for fresh in each(EventLimits::default()).await {
+        let db = &fresh.db;
+        let name = fresh.name();
+        let (a, b) = (CarId::new("P-A").unwrap(), CarId::new("P-B").unwrap());
+        let instance = |id: &str| Instance {
+            id: id.into(),
+            api: format!("127.0.0.1:{}", id.len()),
+            director: "k1".into(),
+        };
+        db.instance_alive(&instance("one"), 100).await.unwrap();
+        db.instance_alive(&instance("two"), 100).await.unwrap();
+        db.present(&a, "one", 1, 100).await.unwrap();
+        db.present(&b, "one", 2, 100).await.unwrap();
+        // Car A came back on instance two before instance one saw its old connection end.
+        db.present(&a, "two", 9, 101).await.unwrap();
+        db.absent(&a, "one", 1).await.unwrap();
+        let online = db.online(90).await.unwrap();
+        assert!(
+            online.contains("P-A") && online.contains("P-B"),
+            "{name}: {online:?}"
+        );
+        let there = db.presence(&a, 90).await.unwrap().unwrap();
+        assert_eq!(there.instance, "two", "{name}");
+        assert_eq!(db.instances(90).await.unwrap().len(), 2, "{name}");
+        // Instance one stops being heard: its cars count offline, then it is forgotten.
+        db.instance_alive(&instance("two"), 200).await.unwrap();
+        assert_eq!(
+            db.online(190)
+                .await
+                .unwrap()
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["P-A"],
+            "{name}"
+        );
+        assert_eq!(db.forget_instances(150).await.unwrap(), 1, "{name}");
+        assert_eq!(db.instances(0).await.unwrap(), [instance("two")], "{name}");
+        assert!(db.presence(&b, 0).await.unwrap().is_none(), "{name}");
+        // An instance that stops says so.
+        db.instance_gone("two").await.unwrap();
+        assert!(db.online(0).await.unwrap().is_empty(), "{name}");
+        assert!(db.instances(0).await.unwrap().is_empty(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_change_is_heard_by_other_instances_when_it_commits() {
+    use super::{CHANNEL, Change};
+    for payload in ["desired 7 VIN-1", "car VIN-1", "roots", "deployments"] {
+        let change = Change::parse(payload).unwrap();
+        assert_eq!(change.payload(), payload);
+    }
+    assert_eq!(Change::parse("something newer"), None);
+    for fresh in each(EventLimits::default()).await {
+        let db = &fresh.db;
+        let Some(url) = db.url() else {
+            continue;
+        };
+        let mut listener = sqlx::postgres::PgListener::connect(url).await.unwrap();
+        listener.listen(CHANNEL).await.unwrap();
+        let car = CarId::new("N-1").unwrap();
+        db.register_car(&car_record_for(&car)).await.unwrap();
+        let heard = listener.recv().await.unwrap();
+        assert_eq!(
+            Change::parse(heard.payload()),
+            Some(Change::Car(car.clone()))
+        );
+        db.set_desired(&car, None, None, |counter| Ok(desired("r", counter, None)))
+            .await
+            .unwrap();
+        let heard = listener.recv().await.unwrap();
+        assert_eq!(
+            Change::parse(heard.payload()),
+            Some(Change::Desired {
+                car: car.clone(),
+                counter: 1
+            })
+        );
+        // A change that does not commit says nothing.
+        let failed = db
+            .set_desired(&car, None, None, |_| {
+                Err(crate::Error::Config {
+                    path: "x".into(),
+                    why: "refused".into(),
+                })
+            })
+            .await;
+        assert!(failed.is_err());
+        db.insert_root(1, "{}").await.unwrap();
+        let heard = listener.recv().await.unwrap();
+        assert_eq!(Change::parse(heard.payload()), Some(Change::Roots));
+    }
+}
+
+fn car_record_for(id: &CarId) -> CarRecord {
+    car(id.as_str(), &format!("fp-{id}"))
+}

@@ -122,6 +122,9 @@ impl Db {
                 Registration::New
             }
         };
+        self.announce(&mut tx, &super::Change::Car(car.id.clone()))
+            .await
+            .map_err(db("register car"))?;
         tx.commit().await.map_err(db("register car"))?;
         Ok(outcome)
     }
@@ -158,6 +161,9 @@ impl Db {
         .execute(&mut *tx)
         .await
         .map_err(db("revoke car"))?;
+        self.announce(&mut tx, &super::Change::Car(car.clone()))
+            .await
+            .map_err(db("revoke car"))?;
         tx.commit().await.map_err(db("revoke car"))?;
         Ok(Some(fingerprint))
     }

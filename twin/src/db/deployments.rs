@@ -179,6 +179,9 @@ impl Db {
             .await
             .map_err(db("bound a deployment's log"))?;
         }
+        self.announce(&mut tx, &super::Change::Deployments)
+            .await
+            .map_err(db("save a deployment"))?;
         tx.commit().await.map_err(db("save a deployment"))?;
         Ok(())
     }

@@ -70,15 +70,59 @@ impl Db {
         kind: &str,
         message: &str,
     ) -> Result<(), Error> {
+        let mut tx = self.pool.begin().await.map_err(db("store event"))?;
+        self.event_in(&mut tx, car, now, kind, message).await?;
+        tx.commit().await.map_err(db("store event"))?;
+        Ok(())
+    }
+
+    /// A reported event: stored with the car's report mark advanced to (`epoch`, `seq`), both or
+    /// neither (an instance that dies in between loses neither, and the car's resend after the
+    /// mark it is told at its next hello brings it). False when it is a duplicate.
+    pub async fn report_event(
+        &self,
+        car: &CarId,
+        (epoch, seq): (i64, i64),
+        now: i64,
+        kind: &str,
+        message: &str,
+    ) -> Result<bool, Error> {
+        let mut tx = self.pool.begin().await.map_err(db("store event"))?;
+        let marked = sqlx::query(
+            "UPDATE reported SET epoch = $2, seq = $3, last_seen = $4
+             WHERE car_id = $1 AND ($2, $3) > (epoch, seq)",
+        )
+        .bind(car.as_str())
+        .bind(epoch)
+        .bind(seq)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("store report"))?;
+        if marked.rows_affected() != 1 {
+            return Ok(false);
+        }
+        self.event_in(&mut tx, car, now, kind, message).await?;
+        tx.commit().await.map_err(db("store event"))?;
+        Ok(true)
+    }
+
+    async fn event_in(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        car: &CarId,
+        now: i64,
+        kind: &str,
+        message: &str,
+    ) -> Result<(), Error> {
         let kind = truncate_chars(kind, self.events.kind_chars);
         let message = truncate_bytes(message, self.events.message_bytes);
-        let mut tx = self.pool.begin().await.map_err(db("store event"))?;
         sqlx::query("INSERT INTO events (car_id, at, kind, message) VALUES ($1, $2, $3, $4)")
             .bind(car.as_str())
             .bind(now)
             .bind(kind.as_ref())
             .bind(message.as_ref())
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await
             .map_err(db("store event"))?;
         sqlx::query(
@@ -88,10 +132,9 @@ impl Db {
         )
         .bind(car.as_str())
         .bind(i64::from(self.events.per_car))
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await
         .map_err(db("drop old events"))?;
-        tx.commit().await.map_err(db("store event"))?;
         Ok(())
     }
 

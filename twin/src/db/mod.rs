@@ -24,6 +24,7 @@ mod both;
 mod cars;
 mod deployments;
 mod events;
+mod shared;
 
 use std::path::{Path, PathBuf};
 
@@ -144,12 +145,37 @@ CREATE TABLE positions (
     at INTEGER NOT NULL
 );
 ",
+    // 5: what several instances share (`shared.rs`): the root chain (was files in
+    // data_dir/roots), the instances alive, and which car is connected to which.
+    SHARED,
 ];
+
+/// Step 5 of `MIGRATIONS` and step 2 of `PG_MIGRATIONS`: the same text fits both.
+const SHARED: &str = r"
+CREATE TABLE roots (
+    version BIGINT PRIMARY KEY,
+    envelope TEXT NOT NULL
+);
+CREATE TABLE twin_instances (
+    id TEXT PRIMARY KEY,
+    api TEXT NOT NULL,
+    director TEXT NOT NULL,
+    seen BIGINT NOT NULL
+);
+CREATE TABLE presence (
+    car_id TEXT PRIMARY KEY,
+    instance TEXT NOT NULL,
+    session BIGINT NOT NULL,
+    since BIGINT NOT NULL
+);
+CREATE INDEX presence_by_instance ON presence(instance);
+";
 
 /// The same schema for PostgreSQL, in its types: its first step is everything SQLite's `SCHEMA`
 /// and `MIGRATIONS` make (they were written before PostgreSQL came); later changes are appended
 /// to both lists. The applied count is kept in `schema_version`.
-const PG_MIGRATIONS: &[&str] = &[r"
+const PG_MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE cars (
     id TEXT PRIMARY KEY,
     attributes TEXT NOT NULL,
@@ -231,7 +257,9 @@ CREATE TABLE positions (
     lon_e6 BIGINT NOT NULL,
     at BIGINT NOT NULL
 );
-"];
+",
+    SHARED,
+];
 
 /// Which database the twin keeps its records in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -287,6 +315,7 @@ pub struct StoredDesired {
 pub use cars::{Conflict, Registration};
 pub use deployments::StoredDeployment;
 pub use events::EventLimits;
+pub use shared::{CHANNEL, Change, DriverLock, Instance, Presence};
 
 /// What [`Db::report_state`] did with a reported state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -308,13 +337,9 @@ pub struct Db {
     events: EventLimits,
     /// SQLite: the file, for the last checkpoint at close.
     file: Option<PathBuf>,
-    /// PostgreSQL: the connection that holds this instance's lock on the database (see
-    /// [`Db::connect`]); closed at [`Db::close`], or dropped with the process.
-    instance: Option<std::sync::Arc<tokio::sync::Mutex<Option<AnyConnection>>>>,
+    /// PostgreSQL: the URL, for the connections of the change feed and the driver's lock.
+    url: Option<String>,
 }
-
-/// The advisory lock one twin instance holds on a PostgreSQL database for as long as it runs.
-const INSTANCE_LOCK: &str = "cardeploy twin instance";
 
 fn corrupt(car: &str, what: &'static str) -> impl FnOnce(serde_json::Error) -> Error {
     let car = car.to_owned();
@@ -381,15 +406,13 @@ impl Db {
             backend: Backend::Sqlite,
             events,
             file: Some(path.to_owned()),
-            instance: None,
+            url: None,
         })
     }
 
     /// PostgreSQL at `url` (`postgres://user:password@host:port/database`): the database must
-    /// exist; the schema is created or migrated. One twin instance at a time: the twin still
-    /// drives deployments and pushes desired states from its own memory, so a second instance
-    /// on the same database is refused at start (a session lock, released when the instance
-    /// stops or its connection dies).
+    /// exist; the schema is created or migrated. Several twin instances may share it
+    /// (`shared.rs`: the change feed, presence, the driver's election).
     pub async fn connect(url: &str, connections: u32, events: EventLimits) -> Result<Self, Error> {
         sqlx::any::install_default_drivers();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -407,24 +430,6 @@ impl Db {
                 url: redacted(url),
                 why: format!("cannot connect: {e}"),
             })?;
-        let mut instance = AnyConnection::connect(url)
-            .await
-            .map_err(|e| Error::Database {
-                url: redacted(url),
-                why: format!("cannot connect: {e}"),
-            })?;
-        let alone: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
-                .bind(INSTANCE_LOCK)
-                .fetch_one(&mut instance)
-                .await
-                .map_err(db("take the instance lock"))?;
-        if !alone {
-            return Err(Error::Database {
-                url: redacted(url),
-                why: "another twin instance is using this database; run one instance per database (docs/operations.md)".into(),
-            });
-        }
         migrate_postgres(&pool).await.map_err(|e| match e {
             Error::Database { why, .. } => Error::Database {
                 url: redacted(url),
@@ -438,7 +443,7 @@ impl Db {
             backend: Backend::Postgres,
             events,
             file: None,
-            instance: Some(std::sync::Arc::new(tokio::sync::Mutex::new(Some(instance)))),
+            url: Some(url.to_owned()),
         })
     }
 
@@ -555,6 +560,15 @@ impl Db {
         .bind(i64::try_from(counter).unwrap_or(i64::MAX))
         .bind(doc)
         .execute(&mut *tx)
+        .await
+        .map_err(db("set desired state"))?;
+        self.announce(
+            &mut tx,
+            &Change::Desired {
+                car: car.clone(),
+                counter,
+            },
+        )
         .await
         .map_err(db("set desired state"))?;
         tx.commit().await.map_err(db("set desired state"))?;
@@ -854,6 +868,17 @@ impl Db {
         })
     }
 
+    /// The newest (epoch, seq) stored from `car`'s reports, if any.
+    pub async fn report_mark(&self, car: &CarId) -> Result<Option<(i64, i64)>, Error> {
+        let mark: Option<(i64, i64)> =
+            sqlx::query_as("SELECT epoch, seq FROM reported WHERE car_id = $1")
+                .bind(car.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db("read report mark"))?;
+        Ok(mark.filter(|(epoch, seq)| *epoch >= 0 && *seq >= 0))
+    }
+
     /// Advance the (epoch, seq) mark for an event report; false if it is a duplicate.
     pub async fn mark_seq(
         &self,
@@ -927,12 +952,6 @@ impl Db {
     pub async fn close(&self) {
         self.durable.close().await;
         self.pool.close().await;
-        if let Some(instance) = &self.instance
-            && let Some(conn) = instance.lock().await.take()
-        {
-            // Closing the session releases the instance lock.
-            let _ = conn.close().await;
-        }
         let Some(file) = &self.file else { return };
         // A pool's close returns once its connections are handed back, which can be before
         // SQLite has let go of the file (a connection dropped by a task closes on its own
@@ -1084,7 +1103,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_second_instance_on_one_postgres_database_is_refused_until_the_first_stops() {
+    async fn one_instance_drives_until_it_stops_then_another_takes_over() {
         let Some(server) = cardeploy_testkit::postgres::server() else {
             return;
         };
@@ -1092,12 +1111,18 @@ mod tests {
             .await
             .unwrap();
         let first = Db::connect(&url, 2, EventLimits::default()).await.unwrap();
-        let err = Db::connect(&url, 2, EventLimits::default())
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("another twin instance"), "{err}");
-        first.close().await;
         let second = Db::connect(&url, 2, EventLimits::default()).await.unwrap();
+        let (mut a, mut b) = (DriverLock::new(&first), DriverLock::new(&second));
+        assert!(a.lead().await.unwrap());
+        assert!(!b.lead().await.unwrap(), "two drivers at once");
+        assert!(a.lead().await.unwrap(), "the driver keeps its lock");
+        a.release().await;
+        assert!(b.lead().await.unwrap(), "nobody took over");
+        assert!(
+            !a.lead().await.unwrap(),
+            "the old driver came back as a second one"
+        );
+        first.close().await;
         second.close().await;
     }
 
