@@ -58,6 +58,15 @@ impl Fleet {
         f(live)
     }
 
+    /// `f` on every car's live record (under the fleet's lock: keep it short).
+    pub fn each(&self, f: impl FnMut(&mut Live)) {
+        let mut cars = self
+            .cars
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cars.values_mut().for_each(f);
+    }
+
     pub fn connected(&self, car: &CarId) -> Option<Requester> {
         let cars = self
             .cars

@@ -47,30 +47,25 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
-    /// A new instance with a random id, and the receiving end for [`write_presence`].
+    /// This instance (its id the database's [`crate::db::Db::origin`]), and the receiving end
+    /// for [`write_presence`].
     pub fn new(
+        id: &str,
         api: std::net::SocketAddr,
         director: String,
-    ) -> Result<(Self, mpsc::UnboundedReceiver<PresenceOp>), Error> {
-        let mut bytes = [0u8; 6];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(
-            |_| Error::Config {
-                path: "(instance id)".into(),
-                why: "no randomness".into(),
-            },
-        )?;
+    ) -> (Self, mpsc::UnboundedReceiver<PresenceOp>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        Ok((
+        (
             Self {
                 me: Instance {
-                    id: cardeploy_release::hex::encode(&bytes),
+                    id: id.to_owned(),
                     api: api.to_string(),
                     director,
                 },
                 presence: tx,
             },
             rx,
-        ))
+        )
     }
 
     /// Queue a change of presence (a car connected or left).
@@ -168,8 +163,10 @@ pub(crate) async fn follow(
             next = listener.try_recv() => next,
         };
         match next {
-            Ok(Some(notification)) => match Change::parse(notification.payload()) {
-                Some(change) => {
+            Ok(Some(notification)) => match Change::heard(notification.payload()) {
+                // This instance's own changes took effect here when it made them.
+                Some((origin, _)) if origin == twin.db.origin() => {}
+                Some((_, change)) => {
                     if let Err(e) = apply(&twin, &change).await {
                         tracing::warn!(?change, "change from another instance: {e}");
                     }
@@ -213,10 +210,17 @@ async fn apply(twin: &Twin, change: &Change) -> Result<(), Error> {
             Ok(())
         }
         Change::Roots => {
+            let scope = twin.trust.counter_scope();
             twin.trust.load(&twin.db).await?;
-            // Every car's next message carries the new chain.
-            for (car, stored) in twin.db.all_desired().await? {
-                push(twin, &car, &stored).await?;
+            if twin.trust.counter_scope() == scope {
+                // Every car's next message carries the new chain.
+                twin.push_roots();
+            } else {
+                // A new director role: the instance that took the root signs every desired
+                // state again, and each of those changes comes through this feed.
+                for (car, stored) in twin.db.all_desired().await? {
+                    push(twin, &car, &stored).await?;
+                }
             }
             Ok(())
         }

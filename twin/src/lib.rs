@@ -55,6 +55,9 @@ pub struct Twin {
     trust: trust::Trust,
     /// The chunk indexes of each release's artifacts, by release digest (what cars may read).
     release_indexes: Mutex<HashMap<String, Arc<Vec<cardeploy_chunks::Digest>>>>,
+    /// Release envelopes by digest, as desired states carry them: registered releases never
+    /// change, and a twin starting (or a fleet-wide push) composes one message per car.
+    release_envelopes: Mutex<HashMap<String, cardeploy_protocol::Envelope>>,
     /// Permits of the delta pool (`delta_workers`).
     delta_pool: Arc<tokio::sync::Semaphore>,
     /// Pairs whose deltas are being made ahead of the cars.
@@ -142,24 +145,55 @@ impl Twin {
     /// The message a car receives for its stored desired state: the signed document, the
     /// release it names, every root rotation, and the override if any.
     async fn compose(&self, stored: &StoredDesired) -> Result<DesiredState, Error> {
-        let (_, release) =
-            self.db
-                .release(&stored.release)
-                .await?
-                .ok_or_else(|| Error::Corrupt {
-                    car: "(desired state)".into(),
-                    what: "release",
-                    source: serde::de::Error::custom(format!(
-                        "release {} is not registered",
-                        stored.release
-                    )),
-                })?;
+        let known = self
+            .release_envelopes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&stored.release)
+            .cloned();
+        let release = match known {
+            Some(release) => release,
+            None => {
+                let (_, release) =
+                    self.db
+                        .release(&stored.release)
+                        .await?
+                        .ok_or_else(|| Error::Corrupt {
+                            car: "(desired state)".into(),
+                            what: "release",
+                            source: serde::de::Error::custom(format!(
+                                "release {} is not registered",
+                                stored.release
+                            )),
+                        })?;
+                self.release_envelopes
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(stored.release.clone(), release.clone());
+                release
+            }
+        };
         Ok(DesiredState {
             desired: stored.desired.clone(),
             release,
             roots: self.trust.rotations(),
             downgrade: stored.downgrade.clone(),
         })
+    }
+
+    /// The root chain changed without changing the director role: every desired state held here
+    /// goes out again carrying the new rotations — from memory, nothing signed again or read.
+    fn push_roots(&self) {
+        let rotations = self.trust.rotations();
+        self.fleet.each(|live| {
+            live.desired.send_if_modified(|current| match current {
+                Some(message) if message.roots != rotations => {
+                    message.roots = rotations.clone();
+                    true
+                }
+                _ => false,
+            });
+        });
     }
 
     /// Set `car`'s desired state to the release of `summary` (signed, stored, pushed) and log it,
@@ -387,7 +421,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         db::Backend::Sqlite => (None, None),
         db::Backend::Postgres => {
             let director = trust.director_public().id().to_string();
-            let (cluster, presence) = instances::Cluster::new(api_addr, director)?;
+            let (cluster, presence) = instances::Cluster::new(db.origin(), api_addr, director);
             (Some(cluster), Some(presence))
         }
     };
@@ -400,6 +434,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         artifacts: artifacts::Artifacts::open(&config)?,
         trust,
         release_indexes: Mutex::new(HashMap::new()),
+        release_envelopes: Mutex::new(HashMap::new()),
         delta_pool: Arc::new(tokio::sync::Semaphore::new(config.delta_workers.max(1))),
         ahead: ahead::Jobs::default(),
         deployments_lock: tokio::sync::Mutex::new(()),

@@ -621,7 +621,7 @@ async fn killing_the_driving_instance_loses_nothing_and_repeats_nothing() {
     );
     until("the rollout to finish", Duration::from_secs(90), || async {
         let view = deployment(alive[0]).await;
-        view["succeeded"].as_u64() == Some(CARS as u64)
+        view["state"] == "completed"
     })
     .await;
     println!(

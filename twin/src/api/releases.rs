@@ -35,8 +35,13 @@ pub(super) async fn add_root(
         .await
         .map_err(trust_error)?;
     let scope = twin.trust.counter_scope();
+    if scope == scope_before {
+        // Every car's next message carries the new chain.
+        twin.push_roots();
+        return Ok(Json(RootAccepted { version }));
+    }
     for (car, stored) in twin.db.all_desired().await? {
-        if scope != scope_before && stored.scope.is_some() && stored.scope != scope {
+        if stored.scope.is_some() && stored.scope != scope {
             // A new director role: what the old one signed no longer verifies on a car that
             // takes the new root, so every desired state is signed again, in the fresh counter
             // scope (docs/release-format.md, D4a).
@@ -44,7 +49,6 @@ pub(super) async fn add_root(
             twin.issue_desired(&car, &stored.release, ttl, stored.downgrade.clone())
                 .await?;
         } else {
-            // Every car's next message carries the new chain.
             let message = twin.compose(&stored).await?;
             twin.fleet
                 .with_car(&car, |live| live.desired.send_replace(Some(message)));

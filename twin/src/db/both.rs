@@ -451,6 +451,11 @@ async fn a_change_is_heard_by_other_instances_when_it_commits() {
         assert_eq!(change.payload(), payload);
     }
     assert_eq!(Change::parse("something newer"), None);
+    assert_eq!(
+        Change::heard("4f2a roots"),
+        Some(("4f2a", Change::Roots)),
+        "a notification names the instance it comes from"
+    );
     for fresh in each(EventLimits::default()).await {
         let db = &fresh.db;
         let Some(url) = db.url() else {
@@ -461,20 +466,24 @@ async fn a_change_is_heard_by_other_instances_when_it_commits() {
         let car = CarId::new("N-1").unwrap();
         db.register_car(&car_record_for(&car)).await.unwrap();
         let heard = listener.recv().await.unwrap();
+        let origin = db.origin();
         assert_eq!(
-            Change::parse(heard.payload()),
-            Some(Change::Car(car.clone()))
+            Change::heard(heard.payload()),
+            Some((origin, Change::Car(car.clone())))
         );
         db.set_desired(&car, None, None, |counter| Ok(desired("r", counter, None)))
             .await
             .unwrap();
         let heard = listener.recv().await.unwrap();
         assert_eq!(
-            Change::parse(heard.payload()),
-            Some(Change::Desired {
-                car: car.clone(),
-                counter: 1
-            })
+            Change::heard(heard.payload()),
+            Some((
+                origin,
+                Change::Desired {
+                    car: car.clone(),
+                    counter: 1
+                }
+            ))
         );
         // A change that does not commit says nothing.
         let failed = db
@@ -488,7 +497,10 @@ async fn a_change_is_heard_by_other_instances_when_it_commits() {
         assert!(failed.is_err());
         db.insert_root(1, "{}").await.unwrap();
         let heard = listener.recv().await.unwrap();
-        assert_eq!(Change::parse(heard.payload()), Some(Change::Roots));
+        assert_eq!(
+            Change::heard(heard.payload()),
+            Some((origin, Change::Roots))
+        );
     }
 }
 

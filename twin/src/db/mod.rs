@@ -339,6 +339,21 @@ pub struct Db {
     file: Option<PathBuf>,
     /// PostgreSQL: the URL, for the connections of the change feed and the driver's lock.
     url: Option<String>,
+    /// This process's id among the instances on the database, random at each start: the
+    /// change feed's messages say where they come from, so an instance skips its own.
+    origin: String,
+}
+
+/// A fresh instance id: 12 hex digits.
+fn new_origin() -> Result<String, Error> {
+    let mut bytes = [0u8; 6];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).map_err(|_| {
+        Error::Config {
+            path: "(instance id)".into(),
+            why: "no randomness".into(),
+        }
+    })?;
+    Ok(cardeploy_release::hex::encode(&bytes))
 }
 
 fn corrupt(car: &str, what: &'static str) -> impl FnOnce(serde_json::Error) -> Error {
@@ -407,6 +422,7 @@ impl Db {
             events,
             file: Some(path.to_owned()),
             url: None,
+            origin: new_origin()?,
         })
     }
 
@@ -444,6 +460,7 @@ impl Db {
             events,
             file: None,
             url: Some(url.to_owned()),
+            origin: new_origin()?,
         })
     }
 

@@ -22,7 +22,7 @@ pub const CHANNEL: &str = "cardeploy_changes";
 const DRIVER_LOCK: &str = "cardeploy deployments driver";
 
 /// A change another instance may need to act on. Payloads are short text (`NOTIFY` carries at
-/// most 8,000 bytes; a car id is at most 128).
+/// most 8,000 bytes; a car id is at most 128), after the id of the instance that made it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// `car`'s desired state was signed with `counter`: push it to the car if it is connected here.
@@ -45,7 +45,14 @@ impl Change {
         }
     }
 
-    /// `None` for a payload this twin does not know (a newer instance's): ignored.
+    /// The instance a notification came from, and its change; `None` for a payload this twin
+    /// does not know (a newer instance's): ignored.
+    pub fn heard(notification: &str) -> Option<(&str, Self)> {
+        let (origin, payload) = notification.split_once(' ')?;
+        Some((origin, Self::parse(payload)?))
+    }
+
+    /// `None` for a payload this twin does not know.
     pub fn parse(payload: &str) -> Option<Self> {
         let mut words = payload.splitn(3, ' ');
         match (words.next()?, words.next(), words.next()) {
@@ -88,11 +95,16 @@ impl Db {
         if self.backend == Backend::Postgres {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(CHANNEL)
-                .bind(change.payload())
+                .bind(format!("{} {}", self.origin, change.payload()))
                 .execute(&mut **tx)
                 .await?;
         }
         Ok(())
+    }
+
+    /// This instance's id (random at each start), which its changes carry.
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     /// The database URL, for connections of their own (the change feed's listener, the

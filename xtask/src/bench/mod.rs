@@ -6,6 +6,7 @@
 mod build;
 mod containers;
 mod delta;
+mod fleet;
 pub mod fleet_sim;
 mod hostile;
 mod link;
@@ -33,6 +34,11 @@ pub enum Bench {
     /// layer pulled by skopeo against reading the file, the memory serving adds). Table in
     /// target/bench-containers.md.
     Containers(containers::Options),
+    /// The twin beyond one machine: several instances on one PostgreSQL database with
+    /// 10,000 / 50,000 / 100,000 simulated connected cars — memory per idle car, push latency to
+    /// one car and to all, the PostgreSQL load, the reconnect storm after a restart. Table in
+    /// target/bench-fleet.md, plot in target/bench-fleet.png.
+    Fleet(fleet::Options),
 }
 
 pub fn run(bench: &Bench) -> anyhow::Result<()> {
@@ -41,6 +47,7 @@ pub fn run(bench: &Bench) -> anyhow::Result<()> {
         Bench::Delta(options) => delta::run_bench(options),
         Bench::Hostile(options) => hostile::run_bench(options),
         Bench::Containers(options) => containers::run_bench(options),
+        Bench::Fleet(options) => fleet::run_bench(options),
     }
 }
 
@@ -50,6 +57,7 @@ pub fn smoke_all(bins: &Path) -> anyhow::Result<()> {
     delta::smoke(bins)?;
     hostile::smoke(bins)?;
     containers::smoke(bins)?;
+    fleet::smoke(bins)?;
     fleet_sim::smoke(bins)
 }
 
