@@ -24,6 +24,7 @@ fn car_view(id: &str, certificate: CertificateState, connected: bool) -> Value {
         certificate,
         revoked_at: (certificate == CertificateState::Revoked).then_some(1_000),
         connected,
+        connected_to: None,
         desired: None,
         reported: None,
         progress: None,

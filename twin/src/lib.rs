@@ -115,14 +115,18 @@ impl Twin {
         })
     }
 
-    /// Whether `car` is connected to this instance or, with several, to any live one.
-    async fn is_connected(&self, car: &CarId) -> Result<bool, Error> {
+    /// Whether `car` is connected to this instance or, with several, to any live one — and, with
+    /// several, to which.
+    async fn connection(&self, car: &CarId) -> Result<(bool, Option<String>), Error> {
+        let Some(cluster) = &self.cluster else {
+            return Ok((self.fleet.connected(car).is_some(), None));
+        };
         if self.fleet.connected(car).is_some() {
-            return Ok(true);
+            return Ok((true, Some(cluster.me.id.clone())));
         }
-        Ok(match &self.cluster {
-            Some(_) => self.connected_elsewhere(car).await?.is_some(),
-            None => false,
+        Ok(match self.connected_elsewhere(car).await? {
+            Some(there) => (true, Some(there.instance)),
+            None => (false, None),
         })
     }
 
@@ -270,8 +274,7 @@ impl Twin {
                 })
             })
             .await?;
-        // The car may read this release's artifacts from now on.
-        self.db.record_sent(car, release, cars::now()).await?;
+        // The car may read this release's artifacts from now on (`set_desired` recorded it).
         self.forget_readable(car);
         let message = self.compose(&stored).await?;
         self.fleet
@@ -400,6 +403,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     if !config.insecure_plaintext {
         private::check(&config.key_path())?;
     }
+    // Written before any port answers: whoever waits for the API may then read it.
+    let operator_token = operator_token(&config)?;
     let db = match &config.database_url {
         Some(url) => Db::connect(url, config.database_connections, config.event_limits()).await?,
         None => Db::open(&config.db_path(), config.event_limits()).await?,
@@ -426,7 +431,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         }
     };
     let twin = Arc::new(Twin {
-        operator_token: operator_token(&config)?,
+        operator_token,
         db,
         fleet: Fleet::default(),
         registry: PeerRegistry::default(),

@@ -18,10 +18,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cardeploy_chunks::ChunkIndex;
+use cardeploy_chunks::transit::Frame;
 use cardeploy_link::Bytes;
 use cardeploy_protocol::{
-    self as protocol, DesiredState, Hello, HelloReply, Phase, Report, ReportBody, ReportMark,
-    ReportedState, route,
+    self as protocol, ChunksRequest, DesiredState, Hello, HelloReply, Phase, Report, ReportBody,
+    ReportMark, ReportedState, route,
 };
 use cardeploy_testkit::signing::Signer;
 use cardeploy_testkit::{CarFiles, TestPki, rest};
@@ -137,6 +139,48 @@ struct Seen {
     running: Option<String>,
     /// The state reports it sent, by number (the other numbers are `tick` events).
     states: HashMap<u64, ReportedState>,
+    /// The release whose artifact it is fetching, until it has every chunk.
+    fetching: Option<String>,
+    /// The positions of the artifact's chunks it holds.
+    have: std::collections::BTreeSet<u32>,
+    /// Sessions that ended with the fetch unfinished (it resumes in the next one).
+    interrupted: u64,
+}
+
+/// Fetch the chunks of `index` that `seen` does not hold, four a window, a little slowly (the
+/// instance must be able to die mid-fetch), until it holds them all; a window that fails is asked
+/// again. Each chunk is checked to be the one asked for, at its length.
+async fn fetch(link: cardeploy_link::Requester, index: Arc<ChunkIndex>, seen: Arc<Mutex<Seen>>) {
+    loop {
+        let missing: Vec<u32> = {
+            let seen = seen.lock().unwrap();
+            (0..index.chunks.len() as u32)
+                .filter(|p| !seen.have.contains(p))
+                .take(4)
+                .collect()
+        };
+        if missing.is_empty() {
+            return;
+        }
+        let request = ChunksRequest {
+            index: index.id().to_string(),
+            base: None,
+            chunks: missing.clone(),
+        };
+        let mut frames = link.request_stream(
+            route::ARTIFACT_CHUNKS,
+            Bytes::from(protocol::encode(&request)),
+        );
+        let mut next = missing.iter();
+        while let Some(Ok(bytes)) = frames.next().await {
+            let Some(&position) = next.next() else { break };
+            let frame = Frame::decode(&bytes).unwrap();
+            let chunk = &index.chunks[position as usize];
+            frame.expect(&chunk.id, chunk.len).unwrap();
+            seen.lock().unwrap().have.insert(position);
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
 }
 
 /// A simulated car: connects through HAProxy, says hello, sends a numbered event every
@@ -157,7 +201,7 @@ impl Drop for Car {
     }
 }
 
-fn start_car(id: String, files: CarFiles, ca: PathBuf, port: u16) -> Car {
+fn start_car(id: String, files: CarFiles, ca: PathBuf, port: u16, index: Arc<ChunkIndex>) -> Car {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let sent = Arc::new(AtomicU64::new(0));
     let quiet = Arc::new(AtomicBool::new(false));
@@ -222,9 +266,35 @@ fn start_car(id: String, files: CarFiles, ca: PathBuf, port: u16) -> Car {
                 let mut desired =
                     link.request_stream(route::CAR_DESIRED, Bytes::from_static(b"{}"));
                 let mut tick = tokio::time::interval(Duration::from_millis(400));
+                // A fetch the last session left unfinished resumes with the chunks still missing.
+                let mut fetching = seen
+                    .lock()
+                    .unwrap()
+                    .fetching
+                    .is_some()
+                    .then(|| tokio::spawn(fetch(link.clone(), index.clone(), seen.clone())));
                 loop {
                     tokio::select! {
                         () = link.closed() => break,
+                        done = async { fetching.as_mut().unwrap().await }, if fetching.is_some() => {
+                            fetching = None;
+                            if done.is_ok() {
+                                let label = {
+                                    let mut seen = seen.lock().unwrap();
+                                    let label = seen.fetching.take();
+                                    seen.running.clone_from(&label);
+                                    label
+                                };
+                                let seq = sent.fetch_add(1, Ordering::SeqCst) + 1;
+                                let state = ReportedState {
+                                    phase: Phase::Committed,
+                                    release: label,
+                                    ..ReportedState::idle()
+                                };
+                                seen.lock().unwrap().states.insert(seq, state.clone());
+                                report(&link, seq, ReportBody::State { state }).await;
+                            }
+                        }
                         pushed = desired.next() => {
                             let Some(Ok(pushed)) = pushed else { break };
                             let pushed: DesiredState = protocol::decode("desired", &pushed).unwrap();
@@ -234,16 +304,14 @@ fn start_car(id: String, files: CarFiles, ca: PathBuf, port: u16) -> Car {
                             {
                                 let mut seen = seen.lock().unwrap();
                                 seen.counters.push(doc["counter"].as_u64().unwrap());
-                                seen.running = Some(label.clone());
+                                if seen.running.as_ref() != Some(&label) && seen.fetching.as_ref() != Some(&label) {
+                                    seen.fetching = Some(label);
+                                    seen.have.clear();
+                                }
                             }
-                            let seq = sent.fetch_add(1, Ordering::SeqCst) + 1;
-                            let state = ReportedState {
-                                phase: Phase::Committed,
-                                release: Some(label),
-                                ..ReportedState::idle()
-                            };
-                            seen.lock().unwrap().states.insert(seq, state.clone());
-                            report(&link, seq, ReportBody::State { state }).await;
+                            if fetching.is_none() && seen.lock().unwrap().fetching.is_some() {
+                                fetching = Some(tokio::spawn(fetch(link.clone(), index.clone(), seen.clone())));
+                            }
                         }
                         _ = tick.tick() => {
                             if !quiet.load(Ordering::SeqCst) {
@@ -253,7 +321,14 @@ fn start_car(id: String, files: CarFiles, ca: PathBuf, port: u16) -> Car {
                         }
                     }
                 }
-                seen.lock().unwrap().lost += 1;
+                if let Some(unfinished) = fetching.take() {
+                    unfinished.abort();
+                }
+                let mut seen = seen.lock().unwrap();
+                seen.lost += 1;
+                if seen.fetching.is_some() {
+                    seen.interrupted += 1;
+                }
             }
         }
     });
@@ -485,6 +560,35 @@ async fn killing_the_driving_instance_loses_nothing_and_repeats_nothing() {
             .unwrap(),
     );
 
+    // The release's artifact, pushed through instance 3 into the shared bucket: every car fetches
+    // it, from whichever instance it is connected to.
+    let data = cardeploy_testkit::noise(11, 3 << 20);
+    let index = Arc::new(cardeploy_chunks::chunk_bytes(
+        &data,
+        cardeploy_chunks::Params::DEFAULT,
+    ));
+    let offsets = index.offsets();
+    for (i, c) in index.chunks.iter().enumerate() {
+        let raw = &data[offsets[i] as usize..offsets[i + 1] as usize];
+        let z = zstd::bulk::compress(raw, 3).unwrap();
+        let (status, body) = cardeploy_testkit::rest_bytes(
+            instances[2].api,
+            &token,
+            &format!("/api/v1/chunks/{}", c.id),
+            z,
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = cardeploy_testkit::rest_bytes(
+        instances[2].api,
+        &token,
+        &format!("/api/v1/indexes/{}", index.id()),
+        index.encode(),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+
     // The cars, registered through instance 3, connected through HAProxy.
     let mut cars = Vec::new();
     for n in 0..CARS {
@@ -499,7 +603,7 @@ async fn killing_the_driving_instance_loses_nothing_and_repeats_nothing() {
         )
         .await;
         assert_eq!(status, 201, "{body}");
-        cars.push(start_car(id, files, pki.ca(), front));
+        cars.push(start_car(id, files, pki.ca(), front, index.clone()));
     }
     let apis: Vec<std::net::SocketAddr> = instances.iter().map(|t| t.api).collect();
     let connected = |i: usize| {
@@ -524,7 +628,12 @@ async fn killing_the_driving_instance_loses_nothing_and_repeats_nothing() {
     println!("cars per instance through HAProxy: {spread:?}");
 
     // A phased deployment, made through instance 2: a third of the fleet, soak, then the rest.
-    let manifest = signer.manifest("apps", "5.0.0", vec![]);
+    let artifact = cardeploy_testkit::signing::artifact(
+        cardeploy_release::ArtifactKind::RaucBundle,
+        "app",
+        &index,
+    );
+    let manifest = signer.manifest("apps", "5.0.0", vec![artifact]);
     let body: Value = serde_json::from_slice(&signer.sign_release(&manifest).to_json()).unwrap();
     let (status, view) = api(
         &instances[1],
@@ -571,10 +680,38 @@ async fn killing_the_driving_instance_loses_nothing_and_repeats_nothing() {
         let (_, body) = rest(*api, &token, "GET", "/api/v1/instance", None).await;
         if body["driving"] == true {
             assert!(driver.is_none(), "two instances drive");
-            driver = Some(i);
+            driver = Some((i, body["id"].as_str().unwrap().to_owned()));
         }
     }
-    let driver = driver.expect("no instance drives");
+    let (driver, driver_id) = driver.expect("no instance drives");
+    // Killed while a car connected to it is mid-fetch.
+    let total = index.chunks.len();
+    let mid_fetch = until(
+        "a car on the driving instance to be mid-fetch",
+        Duration::from_secs(30),
+        || async {
+            for car in &cars {
+                let have = car.seen.lock().unwrap().have.len();
+                if have == 0 || have >= total {
+                    continue;
+                }
+                let (_, view) = rest(
+                    apis[1],
+                    &token,
+                    "GET",
+                    &format!("/api/v1/cars/{}", car.id),
+                    None,
+                )
+                .await;
+                if view["connected_to"] == driver_id.as_str() {
+                    return true;
+                }
+            }
+            false
+        },
+    )
+    .await;
+    assert!(mid_fetch < Duration::from_secs(30));
     let orphans = connected(driver).await;
     let killed_at = Instant::now();
     instances[driver].kill();
@@ -619,14 +756,53 @@ async fn killing_the_driving_instance_loses_nothing_and_repeats_nothing() {
         "every car back {:.1} s after the kill",
         killed_at.elapsed().as_secs_f64()
     );
-    until("the rollout to finish", Duration::from_secs(90), || async {
+    let finishing = Instant::now();
+    loop {
         let view = deployment(alive[0]).await;
-        view["state"] == "completed"
-    })
-    .await;
+        if view["state"] == "completed" {
+            break;
+        }
+        if finishing.elapsed() > Duration::from_secs(90) {
+            let cars: Vec<String> = cars
+                .iter()
+                .map(|c| {
+                    let seen = c.seen.lock().unwrap();
+                    format!(
+                        "{}: {}/{total} chunks, fetching {:?}, running {:?}, counters {:?}",
+                        c.id,
+                        seen.have.len(),
+                        seen.fetching,
+                        seen.running,
+                        seen.counters
+                    )
+                })
+                .collect();
+            let logs: Vec<String> = instances.iter().map(Instance::log).collect();
+            panic!(
+                "the rollout did not finish in 90 s: {view}\n{cars:#?}\n{}",
+                logs.join("\n----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     println!(
         "rollout done {:.1} s after the kill",
         killed_at.elapsed().as_secs_f64()
+    );
+
+    // Every fetch finished, at least one of them across the kill.
+    let interrupted: u64 = cars
+        .iter()
+        .map(|c| c.seen.lock().unwrap().interrupted)
+        .sum();
+    for car in &cars {
+        let seen = car.seen.lock().unwrap();
+        assert_eq!(seen.have.len(), total, "{} did not get every chunk", car.id);
+        assert!(seen.fetching.is_none(), "{} is still fetching", car.id);
+    }
+    assert!(interrupted >= 1, "no fetch was interrupted by the kill");
+    println!(
+        "{interrupted} fetches interrupted by the kill resumed on another instance ({total} chunks each)"
     );
 
     // Nothing twice: each car was signed for the release once (counter 1, however often the

@@ -50,6 +50,9 @@ pub struct CarView {
     pub certificate: CertificateState,
     pub revoked_at: Option<i64>,
     pub connected: bool,
+    /// With several twin instances: the one the car is connected to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_to: Option<String>,
     pub desired: Option<DesiredView>,
     pub reported: Option<ReportedView>,
     /// The last download progress the car reported since the twin started.

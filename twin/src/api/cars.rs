@@ -128,6 +128,7 @@ async fn view(twin: &Twin, car: CarRecord) -> Result<CarView, ApiError> {
             live.reports.dropped,
         )
     });
+    let (connected, connected_to) = twin.connection(&car.id).await?;
     let position = twin.db.position(car.id.as_str()).await?.map(|(p, at)| {
         let (lat, lon) = p.degrees();
         cardeploy_protocol::api::PositionView { lat, lon, at }
@@ -137,7 +138,8 @@ async fn view(twin: &Twin, car: CarRecord) -> Result<CarView, ApiError> {
         progress,
         install,
         dropped_reports,
-        connected: twin.is_connected(&car.id).await?,
+        connected,
+        connected_to,
         certificate: match car.revoked_at {
             None => CertificateState::Active,
             Some(_) => CertificateState::Revoked,

@@ -521,7 +521,8 @@ impl Db {
     /// Store a new desired state with the next counter for this car, atomically: `make` gets the
     /// counter and returns the signed document. Durable when it returns (the durable pool), so a
     /// counter is never handed out twice, and `BEGIN IMMEDIATE` takes the write lock before the
-    /// counter is read, so no other writer slips in between.
+    /// counter is read, so no other writer slips in between. The release is recorded as sent to
+    /// the car (what it may read) in the same transaction.
     /// The counter is one above both the last one this twin signed for the car in `scope` (the
     /// counter scope in force; one signed in another scope does not count) and `floor`, the
     /// last one the car says it accepted in this scope: a twin whose database was restored from
@@ -579,6 +580,10 @@ impl Db {
         .execute(&mut *tx)
         .await
         .map_err(db("set desired state"))?;
+        // The car may read the release's artifacts from the moment it can hear of it, on any
+        // instance: recorded in the same transaction as the state and its announcement.
+        let now = i64::try_from(cardeploy_release::now_secs()).unwrap_or(i64::MAX);
+        record_sent_in(&mut tx, car, &stored.release, now).await?;
         self.announce(
             &mut tx,
             &Change::Desired {
@@ -928,32 +933,16 @@ impl Db {
         Ok(())
     }
 
-    /// Remember that `car` was sent `release`, keeping the newest [`SENT_KEPT`].
+    /// Remember that `car` was sent `release`, keeping the newest [`SENT_KEPT`]. The twin does
+    /// it in [`Db::set_desired`]'s transaction; alone, for the tests of the bound.
+    #[cfg(test)]
     pub async fn record_sent(&self, car: &CarId, release: &str, now: i64) -> Result<(), Error> {
         let mut tx = self
             .pool
             .begin()
             .await
             .map_err(db("record a sent release"))?;
-        sqlx::query(
-            "INSERT INTO sent_releases (car_id, release, at) VALUES ($1, $2, $3)
-             ON CONFLICT(car_id, release) DO UPDATE SET at = excluded.at",
-        )
-        .bind(car.as_str())
-        .bind(release)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("record a sent release"))?;
-        sqlx::query(
-            "DELETE FROM sent_releases WHERE car_id = $1 AND release NOT IN (
-                SELECT release FROM sent_releases WHERE car_id = $1 ORDER BY at DESC LIMIT $2)",
-        )
-        .bind(car.as_str())
-        .bind(SENT_KEPT)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("record a sent release"))?;
+        record_sent_in(&mut tx, car, release, now).await?;
         tx.commit().await.map_err(db("record a sent release"))
     }
 
@@ -1054,6 +1043,35 @@ async fn migrate_postgres(pool: &AnyPool) -> Result<(), Error> {
             .map_err(db("migrate schema"))?;
     }
     tx.commit().await.map_err(db("migrate schema"))
+}
+
+/// [`Db::record_sent`] inside a transaction of the caller's.
+async fn record_sent_in(
+    tx: &mut Transaction<'static, Any>,
+    car: &CarId,
+    release: &str,
+    now: i64,
+) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO sent_releases (car_id, release, at) VALUES ($1, $2, $3)
+         ON CONFLICT(car_id, release) DO UPDATE SET at = excluded.at",
+    )
+    .bind(car.as_str())
+    .bind(release)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("record a sent release"))?;
+    sqlx::query(
+        "DELETE FROM sent_releases WHERE car_id = $1 AND release NOT IN (
+            SELECT release FROM sent_releases WHERE car_id = $1 ORDER BY at DESC LIMIT $2)",
+    )
+    .bind(car.as_str())
+    .bind(SENT_KEPT)
+    .execute(&mut **tx)
+    .await
+    .map_err(db("record a sent release"))?;
+    Ok(())
 }
 
 /// Fresh databases for tests, one on each backend the run has.
