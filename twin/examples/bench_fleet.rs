@@ -37,7 +37,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use cardeploy_link::Bytes;
 use cardeploy_pki::{FleetPki, write_file};
 use cardeploy_protocol::{self as protocol, Hello, ReportedState, route};
-use cardeploy_testkit::procs::{arg, cpu_time, free_port, http, rss_kib};
+use cardeploy_testkit::procs::{api_at, arg, free_port, http, rss_kib};
 use cardeploy_testkit::signing::Signer;
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -289,22 +289,7 @@ struct Fleet {
 
 impl Fleet {
     fn call(&self, i: usize, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = format!("{}{path}", self.instances[i].api);
-        let auth = format!("Bearer {}", self.token);
-        let agent = http();
-        let answer = match (method, body) {
-            ("GET", None) => agent.get(&url).header("Authorization", &auth).call(),
-            ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b),
-            ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b),
-            (method, _) => panic!("{method} is not a call this bench makes"),
-        };
-        let mut r = answer.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-        let status = r.status().as_u16();
-        let text = r.body_mut().read_to_string().unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        api_at(&self.instances[i].api, &self.token, method, path, body)
     }
 
     /// Cars connected to the instances, as they count them.
@@ -370,9 +355,11 @@ impl PgLoad {
     }
 }
 
-/// CPU time of every PostgreSQL process on the machine (the bench's server is the only one).
+/// CPU time of PostgreSQL on the machine (the bench's server is the only one): every live
+/// `postgres` process, and the backends that already ended, which the server's main process
+/// collected (its children's time).
 fn postgres_cpu() -> Duration {
-    let mut total = Duration::ZERO;
+    let mut ticks = 0u64;
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = entry
             .file_name()
@@ -382,14 +369,25 @@ fn postgres_cpu() -> Duration {
             continue;
         };
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "postgres" {
-            // The process may have ended in between.
-            if std::fs::metadata(format!("/proc/{pid}/stat")).is_ok() {
-                total += std::panic::catch_unwind(|| cpu_time(pid)).unwrap_or_default();
-            }
+        if comm.trim() != "postgres" {
+            continue;
         }
+        // The process may have ended in between.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command name (which may hold spaces) start after the last ')'.
+        let Some(end) = stat.rfind(')') else { continue };
+        let fields: Vec<u64> = stat[end + 2..]
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        // utime, stime; cutime, cstime (non-zero only for the main process, whose children the
+        // backends are).
+        ticks += fields.get(11..15).map_or(0, |f| f.iter().sum());
     }
-    total
+    // The kernel's USER_HZ is 100 on every Linux this runs on.
+    Duration::from_millis(ticks * 10)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

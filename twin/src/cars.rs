@@ -58,6 +58,34 @@ impl Fleet {
         f(live)
     }
 
+    /// `f` on `car`'s live record if it has one (a car never connected here has none: nothing is
+    /// made for it).
+    pub fn if_present<T>(&self, car: &CarId, f: impl FnOnce(&mut Live) -> T) -> Option<T> {
+        let mut cars = self
+            .cars
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cars.get_mut(car).map(f)
+    }
+
+    /// Hand `message` to `car`'s desired-state streams if it is connected here (unless they
+    /// have it already). A car connected elsewhere, or not at all, reads its desired state from
+    /// the database at its next hello: an instance holds the messages of its own cars only.
+    pub fn offer(&self, car: &CarId, message: &DesiredState) {
+        self.if_present(car, |live| {
+            if live.session.is_some() {
+                live.desired.send_if_modified(|current| {
+                    if current.as_ref() == Some(message) {
+                        false
+                    } else {
+                        *current = Some(message.clone());
+                        true
+                    }
+                });
+            }
+        });
+    }
+
     /// `f` on every car's live record (under the fleet's lock: keep it short).
     pub fn each(&self, f: impl FnMut(&mut Live)) {
         let mut cars = self
@@ -75,6 +103,18 @@ impl Fleet {
         cars.get(car)
             .and_then(|live| live.session.as_ref())
             .map(|(_, requester)| requester.clone())
+    }
+
+    /// The cars connected here.
+    pub fn connected_ids(&self) -> Vec<CarId> {
+        let cars = self
+            .cars
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cars.iter()
+            .filter(|(_, live)| live.session.is_some())
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     pub fn connected_count(&self) -> usize {
@@ -145,6 +185,8 @@ impl Acceptor for CarAcceptor {
                 let still_ours = twin.fleet.with_car(&car, |live| {
                     if live.session.as_ref().is_some_and(|(id, _)| *id == conn_id) {
                         live.session = None;
+                        // Read again at its next hello, here or on another instance.
+                        live.desired.send_replace(None);
                         true
                     } else {
                         false
@@ -225,10 +267,24 @@ impl Responder for CarResponder {
                 if let Err(e) = self.refresh_desired().await {
                     tracing::warn!(car = %self.car, "desired state not signed again: {e}");
                 }
-                let desired = self
+                let stored = self
                     .twin
-                    .fleet
-                    .with_car(&self.car, |live| live.desired.borrow().clone());
+                    .db
+                    .desired(&self.car)
+                    .await
+                    .map_err(|e| internal(&self.car, e))?;
+                let desired = match stored {
+                    Some(stored) => Some(
+                        self.twin
+                            .compose(&stored)
+                            .await
+                            .map_err(|e| internal(&self.car, e))?,
+                    ),
+                    None => None,
+                };
+                if let Some(message) = &desired {
+                    self.twin.fleet.offer(&self.car, message);
+                }
                 let reports_through = self
                     .twin
                     .db
@@ -310,7 +366,19 @@ impl Responder for CarResponder {
             .fleet
             .with_car(&self.car, |live| live.desired.subscribe());
         let requester = self.requester.clone();
+        let (twin, car) = (self.twin.clone(), self.car.clone());
         async_stream::stream! {
+            // Asked before the hello that reads it (the agent says hello first): read it here.
+            if desired.borrow().is_none() {
+                match twin.db.desired(&car).await {
+                    Ok(Some(stored)) => match twin.compose(&stored).await {
+                        Ok(message) => twin.fleet.offer(&car, &message),
+                        Err(e) => tracing::warn!(%car, "{e}"),
+                    },
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(%car, "{e}"),
+                }
+            }
             loop {
                 let current = desired.borrow_and_update().clone();
                 if let Some(state) = current {

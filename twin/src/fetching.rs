@@ -145,7 +145,7 @@ impl Twin {
 
     /// `car`'s desired or reported release changed: what it may read is worked out again.
     pub(crate) fn forget_readable(&self, car: &CarId) {
-        self.fleet.with_car(car, |live| live.readable = None);
+        self.fleet.if_present(car, |live| live.readable = None);
     }
 
     /// Refuse `index` (and `base`) unless `car` may read them.

@@ -199,6 +199,11 @@ pub(crate) async fn follow(
 /// Act on one change.
 async fn apply(twin: &Twin, change: &Change) -> Result<(), Error> {
     match change {
+        // A car connected elsewhere (or nowhere) costs this instance nothing.
+        Change::Desired { car, .. } if twin.fleet.connected(car).is_none() => {
+            twin.forget_readable(car);
+            Ok(())
+        }
         Change::Desired { car, .. } => match twin.db.desired(car).await? {
             Some(stored) => push(twin, car, &stored).await,
             None => Ok(()),
@@ -210,18 +215,11 @@ async fn apply(twin: &Twin, change: &Change) -> Result<(), Error> {
             Ok(())
         }
         Change::Roots => {
-            let scope = twin.trust.counter_scope();
             twin.trust.load(&twin.db).await?;
-            if twin.trust.counter_scope() == scope {
-                // Every car's next message carries the new chain.
-                twin.push_roots();
-            } else {
-                // A new director role: the instance that took the root signs every desired
-                // state again, and each of those changes comes through this feed.
-                for (car, stored) in twin.db.all_desired().await? {
-                    push(twin, &car, &stored).await?;
-                }
-            }
+            // Every car's next message carries the new chain. With a new director role the
+            // instance that took the root also signs every desired state again: those changes
+            // come through this feed.
+            twin.push_roots();
             Ok(())
         }
         Change::Deployments => {
@@ -240,20 +238,14 @@ fn admit(twin: &Twin, record: &crate::CarRecord) {
     }
 }
 
-/// Push `car`'s stored desired state to its streams here, unless they have it already.
+/// Push `car`'s stored desired state to its streams, if it is connected here.
 async fn push(twin: &Twin, car: &CarId, stored: &crate::StoredDesired) -> Result<(), Error> {
-    let message = twin.compose(stored).await?;
     twin.forget_readable(car);
-    twin.fleet.with_car(car, |live| {
-        live.desired.send_if_modified(|current| {
-            if current.as_ref() == Some(&message) {
-                false
-            } else {
-                *current = Some(message);
-                true
-            }
-        })
-    });
+    if twin.fleet.connected(car).is_none() {
+        return Ok(());
+    }
+    let message = twin.compose(stored).await?;
+    twin.fleet.offer(car, &message);
     Ok(())
 }
 
@@ -264,6 +256,9 @@ async fn resync(twin: &Twin) {
             admit(twin, &record);
         }
         apply(twin, &Change::Roots).await?;
+        for car in twin.fleet.connected_ids() {
+            apply(twin, &Change::Desired { car, counter: 0 }).await?;
+        }
         apply(twin, &Change::Deployments).await
     };
     if let Err(e) = result.await {

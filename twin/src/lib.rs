@@ -277,8 +277,7 @@ impl Twin {
         // The car may read this release's artifacts from now on (`set_desired` recorded it).
         self.forget_readable(car);
         let message = self.compose(&stored).await?;
-        self.fleet
-            .with_car(car, |live| live.desired.send_replace(Some(message)));
+        self.fleet.offer(car, &message);
         Ok(stored)
     }
 }
@@ -403,8 +402,10 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     if !config.insecure_plaintext {
         private::check(&config.key_path())?;
     }
-    // Written before any port answers: whoever waits for the API may then read it.
+    // Written before any port answers (the director key's public half too): whoever waits for
+    // the API may then read them.
     let operator_token = operator_token(&config)?;
+    let trust = trust::Trust::open(&config.data_dir)?;
     let db = match &config.database_url {
         Some(url) => Db::connect(url, config.database_connections, config.event_limits()).await?,
         None => Db::open(&config.db_path(), config.event_limits()).await?,
@@ -420,7 +421,6 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         addr: config.api_listen,
         source,
     })?;
-    let trust = trust::Trust::open(&config.data_dir)?;
     trust.load(&db).await?;
     let (cluster, presence) = match db.backend() {
         db::Backend::Sqlite => (None, None),
@@ -457,11 +457,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     for car in twin.db.cars().await? {
         twin.register(&car);
     }
-    for (car, stored) in twin.db.all_desired().await? {
-        let message = twin.compose(&stored).await?;
-        twin.fleet
-            .with_car(&car, |live| live.desired.send_replace(Some(message)));
-    }
+    // Desired states are read per car when it says hello: an instance holds the messages of the
+    // cars connected to it, not the fleet's.
 
     let config = &twin.config;
     let security = if config.insecure_plaintext {

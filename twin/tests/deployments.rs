@@ -15,7 +15,7 @@ use cardeploy_protocol::{
 use cardeploy_release::{CarContext, TrustedRoot, check_release};
 use cardeploy_testkit::CarFiles;
 use cardeploy_twin::Running;
-use common::{Env, api_async, car_link};
+use common::{Env, api_async, apps_release, car_link};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -121,16 +121,6 @@ async fn create(twin: &Running, request: Value) -> Value {
     created
 }
 
-/// `apps@version`, with no artifacts, signed and registered; its digest.
-async fn release(env: &Env, twin: &Running, version: &str) -> String {
-    let signer = env.signer();
-    let manifest = signer.manifest("apps", version, vec![]);
-    let body: Value = serde_json::from_slice(&signer.sign_release(&manifest).to_json()).unwrap();
-    let (status, view) = api_async(twin, "POST", "/api/v1/releases", Some(body)).await;
-    assert!(status == 201 || status == 200, "{view}");
-    view["digest"].as_str().unwrap().to_owned()
-}
-
 async fn until(twin: &Running, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
     let started = Instant::now();
     loop {
@@ -174,7 +164,7 @@ async fn a_canary_then_waves_reach_every_selected_car_and_no_other() {
         let files = register(&env, &twin, &id, json!({"model": model, "market": "eu"})).await;
         cars.push(connect(&env, &twin, &id, &files, false, None).await);
     }
-    let digest = release(&env, &twin, "2.0.0").await;
+    let digest = apps_release(&env, &twin, "2.0.0").await;
     let (status, preview) = api_async(
         &twin,
         "POST",
@@ -239,7 +229,7 @@ async fn failures_halt_the_wave_within_its_budget_the_halt_survives_a_restart_an
     for (id, files) in ids.iter().zip(&files) {
         cars.push(connect(&env, &twin, id, files, fails(id), None).await);
     }
-    release(&env, &twin, "3.0.0").await;
+    apps_release(&env, &twin, "3.0.0").await;
     create(
         &twin,
         json!({
@@ -272,7 +262,7 @@ async fn failures_halt_the_wave_within_its_budget_the_halt_survives_a_restart_an
     );
 
     // An overlapping deployment is refused while this one runs, naming it.
-    release(&env, &twin, "4.0.0").await;
+    apps_release(&env, &twin, "4.0.0").await;
     let request = json!({
         "name": "apps-4", "release": "apps@4.0.0", "selector": "model=tx7",
         "phases": [{"percent": 100}], "failure_threshold": 0.5, "success_threshold": 0.5, "ttl_secs": 600
@@ -362,7 +352,7 @@ async fn failures_halt_the_wave_within_its_budget_the_halt_survives_a_restart_an
 async fn bad_requests_say_what_is_wrong() {
     let env = Env::new();
     let twin = env.start().await;
-    release(&env, &twin, "1.0.0").await;
+    apps_release(&env, &twin, "1.0.0").await;
     let base = json!({
         "name": "d1", "release": "apps@1.0.0", "selector": "model=tx7",
         "phases": [{"cars": 1}], "failure_threshold": 0.1, "success_threshold": 0.9, "ttl_secs": 600
@@ -479,7 +469,7 @@ async fn at_the_time_to_live_cars_not_started_never_start_and_the_count_is_kept(
         cars.push(connect(&env, &twin, &id, &files, false, None).await);
     }
     let parked = register(&env, &twin, "VIN-P", json!({"model": "tx7"})).await;
-    release(&env, &twin, "5.0.0").await;
+    apps_release(&env, &twin, "5.0.0").await;
     // A canary of one, then an hour of soak: the time-to-live (10 s) comes first.
     create(
         &twin,
@@ -580,7 +570,7 @@ async fn a_car_driving_into_the_geofence_joins_the_deployment() {
     let _nowhere = connect(&env, &twin, "VIN-NOWHERE", &files[2], false, None).await;
     let (_, car) = api_async(&twin, "GET", "/api/v1/cars/VIN-MUC", None).await;
     assert_eq!(car["position"]["lat"], 48.137, "{car}");
-    release(&env, &twin, "5.0.0").await;
+    apps_release(&env, &twin, "5.0.0").await;
     let created = create(
         &twin,
         json!({

@@ -25,6 +25,7 @@ use cardeploy_protocol::{
     self as protocol, ChunksRequest, DesiredState, Hello, HelloReply, Phase, Report, ReportBody,
     ReportMark, ReportedState, route,
 };
+use cardeploy_testkit::procs::free_port;
 use cardeploy_testkit::signing::Signer;
 use cardeploy_testkit::{CarFiles, TestPki, rest};
 use futures::StreamExt;
@@ -40,14 +41,6 @@ fn haproxy() -> Option<PathBuf> {
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.exists())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One twin process.

@@ -20,7 +20,7 @@ use cardeploy_protocol::{
 };
 use cardeploy_testkit::CarFiles;
 use cardeploy_twin::Running;
-use common::{Env, api_async, register};
+use common::{Env, api_async, apps_release, register};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -280,16 +280,6 @@ async fn a_report_sent_again_to_another_instance_is_stored_once_and_the_car_is_t
     b.stop().await.unwrap();
 }
 
-/// `apps@version`, no artifacts, registered through `twin`; its digest.
-async fn release(env: &Env, twin: &Running, version: &str) -> String {
-    let signer = env.signer();
-    let manifest = signer.manifest("apps", version, vec![]);
-    let body: Value = serde_json::from_slice(&signer.sign_release(&manifest).to_json()).unwrap();
-    let (status, view) = api_async(twin, "POST", "/api/v1/releases", Some(body)).await;
-    assert!(status == 201 || status == 200, "{view}");
-    view["digest"].as_str().unwrap().to_owned()
-}
-
 /// Deploy `release` to every car, one phase; the deployment is created through `twin`.
 async fn deploy(twin: &Running, name: &str, release: &str) {
     let request = json!({
@@ -339,7 +329,7 @@ async fn exactly_one_instance_drives_and_another_takes_over_when_it_stops() {
     // The car is on the instance that does not drive; the deployment is made through it too.
     let (link, _) = connect(env, &other, &files, "VIN-D").await;
     let mut desired = link.request_stream(route::CAR_DESIRED, Bytes::from_static(b"{}"));
-    let first = release(env, &other, "1.0.0").await;
+    let first = apps_release(env, &other, "1.0.0").await;
     deploy(&other, "first", &first).await;
     assert_eq!(next_counter(&mut desired).await, 1);
 
@@ -351,7 +341,7 @@ async fn exactly_one_instance_drives_and_another_takes_over_when_it_stops() {
         || async { other.drives() },
     )
     .await;
-    let second = release(env, &other, "2.0.0").await;
+    let second = apps_release(env, &other, "2.0.0").await;
     deploy(&other, "second", &second).await;
     assert_eq!(
         next_counter(&mut desired).await,

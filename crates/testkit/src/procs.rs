@@ -165,8 +165,19 @@ pub fn api(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> (u16, serde_json::Value) {
-    let url = format!("{}{path}", twin.api);
-    let auth = format!("Bearer {}", twin.token);
+    api_at(&twin.api, &twin.token, method, path, body)
+}
+
+/// [`api`] to the twin whose API is at `base` (`http://host:port`), with `token`.
+pub fn api_at(
+    base: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let url = format!("{base}{path}");
+    let auth = format!("Bearer {token}");
     let agent = http();
     let answer = match (method, body) {
         ("GET", None) => agent.get(&url).header("Authorization", &auth).call(),

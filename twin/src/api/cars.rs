@@ -121,13 +121,16 @@ async fn view(twin: &Twin, car: CarRecord) -> Result<CarView, ApiError> {
         Some(stored) => Some(desired_view(twin, &stored).await?),
         None => None,
     };
-    let (progress, install, dropped_reports) = twin.fleet.with_car(&car.id, |live| {
-        (
-            live.progress.clone(),
-            live.install.clone(),
-            live.reports.dropped,
-        )
-    });
+    let (progress, install, dropped_reports) = twin
+        .fleet
+        .if_present(&car.id, |live| {
+            (
+                live.progress.clone(),
+                live.install.clone(),
+                live.reports.dropped,
+            )
+        })
+        .unwrap_or_default();
     let (connected, connected_to) = twin.connection(&car.id).await?;
     let position = twin.db.position(car.id.as_str()).await?.map(|(p, at)| {
         let (lat, lon) = p.degrees();

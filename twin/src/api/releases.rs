@@ -49,9 +49,10 @@ pub(super) async fn add_root(
             twin.issue_desired(&car, &stored.release, ttl, stored.downgrade.clone())
                 .await?;
         } else {
-            let message = twin.compose(&stored).await?;
-            twin.fleet
-                .with_car(&car, |live| live.desired.send_replace(Some(message)));
+            if twin.fleet.connected(&car).is_some() {
+                let message = twin.compose(&stored).await?;
+                twin.fleet.offer(&car, &message);
+            }
         }
     }
     Ok(Json(RootAccepted { version }))

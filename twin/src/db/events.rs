@@ -88,17 +88,10 @@ impl Db {
         message: &str,
     ) -> Result<bool, Error> {
         let mut tx = self.pool.begin().await.map_err(db("store event"))?;
-        let marked = sqlx::query(
-            "UPDATE reported SET epoch = $2, seq = $3, last_seen = $4
-             WHERE car_id = $1 AND ($2, $3) > (epoch, seq)",
-        )
-        .bind(car.as_str())
-        .bind(epoch)
-        .bind(seq)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("store report"))?;
+        let marked = super::advance_mark(car, epoch, seq, now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("store report"))?;
         if marked.rows_affected() != 1 {
             return Ok(false);
         }

@@ -909,17 +909,10 @@ impl Db {
         seq: i64,
         now: i64,
     ) -> Result<bool, Error> {
-        let result = sqlx::query(
-            "UPDATE reported SET epoch = $2, seq = $3, last_seen = $4
-             WHERE car_id = $1 AND ($2, $3) > (epoch, seq)",
-        )
-        .bind(car.as_str())
-        .bind(epoch)
-        .bind(seq)
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .map_err(db("store report"))?;
+        let result = advance_mark(car, epoch, seq, now)
+            .execute(&self.pool)
+            .await
+            .map_err(db("store report"))?;
         Ok(result.rows_affected() == 1)
     }
 
@@ -1043,6 +1036,24 @@ async fn migrate_postgres(pool: &AnyPool) -> Result<(), Error> {
             .map_err(db("migrate schema"))?;
     }
     tx.commit().await.map_err(db("migrate schema"))
+}
+
+/// Advance `car`'s report mark to (`epoch`, `seq`) if that is newer: one row changed, or none
+/// for a duplicate.
+fn advance_mark(
+    car: &CarId,
+    epoch: i64,
+    seq: i64,
+    now: i64,
+) -> sqlx::query::Query<'_, Any, sqlx::any::AnyArguments<'_>> {
+    sqlx::query(
+        "UPDATE reported SET epoch = $2, seq = $3, last_seen = $4
+         WHERE car_id = $1 AND ($2, $3) > (epoch, seq)",
+    )
+    .bind(car.as_str())
+    .bind(epoch)
+    .bind(seq)
+    .bind(now)
 }
 
 /// [`Db::record_sent`] inside a transaction of the caller's.

@@ -356,11 +356,18 @@ impl DriverLock {
         }
     }
 
-    /// Let the lock go (the instance stops).
+    /// Let the lock go (the instance stops): unlocked before the connection closes, so the next
+    /// instance to try has it at once rather than when the server notices the session ended.
     pub async fn release(&mut self) {
-        self.held = false;
-        if let Some(conn) = self.conn.take() {
+        if let Some(mut conn) = self.conn.take() {
+            if self.held {
+                let _ = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+                    .bind(DRIVER_LOCK)
+                    .execute(&mut conn)
+                    .await;
+            }
             let _ = conn.close().await;
         }
+        self.held = false;
     }
 }

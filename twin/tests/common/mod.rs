@@ -185,6 +185,17 @@ pub async fn publish(
     api_async(twin, "POST", "/api/v1/releases", Some(body)).await
 }
 
+/// `apps@version`, with no artifacts, signed and registered through `twin` (registered already
+/// is fine); its digest.
+pub async fn apps_release(env: &Env, twin: &Running, version: &str) -> String {
+    let signer = env.signer();
+    let manifest = signer.manifest("apps", version, vec![]);
+    let body: Value = serde_json::from_slice(&signer.sign_release(&manifest).to_json()).unwrap();
+    let (status, view) = api_async(twin, "POST", "/api/v1/releases", Some(body)).await;
+    assert!(status == 201 || status == 200, "{view}");
+    view["digest"].as_str().unwrap().to_owned()
+}
+
 /// Upload every chunk of `data` (zstd -3), as `cardeploy artifact push` would.
 pub async fn upload_chunks(twin: &Running, data: &[u8], index: &cardeploy_chunks::ChunkIndex) {
     let offsets = index.offsets();
