@@ -263,28 +263,28 @@ impl Responder for CarResponder {
                 // The release it runs may have changed while it was away.
                 self.twin.forget_readable(&self.car);
                 // A desired state that cannot be signed again now (a counter out of reach) must
-                // not keep the car from saying hello: it is logged, and the car works on.
-                if let Err(e) = self.refresh_desired().await {
-                    tracing::warn!(car = %self.car, "desired state not signed again: {e}");
-                }
-                let stored = self
-                    .twin
-                    .db
-                    .desired(&self.car)
-                    .await
-                    .map_err(|e| internal(&self.car, e))?;
+                // not keep the car from saying hello: it is logged, and the car works on with the
+                // one stored.
+                let stored = match self.refresh_desired(&hello.reported).await {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        tracing::warn!(car = %self.car, "desired state not signed again: {e}");
+                        self.twin
+                            .db
+                            .desired(&self.car)
+                            .await
+                            .map_err(|e| internal(&self.car, e))?
+                    }
+                };
                 let desired = match stored {
                     Some(stored) => Some(
                         self.twin
-                            .compose(&stored)
+                            .offer_stored(&self.car, &stored)
                             .await
                             .map_err(|e| internal(&self.car, e))?,
                     ),
                     None => None,
                 };
-                if let Some(message) = &desired {
-                    self.twin.fleet.offer(&self.car, message);
-                }
                 let reports_through = self
                     .twin
                     .db
@@ -370,13 +370,13 @@ impl Responder for CarResponder {
         async_stream::stream! {
             // Asked before the hello that reads it (the agent says hello first): read it here.
             if desired.borrow().is_none() {
-                match twin.db.desired(&car).await {
-                    Ok(Some(stored)) => match twin.compose(&stored).await {
-                        Ok(message) => twin.fleet.offer(&car, &message),
-                        Err(e) => tracing::warn!(%car, "{e}"),
-                    },
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(%car, "{e}"),
+                let offered = match twin.db.desired(&car).await {
+                    Ok(Some(stored)) => twin.offer_stored(&car, &stored).await.map(drop),
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = offered {
+                    tracing::warn!(%car, "{e}");
                 }
             }
             loop {
@@ -403,21 +403,23 @@ impl CarResponder {
     /// database was restored from an older copy (or rebuilt), and the car would refuse the
     /// stored one as a replay. Signed again above the car's counter, it is taken without anyone
     /// stepping in.
-    async fn refresh_desired(&self) -> Result<(), crate::Error> {
+    ///
+    /// `reported` is what the car said in its hello (stored just before). Returns the desired
+    /// state in force afterwards, if there is one.
+    async fn refresh_desired(
+        &self,
+        reported: &protocol::ReportedState,
+    ) -> Result<Option<crate::StoredDesired>, crate::Error> {
         let Some(stored) = self.twin.db.desired(&self.car).await? else {
-            return Ok(());
+            return Ok(None);
         };
         let now = u64::try_from(now()).unwrap_or(0);
         // Both counters count only in the scope in force.
         let scope = self.twin.trust.counter_scope();
         let in_scope = |counted_in: &Option<String>| counted_in.is_none() || *counted_in == scope;
-        let car_counter = self
-            .twin
-            .db
-            .reported(&self.car)
-            .await?
-            .filter(|r| in_scope(&r.state.counter_scope))
-            .and_then(|r| r.state.desired_counter);
+        let car_counter = Some(reported)
+            .filter(|r| in_scope(&r.counter_scope))
+            .and_then(|r| r.desired_counter);
         let ours = if in_scope(&stored.scope) {
             stored.counter
         } else {
@@ -428,7 +430,7 @@ impl CarResponder {
         // key): signed again by the one in force.
         let outdated = !in_scope(&stored.scope);
         if !behind && !outdated && !due_for_refresh(stored.issued, stored.expires, now) {
-            return Ok(());
+            return Ok(Some(stored));
         }
         let ttl = stored.expires.saturating_sub(stored.issued).max(60);
         let fresh = self
@@ -441,7 +443,7 @@ impl CarResponder {
         } else {
             tracing::info!(car = %self.car, counter = fresh.counter, "desired state re-signed before it expires");
         }
-        Ok(())
+        Ok(Some(fresh))
     }
 
     async fn store_report(&self, report: Report) -> Result<(), crate::Error> {

@@ -199,15 +199,16 @@ pub(crate) async fn follow(
 /// Act on one change.
 async fn apply(twin: &Twin, change: &Change) -> Result<(), Error> {
     match change {
-        // A car connected elsewhere (or nowhere) costs this instance nothing.
-        Change::Desired { car, .. } if twin.fleet.connected(car).is_none() => {
+        Change::Desired { car, .. } => {
             twin.forget_readable(car);
+            // A car connected elsewhere (or nowhere) costs this instance nothing more.
+            if twin.fleet.connected(car).is_some()
+                && let Some(stored) = twin.db.desired(car).await?
+            {
+                twin.offer_stored(car, &stored).await?;
+            }
             Ok(())
         }
-        Change::Desired { car, .. } => match twin.db.desired(car).await? {
-            Some(stored) => push(twin, car, &stored).await,
-            None => Ok(()),
-        },
         Change::Car(car) => {
             if let Some(record) = twin.db.car(car).await? {
                 admit(twin, &record);
@@ -236,17 +237,6 @@ fn admit(twin: &Twin, record: &crate::CarRecord) {
     } else {
         twin.register(record);
     }
-}
-
-/// Push `car`'s stored desired state to its streams, if it is connected here.
-async fn push(twin: &Twin, car: &CarId, stored: &crate::StoredDesired) -> Result<(), Error> {
-    twin.forget_readable(car);
-    if twin.fleet.connected(car).is_none() {
-        return Ok(());
-    }
-    let message = twin.compose(stored).await?;
-    twin.fleet.offer(car, &message);
-    Ok(())
 }
 
 /// Read again everything the change feed announces.

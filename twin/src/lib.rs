@@ -185,6 +185,18 @@ impl Twin {
         })
     }
 
+    /// `car`'s message for `stored`, handed to its desired-state streams if it is connected here
+    /// ([`cars::Fleet::offer`]).
+    async fn offer_stored(
+        &self,
+        car: &CarId,
+        stored: &StoredDesired,
+    ) -> Result<DesiredState, Error> {
+        let message = self.compose(stored).await?;
+        self.fleet.offer(car, &message);
+        Ok(message)
+    }
+
     /// The root chain changed without changing the director role: every desired state held here
     /// goes out again carrying the new rotations — from memory, nothing signed again or read.
     fn push_roots(&self) {
@@ -276,8 +288,7 @@ impl Twin {
             .await?;
         // The car may read this release's artifacts from now on (`set_desired` recorded it).
         self.forget_readable(car);
-        let message = self.compose(&stored).await?;
-        self.fleet.offer(car, &message);
+        self.offer_stored(car, &stored).await?;
         Ok(stored)
     }
 }

@@ -48,11 +48,8 @@ pub(super) async fn add_root(
             let ttl = stored.expires.saturating_sub(stored.issued).max(60);
             twin.issue_desired(&car, &stored.release, ttl, stored.downgrade.clone())
                 .await?;
-        } else {
-            if twin.fleet.connected(&car).is_some() {
-                let message = twin.compose(&stored).await?;
-                twin.fleet.offer(&car, &message);
-            }
+        } else if twin.fleet.connected(&car).is_some() {
+            twin.offer_stored(&car, &stored).await?;
         }
     }
     Ok(Json(RootAccepted { version }))
